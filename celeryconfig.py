@@ -1,0 +1,55 @@
+"""Celery configuration, importable by other apps that want the same routing.
+
+Everything comes from `worker.settings` (environment variables with defaults).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from kombu import Queue
+
+from worker.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+result_backend = _settings.redis_url
+broker_connection_retry_on_startup = True
+
+# JSON only: other apps call these tasks with send_task, and pickle is a liability.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+
+# Subscription tasks run for ever and get their own queue (and worker), so they can
+# never starve the drain. A plain `celery -A worker worker` consumes both queues.
+task_default_queue = "celery"
+task_queues = (Queue("celery"), Queue("streams"))
+task_routes = {"tasks.stream_group": {"queue": "streams"}}
+
+# Early ack: a subscription task is acknowledged when it starts, so the broker's
+# visibility timeout can never redeliver a running one; the supervisor and the group
+# lease take care of tasks that die (see worker/runner.py).
+task_acks_late = False
+worker_prefetch_multiplier = 1
+
+# What makes Flower useful.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+result_expires = timedelta(days=7)
+
+beat_schedule = {
+    "drain": {
+        "task": "tasks.drain",
+        "schedule": _settings.drain_interval_seconds,
+        # A drain that could not start within its interval is replaced by the next one.
+        "options": {"expires": _settings.drain_interval_seconds},
+    },
+    "supervise": {
+        "task": "tasks.supervise",
+        "schedule": _settings.supervise_interval_seconds,
+        "options": {"expires": _settings.supervise_interval_seconds},
+    },
+}

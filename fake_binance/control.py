@@ -1,0 +1,115 @@
+"""Test-control endpoints under /fake/ (not Binance's): read stats, steer the fake.
+
+`POST /fake/control` takes `{"action": ..., ...}`; every action acts at once and
+answers `{"ok": true, ...}`, or HTTP 400 `{"ok": false, "error": ...}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from fake_binance.context import CONTEXT, Context
+from fake_binance.hub import now_ms
+
+
+class ControlError(ValueError):
+    """A bad control request; its message goes back to the caller."""
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    sessions = [s.info() for s in ctx.hub.sessions.values()]
+    return _json(ctx.stats.snapshot(sessions, ctx.gate.used(now_ms())))
+
+
+async def post_control(request: web.Request) -> web.Response:
+    try:
+        body = orjson.loads(await request.read())
+        if not isinstance(body, dict):
+            raise ControlError("body must be a JSON object")
+        action = _ACTIONS.get(body.get("action"))  # type: ignore[arg-type]
+        if action is None:
+            raise ControlError(f"unknown action {body.get('action')!r}; known: {sorted(_ACTIONS)}")
+        result = action(request.app[CONTEXT], body)
+    except (orjson.JSONDecodeError, ControlError) as exc:
+        return _json({"ok": False, "error": str(exc)}, status=400)
+    return _json({"ok": True, **result})
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _number(
+    body: dict[str, Any], name: str, default: float | None = None, minimum: float = 0
+) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ControlError(f"{name} must be a number >= {minimum}")
+    return float(value)
+
+
+def _server_shutdown(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    grace = _number(body, "grace_seconds", ctx.config.shutdown_grace_seconds)
+    sessions = list(ctx.hub.sessions.values())
+    for session in sessions:
+        session.announce_shutdown(grace)
+    return {"connections": len(sessions)}
+
+
+def _drop_all(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    sessions = list(ctx.hub.sessions.values())
+    for session in sessions:
+        session.abort()
+    return {"connections": len(sessions)}
+
+
+def _close_all(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    sessions = list(ctx.hub.sessions.values())
+    for session in sessions:
+        session.close_soon(1000, "closed by test control")
+    return {"connections": len(sessions)}
+
+
+def _rest_fault(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    status = body.get("status")
+    if status not in (429, 418):
+        raise ControlError("status must be 429 or 418")
+    count = int(_number(body, "count", 1, minimum=1))
+    retry_after = int(_number(body, "retry_after", 1, minimum=1))
+    ctx.gate.inject(status, count, retry_after)
+    return {"status": status, "count": count, "retry_after": retry_after}
+
+
+def _set_rate(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    rate = _number(body, "trades_per_second", minimum=0.001)
+    ctx.market.clock.set_rate(rate, now_ms())
+    return {"trades_per_second": rate}
+
+
+def _pause_data(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    seconds = _number(body, "seconds")
+    ctx.hub.pause(seconds)
+    return {"seconds": seconds}
+
+
+def _reset_stats(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    ctx.stats.reset()
+    return {}
+
+
+_ACTIONS: dict[str, Callable[[Context, dict[str, Any]], dict[str, Any]]] = {
+    "server_shutdown": _server_shutdown,
+    "drop_all": _drop_all,
+    "close_all": _close_all,
+    "rest_fault": _rest_fault,
+    "set_rate": _set_rate,
+    "pause_data": _pause_data,
+    "reset_stats": _reset_stats,
+}
+
+ROUTES = [web.get("/fake/stats", get_stats), web.post("/fake/control", post_control)]

@@ -1,0 +1,53 @@
+"""Periodic tasks run by beat: drain, supervise, and the status snapshot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker import app
+from worker.drain import Drainer
+from worker.groups import GroupRegistry
+from worker.keys import RedisKeys
+from worker.lease import Lease
+from worker.resources import engine, redis_client
+from worker.settings import get_settings
+from worker.status import collect_status
+from tasks.subscriptions import start_group
+
+# A drain run stops taking new batches after this many drain intervals, so that one
+# slow run never holds the lock while the next beats pile up behind it.
+DRAIN_RUN_INTERVALS = 10
+
+
+@app.task(name="tasks.drain")
+def drain() -> dict[str, Any]:
+    """Move buffered frames into the database; one drain at a time (a Redis lock)."""
+    settings = get_settings()
+    keys = RedisKeys(settings.redis_prefix)
+    budget = settings.drain_interval_seconds * DRAIN_RUN_INTERVALS
+    lock = Lease(redis_client(), keys.drain_lock, ttl_seconds=budget + 60, owner="drain")
+    if not lock.acquire():
+        return {"skipped": "another drain is running"}
+    try:
+        drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
+        return drainer.drain(time_budget=budget).as_dict()
+    finally:
+        lock.release()
+
+
+@app.task(name="tasks.supervise")
+def supervise() -> dict[str, list[str]]:
+    """Restart every wanted group that has no live lease (its task died or was lost)."""
+    settings = get_settings()
+    registry = GroupRegistry(redis_client(), RedisKeys(settings.redis_prefix))
+    restarted = []
+    for group in registry.wanted().values():
+        if not registry.has_live_lease(group.id) and start_group(group):
+            restarted.append(group.id)
+    return {"restarted": restarted}
+
+
+@app.task(name="tasks.status")
+def status() -> dict[str, Any]:
+    """A snapshot of groups, buffers, tables and dead letters (see `worker.status`)."""
+    return collect_status(get_settings(), redis_client(), engine())

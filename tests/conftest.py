@@ -1,0 +1,85 @@
+"""Shared fixtures: a real redis-server, and whole local stacks (Redis, fake exchange,
+Celery workers and beat as separate processes) built with the code `binance-recorder
+run` uses."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from worker.keys import RedisKeys
+from worker.local_stack import LocalStack
+
+# Short intervals so that end-to-end tests see the periodic tasks act within seconds.
+FAST_ENV = {
+    "DRAIN_INTERVAL_SECONDS": "0.5",
+    "SUPERVISE_INTERVAL_SECONDS": "2",
+    "LEASE_TTL_SECONDS": "3",
+}
+# Settings of the machine running the tests must not leak into the stacks they start.
+_SERVICE_VARIABLES = ("REDIS_URL", "DATABASE_URL", "BINANCE_WS_URL", "BINANCE_REST_URL")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    stack = LocalStack(tmp_path_factory.mktemp("redis"))
+    yield stack.start_redis()
+    stack.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> redis.Redis:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    return client
+
+
+@pytest.fixture
+def keys() -> RedisKeys:
+    return RedisKeys("test")
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+    env.update(FAST_ENV)
+    env.update(extra or {})
+    return env
+
+
+def launch_stack(directory: Path, fake_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 stream_concurrency: int = 4) -> LocalStack:
+    """A full stack: Redis, the fake exchange, both workers and beat. Stop it when done."""
+    stack = LocalStack(directory, env=clean_env(env))
+    try:
+        stack.start_redis()
+        stack.start_fake_exchange(fake_args)
+        stack.start_workers(stream_concurrency)
+        stack.start_beat()
+        stack.wait_for_workers(["worker-streams", "worker"])
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def fake_stats(stack: LocalStack) -> dict[str, Any]:
+    return requests.get(f"{stack.env['BINANCE_REST_URL']}/fake/stats", timeout=5).json()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Poll `condition` until it returns something truthy; fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,93 @@
+"""The Redis buffer and the lease, against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from worker.buffer import FrameBuffer, FrameWriter, clock_mark
+from worker.keys import RedisKeys
+from worker.lease import Lease
+
+
+def test_writer_pushes_a_clock_mark_then_the_frames_in_one_flush(redis_client: redis.Redis, keys: RedisKeys) -> None:
+    key = FrameBuffer(redis_client, keys).register("g1")
+    writer = FrameWriter(redis_client, key, keys.status("g1"), max_pending=100)
+    writer.pending.extend([b'{"a":1}', b'{"a":2}'])
+
+    assert writer.flush() == 2
+
+    elements = redis_client.lrange(key, 0, -1)
+    assert elements[0].startswith(b"@") and int(elements[0][1:]) > 1_600_000_000_000
+    assert elements[1:] == [b'{"a":1}', b'{"a":2}']
+    assert writer.pending == []
+    assert redis_client.hget(keys.status("g1"), "messages") == b"2"
+
+
+def test_writer_keeps_frames_while_redis_is_away_and_drops_the_oldest_past_its_bound(keys: RedisKeys) -> None:
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    writer = FrameWriter(unreachable, keys.frames("g1"), keys.status("g1"), max_pending=3)
+    writer.pending.extend([b"1", b"2", b"3", b"4", b"5"])
+
+    assert writer.flush() == 0
+
+    assert writer.pending == [b"3", b"4", b"5"]
+    assert writer.dropped == 2
+    assert writer.last_error and "ConnectionError" in writer.last_error
+
+
+def test_claim_then_ack_removes_exactly_the_claimed_elements(redis_client: redis.Redis, keys: RedisKeys) -> None:
+    buffer = FrameBuffer(redis_client, keys)
+    key = buffer.register("g1")
+    redis_client.rpush(key, *[str(i).encode() for i in range(10)])
+
+    claim = buffer.claim(key, 4)
+    redis_client.rpush(key, b"10")  # a writer appends meanwhile
+    buffer.ack(claim)
+
+    assert claim.elements == [b"0", b"1", b"2", b"3"]
+    assert redis_client.lrange(key, 0, -1) == [str(i).encode() for i in range(4, 11)]
+    assert buffer.list_keys() == [key]
+
+
+def test_ack_never_removes_unread_elements_when_the_head_moved_since_the_claim(
+    redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    buffer = FrameBuffer(redis_client, keys)
+    key = buffer.register("g1")
+    redis_client.rpush(key, *[str(i).encode() for i in range(10)])
+    claim = buffer.claim(key, 4)
+    # Someone else removed 2 elements from the head and counted them.
+    redis_client.ltrim(key, 2, -1)
+    redis_client.hincrby(keys.buffer_heads, key, 2)
+
+    buffer.ack(claim)
+
+    assert redis_client.lrange(key, 0, -1) == [str(i).encode() for i in range(4, 10)]
+
+
+def test_clock_mark_format() -> None:
+    assert clock_mark(1700000000123) == b"@1700000000123"
+
+
+def test_lease_is_exclusive_renewable_and_released_only_by_its_holder(redis_client: redis.Redis) -> None:
+    first = Lease(redis_client, "lease:g1", ttl_seconds=5, owner="a")
+    second = Lease(redis_client, "lease:g1", ttl_seconds=5, owner="b")
+
+    assert first.acquire()
+    assert not second.acquire()
+    assert first.renew() and not second.renew()
+    second.release()  # not the holder: no effect
+    assert first.holder() == first.token
+    first.release()
+    assert first.holder() is None
+    assert second.acquire()
+
+
+def test_lease_expires_when_not_renewed(redis_client: redis.Redis) -> None:
+    lease = Lease(redis_client, "lease:g2", ttl_seconds=0.2)
+    assert lease.acquire()
+    time.sleep(0.3)
+    assert Lease(redis_client, "lease:g2", ttl_seconds=5).acquire()
+    assert not lease.renew()

@@ -1,0 +1,109 @@
+"""The drain against a real Redis and a real SQLite file: batches land once, bad
+frames are dead-lettered, and a drain that dies after its commit loses nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from worker.buffer import FrameBuffer, clock_mark
+from worker.drain import Drainer
+from worker.groups import Group, GroupRegistry
+from worker.keys import RedisKeys
+from worker.storage import create_schema, make_engine
+
+
+def trade_frame(symbol: str, trade_id: int) -> bytes:
+    payload = {"e": "trade", "E": 1_700_000_000_000 + trade_id, "s": symbol, "t": trade_id, "p": "1.5",
+               "q": "2", "T": 1_700_000_000_000 + trade_id, "m": True, "M": True}
+    return orjson.dumps({"stream": f"{symbol.lower()}@trade", "data": payload})
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db' / 'binance.db'}")
+    create_schema(engine)
+    return engine
+
+
+def push(client: redis.Redis, keys: RedisKeys, group: str, frames: list[bytes]) -> str:
+    GroupRegistry(client, keys).want(Group(id=group, streams=("btcusdt@trade",)))
+    key = FrameBuffer(client, keys).register(group)
+    client.rpush(key, clock_mark(1_700_000_000_000), *frames)
+    return key
+
+
+def trade_ids(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return [row[0] for row in conn.execute(text("select trade_id from trades order by trade_id"))]
+
+
+def test_drain_stores_every_frame_in_batches_and_empties_the_list(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine
+) -> None:
+    key = push(redis_client, keys, "g1", [trade_frame("BTCUSDT", i) for i in range(1, 2501)])
+
+    report = Drainer(redis_client, keys, engine, batch_size=1000).drain(time_budget=30)
+
+    assert trade_ids(engine) == list(range(1, 2501))
+    assert report.frames == 2500 and report.rows["trades"] == 2500 and report.batches == 3
+    assert redis_client.llen(key) == 0
+
+
+def test_a_drain_that_dies_after_its_commit_loses_nothing_and_stores_nothing_twice(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = push(redis_client, keys, "g1", [trade_frame("BTCUSDT", i) for i in range(1, 501)])
+
+    def die(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("worker killed between commit and removal")
+
+    monkeypatch.setattr(FrameBuffer, "ack", die)
+    with pytest.raises(ConnectionError):
+        Drainer(redis_client, keys, engine, batch_size=200).drain(time_budget=30)
+    # The first batch (a clock mark and 199 frames) was committed ...
+    assert trade_ids(engine) == list(range(1, 200))
+    assert redis_client.llen(key) == 501  # ... but is still in Redis
+
+    monkeypatch.undo()
+    report = Drainer(redis_client, keys, engine, batch_size=200).drain(time_budget=30)
+
+    assert trade_ids(engine) == list(range(1, 501))
+    assert report.rows["trades"] == 301  # the 199 stored before were not stored again
+    assert redis_client.llen(key) == 0
+
+
+def test_malformed_frames_are_dead_lettered_with_a_reason_and_the_batch_still_lands(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine
+) -> None:
+    bad = [b"not json", b'{"stream":"btcusdt@trade","data":{"e":"trade","s":"BTCUSDT"}}']
+    push(redis_client, keys, "g1", [trade_frame("BTCUSDT", 1), *bad, trade_frame("BTCUSDT", 2)])
+
+    report = Drainer(redis_client, keys, engine, batch_size=100).drain(time_budget=30)
+
+    assert trade_ids(engine) == [1, 2]
+    assert report.dead_letters == 2
+    letters = [json.loads(x) for x in redis_client.lrange(keys.dead_letters, 0, -1)]
+    assert [letter["frame"] for letter in letters] == [frame.decode() for frame in bad]
+    assert "invalid JSON" in letters[0]["reason"]
+    assert "'t'" in letters[1]["reason"] or "'p'" in letters[1]["reason"]
+    assert redis_client.hget(keys.counters, "dead_letters") == b"2"
+
+
+def test_the_list_of_an_unsubscribed_group_is_drained_then_forgotten(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine
+) -> None:
+    key = push(redis_client, keys, "g1", [trade_frame("ETHUSDT", 7)])
+    GroupRegistry(redis_client, keys).unwant("g1")
+
+    Drainer(redis_client, keys, engine, batch_size=100).drain(time_budget=30)
+
+    assert trade_ids(engine) == [7]
+    assert FrameBuffer(redis_client, keys).list_keys() == []
+    assert redis_client.exists(key) == 0

@@ -1,0 +1,41 @@
+"""Settings: typed, defaulted, documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from worker.settings import Settings, documented_settings
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_defaults_work_without_any_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.database_url == "sqlite:///data/binance.db"
+    assert settings.default_stream_kinds == ["trade", "ticker"]
+
+
+def test_values_are_converted_to_the_field_types() -> None:
+    settings = Settings.from_env({"DRAIN_BATCH_SIZE": " 250 ", "DRAIN_INTERVAL_SECONDS": "0.5",
+                                  "STARTUP_SYMBOLS": "BTCUSDT, ETHUSDT,"})
+    assert settings.drain_batch_size == 250
+    assert settings.drain_interval_seconds == 0.5
+    assert settings.startup_symbol_list == ["BTCUSDT", "ETHUSDT"]
+
+
+def test_a_bad_value_names_the_variable_and_the_default() -> None:
+    with pytest.raises(ValueError, match=r"DRAIN_BATCH_SIZE='lots' is not a valid int; unset it to use the default 5000"):
+        Settings.from_env({"DRAIN_BATCH_SIZE": "lots"})
+
+
+def test_every_setting_is_documented_in_the_readme_with_its_default() -> None:
+    rows = {
+        match.group(1): match.group(2)
+        for match in re.finditer(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", README.read_text(), re.MULTILINE)
+    }
+    expected = {name: str(default) for name, default, _ in documented_settings()}
+    assert rows == expected

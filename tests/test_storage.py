@@ -1,0 +1,214 @@
+"""The schema and the batch inserts, against real SQLite files."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, func, inspect, select, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.schema import CreateTable
+
+from worker import storage
+from worker.storage import (
+    TABLE_COLUMNS,
+    TABLES,
+    TIME_COLUMNS,
+    create_schema,
+    make_engine,
+    store_rows,
+)
+
+T = 1700000000000
+
+# One row per table, in TABLE_COLUMNS order.
+SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
+    "trades": ("BTCUSDT", 1, 30000.5, 0.01, T, True, T + 1),
+    "agg_trades": ("BTCUSDT", 1, 30000.5, 0.01, 10, 12, T, False, T + 1),
+    "klines": (
+        "BTCUSDT", "1m", T, T + 59999, 1.0, 2.0, 0.5, 1.5, 100.0, 150.0, 7, 50.0, 75.0,
+        10, 16, True, T + 60000,
+    ),  # fmt: skip
+    "tickers": (
+        "BTCUSDT", T, 0.5, 1.25, 30000.1, 29999.5, 30000.0, 0.1, 29999.9, 1.0,
+        30000.1, 2.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0,
+        T - 86400000, T, 1, 100, 100,
+    ),  # fmt: skip
+    "mini_tickers": ("BTCUSDT", T, 30000.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0),
+    "book_tickers": ("BTCUSDT", 400900217, 29999.9, 1.0, 30000.1, 2.0, T),
+    "avg_prices": ("BTCUSDT", T, "5m", 30000.25, T - 1000),
+}
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path / 'test.db'}")
+    create_schema(engine)
+    return engine
+
+
+def count(engine: Engine, table: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(TABLES[table])).scalar_one()
+
+
+def batch_of_samples() -> dict[str, list[tuple[Any, ...]]]:
+    return {table: [row] for table, row in SAMPLE_ROWS.items()}
+
+
+def test_sample_rows_match_the_column_order_contract() -> None:
+    assert {t: len(row) for t, row in SAMPLE_ROWS.items()} == {
+        t: len(columns) for t, columns in TABLE_COLUMNS.items()
+    }
+
+
+def test_make_engine_creates_the_directory_and_sets_the_pragmas(tmp_path: Path) -> None:
+    path = tmp_path / "not" / "yet" / "there.db"
+    engine = make_engine(f"sqlite:///{path}", busy_timeout_ms=1234)
+    with engine.connect() as conn:
+        pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
+        assert pragma("journal_mode") == "wal"
+        assert pragma("busy_timeout") == 1234
+        assert pragma("synchronous") == 1  # NORMAL
+    assert path.exists()
+
+
+def test_create_schema_twice_is_fine(engine: Engine) -> None:
+    create_schema(engine)
+    inspector = inspect(engine)
+    assert set(inspector.get_table_names()) == set(TABLES)
+    assert inspector.get_view_names() == ["market_data"]
+    assert [c["name"] for c in inspector.get_columns("trades")] == list(TABLE_COLUMNS["trades"])
+
+
+def test_create_schema_tolerates_a_competitor_creating_a_table_first(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    competitor = make_engine(url)
+
+    def competitor_creates_it(table: Any, connection: Any, **kw: Any) -> None:
+        with competitor.begin() as conn:
+            conn.execute(CreateTable(table))
+
+    # Between create_all's check and its CREATE TABLE, another process creates the table.
+    event.listen(storage.trades, "before_create", competitor_creates_it)
+    try:
+        create_schema(make_engine(url))
+    finally:
+        event.remove(storage.trades, "before_create", competitor_creates_it)
+    assert set(inspect(competitor).get_table_names()) == set(TABLES)
+
+
+def _create_schema_when_all_are_ready(url: str, barrier: Any) -> None:
+    barrier.wait()
+    create_schema(make_engine(url))
+
+
+def test_create_schema_from_several_processes_at_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'crowd.db'}"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(4)
+    processes = [
+        context.Process(target=_create_schema_when_all_are_ready, args=(url, barrier))
+        for _ in range(4)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    assert set(inspect(make_engine(url)).get_table_names()) == set(TABLES)
+
+
+def test_rows_are_stored_in_column_order(engine: Engine) -> None:
+    with engine.begin() as conn:
+        store_rows(conn, batch_of_samples())
+    with engine.connect() as conn:
+        for table, row in SAMPLE_ROWS.items():
+            assert tuple(conn.execute(select(TABLES[table])).one()) == row
+
+
+def test_the_same_batch_twice_is_stored_once(engine: Engine) -> None:
+    with engine.begin() as conn:
+        first = store_rows(conn, batch_of_samples())
+    with engine.begin() as conn:
+        second = store_rows(conn, batch_of_samples())
+    assert first == {table: 1 for table in SAMPLE_ROWS}
+    # The sample kline is closed; a replayed open kline would be rewritten (and counted).
+    assert second == {table: 0 for table in SAMPLE_ROWS}
+    assert {table: count(engine, table) for table in SAMPLE_ROWS} == first
+
+
+def test_rows_already_stored_are_skipped_within_a_batch(engine: Engine) -> None:
+    trade = SAMPLE_ROWS["trades"]
+    newer = (trade[0], 2, *trade[2:])
+    with engine.begin() as conn:
+        assert store_rows(conn, {"trades": [trade, trade, newer]}) == {"trades": 2}
+    assert count(engine, "trades") == 2
+
+
+def kline(close: float, is_closed: bool, event_time: int) -> tuple[Any, ...]:
+    row = list(SAMPLE_ROWS["klines"])
+    row[7], row[15], row[16] = close, is_closed, event_time
+    return tuple(row)
+
+
+def test_an_open_kline_is_replaced_until_it_closes(engine: Engine) -> None:
+    updates = [
+        kline(close=1.0, is_closed=False, event_time=T + 1000),
+        kline(close=2.0, is_closed=False, event_time=T + 3000),
+        kline(close=3.0, is_closed=True, event_time=T + 60000),
+        kline(close=2.5, is_closed=False, event_time=T + 5000),  # late, after the close
+    ]
+    written = []
+    for update in updates:
+        with engine.begin() as conn:
+            written.append(store_rows(conn, {"klines": [update]})["klines"])
+    assert written == [1, 1, 1, 0]
+    with engine.connect() as conn:
+        assert tuple(conn.execute(select(storage.klines)).one()) == updates[2]
+
+
+def test_market_data_view_has_the_original_shape(engine: Engine) -> None:
+    trade = SAMPLE_ROWS["trades"]
+    with engine.begin() as conn:
+        store_rows(conn, {"trades": [trade, ("ETHUSDT", 7, 2000.25, 1.0, T + 5, False, None)]})
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT symbol, price, timestamp FROM market_data ORDER BY 1"))
+        assert rows.all() == [("BTCUSDT", 30000.5, T), ("ETHUSDT", 2000.25, T + 5)]
+
+
+def test_a_rolled_back_transaction_leaves_nothing(engine: Engine) -> None:
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        assert sum(store_rows(conn, batch_of_samples()).values()) == len(SAMPLE_ROWS)
+        transaction.rollback()
+    assert {table: count(engine, table) for table in SAMPLE_ROWS} == dict.fromkeys(SAMPLE_ROWS, 0)
+
+
+@pytest.mark.parametrize("rows", [[], ()], ids=["empty list", "empty tuple"])
+def test_empty_row_lists_are_skipped(engine: Engine, rows: Sequence[tuple]) -> None:
+    with engine.begin() as conn:
+        assert store_rows(conn, {"trades": rows, "klines": rows}) == {"trades": 0, "klines": 0}
+
+
+def test_rows_may_come_as_any_sequence(engine: Engine) -> None:
+    with engine.begin() as conn:
+        assert store_rows(conn, {"trades": (SAMPLE_ROWS["trades"],)}) == {"trades": 1}
+
+
+def test_time_columns_date_every_table() -> None:
+    assert set(TIME_COLUMNS) == set(TABLES)
+    assert all(column in TABLE_COLUMNS[table] for table, column in TIME_COLUMNS.items())
+
+
+def test_postgresql_gets_the_same_conflict_rules() -> None:
+    """No PostgreSQL server here: check the SQL that store_rows would send it."""
+    dialect = postgresql.dialect()
+    trades_sql = str(storage._insert_statement("postgresql", "trades").compile(dialect=dialect))
+    klines_sql = str(storage._insert_statement("postgresql", "klines").compile(dialect=dialect))
+    assert trades_sql.endswith("ON CONFLICT DO NOTHING")
+    assert "ON CONFLICT (symbol, interval, open_time) DO UPDATE SET close_time = " in klines_sql
+    assert klines_sql.endswith("WHERE klines.is_closed = false")

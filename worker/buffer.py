@@ -1,0 +1,144 @@
+"""The Redis lists between the network and the database.
+
+Writers (subscription tasks) append raw frames with one RPUSH per flush; the single
+reader (the drain) claims a batch from the head, stores it, and only then removes it.
+Each list has a head counter (how many elements were ever removed from its head) so
+that removal stays exact even if something else trimmed the head in between.
+
+A flush is preceded by a clock mark `@<ms>`: the receive time of the frames after it.
+Binance's bookTicker payload has no time of its own; the mark gives it one, for the
+price of one list element per flush instead of any work per frame.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from worker.keys import RedisKeys
+
+CLOCK_MARK_PREFIX = b"@"
+
+# Remove `claimed` elements from the head, minus those already removed by others
+# since the claim (head counter moved), so a frame is never removed unread.
+_ACK_SCRIPT = """
+local head = tonumber(redis.call('HGET', KEYS[2], KEYS[1]) or '0')
+local n = tonumber(ARGV[1]) - (head - tonumber(ARGV[2]))
+if n > 0 then
+  redis.call('LTRIM', KEYS[1], n, -1)
+  redis.call('HINCRBY', KEYS[2], KEYS[1], n)
+end
+return n
+"""
+
+
+def clock_mark(now_ms: int) -> bytes:
+    return CLOCK_MARK_PREFIX + str(now_ms).encode()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A batch read from the head of one list, not yet removed from it."""
+
+    key: str
+    elements: list[bytes]
+    head: int
+
+
+class FrameBuffer:
+    """Redis-side operations on the frame lists, shared by writers and the drain."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        self.client = client
+        self.keys = keys
+        self._ack = client.register_script(_ACK_SCRIPT)
+
+    def register(self, group_id: str) -> str:
+        """Make the drain visit this group's list; returns the list key."""
+        key = self.keys.frames(group_id)
+        self.client.sadd(self.keys.buffers, key)
+        return key
+
+    def list_keys(self) -> list[str]:
+        return sorted(k.decode() for k in self.client.smembers(self.keys.buffers))
+
+    def backlog(self, key: str) -> int:
+        return int(self.client.llen(key))
+
+    def claim(self, key: str, count: int) -> Claim:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hget(self.keys.buffer_heads, key)
+            pipe.lrange(key, 0, count - 1)
+            head, elements = pipe.execute()
+        return Claim(key=key, elements=elements, head=int(head or 0))
+
+    def ack(self, claim: Claim, pipe: redis.client.Pipeline | None = None) -> None:
+        """Remove a stored claim from its list (queued on `pipe` if given)."""
+        self._ack(
+            keys=[claim.key, self.keys.buffer_heads],
+            args=[len(claim.elements), claim.head],
+            client=pipe or self.client,
+        )
+
+    def forget_if_empty(self, key: str) -> None:
+        """Stop visiting the list of a group that is no longer wanted, once it is empty."""
+        if self.client.llen(key) == 0:
+            self.client.srem(self.keys.buffers, key)
+            self.client.hdel(self.keys.buffer_heads, key)
+
+
+class FrameWriter:
+    """Holds received frames in memory and pushes them with one RPUSH per flush.
+
+    The subscription task appends to `pending` on its hot path (a list append, no
+    I/O) and calls `flush()` at least every flush interval. If Redis is briefly
+    unreachable the frames stay here, up to `max_pending`; past that the oldest are
+    dropped and counted, because an unbounded buffer would only trade a gap for an
+    out-of-memory kill that loses everything. Trade ids are consecutive, so a dropped
+    trade is a visible gap that backfill repairs.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, status_key: str, max_pending: int) -> None:
+        self.client = client
+        self.key = key
+        self.status_key = status_key
+        self.max_pending = max_pending
+        self.pending: list[bytes] = []
+        self.dropped = 0
+        self.last_error: str | None = None
+
+    def flush(self) -> int:
+        """Push pending frames; returns how many were pushed.
+
+        A Redis error is remembered in `last_error` rather than raised: the socket
+        must go on being read while Redis is away, or Binance's data is lost anyway.
+        """
+        if not self.pending:
+            return 0
+        received_at = now_ms()
+        count = len(self.pending)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.rpush(self.key, clock_mark(received_at), *self.pending)
+                pipe.hincrby(self.status_key, "messages", count)
+                pipe.hset(self.status_key, "last_message_at", received_at)
+                pipe.execute()
+        except redis.RedisError as error:
+            self.last_error = f"{type(error).__name__}: {error}"
+            self._shed_excess()
+            return 0
+        self.last_error = None
+        self.pending.clear()
+        return count
+
+    def _shed_excess(self) -> None:
+        excess = len(self.pending) - self.max_pending
+        if excess > 0:
+            del self.pending[:excess]
+            self.dropped += excess

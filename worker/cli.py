@@ -1,0 +1,205 @@
+"""`binance-recorder`: run the stack locally, subscribe, unsubscribe, look at status.
+
+Exit codes: 0 success, 1 something is unhealthy or a task failed, 2 bad usage or bad
+input (argparse's convention), 3 a part of the stack could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from worker.local_stack import LocalStack, StackError, port_is_free, wait_for_redis
+from worker.settings import Settings
+
+DEFAULT_LOCAL_SYMBOLS = "BTCUSDT,ETHUSDT,BNBUSDT"
+EXIT_UNHEALTHY = 1
+EXIT_USAGE = 2
+EXIT_STACK = 3
+
+
+def client_app(redis_url: str) -> Celery:
+    """A Celery client that knows only the broker: tasks are called by name, exactly as
+    another application that does not import this code would."""
+    return Celery(broker=redis_url, backend=redis_url)
+
+
+def call_task(redis_url: str, name: str, args: list[Any], timeout: float) -> Any:
+    result = client_app(redis_url).send_task(name, args=args)
+    return result.get(timeout=timeout)
+
+
+def binance_reachable(rest_url: str) -> bool:
+    try:
+        return requests.get(f"{rest_url.rstrip('/')}/api/v3/ping", timeout=3).ok
+    except requests.RequestException:
+        return False
+
+
+# -- run -------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    stack = LocalStack(Path(args.data_dir))
+    stop_requested = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        redis_url = _start_services(stack, settings, args)
+        result = call_task(redis_url, "tasks.subscribe", [_csv(args.symbols), _csv(args.streams) or None], 60)
+        print(f"recording {', '.join(result['symbols'])} in {len(result['groups'])} group(s): "
+              f"{', '.join(result['streams'])}", flush=True)
+        _watch(stack, args, lambda: stop_requested)
+    except StackError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_STACK
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+    return 0
+
+
+def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namespace) -> str:
+    if "REDIS_URL" in os.environ:
+        redis_url = os.environ["REDIS_URL"]
+        wait_for_redis(redis_url, timeout=10)
+    else:
+        redis_url = stack.start_redis(args.redis_port)
+    print(f"redis:    {redis_url}", flush=True)
+    if args.exchange == "fake" or (args.exchange == "auto" and not binance_reachable(settings.binance_rest_url)):
+        base = stack.start_fake_exchange()
+        print(f"exchange: bundled fake exchange at {base} (Binance is not reachable or --exchange fake)")
+    else:
+        print(f"exchange: {settings.binance_ws_url} and {settings.binance_rest_url}")
+    stack.start_workers(settings.stream_worker_concurrency)
+    stack.start_beat()
+    names = ["worker-streams", "worker"]
+    if args.flower_port:
+        print(f"flower:   {stack.start_flower(args.flower_port)}")
+    stack.wait_for_workers(names)
+    print(f"database: {stack.env['DATABASE_URL']}\nlogs:     {stack.log_dir}/", flush=True)
+    return redis_url
+
+
+def _watch(stack: LocalStack, args: argparse.Namespace, stopping: Any) -> None:
+    """Print row counts every few seconds until stopped, or until --duration passed."""
+    from worker.status import table_statuses
+    from worker.storage import make_engine
+
+    engine = make_engine(stack.env["DATABASE_URL"])
+    started = time.monotonic()
+    next_report = started + args.report_every
+    while not stopping():
+        dead = stack.dead_processes()
+        if dead:
+            raise StackError(f"{dead[0].name} exited; its log says:\n{dead[0].log_tail()}")
+        if args.duration and time.monotonic() - started >= args.duration:
+            return
+        if time.monotonic() >= next_report:
+            next_report += args.report_every
+            counts = {name: t["rows"] for name, t in table_statuses(engine).items() if t["rows"]}
+            print("rows: " + (", ".join(f"{k}={v}" for k, v in counts.items()) or "none yet"), flush=True)
+        time.sleep(0.2)
+
+
+# -- subscribe / unsubscribe / status ------------------------------------------------------
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    result = call_task(settings.redis_url, "tasks.subscribe", [args.symbols, _csv(args.streams) or None],
+                       args.timeout)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_unsubscribe(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    print(json.dumps(call_task(settings.redis_url, "tasks.unsubscribe", [args.symbols], args.timeout), indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker.status import collect_status
+    from worker.storage import make_engine
+
+    settings = Settings.from_env()
+    client = redis.Redis.from_url(settings.redis_url)
+    snapshot = collect_status(settings, client, make_engine(settings.database_url))
+    print(json.dumps(snapshot, indent=2))
+    return 0
+
+
+def _csv(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="binance-recorder", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run Redis, workers, beat and Flower locally and record",
+                              description="Start the whole service locally and record until Ctrl-C.")
+    run.add_argument("--symbols", default=os.environ.get("STARTUP_SYMBOLS") or DEFAULT_LOCAL_SYMBOLS,
+                     help="comma-separated symbols to record (default: %(default)s)")
+    run.add_argument("--streams", default="", help="comma-separated stream kinds (default: DEFAULT_STREAMS)")
+    run.add_argument("--exchange", choices=["auto", "binance", "fake"], default="auto",
+                     help="auto: Binance if reachable, else the bundled fake exchange (default: auto)")
+    run.add_argument("--data-dir", default="data", help="database, Redis files and logs (default: ./data)")
+    run.add_argument("--redis-port", type=int, default=6379,
+                     help="port of the private Redis started when REDIS_URL is not set (default: 6379)")
+    run.add_argument("--flower-port", type=int, default=5555, help="Flower's port; 0 to not start it")
+    run.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: never)")
+    run.add_argument("--report-every", type=float, default=10, help="seconds between row-count lines")
+    run.set_defaults(func=cmd_run)
+
+    for name, func, text in (("subscribe", cmd_subscribe, "start recording symbols"),
+                             ("unsubscribe", cmd_unsubscribe, "stop recording symbols")):
+        sub = commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]} (needs a running worker).")
+        sub.add_argument("symbols", nargs="+", help="symbols such as BTCUSDT")
+        if name == "subscribe":
+            sub.add_argument("--streams", default="", help="comma-separated stream kinds (default: DEFAULT_STREAMS)")
+        sub.add_argument("--timeout", type=float, default=30, help="seconds to wait for the worker's answer")
+        sub.set_defaults(func=func)
+
+    status = commands.add_parser("status", help="groups, buffers, tables, dead letters")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CeleryTimeout:
+        print(f"error: no worker answered within {args.timeout:.0f}s: is `celery -A worker worker` "
+              "running against the same REDIS_URL?", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    except ValueError as error:  # bad symbols, stream kinds, settings: the message says which
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except redis.ConnectionError as error:
+        print(f"error: cannot reach Redis ({error}): start it or set REDIS_URL", file=sys.stderr)
+        return EXIT_UNHEALTHY
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Raw websocket frames, as buffered in Redis, turned into row tuples for `storage`.
+
+The websocket task stores frames exactly as Binance sent them so that the network
+path does no work; all parsing and validation happens here, in the drain, a batch at
+a time. A frame that cannot be stored becomes a dead letter with a reason instead of
+an exception, so one bad frame never holds up the frames around it.
+
+The per-frame path is the drain's hot loop: one `orjson.loads`, one dict lookup from
+stream kind to a row builder, one tuple per row, and no logging.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+Payload = dict[str, Any]
+Row = tuple[Any, ...]
+RowBuilder = Callable[[Payload, int | None], Row]
+
+KLINE_INTERVALS: tuple[str, ...] = (
+    "1s", "1m", "3m", "5m", "15m", "30m",
+    "1h", "2h", "4h", "6h", "8h", "12h",
+    "1d", "3d", "1w", "1M",
+)  # fmt: skip
+
+CLOCK_MARK = b"@"
+"""Prefix of the receive-time marks the websocket task pushes between frames."""
+
+CONTROL = "control"
+"""Pseudo kind of protocol messages that are not market data."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A frame that could not be stored, kept as received so it can be replayed."""
+
+    frame: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedBatch:
+    """The rows of a batch by table (every table present, maybe empty), and the rest."""
+
+    rows: dict[str, list[Row]]
+    dead_letters: list[DeadLetter]
+    control: int  # protocol messages (serverShutdown, request answers): not data, not errors
+    frames: int  # elements that were not clock marks
+
+
+class _FrameError(Exception):
+    """A frame that cannot become rows; the message is the dead letter's reason."""
+
+
+class _BadField(Exception):
+    """A field with the wrong type; the parse loop adds the stream kind to the message."""
+
+
+# Field readers. Each checks the type, because SQLite would otherwise store a string
+# in an integer column without complaint (a bad id or time would poison gap detection
+# and retention), and PostgreSQL would reject the whole batch. A missing field raises
+# KeyError, named by the parse loop. A call per field costs about 0.3 us per trade
+# frame over unchecked indexing; checking the finished tuple's types costs as much
+# and could not name the field.
+
+
+def _text(payload: Payload, name: str) -> str:
+    value = payload[name]
+    if type(value) is not str:
+        raise _BadField(f"field {name!r} = {value!r}, expected a string")
+    return value
+
+
+def _int(payload: Payload, name: str) -> int:
+    value = payload[name]
+    if type(value) is not int:
+        raise _BadField(f"field {name!r} = {value!r}, expected an integer")
+    return value
+
+
+def _price(payload: Payload, name: str) -> float:
+    """Binance's decimal strings; float64 holds their up to 15 significant digits."""
+    value = payload[name]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _BadField(f"field {name!r} = {value!r}, expected a decimal string") from None
+
+
+def _flag(payload: Payload, name: str) -> bool:
+    value = payload[name]
+    if type(value) is not bool:
+        raise _BadField(f"field {name!r} = {value!r}, expected true or false")
+    return value
+
+
+def _object(payload: Payload, name: str) -> Payload:
+    value = payload[name]
+    if type(value) is not dict:
+        raise _BadField(f"field {name!r} = {value!r}, expected an object")
+    return value
+
+
+# Row builders, one per stream kind: Binance's field letters, in the column order of
+# the kind's table (see storage.TABLE_COLUMNS). Only bookTicker needs the receive time.
+
+
+def _trade_row(d: Payload, received_at: int | None) -> Row:
+    return (
+        _text(d, "s"), _int(d, "t"), _price(d, "p"), _price(d, "q"),
+        _int(d, "T"), _flag(d, "m"), _int(d, "E"),
+    )  # fmt: skip
+
+
+def _agg_trade_row(d: Payload, received_at: int | None) -> Row:
+    return (
+        _text(d, "s"), _int(d, "a"), _price(d, "p"), _price(d, "q"),
+        _int(d, "f"), _int(d, "l"), _int(d, "T"), _flag(d, "m"), _int(d, "E"),
+    )  # fmt: skip
+
+
+def _kline_row(d: Payload, received_at: int | None) -> Row:
+    k = _object(d, "k")
+    return (
+        _text(d, "s"), _text(k, "i"), _int(k, "t"), _int(k, "T"),
+        _price(k, "o"), _price(k, "h"), _price(k, "l"), _price(k, "c"),
+        _price(k, "v"), _price(k, "q"), _int(k, "n"), _price(k, "V"), _price(k, "Q"),
+        _int(k, "f"), _int(k, "L"), _flag(k, "x"), _int(d, "E"),
+    )  # fmt: skip
+
+
+def _ticker_row(d: Payload, received_at: int | None) -> Row:
+    return (
+        _text(d, "s"), _int(d, "E"),
+        _price(d, "p"), _price(d, "P"), _price(d, "w"), _price(d, "x"),
+        _price(d, "c"), _price(d, "Q"), _price(d, "b"), _price(d, "B"),
+        _price(d, "a"), _price(d, "A"), _price(d, "o"), _price(d, "h"),
+        _price(d, "l"), _price(d, "v"), _price(d, "q"),
+        _int(d, "O"), _int(d, "C"), _int(d, "F"), _int(d, "L"), _int(d, "n"),
+    )  # fmt: skip
+
+
+def _mini_ticker_row(d: Payload, received_at: int | None) -> Row:
+    return (
+        _text(d, "s"), _int(d, "E"),
+        _price(d, "c"), _price(d, "o"), _price(d, "h"), _price(d, "l"),
+        _price(d, "v"), _price(d, "q"),
+    )  # fmt: skip
+
+
+def _book_ticker_row(d: Payload, received_at: int | None) -> Row:
+    return (
+        _text(d, "s"), _int(d, "u"),
+        _price(d, "b"), _price(d, "B"), _price(d, "a"), _price(d, "A"),
+        received_at,
+    )  # fmt: skip
+
+
+def _avg_price_row(d: Payload, received_at: int | None) -> Row:
+    return (_text(d, "s"), _int(d, "E"), _text(d, "i"), _price(d, "w"), _int(d, "T"))
+
+
+_KINDS: dict[str, tuple[str, RowBuilder]] = {
+    "trade": ("trades", _trade_row),
+    "aggTrade": ("agg_trades", _agg_trade_row),
+    "kline": ("klines", _kline_row),
+    "ticker": ("tickers", _ticker_row),
+    "miniTicker": ("mini_tickers", _mini_ticker_row),
+    "bookTicker": ("book_tickers", _book_ticker_row),
+    "avgPrice": ("avg_prices", _avg_price_row),
+}
+"""Stream kind -> (table, row builder): the whole mapping from Binance to SQL."""
+
+SUPPORTED_KINDS: tuple[str, ...] = tuple(_KINDS)
+
+# Raw `/ws/` streams send bare payloads: the event type `e` names the kind.
+_EVENT_KINDS: dict[str, str] = {
+    "trade": "trade",
+    "aggTrade": "aggTrade",
+    "kline": "kline",
+    "24hrTicker": "ticker",
+    "24hrMiniTicker": "miniTicker",
+    "avgPrice": "avgPrice",
+    "serverShutdown": CONTROL,
+}
+_BOOK_TICKER_FIELDS = frozenset("usbBaA")  # bookTicker has no `e`: known by its shape
+
+
+def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
+    """Parse a batch of Redis list elements (frames and clock marks) into rows.
+
+    A clock mark `b"@<ms>"` is the receive time of the frames after it, up to the next
+    mark; bookTicker rows take it as `received_at` (None before the first mark).
+    """
+    rows: dict[str, list[Row]] = {table: [] for table, _ in _KINDS.values()}
+    sinks = {kind: (build, rows[table]) for kind, (table, build) in _KINDS.items()}
+    dead_letters: list[DeadLetter] = []
+    frames = control = 0
+    received_at: int | None = None
+    for element in elements:
+        if element[:1] == CLOCK_MARK:
+            received_at = _clock_mark(element, dead_letters)
+            continue
+        frames += 1
+        kind = "frame"  # until known, for the reasons below
+        try:
+            kind, payload = _route(orjson.loads(element))
+            if kind == CONTROL:
+                control += 1
+                continue
+            build, sink = sinks[kind]
+            if type(payload) is list:  # !miniTicker@arr: one row per symbol
+                sink.extend([build(item, received_at) for item in payload])
+            else:
+                sink.append(build(payload, received_at))
+        except orjson.JSONDecodeError as error:
+            dead_letters.append(DeadLetter(element, f"invalid JSON: {error}"))
+        except _FrameError as error:
+            dead_letters.append(DeadLetter(element, str(error)))
+        except _BadField as error:
+            dead_letters.append(DeadLetter(element, f"{kind} frame has {error}"))
+        except KeyError as error:
+            dead_letters.append(DeadLetter(element, f"{kind} frame lacks field {error}"))
+        except TypeError:  # indexing a payload that is a list, a number, a string...
+            dead_letters.append(DeadLetter(element, f"{kind} payload is not a JSON object"))
+        except Exception as error:  # noqa: BLE001 - a frame must never stop the drain
+            dead_letters.append(DeadLetter(element, f"{kind} frame failed: {error!r}"))
+    return ParsedBatch(rows, dead_letters, control, frames)
+
+
+def _clock_mark(element: bytes, dead_letters: list[DeadLetter]) -> int | None:
+    """The mark's time; a garbled mark is dead-lettered and makes the time unknown."""
+    try:
+        return int(element[1:])
+    except ValueError:
+        dead_letters.append(DeadLetter(element, "invalid clock mark: expected @<ms>"))
+        return None
+
+
+def _route(message: Any) -> tuple[str, Any]:
+    """The stream kind of a decoded frame (or CONTROL) and its payload."""
+    if type(message) is not dict:
+        if type(message) is list:
+            return "miniTicker", message  # the only list Binance streams: !miniTicker@arr
+        raise _FrameError(f"unexpected JSON {type(message).__name__}, expected an object")
+    stream = message.get("stream")
+    if stream is None:
+        return _payload_kind(message), message
+    if type(stream) is not str:
+        raise _FrameError(f"combined frame has a non-string stream name {stream!r}")
+    payload = message.get("data")
+    if payload is None:
+        raise _FrameError(f"combined frame of stream {stream!r} lacks data")
+    return _combined_stream_kind(stream), payload
+
+
+@functools.lru_cache(maxsize=1024)
+def _combined_stream_kind(stream: str) -> str:
+    """The kind of a combined stream, or CONTROL; cached: a connection has few streams."""
+    kind = stream_kind(stream)
+    if kind in _KINDS:
+        return kind
+    if kind == "serverShutdown":
+        return CONTROL
+    raise _FrameError(f"unsupported stream kind {kind!r} (stream {stream!r})")
+
+
+def _payload_kind(payload: Payload) -> str:
+    """The kind of a bare payload (raw `/ws/` stream), or CONTROL."""
+    event = payload.get("e")
+    if type(event) is str:
+        kind = _EVENT_KINDS.get(event)
+        if kind is None:
+            raise _FrameError(f"unsupported event type {event!r}")
+        return kind
+    if event is not None:
+        raise _FrameError(f"event type {event!r} is not a string")
+    if "result" in payload and "id" in payload:
+        return CONTROL  # the answer to a SUBSCRIBE, LIST_SUBSCRIPTIONS... request
+    if _BOOK_TICKER_FIELDS <= payload.keys():
+        return "bookTicker"
+    fields = ", ".join(payload) or "none"
+    raise _FrameError(f"unsupported payload without event type (fields: {fields})")
+
+
+def stream_kind(stream_name: str) -> str:
+    """The kind part of a stream name, without symbol, interval, time zone or speed.
+
+    "btcusdt@kline_1m" -> "kline", "btcusdt@depth20@100ms" -> "depth20",
+    "!miniTicker@arr" -> "miniTicker", "btcusdt@ticker_1h" -> "ticker_1h" (a window
+    ticker is another kind than the 24 h ticker).
+    """
+    if stream_name.startswith("!"):  # all-market streams: !<kind>[@arr]
+        kind = stream_name[1:].partition("@")[0]
+    else:  # <symbol>@<kind>[@<options>]
+        kind = stream_name.partition("@")[2].partition("@")[0]
+    return "kline" if kind.startswith("kline_") else kind
+
+
+_CANONICAL_KINDS = {kind.lower(): kind for kind in SUPPORTED_KINDS if kind != "kline"}
+
+
+def validate_stream_kind(kind: str) -> str:
+    """The canonical spelling of a kind a user asked for, e.g. "aggtrade" -> "aggTrade".
+
+    Kinds are accepted in any case, intervals only as Binance spells them: "1m" is a
+    minute and "1M" a month. Raises ValueError naming the bad kind and the valid ones.
+    """
+    prefix, underscore, interval = kind.partition("_")
+    if prefix.lower() == "kline" and underscore:
+        if interval in KLINE_INTERVALS:
+            return f"kline_{interval}"
+        raise ValueError(
+            f"unknown kline interval {interval!r} in {kind!r}: "
+            f"use one of {', '.join(KLINE_INTERVALS)}"
+        )
+    canonical = _CANONICAL_KINDS.get(kind.lower())
+    if canonical is None:
+        raise ValueError(f"unknown stream kind {kind!r}: use one of {_valid_kinds_text()}")
+    return canonical
+
+
+def _valid_kinds_text() -> str:
+    kline = f"kline_<interval> ({', '.join(KLINE_INTERVALS)})"
+    return ", ".join(kline if kind == "kline" else kind for kind in SUPPORTED_KINDS)
+

@@ -1,0 +1,140 @@
+"""All configuration, read once from environment variables into one typed object.
+
+Every setting has a working default so that `celery -A worker worker` runs with no
+configuration at all; the README's settings table is checked against this file by a
+test, so a setting cannot be added without being documented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration. Field `foo_bar` is read from env var `FOO_BAR`."""
+
+    redis_url: str = _setting(
+        "redis://localhost:6379/0", "Redis for the Celery broker, results, buffers and state."
+    )
+    database_url: str = _setting(
+        "sqlite:///data/binance.db",
+        "SQLAlchemy URL of the database (a SQLite file under ./data/ by default; "
+        "postgresql+psycopg://... works too).",
+    )
+    binance_ws_url: str = _setting(
+        "wss://data-stream.binance.vision",
+        "Base URL of Binance's websocket streams; /stream?streams=... is appended.",
+    )
+    binance_rest_url: str = _setting(
+        "https://api.binance.com", "Base URL of Binance's REST API; /api/v3/... is appended."
+    )
+    default_streams: str = _setting(
+        "trade,ticker", "Stream kinds recorded when subscribe() is called without streams."
+    )
+    startup_symbols: str = _setting(
+        "", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up."
+    )
+    max_streams_per_connection: int = _setting(
+        1024, "Streams per websocket connection (Binance allows at most 1024)."
+    )
+    stream_worker_concurrency: int = _setting(
+        8,
+        "Processes of the `streams` worker: each holds one group's connection, so this "
+        "is the most groups one worker records.",
+    )
+    redis_prefix: str = _setting("recorder", "Prefix of every Redis key the service owns.")
+    flush_interval_ms: int = _setting(
+        50, "Longest time a received frame waits in a subscription task before RPUSH."
+    )
+    local_buffer_max_frames: int = _setting(
+        200000,
+        "Frames a subscription task keeps in memory while Redis is unreachable; "
+        "past it the oldest are dropped and counted.",
+    )
+    drain_interval_seconds: float = _setting(1.0, "How often beat runs the drain task.")
+    drain_batch_size: int = _setting(
+        5000, "Frames taken from one Redis list per database transaction."
+    )
+    lease_ttl_seconds: float = _setting(
+        10.0,
+        "Lifetime of a group's connection lease, renewed about every second by the task "
+        "holding it: a dead task's group can restart after at most this long.",
+    )
+    supervise_interval_seconds: float = _setting(
+        30.0, "How often beat restarts wanted groups whose lease has expired."
+    )
+    reconnect_backoff_max_seconds: float = _setting(
+        30.0, "Cap of the exponential back-off between reconnect attempts."
+    )
+    rest_timeout_seconds: float = _setting(10.0, "Timeout of one REST request to Binance.")
+    sqlite_busy_timeout_ms: int = _setting(
+        10000, "How long a SQLite writer waits for a lock before failing."
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default: the process environment).
+
+        A value that does not convert to the field's type raises ValueError naming
+        the variable, so a typo in a compose file fails loudly at start-up.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f.name.upper()
+            if name not in environ:
+                continue
+            raw = environ[name]
+            try:
+                values[f.name] = _convert(raw, type(f.default))
+            except ValueError:
+                raise ValueError(
+                    f"environment variable {name}={raw!r} is not a valid "
+                    f"{type(f.default).__name__}; unset it to use the default {f.default!r}"
+                ) from None
+        return cls(**values)
+
+    @property
+    def default_stream_kinds(self) -> list[str]:
+        return _split_csv(self.default_streams)
+
+    @property
+    def startup_symbol_list(self) -> list[str]:
+        return _split_csv(self.startup_symbols)
+
+
+
+def _convert(raw: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise ValueError(raw)
+    return kind(raw.strip()) if kind in (int, float) else raw
+
+
+def _split_csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def documented_settings() -> list[tuple[str, Any, str]]:
+    """(ENV_NAME, default, doc) for every setting: the source of the README table."""
+    return [(f.name.upper(), f.default, f.metadata["doc"]) for f in dataclasses.fields(Settings)]
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings.from_env()

@@ -1,0 +1,70 @@
+"""A snapshot of the service's health, read straight from Redis and the database.
+
+It needs no running worker, so the `status` command also works (and fails loudly)
+when the workers are down — which is when it is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from worker.buffer import FrameBuffer, now_ms
+from worker.groups import GroupRegistry
+from worker.keys import RedisKeys
+from worker.settings import Settings
+from worker.storage import TABLES, TIME_COLUMNS
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def group_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]:
+    registry = GroupRegistry(client, keys)
+    buffer = FrameBuffer(client, keys)
+    result = []
+    for gid, group in sorted(registry.wanted().items()):
+        record = registry.status(gid)
+        result.append(
+            {
+                "id": gid,
+                "symbols": group.symbols,
+                "streams": len(group.streams),
+                "state": record.get("state", "queued"),
+                "live": registry.has_live_lease(gid),
+                "worker": record.get("worker"),
+                "connected_since": _int_or_none(record.get("connected_since")),
+                "messages": int(record.get("messages", 0)),
+                "last_message_at": _int_or_none(record.get("last_message_at")),
+                "reconnects": int(record.get("reconnects", 0)),
+                "last_error": record.get("last_error") or None,
+                "backlog": buffer.backlog(keys.frames(gid)),
+            }
+        )
+    return result
+
+
+def table_statuses(engine: Engine) -> dict[str, dict[str, int | None]]:
+    result = {}
+    with engine.connect() as conn:
+        for name, time_column in TIME_COLUMNS.items():
+            table = TABLES[name]
+            rows, newest = conn.execute(select(func.count(), func.max(table.c[time_column]))).one()
+            result[name] = {"rows": int(rows), "newest": newest}
+    return result
+
+
+def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> dict[str, Any]:
+    keys = RedisKeys(settings.redis_prefix)
+    counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
+    return {
+        "generated_at": now_ms(),
+        "groups": group_statuses(client, keys),
+        "tables": table_statuses(engine),
+        "dead_letters": counters.get("dead_letters", 0),
+        "frames_drained": counters.get("frames_drained", 0),
+    }

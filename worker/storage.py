@@ -1,0 +1,308 @@
+"""The SQL schema and the batch inserts of the drain (SQLAlchemy Core, no ORM).
+
+Every table is keyed by Binance's natural key, so storing a row twice stores it once:
+the drain can retry a batch after a crash without creating duplicates. Rows arrive
+as plain tuples in `TABLE_COLUMNS` order (the parser builds them that way) because
+building a SQLAlchemy object or a dict per row would cost more than the insert itself.
+
+This module knows tables and SQL, nothing about Binance's payloads.
+
+The tables keep SQLite's rowid (they are not WITHOUT ROWID). Measured with 100k rows
+in 5000-row transactions (WAL): WITHOUT ROWID inserts are 1.1-1.2x as fast while a batch
+holds 1 to 20 symbols, but only 0.4-0.7x as fast when it interleaves 400 symbols, and
+0.6-0.8x even with a 64 MB page cache: a WITHOUT ROWID table is one B-tree ordered by
+the key, so interleaved symbols land on as many different leaf pages, which every
+commit rewrites; a rowid table appends its rows and scatters only the small key index
+entries. Recording many symbols at once is this service's purpose, so rowid it is.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Insert,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    exc,
+    false,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.schema import CreateView
+
+metadata = MetaData()
+
+
+def _symbol() -> Column[Any]:
+    return Column("symbol", String(32), primary_key=True)
+
+
+def _key(name: str) -> Column[Any]:
+    return Column(name, BigInteger, primary_key=True)
+
+
+def _reals(*names: str) -> list[Column[Any]]:
+    """Prices and quantities: Binance's decimal strings fit a float64 exactly."""
+    return [Column(name, Float, nullable=False) for name in names]
+
+
+def _ints(*names: str, nullable: bool = False) -> list[Column[Any]]:
+    """Ids, counts and times (milliseconds since the epoch, as Binance sends them)."""
+    return [Column(name, BigInteger, nullable=nullable) for name in names]
+
+
+def _flag(name: str) -> Column[Any]:
+    return Column(name, Boolean, nullable=False)
+
+
+trades = Table(
+    "trades",
+    metadata,
+    _symbol(),
+    _key("trade_id"),
+    *_reals("price", "qty"),
+    *_ints("trade_time"),
+    _flag("buyer_is_maker"),
+    *_ints("event_time", nullable=True),  # REST backfill has no event time
+)
+
+agg_trades = Table(
+    "agg_trades",
+    metadata,
+    _symbol(),
+    _key("agg_id"),
+    *_reals("price", "qty"),
+    *_ints("first_trade_id", "last_trade_id", "trade_time"),
+    _flag("buyer_is_maker"),
+    *_ints("event_time", nullable=True),
+)
+
+klines = Table(
+    "klines",
+    metadata,
+    _symbol(),
+    Column("interval", String(3), primary_key=True),
+    _key("open_time"),
+    *_ints("close_time"),
+    *_reals("open", "high", "low", "close", "volume", "quote_volume"),
+    *_ints("trade_count"),
+    *_reals("taker_buy_base_volume", "taker_buy_quote_volume"),
+    *_ints("first_trade_id", "last_trade_id", nullable=True),  # absent from REST klines
+    _flag("is_closed"),
+    *_ints("event_time", nullable=True),
+)
+
+tickers = Table(
+    "tickers",
+    metadata,
+    _symbol(),
+    _key("event_time"),
+    *_reals(
+        "price_change",
+        "price_change_percent",
+        "weighted_avg_price",
+        "prev_close_price",
+        "last_price",
+        "last_qty",
+        "bid_price",
+        "bid_qty",
+        "ask_price",
+        "ask_qty",
+        "open_price",
+        "high_price",
+        "low_price",
+        "base_volume",
+        "quote_volume",
+    ),
+    *_ints("open_time", "close_time", "first_trade_id", "last_trade_id", "trade_count"),
+)
+
+mini_tickers = Table(
+    "mini_tickers",
+    metadata,
+    _symbol(),
+    _key("event_time"),
+    *_reals(
+        "close_price", "open_price", "high_price", "low_price", "base_volume", "quote_volume"
+    ),
+)
+
+book_tickers = Table(
+    "book_tickers",
+    metadata,
+    _symbol(),
+    _key("update_id"),
+    *_reals("bid_price", "bid_qty", "ask_price", "ask_qty"),
+    # bookTicker payloads carry no time: this is when our service received the frame.
+    *_ints("received_at", nullable=True),
+)
+
+avg_prices = Table(
+    "avg_prices",
+    metadata,
+    _symbol(),
+    _key("event_time"),
+    Column("interval", String(3), nullable=False),
+    *_reals("avg_price"),
+    *_ints("last_trade_time"),
+)
+
+# Keeps the shape of the original script's table for the people who query it.
+market_data = CreateView(
+    select(trades.c.symbol, trades.c.price, trades.c.trade_time.label("timestamp")),
+    "market_data",
+    metadata=metadata,
+)
+
+TABLES: dict[str, Table] = {
+    table.name: table
+    for table in (trades, agg_trades, klines, tickers, mini_tickers, book_tickers, avg_prices)
+}
+"""The data tables by name (the view is not one of them: nothing inserts into it)."""
+
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    name: tuple(table.columns.keys()) for name, table in TABLES.items()
+}
+"""Column order per table: the order of the values in every row tuple."""
+
+TIME_COLUMNS: dict[str, str] = {
+    "trades": "trade_time",
+    "agg_trades": "trade_time",
+    "klines": "open_time",
+    "tickers": "event_time",
+    "mini_tickers": "event_time",
+    "book_tickers": "received_at",  # NULL for frames drained without a clock mark
+    "avg_prices": "event_time",
+}
+"""The column (ms since the epoch) that says when a row happened: for status (newest
+row), retention (rows past their age) and exports."""
+
+_DIALECT_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+# create_all checks, then creates; another process starting at the same time can create
+# a table in between. Each such collision means a competitor made progress, so one
+# attempt per schema object, plus one, always gets through.
+_SCHEMA_ATTEMPTS = 1 + len(metadata.tables)
+
+
+def make_engine(url: str, busy_timeout_ms: int = 10000) -> Engine:
+    """An engine for `url`; SQLite files get their directory and their pragmas.
+
+    The pragmas are set on every new DBAPI connection because SQLite keeps them per
+    connection (except journal_mode, which sticks to the file): WAL lets the readers
+    (status, Flower, analysts) run while the drain writes; busy_timeout makes a writer
+    wait for the lock instead of failing at once; synchronous=NORMAL is safe in WAL
+    mode and saves an fsync per commit.
+    """
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        _create_parent_directory(engine.url.database)
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+    return engine
+
+
+def _create_parent_directory(database: str | None) -> None:
+    """Let the default `sqlite:///data/binance.db` work in a fresh checkout."""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def set_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # First, so that switching to WAL waits for a lock held by another process.
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    return set_pragmas
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the missing tables and the view; run it on every start, from any process."""
+    for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
+        try:
+            metadata.create_all(engine, checkfirst=True)
+            return
+        except exc.DatabaseError as error:
+            if attempt == _SCHEMA_ATTEMPTS or not _lost_creation_race(error):
+                raise
+
+
+def _lost_creation_race(error: exc.DatabaseError) -> bool:
+    """Another process created the object first: "table trades already exists" on
+    SQLite; on PostgreSQL that, or a unique violation in the catalog when both
+    CREATE statements ran at the same moment."""
+    return isinstance(error, exc.IntegrityError) or "already exists" in str(error.orig)
+
+
+def store_rows(conn: Connection, rows_by_table: Mapping[str, Sequence[tuple]]) -> dict[str, int]:
+    """Insert each table's rows in the caller's transaction; return the rows written.
+
+    A row whose key is already stored is skipped (it is a replay of a batch or a
+    backfill overlap), except in `klines`, where it replaces the stored row while that
+    row is still open: an open kline is updated until it closes, and an update that
+    arrives late never overwrites a closed one. So the counts are the rows inserted or
+    updated; a batch stored twice reports 0 the second time.
+    """
+    return {
+        name: _execute_many(conn, name, rows) if rows else 0
+        for name, rows in rows_by_table.items()
+    }
+
+
+def _execute_many(conn: Connection, table_name: str, rows: Sequence[tuple]) -> int:
+    if conn.dialect.name == "sqlite":
+        # The tuples go straight to sqlite3's executemany: no per-row work in Python.
+        sql = _compiled_sql(conn.dialect, table_name)
+        result = conn.exec_driver_sql(sql, rows if isinstance(rows, list) else list(rows))
+    else:
+        columns = TABLE_COLUMNS[table_name]
+        statement = _insert_statement(conn.dialect.name, table_name)
+        result = conn.execute(statement, [dict(zip(columns, row)) for row in rows])
+    return result.rowcount
+
+
+@functools.cache
+def _compiled_sql(dialect: Dialect, table_name: str) -> str:
+    """The statement as SQL text with positional parameters in `TABLE_COLUMNS` order."""
+    return str(_insert_statement(dialect.name, table_name).compile(dialect=dialect))
+
+
+@functools.cache
+def _insert_statement(dialect_name: str, table_name: str) -> Insert:
+    """Insert-or-ignore, except for klines: upsert while the stored kline is open."""
+    try:
+        insert = _DIALECT_INSERTS[dialect_name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported database {dialect_name!r}: use SQLite or PostgreSQL"
+        ) from None
+    table = TABLES[table_name]
+    statement = insert(table)
+    if table is not klines:
+        return statement.on_conflict_do_nothing()
+    return statement.on_conflict_do_update(
+        index_elements=list(table.primary_key.columns),
+        set_={
+            column.name: statement.excluded[column.name]
+            for column in table.columns
+            if not column.primary_key
+        },
+        where=table.c.is_closed == false(),
+    )
