@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.signals import worker_ready
+
 from worker import app
 from worker.drain import Drainer
 from worker.groups import GroupRegistry
@@ -45,6 +47,16 @@ def supervise() -> dict[str, list[str]]:
         if not registry.has_live_lease(group.id) and start_group(group):
             restarted.append(group.id)
     return {"restarted": restarted}
+
+
+@worker_ready.connect
+def _supervise_when_a_worker_starts(**_: Any) -> None:
+    """A worker that starts may be the one a killed worker's groups are waiting for.
+
+    Their leases expire one TTL after the old task died, so supervise runs then too.
+    """
+    supervise.delay()
+    supervise.apply_async(countdown=get_settings().lease_ttl_seconds + 1)
 
 
 @app.task(name="tasks.status")

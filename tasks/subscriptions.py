@@ -10,8 +10,9 @@ from worker.keys import RedisKeys
 from worker.parsing import validate_stream_kind
 from worker.resources import redis_client
 from worker.rest import BinanceRest
-from worker.runner import GroupRunner
+from worker.runner import SHUTTING_DOWN, GroupRunner
 from worker.settings import get_settings
+from worker.shutdown import shutting_down
 
 
 def _registry() -> GroupRegistry:
@@ -91,5 +92,8 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
     group = _registry().get(group_id)
     if group is None:
         return {"group": group_id, "ended": "not wanted"}
-    reason = GroupRunner(group, settings, client).run()
+    reason = GroupRunner(group, settings, client, shutting_down).run()
+    if reason == SHUTTING_DOWN:
+        # Hand the group to the next streams worker now rather than at the next supervise.
+        start_group(group)
     return {"group": group_id, "ended": reason}

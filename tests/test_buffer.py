@@ -13,7 +13,7 @@ from worker.lease import Lease
 
 def test_writer_pushes_a_clock_mark_then_the_frames_in_one_flush(redis_client: redis.Redis, keys: RedisKeys) -> None:
     key = FrameBuffer(redis_client, keys).register("g1")
-    writer = FrameWriter(redis_client, key, keys.status("g1"), max_pending=100)
+    writer = FrameWriter(redis_client, keys, "g1", max_pending=100, max_list_length=1000)
     writer.pending.extend([b'{"a":1}', b'{"a":2}'])
 
     assert writer.flush() == 2
@@ -21,20 +21,39 @@ def test_writer_pushes_a_clock_mark_then_the_frames_in_one_flush(redis_client: r
     elements = redis_client.lrange(key, 0, -1)
     assert elements[0].startswith(b"@") and int(elements[0][1:]) > 1_600_000_000_000
     assert elements[1:] == [b'{"a":1}', b'{"a":2}']
-    assert writer.pending == []
+    assert not writer.pending
     assert redis_client.hget(keys.status("g1"), "messages") == b"2"
 
 
 def test_writer_keeps_frames_while_redis_is_away_and_drops_the_oldest_past_its_bound(keys: RedisKeys) -> None:
     unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    writer = FrameWriter(unreachable, keys.frames("g1"), keys.status("g1"), max_pending=3)
+    writer = FrameWriter(unreachable, keys, "g1", max_pending=3, max_list_length=1000)
     writer.pending.extend([b"1", b"2", b"3", b"4", b"5"])
 
     assert writer.flush() == 0
 
-    assert writer.pending == [b"3", b"4", b"5"]
+    assert list(writer.pending) == [b"3", b"4", b"5"]
     assert writer.dropped == 2
     assert writer.last_error and "ConnectionError" in writer.last_error
+
+
+def test_a_list_past_its_bound_loses_its_oldest_frames_counted_and_the_drain_stays_exact(
+    redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    buffer = FrameBuffer(redis_client, keys)
+    key = buffer.register("g1")
+    writer = FrameWriter(redis_client, keys, "g1", max_pending=100, max_list_length=5)
+    writer.pending.extend([b"1", b"2", b"3"])
+    writer.flush()  # [mark, 1, 2, 3]
+    claim = buffer.claim(key, 2)  # the drain reads [mark, 1] ...
+    writer.pending.extend([b"4", b"5", b"6"])
+    writer.flush()  # [mark, 1, 2, 3, mark, 4, 5, 6] is cut to its newest 5
+    buffer.ack(claim)  # ... and its ack must not remove frames it never read
+
+    remaining = redis_client.lrange(key, 0, -1)
+    assert remaining[0] == b"3" and remaining[1].startswith(b"@") and remaining[2:] == [b"4", b"5", b"6"]
+    assert redis_client.hget(keys.counters, "frames_trimmed") == b"3"
+    assert redis_client.hget(keys.status("g1"), "trimmed") == b"3"
 
 
 def test_claim_then_ack_removes_exactly_the_claimed_elements(redis_client: redis.Redis, keys: RedisKeys) -> None:

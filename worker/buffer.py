@@ -13,6 +13,7 @@ price of one list element per flush instead of any work per frame.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import redis
@@ -31,6 +32,20 @@ if n > 0 then
   redis.call('HINCRBY', KEYS[2], KEYS[1], n)
 end
 return n
+"""
+
+
+# Cut a list back to ARGV[1] elements from its head, counting what was cut: in the
+# head counter (so the drain's next ack stays exact) and as dropped frames.
+_TRIM_SCRIPT = """
+local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  redis.call('LTRIM', KEYS[1], excess, -1)
+  redis.call('HINCRBY', KEYS[2], KEYS[1], excess)
+  redis.call('HINCRBY', KEYS[3], 'frames_trimmed', excess)
+  redis.call('HINCRBY', KEYS[4], 'trimmed', excess)
+end
+return excess
 """
 
 
@@ -96,49 +111,68 @@ class FrameBuffer:
 class FrameWriter:
     """Holds received frames in memory and pushes them with one RPUSH per flush.
 
-    The subscription task appends to `pending` on its hot path (a list append, no
-    I/O) and calls `flush()` at least every flush interval. If Redis is briefly
+    Receiving threads append to `pending` (a deque: appends are thread-safe and cost
+    no I/O); the owner calls `flush()` on a steady clock. If Redis is briefly
     unreachable the frames stay here, up to `max_pending`; past that the oldest are
     dropped and counted, because an unbounded buffer would only trade a gap for an
     out-of-memory kill that loses everything. Trade ids are consecutive, so a dropped
     trade is a visible gap that backfill repairs.
+
+    The Redis list is bounded too (`max_list_length`): if the drain stops, the oldest
+    frames are trimmed rather than letting Redis run out of memory and refuse writes
+    for every group. Trims are counted in the status record and the service counters.
     """
 
-    def __init__(self, client: redis.Redis, key: str, status_key: str, max_pending: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        group_id: str,
+        max_pending: int,
+        max_list_length: int,
+    ) -> None:
         self.client = client
-        self.key = key
-        self.status_key = status_key
+        self.keys = keys
+        self.key = keys.frames(group_id)
+        self.status_key = keys.status(group_id)
         self.max_pending = max_pending
-        self.pending: list[bytes] = []
+        self.max_list_length = max_list_length
+        self.pending: deque[bytes] = deque()
         self.dropped = 0
         self.last_error: str | None = None
+        self._trim = client.register_script(_TRIM_SCRIPT)
 
     def flush(self) -> int:
         """Push pending frames; returns how many were pushed.
 
-        A Redis error is remembered in `last_error` rather than raised: the socket
+        A Redis error is remembered in `last_error` rather than raised: the sockets
         must go on being read while Redis is away, or Binance's data is lost anyway.
         """
-        if not self.pending:
-            return 0
-        received_at = now_ms()
         count = len(self.pending)
+        if not count:
+            return 0
+        popleft = self.pending.popleft
+        frames = [popleft() for _ in range(count)]
+        received_at = now_ms()
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.rpush(self.key, clock_mark(received_at), *self.pending)
+                pipe.rpush(self.key, clock_mark(received_at), *frames)
                 pipe.hincrby(self.status_key, "messages", count)
                 pipe.hset(self.status_key, "last_message_at", received_at)
-                pipe.execute()
+                length = pipe.execute()[0]
+            if length > self.max_list_length:
+                self._trim(keys=[self.key, self.keys.buffer_heads, self.keys.counters, self.status_key],
+                           args=[self.max_list_length])
         except redis.RedisError as error:
             self.last_error = f"{type(error).__name__}: {error}"
+            self.pending.extendleft(reversed(frames))
             self._shed_excess()
             return 0
         self.last_error = None
-        self.pending.clear()
         return count
 
     def _shed_excess(self) -> None:
         excess = len(self.pending) - self.max_pending
-        if excess > 0:
-            del self.pending[:excess]
-            self.dropped += excess
+        for _ in range(max(0, excess)):
+            self.pending.popleft()
+        self.dropped += max(0, excess)

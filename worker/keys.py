@@ -39,8 +39,44 @@ class RedisKeys:
         return f"{self.prefix}:counters"
 
     @property
+    def connect_attempts(self) -> str:
+        """Sorted set of recent websocket connection attempts, shared by all groups."""
+        return f"{self.prefix}:connect-attempts"
+
+    @property
     def drain_lock(self) -> str:
         return f"{self.prefix}:lock:drain"
+
+    @property
+    def backfill_lock(self) -> str:
+        """Lease of the one gap-repair run (tasks.backfill from beat) in progress."""
+        return f"{self.prefix}:lock:backfill"
+
+    def rest_weight(self, minute: int) -> str:
+        """Integer with a TTL: REST request weight spent in one UTC minute (epoch ms // 60000)."""
+        return f"{self.prefix}:rest:weight:{minute}"
+
+    @property
+    def rest_backoff_until(self) -> str:
+        """Epoch ms before which no REST request may be sent (Binance answered 429)."""
+        return f"{self.prefix}:rest:backoff-until"
+
+    @property
+    def rest_banned_until(self) -> str:
+        """Epoch ms until which Binance bans this IP (it answered 418)."""
+        return f"{self.prefix}:rest:banned-until"
+
+    def backfill_job(self, job: str) -> str:
+        """JSON cursor of one history backfill job ("<symbol>:<kind>:<start>:<end>")."""
+        return f"{self.prefix}:backfill:job:{job}"
+
+    def backfill_job_lock(self, job: str) -> str:
+        """Lease of the one run of a history backfill job in progress."""
+        return f"{self.prefix}:lock:backfill:{job}"
+
+    @property
+    def retention_lock(self) -> str:
+        return f"{self.prefix}:lock:retention"
 
     def frames(self, group_id: str) -> str:
         """List of raw frames (and clock marks) received by one group."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import redis
 
+CELERY = (sys.executable, "-m", "celery", "-A", "worker")
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
 
@@ -137,28 +138,31 @@ class LocalStack:
         return base
 
     def start_workers(self, stream_concurrency: int, default_concurrency: int = 2) -> None:
-        celery = [sys.executable, "-m", "celery", "-A", "worker"]
-        self.spawn(
-            "worker-streams",
-            [*celery, "worker", "-Q", "streams", "-c", str(stream_concurrency), "-n", "streams@%h",
-             "--prefetch-multiplier", "1", "-l", "INFO"],
-        )
+        self.start_stream_worker(stream_concurrency)
         self.spawn(
             "worker",
-            [*celery, "worker", "-Q", "celery", "-c", str(default_concurrency), "-n", "default@%h", "-l", "INFO"],
+            [*CELERY, "worker", "-Q", "celery", "-c", str(default_concurrency), "-n", "default@%h", "-l", "INFO"],
+        )
+
+    def start_stream_worker(self, concurrency: int, name: str = "worker-streams") -> ManagedProcess:
+        """A worker for the `streams` queue: one process per group it records."""
+        return self.spawn(
+            name,
+            [*CELERY, "worker", "-Q", "streams", "-c", str(concurrency), "-n", f"{name}@%h",
+             "--prefetch-multiplier", "1", "-l", "INFO"],
         )
 
     def start_beat(self) -> None:
         self.spawn(
             "beat",
-            [sys.executable, "-m", "celery", "-A", "worker", "beat", "-l", "INFO",
+            [*CELERY, "beat", "-l", "INFO",
              "-s", str(self.data_dir / "celerybeat-schedule")],
         )
 
     def start_flower(self, port: int) -> str:
         self.spawn(
             "flower",
-            [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}", "--address=127.0.0.1"],
+            [*CELERY, "flower", f"--port={port}", "--address=127.0.0.1"],
         )
         return f"http://127.0.0.1:{port}"
 
@@ -203,17 +207,23 @@ class LocalStack:
         return [p for p in self.processes if not p.alive()]
 
     def stop_process(self, process: ManagedProcess, sig: int = signal.SIGTERM) -> int | None:
-        """Signal one process (its whole session) and wait for it; returns its exit code."""
+        """Signal a process and wait for it; returns its exit code.
+
+        The signal goes to the main process only, as `docker stop` does: a Celery
+        worker then shuts its pool down in order. Whatever is left of the process
+        group after the timeout (or after a SIGKILL) is killed.
+        """
         if process.alive():
-            try:
-                os.killpg(process.popen.pid, sig)
-            except ProcessLookupError:
-                pass
+            os.kill(process.popen.pid, sig)
         try:
-            return process.popen.wait(STOP_TIMEOUT_SECONDS)
+            code = process.popen.wait(STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
+            code = None
+        try:
             os.killpg(process.popen.pid, signal.SIGKILL)
-            return process.popen.wait()
+        except ProcessLookupError:
+            pass
+        return code if code is not None else process.popen.wait()
 
     def stop(self) -> None:
         """Stop everything, newest first, so Redis outlives the workers that flush to it."""

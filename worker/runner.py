@@ -1,10 +1,17 @@
 """Keeps one group's connection alive for as long as the group is wanted.
 
-This is what the long-running subscription task does: hold the group's lease,
-connect, receive until the connection ends, reconnect with back-off, and keep a
-status record in Redis that the `status` command and Flower users can read. It stops
-when the group is unsubscribed (stop flag), when its lease is lost to another copy,
-or when the worker shuts down.
+This is what the long-running subscription task does. It holds the group's lease,
+flushes received frames to Redis on a steady clock, and tends the connection:
+
+- a connection that ends is replaced after an exponential back-off with full jitter,
+  within a connection-attempt budget shared by all groups;
+- a connection that is about to reach Binance's 24 h limit, that announced
+  `serverShutdown`, or that went silent is rotated make-before-break: the new one is
+  opened first and the old one closed only once the new one delivers, so the switch
+  leaves no gap (the overlap is deduplicated by the natural keys).
+
+It stops when the group is unsubscribed (stop flag), when its lease is lost to another
+copy, or when the worker shuts down.
 """
 
 from __future__ import annotations
@@ -17,19 +24,22 @@ import time
 from collections.abc import Callable
 
 import redis
-import websocket
 
 from worker.buffer import FrameBuffer, FrameWriter, now_ms
+from worker.connect_budget import ConnectBudget
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
 from worker.lease import Lease
-from worker.session import StreamSession
+from worker.session import CLOSE_TIMEOUT_SECONDS, StreamSession
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
 BACKOFF_BASE_SECONDS = 0.5
+# A rotation's new connection that is open but quiet (an illiquid symbol) replaces the
+# old one after this long; one that has not even opened by then is given up.
+ROTATION_WAIT_SECONDS = 10.0
 
 ALREADY_RUNNING = "another task holds this group's lease"
 STOP_REQUESTED = "unsubscribed"
@@ -52,78 +62,145 @@ class GroupRunner:
     ) -> None:
         self.group = group
         self.settings = settings
-        self.client = client
         self.keys = RedisKeys(settings.redis_prefix)
         self.registry = GroupRegistry(client, self.keys)
         self.shutting_down = shutting_down
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.lease = Lease(client, self.keys.lease(group.id), settings.lease_ttl_seconds, self.owner)
-        self.writer = FrameWriter(
-            client,
-            FrameBuffer(client, self.keys).register(group.id),
-            self.keys.status(group.id),
-            settings.local_buffer_max_frames,
-        )
+        self.budget = ConnectBudget(client, self.keys.connect_attempts, settings.connect_attempts_per_5_minutes)
+        FrameBuffer(client, self.keys).register(group.id)
+        self.writer = FrameWriter(client, self.keys, group.id, settings.local_buffer_max_frames,
+                                  settings.redis_buffer_max_frames)
+        self.current: StreamSession | None = None
+        self.successor: StreamSession | None = None
+        self.closing: list[StreamSession] = []
+        self.attempt = 0
+        self.reconnects = 0
+        self.rotations = 0
+        self._next_attempt_at = 0.0
         self._next_housekeeping = 0.0
-        self._stop_reason: str | None = None
+        self._successor_started = 0.0
+        self._seen_frames = 0
+        self._progress_at = 0.0
 
     def run(self) -> str:
         """Run until the group should stop; returns the reason."""
         if not self.lease.acquire():
             return ALREADY_RUNNING
-        self.registry.set_status(self.group.id, state="starting", worker=self.owner,
-                                 streams=len(self.group.streams), started_at=now_ms())
+        self._status(state="starting", worker=self.owner, streams=len(self.group.streams),
+                     started_at=now_ms(), reconnects=0, rotations=0, last_error="")
         try:
-            return self._connect_until_stopped()
+            return self._loop()
         finally:
-            self.writer.flush()
-            self.registry.set_status(self.group.id, state="stopped", stopped_at=now_ms())
+            self._close_all()
+            self._status(state="stopped", stopped_at=now_ms())
             self.lease.release()
 
-    def _connect_until_stopped(self) -> str:
-        attempt = 0
-        reconnects = 0
+    def _loop(self) -> str:
+        interval = self.settings.flush_interval_ms / 1000
+        next_flush = time.monotonic()
         while True:
-            session = StreamSession(
-                self.settings.binance_ws_url,
-                self.group.streams,
-                self.writer,
-                self.settings.flush_interval_ms / 1000,
-                self._tick,
-            )
-            delivered_before = self._delivered()
-            reason = self._run_session(session)
-            if reason in (STOP_REQUESTED, LEASE_LOST, SHUTTING_DOWN):
+            self.writer.flush()
+            reason = self._housekeeping()
+            if reason:
                 return reason
-            attempt = 0 if self._delivered() > delivered_before else attempt + 1
-            reconnects += 1
-            delay = backoff_seconds(attempt, self.settings.reconnect_backoff_max_seconds)
-            log.warning("group %s: %s; reconnecting in %.1fs", self.group.id, reason, delay)
-            self.registry.set_status(self.group.id, state="reconnecting", last_error=reason,
-                                     reconnects=reconnects)
-            stop = self._sleep(delay)
-            if stop:
-                return stop
+            self._tend_connections(time.monotonic())
+            next_flush += interval
+            time.sleep(max(0.0, next_flush - time.monotonic()))
 
-    def _run_session(self, session: StreamSession) -> str:
-        try:
-            ws = session.connect()
-        except (websocket.WebSocketException, OSError) as error:
-            return f"connect failed: {error}"
-        self.registry.set_status(self.group.id, state="connected", connected_since=now_ms(),
-                                 last_error="")
-        try:
-            return session.receive(ws)
-        except (websocket.WebSocketException, OSError) as error:
-            return f"connection lost: {type(error).__name__}: {error}"
-        finally:
-            session.close(ws)
+    # -- connections -------------------------------------------------------------
 
-    def _delivered(self) -> int:
-        return int(self.registry.status(self.group.id).get("messages", 0))
+    def _tend_connections(self, now: float) -> None:
+        if self.successor is not None:
+            self._settle_successor(now)
+        if self.current is not None and self.current.ended:
+            self._lost(self.current.end_reason, now)
+        if self.successor is None and now >= self._next_attempt_at:
+            why = "connecting" if self.current is None else self._rotation_reason(now)
+            if why:
+                self._open_successor(why, now)
+        self.closing = [session for session in self.closing if not session.ended]
 
-    def _tick(self) -> str | None:
-        """Once a second: renew the lease, look for a stop flag, report Redis trouble."""
+    def _rotation_reason(self, now: float) -> str | None:
+        current = self.current
+        if current is None or current.opened_at is None:
+            return None
+        if current.server_shutdown:
+            return "serverShutdown announced"
+        if now - current.opened_at >= self.settings.connection_max_age_seconds:
+            return "connection reached its maximum age"
+        if current.frames != self._seen_frames:
+            self._seen_frames, self._progress_at = current.frames, now
+        elif now - max(self._progress_at, current.opened_at) >= self.settings.silence_timeout_seconds:
+            return f"no data for {self.settings.silence_timeout_seconds:.0f}s"
+        return None
+
+    def _open_successor(self, why: str, now: float) -> None:
+        wait = self.budget.take()
+        if wait > 0:
+            log.warning("group %s: connection-attempt budget spent; next attempt in %.1fs", self.group.id, wait)
+            self._next_attempt_at = now + wait
+            self._status(state="throttled")
+            return
+        if self.current is not None:
+            log.info("group %s: rotating (%s)", self.group.id, why)
+        session = StreamSession(self.settings.binance_ws_url, self.group.streams, self.writer.pending.append)
+        session.start()
+        self.successor, self._successor_started = session, now
+
+    def _settle_successor(self, now: float) -> None:
+        """Promote the new connection once it delivers (or, with nothing to replace, once open)."""
+        successor = self.successor
+        assert successor is not None
+        waited = now - self._successor_started
+        delivering = successor.frames > 0 or (successor.open and (self.current is None or waited > ROTATION_WAIT_SECONDS))
+        if delivering and not successor.ended:
+            self._promote(successor, now)
+        elif successor.ended or waited > ROTATION_WAIT_SECONDS:
+            successor.stop("gave up waiting for it to deliver")
+            self.closing.append(successor)
+            self.successor = None
+            self._schedule_retry(successor.end_reason or "new connection did not deliver", now)
+
+    def _promote(self, successor: StreamSession, now: float) -> None:
+        old, self.current, self.successor = self.current, successor, None
+        self._seen_frames, self._progress_at = successor.frames, now
+        self.attempt = 0
+        if old is not None:
+            old.stop("replaced by a new connection")
+            self.closing.append(old)
+            self.rotations += 1
+        self._status(state="connected", connected_since=now_ms(), reconnects=self.reconnects,
+                     rotations=self.rotations, last_error="")
+
+    def _lost(self, reason: str, now: float) -> None:
+        delivered = self.current is not None and self.current.frames > 0
+        self.current = None
+        self.reconnects += 1
+        if delivered:
+            self.attempt = 0
+        self._schedule_retry(reason, now)
+
+    def _schedule_retry(self, reason: str, now: float) -> None:
+        delay = backoff_seconds(self.attempt, self.settings.reconnect_backoff_max_seconds)
+        self.attempt += 1
+        self._next_attempt_at = now + delay
+        log.warning("group %s: %s; next connection attempt in %.1fs", self.group.id, reason, delay)
+        self._status(state="reconnecting", last_error=reason, reconnects=self.reconnects)
+
+    def _close_all(self) -> None:
+        """Close every connection gracefully and flush what they still deliver."""
+        sessions = [s for s in (self.current, self.successor, *self.closing) if s is not None]
+        for session in sessions:
+            session.stop("group stopping")
+        for session in sessions:
+            session.join(CLOSE_TIMEOUT_SECONDS + 1)
+        self.writer.flush()
+
+    # -- lease, stop flag, shutdown --------------------------------------------------
+
+    def _housekeeping(self) -> str | None:
+        """About once a second: renew the lease, look for a stop flag, report Redis trouble."""
         now = time.monotonic()
         if now < self._next_housekeeping:
             return None
@@ -139,18 +216,12 @@ class GroupRunner:
         except redis.RedisError as error:
             log.warning("group %s: Redis unreachable (%s); holding frames in memory", self.group.id, error)
         if self.writer.last_error:
-            log.warning("group %s: cannot push to Redis (%s); %d frames held, %d dropped",
-                        self.group.id, self.writer.last_error, len(self.writer.pending), self.writer.dropped)
+            log.warning("group %s: cannot push to Redis (%s); %d frames held, %d dropped", self.group.id,
+                        self.writer.last_error, len(self.writer.pending), self.writer.dropped)
         return None
 
-    def _sleep(self, seconds: float) -> str | None:
-        """Back-off sleep that keeps the lease and still notices a stop."""
-        deadline = time.monotonic() + seconds
-        while True:
-            reason = self._tick()
-            if reason:
-                return reason
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            time.sleep(min(remaining, 0.2))
+    def _status(self, **fields: object) -> None:
+        try:
+            self.registry.set_status(self.group.id, **fields)
+        except redis.RedisError:
+            pass  # status is informative; recording goes on without it

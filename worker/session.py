@@ -1,20 +1,22 @@
-"""One combined-stream websocket connection to Binance, feeding a FrameWriter.
+"""One combined-stream websocket connection to Binance, receiving in its own thread.
 
-This is the hot path: for every frame it does a list append and a clock check, nothing
-else. No JSON parsing, no database, no Redis round trip per message; frames go to Redis
-in one RPUSH per flush interval. Pings are answered by websocket-client itself
+This is the hot path: for every frame it does a deque append, a counter increment and
+one prefix check (for `serverShutdown`), nothing else. No JSON parsing, no database,
+no Redis round trip per message. Pings are answered by websocket-client itself
 (`recv_data` sends the pong echoing the ping's payload).
+
+A session runs in a thread so that its owner (worker/runner.py) can flush on a steady
+clock and hold two sessions at once while rotating a connection without a gap.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 
 import orjson
 import websocket
-
-from worker.buffer import FrameWriter
 
 # Streams beyond this many URL characters are added with SUBSCRIBE after connecting,
 # so a 1024-stream group does not depend on how long a URL a proxy accepts.
@@ -24,7 +26,10 @@ SUBSCRIBE_BATCH = 200
 SUBSCRIBE_SPACING_SECONDS = 0.25
 # How long a closing connection may still deliver the frames that were in flight.
 CLOSE_TIMEOUT_SECONDS = 2.0
+# How often a blocked receive wakes up to notice a stop request.
+RECEIVE_WAKEUP_SECONDS = 0.25
 
+SERVER_SHUTDOWN_PREFIX = b'{"stream":"!serverShutdown"'
 _TEXT_OR_BINARY = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
 
 
@@ -42,59 +47,90 @@ def split_streams_for_url(base_url: str, streams: Sequence[str]) -> tuple[str, l
 
 
 class StreamSession:
-    """Receives frames until the server closes the connection or `on_tick` says stop.
+    """Connects, receives into `sink` until stopped or the connection ends, then closes.
 
-    `on_tick` runs after every flush (at least every flush interval, also when the
-    connection is silent) and returns a reason to stop, or None to go on.
+    The owner reads `frames` (count received), `opened_at`, `server_shutdown` and
+    `ended` / `end_reason`; those are plain attributes written by one thread and read
+    by another, which the GIL makes safe for these single assignments.
     """
 
     def __init__(
         self,
         base_url: str,
         streams: Sequence[str],
-        writer: FrameWriter,
-        flush_interval: float,
-        on_tick: Callable[[], str | None],
+        sink: Callable[[bytes], None],
         connect_timeout: float = 10.0,
     ) -> None:
         self.url, self.late_streams = split_streams_for_url(base_url, streams)
-        self.writer = writer
-        self.flush_interval = flush_interval
-        self.on_tick = on_tick
+        self.sink = sink
         self.connect_timeout = connect_timeout
+        self.frames = 0
+        self.opened_at: float | None = None
+        self.server_shutdown = False
+        self.ended = False
+        self.end_reason = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ws-{id(self):x}", daemon=True)
 
-    def connect(self) -> websocket.WebSocket:
-        ws = websocket.create_connection(
-            self.url, timeout=self.connect_timeout, skip_utf8_validation=True
-        )
-        self._subscribe_late_streams(ws)
-        ws.settimeout(self.flush_interval)
-        return ws
+    def start(self) -> None:
+        self._thread.start()
 
-    def receive(self, ws: websocket.WebSocket) -> str:
-        """The receive loop; returns why it ended. Connection errors propagate."""
-        append = self.writer.pending.append
+    def stop(self, reason: str) -> None:
+        """Ask the session to close; it finishes in the background (see `join`)."""
+        if not self._stop.is_set():
+            self.end_reason = reason
+            self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def open(self) -> bool:
+        return self.opened_at is not None and not self.ended
+
+    def _run(self) -> None:
+        try:
+            reason = self._connect_and_receive()
+        except (websocket.WebSocketException, OSError) as error:
+            reason = f"connection lost: {type(error).__name__}: {error}"
+        if not self.end_reason:
+            self.end_reason = reason
+        self.ended = True
+
+    def _connect_and_receive(self) -> str:
+        try:
+            ws = websocket.create_connection(
+                self.url, timeout=self.connect_timeout, skip_utf8_validation=True
+            )
+        except (websocket.WebSocketException, OSError) as error:
+            return f"connect failed: {type(error).__name__}: {error}"
+        try:
+            self._subscribe_late_streams(ws)
+            self.opened_at = time.monotonic()
+            return self._receive(ws)
+        finally:
+            self._close(ws)
+
+    def _receive(self, ws: websocket.WebSocket) -> str:
+        ws.settimeout(RECEIVE_WAKEUP_SECONDS)
+        sink = self.sink
         recv = ws.recv_data
-        interval = self.flush_interval
-        next_flush = time.monotonic() + interval
-        while True:
+        stopping = self._stop.is_set
+        while not stopping():
             try:
                 opcode, data = recv()
             except websocket.WebSocketTimeoutException:
-                opcode = None
+                continue
             if opcode in _TEXT_OR_BINARY:
-                append(data)
+                sink(data)
+                self.frames += 1
+                if data.startswith(SERVER_SHUTDOWN_PREFIX):
+                    self.server_shutdown = True
             elif opcode == websocket.ABNF.OPCODE_CLOSE:
                 return "closed by the server"
-            now = time.monotonic()
-            if now >= next_flush:
-                next_flush = now + interval
-                self.writer.flush()
-                reason = self.on_tick()
-                if reason:
-                    return reason
+        return self.end_reason
 
-    def close(self, ws: websocket.WebSocket) -> None:
+    def _close(self, ws: websocket.WebSocket) -> None:
         """Close handshake that keeps what was in flight.
 
         websocket-client's own close() discards data frames that arrive after our
@@ -108,14 +144,14 @@ class StreamSession:
             while time.monotonic() < deadline:
                 opcode, data = ws.recv_data()
                 if opcode in _TEXT_OR_BINARY:
-                    self.writer.pending.append(data)
+                    self.sink(data)
+                    self.frames += 1
                 elif opcode == websocket.ABNF.OPCODE_CLOSE:
                     break
         except (websocket.WebSocketException, OSError):
             pass  # the server went first; nothing more can arrive
         finally:
             ws.shutdown()
-            self.writer.flush()
 
     def _subscribe_late_streams(self, ws: websocket.WebSocket) -> None:
         for request_id, start in enumerate(range(0, len(self.late_streams), SUBSCRIBE_BATCH), 1):

@@ -61,6 +61,11 @@ class Settings:
         "Frames a subscription task keeps in memory while Redis is unreachable; "
         "past it the oldest are dropped and counted.",
     )
+    redis_buffer_max_frames: int = _setting(
+        2000000,
+        "Longest a group's Redis list may grow while the drain is behind; past it the "
+        "oldest frames are trimmed and counted (trade gaps are then backfilled).",
+    )
     drain_interval_seconds: float = _setting(1.0, "How often beat runs the drain task.")
     drain_batch_size: int = _setting(
         5000, "Frames taken from one Redis list per database transaction."
@@ -74,7 +79,22 @@ class Settings:
         30.0, "How often beat restarts wanted groups whose lease has expired."
     )
     reconnect_backoff_max_seconds: float = _setting(
-        30.0, "Cap of the exponential back-off between reconnect attempts."
+        30.0, "Cap of the exponential back-off (with full jitter) between reconnect attempts."
+    )
+    connect_attempts_per_5_minutes: int = _setting(
+        250,
+        "Websocket connection attempts allowed per 5 minutes for all groups together "
+        "(Binance bans past 300 per IP).",
+    )
+    connection_max_age_seconds: float = _setting(
+        85800.0,
+        "Age at which a connection is replaced (new one first, old one closed once the "
+        "new one delivers), ahead of Binance's 24 h disconnect.",
+    )
+    silence_timeout_seconds: float = _setting(
+        60.0,
+        "A connection that delivers no frame for this long is replaced, although pings "
+        "may still flow.",
     )
     rest_timeout_seconds: float = _setting(10.0, "Timeout of one REST request to Binance.")
     sqlite_busy_timeout_ms: int = _setting(
