@@ -92,7 +92,13 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
     group = _registry().get(group_id)
     if group is None:
         return {"group": group_id, "ended": "not wanted"}
-    reason = GroupRunner(group, settings, client, shutting_down).run()
+    def report_progress(progress: dict[str, object]) -> None:
+        # The PROGRESS state is what `AsyncResult.info` returns; the event is what
+        # Flower shows on the task's page while it runs.
+        self.update_state(state="PROGRESS", meta=progress)
+        self.send_event("task-progress", **progress)
+
+    reason = GroupRunner(group, settings, client, shutting_down, report_progress).run(self.request.id)
     if reason == SHUTTING_DOWN:
         # Hand the group to the next streams worker now rather than at the next supervise.
         start_group(group)

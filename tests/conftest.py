@@ -5,6 +5,8 @@ run` uses."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -71,6 +73,12 @@ def launch_stack(directory: Path, fake_args: Sequence[str] = (), env: dict[str, 
 
 def fake_stats(stack: LocalStack) -> dict[str, Any]:
     return requests.get(f"{stack.env['BINANCE_REST_URL']}/fake/stats", timeout=5).json()
+
+
+def status_command(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """`binance-recorder status` against the stack, as an operator would run it."""
+    return subprocess.run([sys.executable, "-m", "worker.cli", "status", *args], env=stack.env,
+                          capture_output=True, text=True, timeout=30)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:

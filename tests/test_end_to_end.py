@@ -11,12 +11,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
+from celery.result import AsyncResult
 from celery.exceptions import TimeoutError as CeleryTimeout
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import fake_stats, launch_stack, wait_until
+from tests.conftest import fake_stats, launch_stack, status_command, wait_until
 from worker.cli import client_app
+from worker.groups import GroupRegistry
+from worker.keys import RedisKeys
 from worker.local_stack import LocalStack
 from worker.storage import make_engine
 
@@ -77,6 +81,8 @@ def test_every_trade_sent_in_the_window_is_stored_exactly_once(stack: LocalStack
 
     wait_until(lambda: (scalar(db, "select count(*) from trades") or 0) > 0, 30, "the first trades in SQLite")
     time.sleep(RECORD_SECONDS)
+    assert_task_reports_progress(stack, result["groups"][0])
+    assert_status_command_says_healthy(stack, result["groups"][0])
     call(stack, "tasks.unsubscribe", SYMBOLS)
     wait_until(lambda: fake_stats(stack)["connections"]["open"] == 0, 15, "the connection to close")
     stats = fake_stats(stack)
@@ -89,6 +95,27 @@ def test_every_trade_sent_in_the_window_is_stored_exactly_once(stack: LocalStack
             wait_until(lambda: id_summary(db, table, id_column, symbol) == expected, 20,
                        f"{symbol} {table} to match what the fake sent: {expected}")
             assert sent["last"] - sent["first"] + 1 == sent["count"] >= RECORD_SECONDS * 20
+
+
+def assert_task_reports_progress(stack: LocalStack, gid: str) -> None:
+    """The running task's state is PROGRESS with counts, as Flower and AsyncResult see it."""
+    status = GroupRegistry(redis.Redis.from_url(stack.env["REDIS_URL"]), RedisKeys("recorder")).status(gid)
+    running = AsyncResult(status["task_id"], app=client_app(stack.env["REDIS_URL"]))
+    assert running.state == "PROGRESS"
+    assert running.info["group"] == gid and running.info["connected"] is True
+    assert running.info["messages"] > 0 and running.info["messages_per_second"] > 0
+    assert float(status["messages_per_second"]) > 0
+
+
+def assert_status_command_says_healthy(stack: LocalStack, gid: str) -> None:
+    shown = status_command(stack)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert shown.stdout.rstrip().endswith("status: healthy")
+    group_line = next(line for line in shown.stdout.splitlines() if line.startswith(gid))
+    assert "BTCUSDT,ETHUSDT" in group_line and "connected" in group_line
+    snapshot = json.loads(status_command(stack, "--json").stdout)
+    assert snapshot["healthy"] is True and snapshot["problems"] == []
+    assert snapshot["tables"]["trades"]["rows"] > 0
 
 
 def test_every_stream_kind_lands_in_its_table(stack: LocalStack, db: Engine) -> None:

@@ -12,7 +12,7 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import fake_stats, launch_stack, wait_until
+from tests.conftest import fake_stats, launch_stack, status_command, wait_until
 from worker.cli import client_app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
@@ -126,6 +126,8 @@ def test_sigkill_of_the_streams_worker_heals_through_lease_expiry_and_the_superv
     wait_until(lambda: open_connections(stack) == 1, 30, "the group from the previous test")
     stack.stop_process(stack.process("worker-streams-2"), signal.SIGKILL)
     wait_until(lambda: open_connections(stack) == 0, 10, "the killed worker's connection to drop")
+    shown = wait_until(lambda: (r := status_command(stack)).returncode == 1 and r, 15, "status to see the dead group")
+    assert "status: UNHEALTHY" in shown.stdout and "has no running task" in shown.stdout
 
     stack.start_stream_worker(2, name="worker-streams-3")
     wait_until(lambda: open_connections(stack) == 1, 45, "the supervisor to restart the group")

@@ -139,6 +139,7 @@ class FrameWriter:
         self.max_list_length = max_list_length
         self.pending: deque[bytes] = deque()
         self.dropped = 0
+        self.pushed = 0
         self.last_error: str | None = None
         self._trim = client.register_script(_TRIM_SCRIPT)
 
@@ -169,6 +170,7 @@ class FrameWriter:
             self._shed_excess()
             return 0
         self.last_error = None
+        self.pushed += count
         return count
 
     def _shed_excess(self) -> None:

@@ -138,14 +138,30 @@ def cmd_unsubscribe(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from worker.status import collect_status
+    from worker.report import render_status
+    from worker.status import collect_status, problems
     from worker.storage import make_engine
 
     settings = Settings.from_env()
+    _require_database(settings.database_url)
     client = redis.Redis.from_url(settings.redis_url)
     snapshot = collect_status(settings, client, make_engine(settings.database_url))
-    print(json.dumps(snapshot, indent=2))
-    return 0
+    found = problems(snapshot, settings)
+    if args.json:
+        print(json.dumps({**snapshot, "healthy": not found, "problems": found}, indent=2))
+    else:
+        print(render_status(snapshot, found))
+    return EXIT_UNHEALTHY if found else 0
+
+
+def _require_database(url: str) -> None:
+    """A missing SQLite file means a wrong DATABASE_URL or a service that never ran:
+    say so instead of silently creating an empty database."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        raise ValueError(f"no database at {parsed.database}: check DATABASE_URL, or start the service first")
 
 
 def _csv(text: str | None) -> list[str]:
@@ -180,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--timeout", type=float, default=30, help="seconds to wait for the worker's answer")
         sub.set_defaults(func=func)
 
-    status = commands.add_parser("status", help="groups, buffers, tables, dead letters")
+    status = commands.add_parser(
+        "status", help="groups, buffers, tables, dead letters; exit 1 when unhealthy",
+        description="Show the service's health from Redis and the database (no worker needed). "
+                    "Exit 0 healthy, 1 unhealthy (the problems are listed), 2 bad input.")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(func=cmd_status)
     return parser
 

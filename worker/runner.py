@@ -36,6 +36,7 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+PROGRESS_SECONDS = 5.0
 BACKOFF_BASE_SECONDS = 0.5
 # A rotation's new connection that is open but quiet (an illiquid symbol) replaces the
 # old one after this long; one that has not even opened by then is given up.
@@ -59,8 +60,10 @@ class GroupRunner:
         settings: Settings,
         client: redis.Redis,
         shutting_down: Callable[[], bool] = lambda: False,
+        report_progress: Callable[[dict[str, object]], None] = lambda progress: None,
     ) -> None:
         self.group = group
+        self.report_progress = report_progress
         self.settings = settings
         self.keys = RedisKeys(settings.redis_prefix)
         self.registry = GroupRegistry(client, self.keys)
@@ -82,12 +85,14 @@ class GroupRunner:
         self._successor_started = 0.0
         self._seen_frames = 0
         self._progress_at = 0.0
+        self._next_progress = 0.0
+        self._rate_sample = (time.monotonic(), 0)
 
-    def run(self) -> str:
+    def run(self, task_id: str = "") -> str:
         """Run until the group should stop; returns the reason."""
         if not self.lease.acquire():
             return ALREADY_RUNNING
-        self._status(state="starting", worker=self.owner, streams=len(self.group.streams),
+        self._status(state="starting", worker=self.owner, task_id=task_id, streams=len(self.group.streams),
                      started_at=now_ms(), reconnects=0, rotations=0, last_error="")
         try:
             return self._loop()
@@ -218,7 +223,26 @@ class GroupRunner:
         if self.writer.last_error:
             log.warning("group %s: cannot push to Redis (%s); %d frames held, %d dropped", self.group.id,
                         self.writer.last_error, len(self.writer.pending), self.writer.dropped)
+        if now >= self._next_progress:
+            self._next_progress = now + PROGRESS_SECONDS
+            self._publish_progress(now)
         return None
+
+    def _publish_progress(self, now: float) -> None:
+        """Messages per second since the last report, to Redis and to the task's observers."""
+        then, pushed_then = self._rate_sample
+        self._rate_sample = (now, self.writer.pushed)
+        rate = round((self.writer.pushed - pushed_then) / max(now - then, 1e-9), 1)
+        self._status(messages_per_second=rate, dropped_locally=self.writer.dropped)
+        self.report_progress({
+            "group": self.group.id,
+            "symbols": self.group.symbols,
+            "connected": self.current is not None and self.current.open,
+            "messages": self.writer.pushed,
+            "messages_per_second": rate,
+            "reconnects": self.reconnects,
+            "rotations": self.rotations,
+        })
 
     def _status(self, **fields: object) -> None:
         try:

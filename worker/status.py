@@ -1,7 +1,8 @@
 """A snapshot of the service's health, read straight from Redis and the database.
 
 It needs no running worker, so the `status` command also works (and fails loudly)
-when the workers are down — which is when it is needed.
+when the workers are down — which is when it is needed. `problems()` turns a snapshot
+into the list of things an operator must look at; an empty list means healthy.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def group_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]
                 "worker": record.get("worker"),
                 "connected_since": _int_or_none(record.get("connected_since")),
                 "messages": int(record.get("messages", 0)),
+                "messages_per_second": float(record.get("messages_per_second", 0)),
                 "last_message_at": _int_or_none(record.get("last_message_at")),
                 "reconnects": int(record.get("reconnects", 0)),
+                "rotations": int(record.get("rotations", 0)),
                 "last_error": record.get("last_error") or None,
                 "backlog": buffer.backlog(keys.frames(gid)),
             }
@@ -67,4 +70,25 @@ def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> d
         "tables": table_statuses(engine),
         "dead_letters": counters.get("dead_letters", 0),
         "frames_drained": counters.get("frames_drained", 0),
+        "frames_trimmed": counters.get("frames_trimmed", 0),
     }
+
+
+def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
+    """What is wrong, in words an operator can act on; empty when all is well."""
+    found = []
+    now = snapshot["generated_at"]
+    stale_ms = 2 * settings.silence_timeout_seconds * 1000
+    behind = 20 * settings.drain_batch_size
+    for group in snapshot["groups"]:
+        name = f"group {group['id']} ({', '.join(group['symbols'])})"
+        if not group["live"]:
+            found.append(f"{name} has no running task: is a `-Q streams` worker up?")
+        elif group["state"] != "connected":
+            found.append(f"{name} is {group['state']}: {group['last_error'] or 'no error recorded'}")
+        last = group["last_message_at"]
+        if group["live"] and last is not None and now - last > stale_ms:
+            found.append(f"{name} received nothing for {(now - last) / 1000:.0f}s")
+        if group["backlog"] > behind:
+            found.append(f"{name} has {group['backlog']} frames waiting in Redis: is the drain running?")
+    return found

@@ -1,0 +1,62 @@
+"""Renders a status snapshot (worker/status.py) as tables a person reads at a glance."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+
+def age(ms: int | None, now_ms: int) -> str:
+    """'4s', '3m 20s', '2h 5m', '3d 4h' ago-style durations; '-' when unknown."""
+    if ms is None:
+        return "-"
+    seconds = max(0, (now_ms - ms) // 1000)
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} {seconds % size // smaller_size}{smaller}"
+    return f"{seconds}s"
+
+
+def utc(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned text columns, numbers right-aligned."""
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric)]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float)
+
+
+def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
+    now = snapshot["generated_at"]
+    groups = [
+        (g["id"], ",".join(g["symbols"]), g["streams"], g["state"] if g["live"] else "NOT RUNNING",
+         age(g["connected_since"], now) if g["state"] == "connected" else "-", g["messages_per_second"],
+         age(g["last_message_at"], now), g["reconnects"], g["backlog"])
+        for g in snapshot["groups"]
+    ]
+    tables = [(name, t["rows"], utc(t["newest"]), age(t["newest"], now)) for name, t in snapshot["tables"].items()]
+    parts = [
+        table(["GROUP", "SYMBOLS", "STREAMS", "STATE", "UP", "MSG/S", "LAST MSG", "RECONNECTS", "BACKLOG"], groups)
+        if groups else "no groups subscribed: run `binance-recorder subscribe BTCUSDT`",
+        "",
+        table(["TABLE", "ROWS", "NEWEST (UTC)", "AGE"], tables),
+        "",
+        f"dead letters: {snapshot['dead_letters']}   frames drained: {snapshot['frames_drained']}   "
+        f"frames trimmed: {snapshot['frames_trimmed']}",
+    ]
+    parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
+    return "\n".join(parts)
