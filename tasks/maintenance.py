@@ -13,6 +13,7 @@ from worker.keys import RedisKeys
 from worker.lease import Lease
 from worker.resources import engine, redis_client
 from worker.settings import get_settings
+from worker.shutdown import shutting_down
 from worker.status import collect_status
 from tasks.subscriptions import start_group
 
@@ -32,7 +33,7 @@ def drain() -> dict[str, Any]:
         return {"skipped": "another drain is running"}
     try:
         drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
-        return drainer.drain(time_budget=budget).as_dict()
+        return drainer.drain(time_budget=budget, should_stop=shutting_down).as_dict()
     finally:
         lock.release()
 

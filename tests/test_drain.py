@@ -4,12 +4,14 @@ frames are dead-lettered, and a drain that dies after its commit loses nothing."
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import orjson
 import pytest
 import redis
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.engine import Engine
 
 from worker.buffer import FrameBuffer, clock_mark
@@ -107,3 +109,26 @@ def test_the_list_of_an_unsubscribed_group_is_drained_then_forgotten(
     assert trade_ids(engine) == [7]
     assert FrameBuffer(redis_client, keys).list_keys() == []
     assert redis_client.exists(key) == 0
+
+
+def test_a_locked_database_fails_the_drain_run_without_losing_the_batch(
+    redis_client: redis.Redis, keys: RedisKeys, tmp_path: Path
+) -> None:
+    path = tmp_path / "locked.db"
+    impatient = make_engine(f"sqlite:///{path}", busy_timeout_ms=100)
+    create_schema(impatient)
+    key = push(redis_client, keys, "g1", [trade_frame("BTCUSDT", i) for i in range(1, 11)])
+    blocker = sqlite3.connect(path)
+    blocker.execute("begin exclusive")
+    try:
+        with pytest.raises(OperationalError, match="locked"):
+            Drainer(redis_client, keys, impatient, batch_size=100).drain(time_budget=30)
+        assert redis_client.llen(key) == 11
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+    Drainer(redis_client, keys, impatient, batch_size=100).drain(time_budget=30)
+
+    assert trade_ids(impatient) == list(range(1, 11))
+    assert redis_client.llen(key) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -53,13 +54,14 @@ class Drainer:
         self.buffer = FrameBuffer(client, keys)
         self.registry = GroupRegistry(client, keys)
 
-    def drain(self, time_budget: float) -> DrainReport:
-        """Drain every list until it is empty or the time budget is spent."""
+    def drain(self, time_budget: float, should_stop: Callable[[], bool] = lambda: False) -> DrainReport:
+        """Drain every list until it is empty, the time budget is spent, or the worker
+        shuts down (between batches: a started batch is always finished)."""
         report = DrainReport()
         deadline = time.monotonic() + time_budget
         wanted = self.registry.wanted()
         for key in self.buffer.list_keys():
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not should_stop():
                 claim = self.buffer.claim(key, self.batch_size)
                 if not claim.elements:
                     break
