@@ -52,4 +52,16 @@ beat_schedule = {
         "schedule": _settings.supervise_interval_seconds,
         "options": {"expires": _settings.supervise_interval_seconds},
     },
+    "backfill": {
+        "task": "tasks.backfill",
+        "schedule": _settings.backfill_interval_seconds,
+        # Runs take turns through a lock; a run that could not start in time is dropped.
+        "options": {"expires": _settings.backfill_interval_seconds},
+    },
+    "enforce-retention": {
+        "task": "tasks.enforce_retention",
+        "schedule": _settings.retention_interval_seconds,
+        # A run that could not start before the next one is due is left to that one.
+        "options": {"expires": _settings.retention_interval_seconds},
+    },
 }

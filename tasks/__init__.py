@@ -1,7 +1,9 @@
 """The Celery tasks. Their names (`tasks.subscribe`, ...) are a public contract:
 other apps call them with `app.send_task(name, ...)` without importing this code."""
 
+from tasks.backfill import backfill
 from tasks.maintenance import drain, status, supervise
+from tasks.retention import enforce_retention
 from tasks.subscriptions import stream_group, subscribe, unsubscribe
 
-__all__ = ["drain", "status", "stream_group", "subscribe", "supervise", "unsubscribe"]
+__all__ = ["backfill", "drain", "enforce_retention", "status", "stream_group", "subscribe", "supervise", "unsubscribe"]

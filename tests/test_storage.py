@@ -79,7 +79,7 @@ def test_make_engine_creates_the_directory_and_sets_the_pragmas(tmp_path: Path) 
 def test_create_schema_twice_is_fine(engine: Engine) -> None:
     create_schema(engine)
     inspector = inspect(engine)
-    assert set(inspector.get_table_names()) == set(TABLES)
+    assert set(inspector.get_table_names()) == set(TABLES) | {"gaps"}
     assert inspector.get_view_names() == ["market_data"]
     assert [c["name"] for c in inspector.get_columns("trades")] == list(TABLE_COLUMNS["trades"])
 
@@ -98,7 +98,7 @@ def test_create_schema_tolerates_a_competitor_creating_a_table_first(tmp_path: P
         create_schema(make_engine(url))
     finally:
         event.remove(storage.trades, "before_create", competitor_creates_it)
-    assert set(inspect(competitor).get_table_names()) == set(TABLES)
+    assert set(inspect(competitor).get_table_names()) == set(TABLES) | {"gaps"}
 
 
 def _create_schema_when_all_are_ready(url: str, barrier: Any) -> None:
@@ -119,7 +119,7 @@ def test_create_schema_from_several_processes_at_once(tmp_path: Path) -> None:
     for process in processes:
         process.join(timeout=60)
     assert [process.exitcode for process in processes] == [0, 0, 0, 0]
-    assert set(inspect(make_engine(url)).get_table_names()) == set(TABLES)
+    assert set(inspect(make_engine(url)).get_table_names()) == set(TABLES) | {"gaps"}
 
 
 def test_rows_are_stored_in_column_order(engine: Engine) -> None:
@@ -212,3 +212,14 @@ def test_postgresql_gets_the_same_conflict_rules() -> None:
     assert trades_sql.endswith("ON CONFLICT DO NOTHING")
     assert "ON CONFLICT (symbol, interval, open_time) DO UPDATE SET close_time = " in klines_sql
     assert klines_sql.endswith("WHERE klines.is_closed = false")
+
+
+def test_create_schema_adds_indexes_missing_from_an_older_database(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    create_schema(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX ix_trades_trade_time")
+
+    create_schema(engine)
+
+    assert "ix_trades_trade_time" in {ix["name"] for ix in inspect(engine).get_indexes("trades")}

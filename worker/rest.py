@@ -1,16 +1,56 @@
-"""Binance's REST API: the few endpoints the service calls.
+"""Binance's REST API: the few endpoints the service calls, within Binance's limits.
 
-Binance answers errors as `{"code": <negative>, "msg": ...}`; they are raised as
-`BinanceError` carrying both, so a caller can pass Binance's own words to the user.
+Every request first passes the shared `RequestPacer` (weight budget, 429 back-off,
+418 ban; see worker/ratelimit.py), so that no worker can get the IP banned. Timeouts,
+dropped connections and 5xx answers are retried with exponential back-off; a 429 or
+418 is retried once its Retry-After has passed. Binance answers errors as
+`{"code": <negative>, "msg": ...}`; they are raised as `BinanceError` carrying both,
+so a caller can pass Binance's own words to the user.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
+import redis
 import requests
+
+from worker.keys import RedisKeys
+from worker.ratelimit import (
+    BACKOFF,
+    BAN,
+    MINUTE_MS,
+    PROCESS_STATE,
+    LimitState,
+    RedisLimitState,
+    RequestPacer,
+    RestUnavailable,
+)
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REQUEST_WEIGHTS: dict[str, int] = {
+    "ping": 1,
+    "time": 1,
+    "exchangeInfo": 20,
+    "klines": 2,
+    "aggTrades": 4,
+    "historicalTrades": 25,
+}
+"""Binance's request weight per endpoint (the forms this client sends)."""
+
+MAX_LIMIT = 1000
+"""Most rows Binance returns per page of klines, aggTrades and historicalTrades."""
+
+ATTEMPTS = 5
+"""Tries per request; the back-off between them is 0.5, 1, 2, 4 s for transient errors."""
+_FIRST_BACKOFF_SECONDS = 0.5
+# Binance's ban lasts 2 min to 3 days; a 418 without Retry-After is taken as the shortest.
+_DEFAULT_BAN_SECONDS = 120.0
 
 
 class BinanceError(RuntimeError):
@@ -37,18 +77,116 @@ def _unknown_symbol(symbol: str, binance_msg: str) -> UnknownSymbol:
 INVALID_SYMBOL = -1121
 
 
+class TradeRow(TypedDict):
+    """A row of /api/v3/historicalTrades."""
+
+    id: int
+    price: str
+    qty: str
+    quoteQty: str
+    time: int
+    isBuyerMaker: bool
+    isBestMatch: bool
+
+
+AggTradeRow = TypedDict(
+    "AggTradeRow",
+    {"a": int, "p": str, "q": str, "f": int, "l": int, "T": int, "m": bool, "M": bool},
+)
+"""A row of /api/v3/aggTrades: agg id, price, qty, first/last trade id, time, maker."""
+
+KlineRow = list[Any]
+"""A row of /api/v3/klines: [open time, o, h, l, c, volume, close time, quote volume,
+trades, taker buy base volume, taker buy quote volume, ignore]."""
+
+
 class BinanceRest:
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+    """A client of Binance's REST API.
+
+    Without a `pacer` the weight budget is kept in this process only, which is fine
+    for a one-off call; workers build theirs with `from_settings` and Redis, so that
+    they all share one budget.
+    """
+
+    def __init__(self, base_url: str, timeout: float = 10.0, pacer: RequestPacer | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        self.pacer = pacer or RequestPacer(PROCESS_STATE)
+        self._server_offset_ms: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis | None) -> BinanceRest:
+        """The client a task uses: budget and longest wait from the settings, shared
+        through Redis (`client`, normally `worker.resources.redis_client()`) or, when
+        it is None, kept in this process."""
+        state: LimitState = (
+            PROCESS_STATE if client is None else RedisLimitState(client, RedisKeys(settings.redis_prefix))
+        )
+        pacer = RequestPacer(
+            state,
+            budget_per_minute=settings.rest_weight_budget_per_minute,
+            max_wait_seconds=settings.rest_max_wait_seconds,
+        )
+        return cls(settings.binance_rest_url, settings.rest_timeout_seconds, pacer)
 
     def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET /api/v3/<path>; returns the decoded JSON answer.
+
+        Raises BinanceError for an answer Binance refused (4xx other than 429/418),
+        RestUnavailable when a ban lasts too long or every attempt failed.
+        """
+        weight = _weight(path)
         url = f"{self.base_url}/api/v3/{path}"
-        response = self.session.get(url, params=params, timeout=self.timeout)
-        if response.status_code != 200:
-            raise _error_from(response, url)
-        return response.json()
+        failure = ""
+        for attempt in range(1, ATTEMPTS + 1):
+            self.pacer.before_request(weight)
+            try:
+                response = self.session.get(url, params=params, timeout=self.timeout)
+            except (requests.Timeout, requests.ConnectionError) as error:
+                failure = f"{type(error).__name__}: {error}"
+            else:
+                self.pacer.after_response(response.headers)
+                if response.status_code == 200:
+                    return response.json()
+                failure = f"HTTP {response.status_code}: {response.text[:200]}"
+                if response.status_code in (429, 418):
+                    self._back_off_as_told(response)
+                    continue
+                if response.status_code < 500:
+                    raise _error_from(response, url)
+            if attempt < ATTEMPTS:
+                delay = _FIRST_BACKOFF_SECONDS * 2 ** (attempt - 1)
+                log.warning("GET %s failed (%s); retry %d in %.1f s", path, failure, attempt, delay)
+                self.pacer.sleep(delay)
+        raise RestUnavailable(
+            f"GET {url} failed {ATTEMPTS} times, last with {failure}; check that "
+            "BINANCE_REST_URL is reachable from this machine"
+        )
+
+    def _back_off_as_told(self, response: requests.Response) -> None:
+        kind = BAN if response.status_code == 418 else BACKOFF
+        retry_after = _retry_after_seconds(response)
+        if retry_after is None:
+            # 429 without the header: Binance counts weight per minute, so wait for the next.
+            retry_after = (
+                _DEFAULT_BAN_SECONDS
+                if kind == BAN
+                else (MINUTE_MS - self.pacer.now_ms() % MINUTE_MS) / 1000
+            )
+        self.pacer.block(kind, retry_after)
+
+    def server_time_ms(self) -> int:
+        """Binance's clock now, in ms: asked once, then followed with the local clock.
+
+        Whether a kline has closed is decided by Binance's clock, not ours, so that a
+        local clock that runs ahead never stores an open kline as closed.
+        """
+        if self._server_offset_ms is None:
+            asked_at = self.pacer.now_ms()
+            server = int(self.get("time")["serverTime"])
+            self._server_offset_ms = server - (asked_at + self.pacer.now_ms()) // 2
+        return self.pacer.now_ms() + self._server_offset_ms
 
     def symbol_statuses(self, symbols: Sequence[str]) -> dict[str, str]:
         """Trading status per symbol; raises UnknownSymbol naming the first unknown one.
@@ -67,12 +205,58 @@ class BinanceRest:
 
     def _raise_for_first_unknown(self, symbols: Sequence[str]) -> None:
         for symbol in symbols:
-            try:
-                self.get("exchangeInfo", {"symbol": symbol})
-            except BinanceError as error:
-                if error.code == INVALID_SYMBOL:
-                    raise _unknown_symbol(symbol, error.msg) from None
-                raise
+            self._symbol_get(symbol, "exchangeInfo", {})
+
+    def klines(
+        self, symbol: str, interval: str, start_ms: int | None = None,
+        end_ms: int | None = None, limit: int = MAX_LIMIT,
+    ) -> list[KlineRow]:
+        """Klines by open time, ascending; bounds inclusive; the newest may be open."""
+        params = {"interval": interval, "startTime": start_ms, "endTime": end_ms, "limit": limit}
+        return self._symbol_get(symbol, "klines", params)
+
+    def agg_trades(
+        self, symbol: str, from_id: int | None = None, start_ms: int | None = None,
+        end_ms: int | None = None, limit: int = MAX_LIMIT,
+    ) -> list[AggTradeRow]:
+        """Aggregate trades from `from_id`, or in [start_ms, end_ms] (at most one hour
+        apart, Binance's rule), ascending; without bounds the most recent ones."""
+        params = {"fromId": from_id, "startTime": start_ms, "endTime": end_ms, "limit": limit}
+        return self._symbol_get(symbol, "aggTrades", params)
+
+    def historical_trades(
+        self, symbol: str, from_id: int | None = None, limit: int = MAX_LIMIT
+    ) -> list[TradeRow]:
+        """Trades from `from_id` on, ascending; without it the most recent ones."""
+        return self._symbol_get(symbol, "historicalTrades", {"fromId": from_id, "limit": limit})
+
+    def _symbol_get(self, symbol: str, path: str, params: Mapping[str, Any]) -> Any:
+        """GET an endpoint about one symbol; Binance's -1121 becomes UnknownSymbol."""
+        sent = {"symbol": symbol, **{k: v for k, v in params.items() if v is not None}}
+        try:
+            return self.get(path, sent)
+        except BinanceError as error:
+            if error.code == INVALID_SYMBOL:
+                raise _unknown_symbol(symbol, error.msg) from None
+            raise
+
+
+def _weight(path: str) -> int:
+    try:
+        return REQUEST_WEIGHTS[path]
+    except KeyError:
+        raise ValueError(
+            f"no request weight known for endpoint {path!r}: add Binance's weight for it "
+            "to worker.rest.REQUEST_WEIGHTS, so that the shared budget counts it"
+        ) from None
+
+
+def _retry_after_seconds(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 def _error_from(response: requests.Response, url: str) -> BinanceError:

@@ -97,8 +97,43 @@ class Settings:
         "may still flow.",
     )
     rest_timeout_seconds: float = _setting(10.0, "Timeout of one REST request to Binance.")
+    rest_weight_budget_per_minute: int = _setting(
+        3000,
+        "REST request weight all workers together may spend per UTC minute (Binance "
+        "allows 6000 per IP); a request that would exceed it waits for the next minute.",
+    )
+    rest_max_wait_seconds: float = _setting(
+        300.0,
+        "Longest a REST request waits out a Binance back-off (429) or IP ban (418); a "
+        "longer one fails the request with an error saying until when.",
+    )
+    backfill_interval_seconds: float = _setting(
+        60.0, "How often beat runs the backfill task that finds and fills recent gaps."
+    )
+    backfill_lookback_seconds: int = _setting(
+        21600,
+        "How far back the periodic backfill looks for missing trade ids, aggregate "
+        "trade ids and kline slots.",
+    )
     sqlite_busy_timeout_ms: int = _setting(
         10000, "How long a SQLite writer waits for a lock before failing."
+    )
+    retention_days: int = _setting(
+        30, "Days of data every table keeps (by its time column); 0 keeps everything."
+    )
+    retention_overrides: str = _setting(
+        "klines=0",
+        "Per-table days that replace RETENTION_DAYS, as TABLE=DAYS pairs such as "
+        "`tickers=7,book_tickers=2`; 0 keeps that table for ever. Setting it replaces "
+        "this default: include `klines=0` to go on keeping klines.",
+    )
+    retention_chunk_rows: int = _setting(
+        10000,
+        "Rows deleted per transaction by the retention task, so it never blocks the "
+        "drain for long.",
+    )
+    retention_interval_seconds: float = _setting(
+        3600.0, "How often beat runs the retention task."
     )
 
     @classmethod

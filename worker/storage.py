@@ -19,6 +19,8 @@ entries. Recording many symbols at once is this service's purpose, so rowid it i
 from __future__ import annotations
 
 import functools
+import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,14 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
+    Index,
     Insert,
+    Integer,
     MetaData,
     String,
     Table,
+    Text,
+    UniqueConstraint,
     create_engine,
     event,
     exc,
@@ -161,6 +167,23 @@ avg_prices = Table(
     *_ints("last_trade_time"),
 )
 
+# Not a data table (not in TABLES): the backfill task's record of missing ids and kline
+# slots. Unique on where a gap starts, so finding the same hole again adds no row.
+gaps = Table(
+    "gaps",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("symbol", String(32), nullable=False),
+    Column("kind", String(16), nullable=False),  # trade, aggTrade, kline_<interval>
+    # Ids, or open times (ms) for klines; both ends missing.
+    *_ints("first_missing", "last_missing", "found_at"),
+    *_ints("filled_at", nullable=True),
+    Column("status", String(16), nullable=False),  # open, filled, unfillable
+    Column("rows_fetched", BigInteger, nullable=False, default=0),
+    Column("reason", Text, nullable=True),  # why it is unfillable
+    UniqueConstraint("symbol", "kind", "first_missing"),
+)
+
 # Keeps the shape of the original script's table for the people who query it.
 market_data = CreateView(
     select(trades.c.symbol, trades.c.price, trades.c.trade_time.label("timestamp")),
@@ -190,6 +213,24 @@ TIME_COLUMNS: dict[str, str] = {
 }
 """The column (ms since the epoch) that says when a row happened: for status (newest
 row), retention (rows past their age) and exports."""
+
+
+def _index_time_columns() -> None:
+    """Index every table's time column.
+
+    Retention deletes `WHERE time < cutoff` in chunks inside write transactions; without
+    an index each run scans whole tables while holding SQLite's write lock (33 ms per
+    million rows when cached, far longer from disk), with one it reads only the rows it
+    deletes. Measured with 1M trades of 400 interleaved symbols: the drain (parse and
+    insert) goes from 0.68x to 0.56x of plain sqlite3 executemany, because times only
+    grow and each index insert lands on the same last page. It also makes status's
+    newest-row query a lookup.
+    """
+    for name, column in TIME_COLUMNS.items():
+        Index(f"ix_{name}_{column}", TABLES[name].c[column])
+
+
+_index_time_columns()
 
 _DIALECT_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
@@ -226,11 +267,26 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
         cursor = dbapi_connection.cursor()
         # First, so that switching to WAL waits for a lock held by another process.
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _switch_to_wal(cursor, busy_timeout_ms / 1000)
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
     return set_pragmas
+
+
+def _switch_to_wal(cursor: Any, patience_seconds: float) -> None:
+    """Switching a new file to WAL needs an exclusive lock, and SQLite answers "database
+    is locked" at once (no busy wait) when several processes open a fresh file together,
+    as the workers of a new stack do. Once the file is in WAL mode the pragma is free."""
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def create_schema(engine: Engine) -> None:
@@ -238,10 +294,20 @@ def create_schema(engine: Engine) -> None:
     for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
         try:
             metadata.create_all(engine, checkfirst=True)
+            _create_missing_indexes(engine)
             return
         except exc.DatabaseError as error:
             if attempt == _SCHEMA_ATTEMPTS or not _lost_creation_race(error):
                 raise
+
+
+def _create_missing_indexes(engine: Engine) -> None:
+    """create_all skips every index of a table that exists, so a database made by an
+    older version would never get an index added later; this adds them."""
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
 
 
 def _lost_creation_race(error: exc.DatabaseError) -> bool:
@@ -284,19 +350,28 @@ def _compiled_sql(dialect: Dialect, table_name: str) -> str:
     return str(_insert_statement(dialect.name, table_name).compile(dialect=dialect))
 
 
-@functools.cache
-def _insert_statement(dialect_name: str, table_name: str) -> Insert:
-    """Insert-or-ignore, except for klines: upsert while the stored kline is open."""
+def insert_or_ignore(dialect_name: str, table: Table) -> Insert:
+    """An INSERT that skips rows colliding with a primary key or unique constraint."""
+    return _dialect_insert(dialect_name, table).on_conflict_do_nothing()
+
+
+def _dialect_insert(dialect_name: str, table: Table) -> Any:
     try:
         insert = _DIALECT_INSERTS[dialect_name]
     except KeyError:
         raise ValueError(
             f"unsupported database {dialect_name!r}: use SQLite or PostgreSQL"
         ) from None
+    return insert(table)
+
+
+@functools.cache
+def _insert_statement(dialect_name: str, table_name: str) -> Insert:
+    """Insert-or-ignore, except for klines: upsert while the stored kline is open."""
     table = TABLES[table_name]
-    statement = insert(table)
     if table is not klines:
-        return statement.on_conflict_do_nothing()
+        return insert_or_ignore(dialect_name, table)
+    statement = _dialect_insert(dialect_name, table)
     return statement.on_conflict_do_update(
         index_elements=list(table.primary_key.columns),
         set_={

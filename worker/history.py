@@ -1,0 +1,207 @@
+"""What REST can tell about one symbol's stream kind, as rows of our tables.
+
+A `Series` is the history of one backfillable stream (`btcusdt@trade`, `@aggTrade`,
+`@kline_<interval>`): which table and key column hold it, how far apart consecutive
+keys are (1 for ids, the interval for kline open times), and how to fetch a page of
+it from Binance as row tuples in `storage.TABLE_COLUMNS` order. Gap detection and
+both kinds of backfill are written once against this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from sqlalchemy import ColumnElement, Table, and_
+
+from worker.parsing import validate_stream_kind
+from worker.rest import AggTradeRow, BinanceRest, KlineRow, TradeRow
+from worker.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
+
+Row = tuple[Any, ...]
+
+_MINUTE = 60_000
+_HOUR = 60 * _MINUTE
+_DAY = 24 * _HOUR
+INTERVAL_MS: dict[str, int] = {
+    "1s": 1000, "1m": _MINUTE, "3m": 3 * _MINUTE, "5m": 5 * _MINUTE,
+    "15m": 15 * _MINUTE, "30m": 30 * _MINUTE, "1h": _HOUR, "2h": 2 * _HOUR,
+    "4h": 4 * _HOUR, "6h": 6 * _HOUR, "8h": 8 * _HOUR, "12h": 12 * _HOUR,
+    "1d": _DAY, "3d": 3 * _DAY, "1w": 7 * _DAY,
+}  # fmt: skip
+"""Kline intervals of fixed length. `1M` (calendar months) is not one: its slots are 28
+to 31 days apart, so it is not backfilled (a month fits no recent-gap window anyway)."""
+
+
+class NotBackfillable(ValueError):
+    """A stream kind that REST cannot backfill; the message names the ones it can."""
+
+
+class Series(ABC):
+    """The history of one symbol's stream kind, keyed by a column with a fixed step."""
+
+    kind: str
+    table_name: ClassVar[str]
+    key_column: ClassVar[str]
+    keys_are: ClassVar[str]  # what the keys are, for messages
+    step: int = 1
+
+    def __init__(self, symbol: str) -> None:
+        self.symbol = symbol
+        self.time_column = TIME_COLUMNS[self.table_name]
+        columns = TABLE_COLUMNS[self.table_name]
+        self.key_index = columns.index(self.key_column)
+        self.time_index = columns.index(self.time_column)
+
+    def __repr__(self) -> str:
+        return f"{self.symbol}@{self.kind}"
+
+    @property
+    def table(self) -> Table:
+        return TABLES[self.table_name]
+
+    def selects(self) -> ColumnElement[bool]:
+        """The WHERE clause of this series' rows in its table."""
+        return self.table.c.symbol == self.symbol
+
+    def slots(self, first: int, last: int) -> int:
+        """How many keys lie in [first, last] (both on the series' grid)."""
+        return (last - first) // self.step + 1
+
+    @abstractmethod
+    def fetch(self, rest: BinanceRest, cursor: int, last: int | None, limit: int) -> list[Row]:
+        """Up to `limit` rows with key >= `cursor` (and <= `last` where REST can bound
+        it), ascending by key, as table rows."""
+
+
+class TimeRangedSeries(Series):
+    """A series REST can also find by time, so that a time range can be backfilled."""
+
+    @abstractmethod
+    def keys_between(self, rest: BinanceRest, start_ms: int, end_ms: int) -> tuple[int | None, int | None]:
+        """(first key, last key) of the rows with start_ms <= time < end_ms: first None
+        when there is none, last None when only the time can tell where they end."""
+
+
+class TradeSeries(Series):
+    kind = "trade"
+    table_name = "trades"
+    key_column = "trade_id"
+    keys_are = "trade ids"
+
+    def fetch(self, rest: BinanceRest, cursor: int, last: int | None, limit: int) -> list[Row]:
+        return [trade_row(self.symbol, t) for t in rest.historical_trades(self.symbol, cursor, limit)]
+
+
+class AggTradeSeries(TimeRangedSeries):
+    kind = "aggTrade"
+    table_name = "agg_trades"
+    key_column = "agg_id"
+    keys_are = "aggregate trade ids"
+
+    def fetch(self, rest: BinanceRest, cursor: int, last: int | None, limit: int) -> list[Row]:
+        rows = rest.agg_trades(self.symbol, from_id=cursor, limit=limit)
+        return [agg_trade_row(self.symbol, a) for a in rows]
+
+    def keys_between(self, rest: BinanceRest, start_ms: int, end_ms: int) -> tuple[int | None, int | None]:
+        """The first id is asked by time, an hour at a time (Binance refuses longer
+        time windows); where the rows end only their times tell."""
+        for window in range(start_ms, end_ms, _HOUR):
+            first = rest.agg_trades(self.symbol, start_ms=window, end_ms=min(window + _HOUR, end_ms) - 1, limit=1)
+            if first:
+                return first[0]["a"], None
+        return None, None
+
+
+class KlineSeries(TimeRangedSeries):
+    table_name = "klines"
+    key_column = "open_time"
+    keys_are = "kline open times"
+
+    def __init__(self, symbol: str, interval: str) -> None:
+        super().__init__(symbol)
+        self.interval = interval
+        self.kind = f"kline_{interval}"
+        self.step = INTERVAL_MS[interval]
+
+    def selects(self) -> ColumnElement[bool]:
+        return and_(super().selects(), self.table.c.interval == self.interval)
+
+    def fetch(self, rest: BinanceRest, cursor: int, last: int | None, limit: int) -> list[Row]:
+        rows = rest.klines(self.symbol, self.interval, start_ms=cursor, end_ms=last, limit=limit)
+        now = rest.server_time_ms()
+        return [kline_row(self.symbol, self.interval, k, now) for k in rows]
+
+    def keys_between(self, rest: BinanceRest, start_ms: int, end_ms: int) -> tuple[int | None, int | None]:
+        """Binance returns the klines opening at or after the start, so the bounds
+        themselves serve as keys: no request needed."""
+        return start_ms, end_ms - 1
+
+
+def series_for(symbol: str, kind: str) -> Series:
+    """The series of `symbol`'s stream `kind` (any spelling validate_stream_kind takes).
+
+    Raises ValueError for an unknown kind or interval and NotBackfillable for a kind
+    REST cannot backfill.
+    """
+    kind = validate_stream_kind(kind)
+    if kind == "trade":
+        return TradeSeries(symbol)
+    if kind == "aggTrade":
+        return AggTradeSeries(symbol)
+    interval = kind.removeprefix("kline_")
+    if kind.startswith("kline_") and interval in INTERVAL_MS:
+        return KlineSeries(symbol, interval)
+    raise NotBackfillable(
+        f"stream kind {kind!r} cannot be backfilled from REST: use trade, aggTrade or "
+        f"kline_<interval> with an interval of {', '.join(INTERVAL_MS)} (not 1M)"
+    )
+
+
+def series_by_time(symbol: str, kind: str) -> TimeRangedSeries:
+    """Like `series_for`, for a kind whose history can be asked by time range."""
+    series = series_for(symbol, kind)
+    if not isinstance(series, TimeRangedSeries):
+        raise NotBackfillable(
+            f"{kind!r} cannot be backfilled by time: Binance's historicalTrades pages by "
+            "id only; backfill aggTrade or a kline interval for a time range instead"
+        )
+    return series
+
+
+def series_of_streams(streams: list[str]) -> list[Series]:
+    """The backfillable series among stream names such as `btcusdt@kline_1m`."""
+    found: dict[str, Series] = {}
+    for stream in streams:
+        symbol, _, kind = stream.partition("@")
+        try:
+            series = series_for(symbol.upper(), kind)
+        except ValueError:  # tickers, book tickers, 1M klines: nothing to backfill
+            continue
+        found.setdefault(repr(series), series)
+    return list(found.values())
+
+
+# Binance's REST rows as table rows. REST has no event time (None); REST klines carry
+# no first/last trade id (None) and are closed once their close time has passed on
+# Binance's clock.
+
+
+def trade_row(symbol: str, t: TradeRow) -> Row:
+    return (symbol, t["id"], float(t["price"]), float(t["qty"]), t["time"], t["isBuyerMaker"], None)
+
+
+def agg_trade_row(symbol: str, a: AggTradeRow) -> Row:
+    return (
+        symbol, a["a"], float(a["p"]), float(a["q"]), a["f"], a["l"], a["T"], a["m"], None,
+    )  # fmt: skip
+
+
+def kline_row(symbol: str, interval: str, k: KlineRow, server_now_ms: int) -> Row:
+    close_time = int(k[6])
+    return (
+        symbol, interval, int(k[0]), close_time,
+        float(k[1]), float(k[2]), float(k[3]), float(k[4]), float(k[5]), float(k[7]),
+        int(k[8]), float(k[9]), float(k[10]),
+        None, None, close_time < server_now_ms, None,
+    )  # fmt: skip

@@ -1,0 +1,181 @@
+"""Retention: delete the rows that are older than their table's policy allows.
+
+The drain writes every second and SQLite has one writer at a time, so a retention run
+must never hold the write lock for long: it deletes in chunks of `RETENTION_CHUNK_ROWS`,
+one short transaction each, and the drain's inserts slip in between the chunks. Rows
+whose time is NULL (a `book_tickers` row drained without a clock mark) have no age and
+are kept.
+
+This module knows tables and SQL, nothing about Redis or Celery: the task in
+`tasks/retention.py` adds the lock and the schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import ColumnElement, Delete, Engine, Table, delete, literal_column, select, tuple_
+
+from worker.settings import Settings
+from worker.storage import TABLES, TIME_COLUMNS
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How many days each table keeps (0: for ever), and the rows deleted per transaction."""
+
+    default_days: int
+    overrides: Mapping[str, int]
+    chunk_rows: int
+
+    def __post_init__(self) -> None:
+        if self.default_days < 0:
+            raise ValueError(
+                f"RETENTION_DAYS={self.default_days} must be 0 (keep everything) or more"
+            )
+        if self.chunk_rows < 1:
+            raise ValueError(f"RETENTION_CHUNK_ROWS={self.chunk_rows} must be 1 or more")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetentionPolicy:
+        return cls(
+            default_days=settings.retention_days,
+            overrides=parse_overrides(settings.retention_overrides),
+            chunk_rows=settings.retention_chunk_rows,
+        )
+
+    def days_for(self, table: str) -> int:
+        return self.overrides.get(table, self.default_days)
+
+    def cutoffs(self, now_ms: int) -> dict[str, int]:
+        """Per table that has a limit: rows timed before this (ms since the epoch) go."""
+        return {
+            table: now_ms - days * DAY_MS
+            for table in TIME_COLUMNS
+            if (days := self.days_for(table)) > 0
+        }
+
+
+def parse_overrides(text: str) -> dict[str, int]:
+    """`"tickers=7, book_tickers=2"` -> `{"tickers": 7, "book_tickers": 2}`.
+
+    Checked against the table names here, because a misspelt table would otherwise be
+    kept for the default time without anyone noticing.
+    """
+    overrides: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            table, days = _override(part)
+        except ValueError as error:
+            raise ValueError(f"RETENTION_OVERRIDES={text!r}: {error}") from None
+        overrides[table] = days
+    return overrides
+
+
+def _override(part: str) -> tuple[str, int]:
+    table, equals, days = (piece.strip() for piece in part.partition("="))
+    if not equals:
+        raise ValueError(f"{part!r} is not TABLE=DAYS")
+    if table not in TIME_COLUMNS:
+        raise ValueError(f"unknown table {table!r}; the tables are {', '.join(TIME_COLUMNS)}")
+    if not days.isdigit():
+        raise ValueError(f"{part!r}: days must be a whole number, 0 to keep the table for ever")
+    return table, int(days)
+
+
+@dataclass
+class RetentionRun:
+    """What one run did: the cutoffs it applied, rows deleted per table, chunks used."""
+
+    cutoffs: dict[str, int]
+    deleted: dict[str, int] = field(default_factory=dict)
+    chunks: int = 0
+    interrupted: bool = False
+    wal_truncated: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "deleted": self.deleted,
+            "cutoffs": self.cutoffs,
+            "chunks": self.chunks,
+            "interrupted": self.interrupted,
+            "wal_truncated": self.wal_truncated,
+        }
+
+
+def delete_expired_rows(
+    engine: Engine,
+    policy: RetentionPolicy,
+    now_ms: int,
+    keep_going: Callable[[], bool] = lambda: True,
+) -> RetentionRun:
+    """Delete every row older than its table's cutoff, a chunk per transaction.
+
+    `keep_going` is asked after every chunk (the task renews its lock there); False
+    stops the run, and the next run carries on where this one stopped.
+    """
+    run = RetentionRun(cutoffs=policy.cutoffs(now_ms))
+    for table, cutoff in run.cutoffs.items():
+        run.deleted[table] = 0
+        while not run.interrupted:
+            deleted = _delete_chunk(engine, TABLES[table], cutoff, policy.chunk_rows)
+            run.deleted[table] += deleted
+            run.chunks += 1
+            run.interrupted = not keep_going()
+            if deleted < policy.chunk_rows:
+                break
+    if any(run.deleted.values()):
+        run.wal_truncated = checkpoint_wal(engine)
+    return run
+
+
+def _delete_chunk(engine: Engine, table: Table, cutoff: int, limit: int) -> int:
+    with engine.begin() as conn:
+        return conn.execute(chunk_delete(conn.dialect.name, table, cutoff, limit)).rowcount
+
+
+def chunk_delete(dialect_name: str, table: Table, cutoff: int, limit: int) -> Delete:
+    """DELETE of at most `limit` rows timed before `cutoff`.
+
+    A subquery with LIMIT, because neither SQLite (as usually built) nor PostgreSQL
+    accepts DELETE ... LIMIT. `time < cutoff` is never true for a NULL time.
+    """
+    key = _row_key(dialect_name, table)
+    doomed = (
+        select(*key)
+        .select_from(table)
+        .where(table.c[TIME_COLUMNS[table.name]] < cutoff)
+        .limit(limit)
+    )
+    return delete(table).where(tuple_(*key).in_(doomed))
+
+
+def _row_key(dialect_name: str, table: Table) -> list[ColumnElement[Any]]:
+    """SQLite: the rowid, the table's own B-tree key, so each deletion is one lookup.
+    Elsewhere the primary key: PostgreSQL plans `ctid IN (subquery)` as a scan of the
+    whole table, while the primary key's index finds each row directly."""
+    if dialect_name == "sqlite":
+        return [literal_column("rowid")]
+    return list(table.primary_key.columns)
+
+
+def checkpoint_wal(engine: Engine) -> bool | None:
+    """Copy the WAL into the database file and truncate it: True if that happened,
+    False if a reader kept it from finishing (the next run tries again), None when
+    the database is not SQLite.
+
+    Deleting many rows writes as many pages to the WAL, and the WAL file keeps its
+    largest size until it is truncated. The freed pages stay in the database file and
+    are reused by new rows.
+    """
+    if engine.dialect.name != "sqlite":
+        return None
+    with engine.connect() as conn:
+        busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()[0]
+    return not busy
