@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker import app
-from worker.backfill import Backfiller, HistoryJob
+from worker.backfill import Backfiller, HistoryJob, Progress
 from worker.buffer import now_ms
 from worker.groups import GroupRegistry
 from worker.history import series_of_streams
@@ -36,18 +36,27 @@ def backfill(
     settings = get_settings()
     if (symbol, kind, start, end) == (None, None, None, None):
         return _repair_recent_gaps(settings)
-    job = HistoryJob.checked(symbol, kind, start, end)
+
+    def progress(done: int, total: int, rows: int) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "rows": rows})
+
+    return run_history(settings, HistoryJob.checked(symbol, kind, start, end), progress)
+
+
+def run_history(settings: Settings, job: HistoryJob, progress: Progress) -> dict[str, Any]:
+    """Run a history job under its lock, so the same range is never fetched twice at
+    once (by a worker and by `binance-recorder backfill`, say)."""
     keys = RedisKeys(settings.redis_prefix)
     lock = _lock(settings, keys.backfill_job_lock(job.name), "history")
     if not lock.acquire():
         return {"skipped": f"a backfill of {job.name} is already running"}
 
-    def progress(done: int, total: int, rows: int) -> None:
+    def renewing_progress(done: int, total: int, rows: int) -> None:
         lock.renew()
-        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "rows": rows})
+        progress(done, total, rows)
 
     try:
-        return _backfiller(settings, keys).history(job, progress)
+        return _backfiller(settings, keys).history(job, renewing_progress)
     finally:
         lock.release()
 

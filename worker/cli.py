@@ -1,4 +1,4 @@
-"""`binance-recorder`: run the stack locally, subscribe, unsubscribe, look at status.
+"""`binance-recorder`: run the stack locally, subscribe, look at status, backfill, export, chart.
 
 Exit codes: 0 success, 1 something is unhealthy or a task failed, 2 bad usage or bad
 input (argparse's convention), 3 a part of the stack could not start.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ import requests
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 
+from worker.cli_data import add_data_commands
 from worker.local_stack import LocalStack, StackError, port_is_free, wait_for_redis
 from worker.settings import Settings
 
@@ -202,15 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit 0 healthy, 1 unhealthy (the problems are listed), 2 bad input.")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(func=cmd_status)
+
+    add_data_commands(commands, _require_database)
     return parser
 
 
+def _attach_relative_times(argv: Sequence[str]) -> list[str]:
+    """`--start -2h` reads as two options to argparse; make it `--start=-2h`."""
+    result: list[str] = []
+    for arg in argv:
+        if result and result[-1] in ("--start", "--end") and re.fullmatch(r"-\d+(\.\d+)?[smhdw]", arg):
+            result[-1] = f"{result[-1]}={arg}"
+        else:
+            result.append(arg)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args))
     except CeleryTimeout:
-        print(f"error: no worker answered within {args.timeout:.0f}s: is `celery -A worker worker` "
+        print("error: no worker answered in time: is `celery -A worker worker` "
               "running against the same REDIS_URL?", file=sys.stderr)
         return EXIT_UNHEALTHY
     except ValueError as error:  # bad symbols, stream kinds, settings: the message says which

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TextIO
 
 
 def age(ms: int | None, now_ms: int) -> str:
@@ -60,3 +61,40 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     ]
     parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(parts)
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn in place at most ten times a second.
+
+    When the stream is not a terminal (a log file, CI) it prints a plain line at every
+    tenth of the way instead, so logs show progress without a wall of redraws.
+    """
+
+    WIDTH = 30
+
+    def __init__(self, label: str, stream: TextIO) -> None:
+        self.label = label
+        self.stream = stream
+        self.interactive = stream.isatty()
+        self._drawn_at = 0.0
+        self._last_tenth = -1
+
+    def update(self, done: float, total: float, detail: str = "") -> None:
+        fraction = min(1.0, done / total) if total > 0 else 1.0
+        if self.interactive:
+            now = time.monotonic()
+            if now - self._drawn_at < 0.1 and fraction < 1.0:
+                return
+            self._drawn_at = now
+            filled = int(fraction * self.WIDTH)
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self.stream.write(f"\r{self.label} [{bar}] {fraction:4.0%} {detail}\033[K")
+        elif int(fraction * 10) > self._last_tenth:
+            self._last_tenth = int(fraction * 10)
+            self.stream.write(f"{self.label}: {fraction:.0%} {detail}\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()

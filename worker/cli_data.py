@@ -1,0 +1,177 @@
+"""The data commands of `binance-recorder`: backfill history, export rows, draw a chart.
+
+They work on the database and Binance's REST API directly, so they need Redis (for the
+shared REST weight budget) and the database, but no running worker — except
+`backfill --worker`, which hands the job to one and shows its progress (as Flower does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from worker.report import ProgressBar
+from worker.settings import Settings
+
+POLL_SECONDS = 0.5
+
+
+def add_data_commands(commands: Any, require_database: Any) -> None:
+    """Register backfill, export and chart on the CLI's sub-command parser."""
+    _add_backfill(commands)
+    _add_export(commands, require_database)
+    _add_chart(commands, require_database)
+
+
+def _time_range(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--start", default="-1d",
+                        help="ISO time (UTC unless a zone is given), ms since the epoch, 'now' or "
+                             "relative like -2h, -30m, -7d (default: %(default)s)")
+    parser.add_argument("--end", default="now", help="same forms; excluded (default: %(default)s)")
+
+
+def _parsed_range(args: argparse.Namespace) -> tuple[int, int]:
+    from worker.export import check_range, parse_time
+
+    now = int(time.time() * 1000)
+    start, end = parse_time(args.start, now), parse_time(args.end, now)
+    check_range(start, end)
+    return start, end
+
+
+# -- backfill ---------------------------------------------------------------------------
+
+
+def _add_backfill(commands: Any) -> None:
+    parser = commands.add_parser(
+        "backfill", help="fetch a symbol's klines or aggregate trades for a time range from REST",
+        description="Fetch history from Binance's REST API into the database, page by page within the "
+                    "shared request-weight budget. Resumable: running the same range again continues "
+                    "where it stopped.")
+    parser.add_argument("symbol", help="e.g. BTCUSDT")
+    parser.add_argument("kind", help="kline_<interval> (e.g. kline_1m, kline_1h) or aggTrade")
+    _time_range(parser)
+    parser.add_argument("--worker", action="store_true",
+                        help="run it on a Celery worker (progress also in Flower) instead of here")
+    parser.set_defaults(func=cmd_backfill)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from worker.backfill import HistoryJob
+
+    start, end = _parsed_range(args)
+    job = HistoryJob.checked(args.symbol, args.kind, start, end)
+    bar = ProgressBar(f"{job.symbol} {job.kind}", sys.stderr)
+
+    def progress(done: int, total: int, rows: int) -> None:
+        bar.update(done, total, f"{rows} rows")
+
+    if args.worker:
+        result = _backfill_on_worker(job, progress)
+    else:
+        from tasks.backfill import run_history
+
+        result = run_history(Settings.from_env(), job, progress)
+    bar.finish()
+    if "skipped" in result:
+        print(f"not started: {result['skipped']}", file=sys.stderr)
+        return 1
+    print(_describe(result))
+    return 0
+
+
+def _backfill_on_worker(job: Any, progress: Any) -> dict[str, Any]:
+    settings = Settings.from_env()
+    app = Celery(broker=settings.redis_url, backend=settings.redis_url)
+    result = app.send_task("tasks.backfill", kwargs={"symbol": job.symbol, "kind": job.kind,
+                                                      "start": job.start, "end": job.end})
+    print(f"task {result.id} sent; waiting for a worker ...", file=sys.stderr)
+    while not result.ready():
+        if result.state == "PROGRESS":
+            progress(result.info["done"], result.info["total"], result.info["rows"])
+        time.sleep(POLL_SECONDS)
+    return result.get()
+
+
+def _describe(result: dict[str, Any]) -> str:
+    return "  ".join(f"{key}={value}" for key, value in result.items())
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+def _add_export(commands: Any, require_database: Any) -> None:
+    parser = commands.add_parser(
+        "export", help="write a symbol's rows of one kind and time range to CSV or Parquet",
+        description="Stream rows from the database to a file, ordered by time, without holding them "
+                    "in memory.")
+    parser.add_argument("symbol", help="e.g. BTCUSDT")
+    parser.add_argument("kind", help="trade, aggTrade, kline_<interval>, ticker, miniTicker, bookTicker, "
+                                     "avgPrice (or a table name)")
+    _time_range(parser)
+    parser.add_argument("--format", choices=["csv", "parquet"], default="csv", help="(default: %(default)s)")
+    parser.add_argument("-o", "--output", help="file to write (default: SYMBOL-KIND.FORMAT here)")
+    parser.set_defaults(func=lambda args: cmd_export(args, require_database))
+
+
+def cmd_export(args: argparse.Namespace, require_database: Any) -> int:
+    from worker.export import export_rows
+    from worker.storage import make_engine
+
+    settings = Settings.from_env()
+    require_database(settings.database_url)
+    start, end = _parsed_range(args)
+    path = Path(args.output or f"{args.symbol.upper()}-{args.kind}.{args.format}")
+
+    def progress(rows: int) -> None:
+        print(f"\r{rows} rows written", end="", file=sys.stderr, flush=True)
+
+    rows = export_rows(make_engine(settings.database_url), args.kind, args.symbol, start, end, path,
+                       fmt=args.format, progress=progress)
+    print(file=sys.stderr)
+    print(f"{rows} rows -> {path}")
+    return 0
+
+
+# -- chart ------------------------------------------------------------------------------
+
+
+def _add_chart(commands: Any, require_database: Any) -> None:
+    parser = commands.add_parser(
+        "chart", help="draw a PNG of price and volume for a symbol and time range",
+        description="Price on top, volume below; candles from klines when recorded, else the trade "
+                    "price.")
+    parser.add_argument("symbol", help="e.g. BTCUSDT")
+    _time_range(parser)
+    parser.add_argument("--interval", help="kline interval to prefer (default: the finest recorded)")
+    parser.add_argument("--size", default="1200x700", help="WIDTHxHEIGHT in pixels (default: %(default)s)")
+    parser.add_argument("-o", "--output", help="PNG to write (default: SYMBOL.png here)")
+    parser.set_defaults(func=lambda args: cmd_chart(args, require_database))
+
+
+def cmd_chart(args: argparse.Namespace, require_database: Any) -> int:
+    from worker.chart import draw_chart
+    from worker.storage import make_engine
+
+    settings = Settings.from_env()
+    require_database(settings.database_url)
+    start, end = _parsed_range(args)
+    width, height = _size(args.size)
+    path = Path(args.output or f"{args.symbol.upper()}.png")
+    summary = draw_chart(make_engine(settings.database_url), args.symbol, start, end, path,
+                         width_px=width, height_px=height, interval=args.interval)
+    print(f"{summary.path}: {width}x{height} PNG from {summary.source}, {summary.points} points")
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {text!r} is not WIDTHxHEIGHT, e.g. 1200x700") from None
+    return width, height
