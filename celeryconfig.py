@@ -40,28 +40,19 @@ task_send_sent_event = True
 task_track_started = True
 result_expires = timedelta(days=7)
 
+
+
+def _every(task: str, seconds: float) -> dict[str, object]:
+    """A periodic task whose message expires after one period: a run that could not
+    start before the next one is due is left to that one, so a busy or stopped worker
+    never finds a pile of stale runs when it comes back. Runs that must not overlap take
+    turns through a Redis lock (see each task)."""
+    return {"task": task, "schedule": seconds, "options": {"expires": seconds}}
+
+
 beat_schedule = {
-    "drain": {
-        "task": "tasks.drain",
-        "schedule": _settings.drain_interval_seconds,
-        # A drain that could not start within its interval is replaced by the next one.
-        "options": {"expires": _settings.drain_interval_seconds},
-    },
-    "supervise": {
-        "task": "tasks.supervise",
-        "schedule": _settings.supervise_interval_seconds,
-        "options": {"expires": _settings.supervise_interval_seconds},
-    },
-    "backfill": {
-        "task": "tasks.backfill",
-        "schedule": _settings.backfill_interval_seconds,
-        # Runs take turns through a lock; a run that could not start in time is dropped.
-        "options": {"expires": _settings.backfill_interval_seconds},
-    },
-    "enforce-retention": {
-        "task": "tasks.enforce_retention",
-        "schedule": _settings.retention_interval_seconds,
-        # A run that could not start before the next one is due is left to that one.
-        "options": {"expires": _settings.retention_interval_seconds},
-    },
+    "drain": _every("tasks.drain", _settings.drain_interval_seconds),
+    "supervise": _every("tasks.supervise", _settings.supervise_interval_seconds),
+    "backfill": _every("tasks.backfill", _settings.backfill_interval_seconds),
+    "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
 }

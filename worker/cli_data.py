@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.engine import Engine
 
 from worker.report import ProgressBar
 from worker.settings import Settings
@@ -119,20 +120,25 @@ def _add_export(commands: Any, require_database: Any) -> None:
     parser.set_defaults(func=lambda args: cmd_export(args, require_database))
 
 
-def cmd_export(args: argparse.Namespace, require_database: Any) -> int:
-    from worker.export import export_rows
+def _database_and_range(args: argparse.Namespace, require_database: Any) -> tuple[Engine, int, int]:
     from worker.storage import make_engine
 
     settings = Settings.from_env()
     require_database(settings.database_url)
     start, end = _parsed_range(args)
+    return make_engine(settings.database_url), start, end
+
+
+def cmd_export(args: argparse.Namespace, require_database: Any) -> int:
+    from worker.export import export_rows
+
+    engine, start, end = _database_and_range(args, require_database)
     path = Path(args.output or f"{args.symbol.upper()}-{args.kind}.{args.format}")
 
     def progress(rows: int) -> None:
         print(f"\r{rows} rows written", end="", file=sys.stderr, flush=True)
 
-    rows = export_rows(make_engine(settings.database_url), args.kind, args.symbol, start, end, path,
-                       fmt=args.format, progress=progress)
+    rows = export_rows(engine, args.kind, args.symbol, start, end, path, fmt=args.format, progress=progress)
     print(file=sys.stderr)
     print(f"{rows} rows -> {path}")
     return 0
@@ -156,15 +162,12 @@ def _add_chart(commands: Any, require_database: Any) -> None:
 
 def cmd_chart(args: argparse.Namespace, require_database: Any) -> int:
     from worker.chart import draw_chart
-    from worker.storage import make_engine
 
-    settings = Settings.from_env()
-    require_database(settings.database_url)
-    start, end = _parsed_range(args)
+    engine, start, end = _database_and_range(args, require_database)
     width, height = _size(args.size)
     path = Path(args.output or f"{args.symbol.upper()}.png")
-    summary = draw_chart(make_engine(settings.database_url), args.symbol, start, end, path,
-                         width_px=width, height_px=height, interval=args.interval)
+    summary = draw_chart(engine, args.symbol, start, end, path, width_px=width, height_px=height,
+                         interval=args.interval)
     print(f"{summary.path}: {width}x{height} PNG from {summary.source}, {summary.points} points")
     return 0
 
