@@ -17,11 +17,11 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import fake_stats, launch_stack, status_command, wait_until
+from tests.conftest import clean_env, fake_stats, launch_stack, status_command, wait_until
 from worker.cli import client_app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
-from worker.local_stack import LocalStack
+from worker.local_stack import CELERY, LocalStack
 from worker.storage import make_engine
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -149,3 +149,19 @@ def test_an_unknown_stream_kind_is_refused_with_the_valid_kinds_listed(stack: Lo
         call(stack, "tasks.subscribe", ["BTCUSDT"], streams=["trades"])
     assert "unknown stream kind 'trades'" in str(raised.value)
     assert "aggTrade" in str(raised.value)
+
+
+def test_a_plain_celery_worker_consumes_both_queues(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The contract `celery -A worker worker` (no -Q) records on its own, with beat."""
+    stack = LocalStack(tmp_path_factory.mktemp("plain"), env=clean_env())
+    try:
+        stack.start_redis()
+        stack.start_fake_exchange()
+        stack.spawn("worker", [*CELERY, "worker", "-c", "3", "-l", "INFO"])
+        stack.start_beat()
+        stack.wait_for_workers(["worker"])
+        db = make_engine(stack.env["DATABASE_URL"])
+        call(stack, "tasks.subscribe", ["BNBUSDT"], streams=["trade"])
+        wait_until(lambda: (scalar(db, "select count(*) from trades") or 0) >= 20, 30, "trades from a plain worker")
+    finally:
+        stack.stop()
