@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.lock import Lock
+
 from worker import app
 from worker.groups import Group, GroupRegistry, normalize_symbols, plan_groups, stream_names
 from worker.keys import RedisKeys
@@ -15,8 +17,16 @@ from worker.settings import get_settings
 from worker.shutdown import shutting_down
 
 
+SUBSCRIPTIONS_LOCK_SECONDS = 30
+
+
 def _registry() -> GroupRegistry:
     return GroupRegistry(redis_client(), RedisKeys(get_settings().redis_prefix))
+
+
+def _changing_subscriptions() -> Lock:
+    return redis_client().lock(RedisKeys(get_settings().redis_prefix).subscriptions_lock,
+                               timeout=SUBSCRIPTIONS_LOCK_SECONDS, blocking_timeout=SUBSCRIPTIONS_LOCK_SECONDS)
 
 
 def start_group(group: Group) -> bool:
@@ -47,11 +57,12 @@ def subscribe(symbols: list[str], streams: list[str] | None = None) -> dict[str,
     statuses = BinanceRest.from_settings(settings, redis_client()).symbol_statuses(symbols)
     registry = _registry()
     requested = stream_names(symbols, kinds)
-    covered = registry.covered_streams()
-    new_groups = plan_groups([s for s in requested if s not in covered], settings.max_streams_per_connection)
-    for group in new_groups:
-        registry.want(group)
-        start_group(group)
+    with _changing_subscriptions():
+        covered = registry.covered_streams()
+        new_groups = plan_groups([s for s in requested if s not in covered], settings.max_streams_per_connection)
+        for group in new_groups:
+            registry.want(group)
+            start_group(group)
     requested_set = set(requested)
     covering = [g for g in registry.wanted().values() if requested_set & set(g.streams)]
     return {
@@ -70,16 +81,17 @@ def unsubscribe(symbols: list[str]) -> dict[str, Any]:
     lowered = {s.lower() for s in normalize_symbols(symbols)}
     registry = _registry()
     stopped, replacements = [], []
-    for group in registry.wanted().values():
-        keep = [s for s in group.streams if s.split("@", 1)[0] not in lowered]
-        if len(keep) == len(group.streams):
-            continue
-        registry.unwant(group.id)
-        stopped.append(group.id)
-        for replacement in plan_groups(keep, settings.max_streams_per_connection):
-            registry.want(replacement)
-            start_group(replacement)
-            replacements.append(replacement.id)
+    with _changing_subscriptions():
+        for group in registry.wanted().values():
+            keep = [s for s in group.streams if s.split("@", 1)[0] not in lowered]
+            if len(keep) == len(group.streams):
+                continue
+            registry.unwant(group.id)
+            stopped.append(group.id)
+            for replacement in plan_groups(keep, settings.max_streams_per_connection):
+                registry.want(replacement)
+                start_group(replacement)
+                replacements.append(replacement.id)
     return {"stopped": stopped, "replaced_by": replacements}
 
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -18,8 +19,6 @@ from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.local_stack import LocalStack
 from worker.storage import make_engine
-
-import redis
 
 
 def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> object:
@@ -144,3 +143,18 @@ def test_unsubscribed_groups_stay_stopped_whatever_the_supervisor_does(killable:
     assert call(stack, "tasks.supervise") == {"restarted": []}
     time.sleep(3)
     assert open_connections(stack) == 0
+
+
+def test_concurrent_subscribes_of_the_same_symbols_plan_one_group(killable: LocalStack) -> None:
+    stack = killable
+    app = client_app(stack.env["REDIS_URL"])
+    pending = [app.send_task("tasks.subscribe", args=[["XRPUSDT", "ADAUSDT"]]) for _ in range(6)]
+    results = [result.get(timeout=60) for result in pending]
+
+    assert len({tuple(r["groups"]) for r in results}) == 1
+    assert sum(1 for r in results if r["new_groups"]) == 1
+    wait_until(lambda: open_connections(stack) == 1, 20, "the one connection")
+    time.sleep(2)
+    assert open_connections(stack) == 1
+    call(stack, "tasks.unsubscribe", ["XRPUSDT", "ADAUSDT"])
+

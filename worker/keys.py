@@ -44,6 +44,12 @@ class RedisKeys:
         return f"{self.prefix}:connect-attempts"
 
     @property
+    def subscriptions_lock(self) -> str:
+        """Lock held while subscribe/unsubscribe change the wanted groups, so that two
+        calls at once cannot both plan a group for the same new streams."""
+        return f"{self.prefix}:lock:subscriptions"
+
+    @property
     def drain_lock(self) -> str:
         return f"{self.prefix}:lock:drain"
 
