@@ -16,6 +16,7 @@ import pytest
 import redis
 import requests
 
+from worker.cli import client_app
 from worker.keys import RedisKeys
 from worker.local_stack import LocalStack
 
@@ -73,6 +74,11 @@ def launch_stack(directory: Path, fake_args: Sequence[str] = (), env: dict[str, 
 
 def fake_stats(stack: LocalStack) -> dict[str, Any]:
     return requests.get(f"{stack.env['BINANCE_REST_URL']}/fake/stats", timeout=5).json()
+
+
+def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> Any:
+    """Call a task by name and wait for its result, as an app without this code would."""
+    return client_app(stack.env["REDIS_URL"]).send_task(name, args=args, kwargs=kwargs).get(timeout=60)
 
 
 def status_command(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:

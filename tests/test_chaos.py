@@ -19,8 +19,7 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import fake_stats, launch_stack, wait_until
-from worker.cli import client_app
+from tests.conftest import call, fake_stats, launch_stack, wait_until
 from worker.local_stack import LocalStack
 from worker.storage import make_engine
 
@@ -28,9 +27,6 @@ SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 ID_COLUMNS = {"trade": ("trades", "trade_id"), "aggTrade": ("agg_trades", "agg_id")}
 SEEDS = [int(seed) for seed in os.environ.get("CHAOS_SEEDS", "7").split(",")]
 
-
-def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> object:
-    return client_app(stack.env["REDIS_URL"]).send_task(name, args=args, kwargs=kwargs).get(timeout=60)
 
 
 def stored(db: Engine, kind: str, symbol: str, first: int, last: int) -> tuple[int, int]:

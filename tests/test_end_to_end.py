@@ -17,7 +17,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import clean_env, fake_stats, launch_stack, status_command, wait_until
+from tests.conftest import call, clean_env, fake_stats, launch_stack, status_command, wait_until
 from worker.cli import client_app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
@@ -56,9 +56,6 @@ def subscribe_like_the_readme(stack: LocalStack, symbols: list[str], streams: li
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
-
-def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> object:
-    return client_app(stack.env["REDIS_URL"]).send_task(name, args=args, kwargs=kwargs).get(timeout=60)
 
 
 def id_summary(db: Engine, table: str, id_column: str, symbol: str) -> tuple[int, int, int, int]:

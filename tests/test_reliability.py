@@ -13,16 +13,13 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import fake_stats, launch_stack, status_command, wait_until
+from tests.conftest import call, fake_stats, launch_stack, status_command, wait_until
 from worker.cli import client_app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.local_stack import LocalStack
 from worker.storage import make_engine
 
-
-def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> object:
-    return client_app(stack.env["REDIS_URL"]).send_task(name, args=args, kwargs=kwargs).get(timeout=60)
 
 
 def control(stack: LocalStack, **body: object) -> None:
