@@ -6,7 +6,7 @@ a time. A frame that cannot be stored becomes a dead letter with a reason instea
 an exception, so one bad frame never holds up the frames around it.
 
 The per-frame path is the drain's hot loop: one `orjson.loads`, one dict lookup from
-stream kind to a row builder, one tuple per row, and no logging.
+the stream's name to its row builder, one tuple per row, and no logging.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class _BadField(Exception):
 # in an integer column without complaint (a bad id or time would poison gap detection
 # and retention), and PostgreSQL would reject the whole batch. A missing field raises
 # KeyError, named by the parse loop. A call per field costs about 0.3 us per trade
-# frame over unchecked indexing; checking the finished tuple's types costs as much
-# and could not name the field.
+# frame over unchecked indexing, so the kinds that carry the volume (one frame per
+# trade) have a fast builder as well: see `_fast_trade_row`.
 
 
 def _text(payload: Payload, name: str) -> str:
@@ -165,9 +165,39 @@ def _avg_price_row(d: Payload, received_at: int | None) -> Row:
     return (_text(d, "s"), _int(d, "E"), _text(d, "i"), _price(d, "w"), _int(d, "T"))
 
 
+# Fast builders: the same rows from frames as Binance sends them, with the fields
+# read at once and their types checked in one expression. With the route cache in
+# `parse_frames` they take a trade frame from 2.33 to 1.96 us and the drain from
+# 120k to 131k rows/s (bench/drain.py, 12 interleaved rounds). Anything else, a
+# missing field, a wrong type, a price that is not a decimal string, goes to the
+# checked builder, which names the culprit or accepts the value after all (a price
+# sent as a JSON number), so the outcome is always the checked builder's.
+
+
+def _fast_trade_row(d: Payload, received_at: int | None) -> Row:
+    try:
+        s, t, trade_time, m, e = d["s"], d["t"], d["T"], d["m"], d["E"]
+        if type(s) is str and type(t) is type(trade_time) is type(e) is int and type(m) is bool:
+            return (s, t, float(d["p"]), float(d["q"]), trade_time, m, e)
+    except (KeyError, TypeError, ValueError):
+        pass
+    return _trade_row(d, received_at)
+
+
+def _fast_agg_trade_row(d: Payload, received_at: int | None) -> Row:
+    try:
+        s, a, f, last, trade_time, m, e = d["s"], d["a"], d["f"], d["l"], d["T"], d["m"], d["E"]
+        if type(s) is str and type(a) is type(f) is type(last) is type(trade_time) is type(e) is int \
+                and type(m) is bool:
+            return (s, a, float(d["p"]), float(d["q"]), f, last, trade_time, m, e)
+    except (KeyError, TypeError, ValueError):
+        pass
+    return _agg_trade_row(d, received_at)
+
+
 _KINDS: dict[str, tuple[str, RowBuilder]] = {
-    "trade": ("trades", _trade_row),
-    "aggTrade": ("agg_trades", _agg_trade_row),
+    "trade": ("trades", _fast_trade_row),
+    "aggTrade": ("agg_trades", _fast_agg_trade_row),
     "kline": ("klines", _kline_row),
     "ticker": ("tickers", _ticker_row),
     "miniTicker": ("mini_tickers", _mini_ticker_row),
@@ -199,6 +229,9 @@ def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
     """
     rows: dict[str, list[Row]] = {table: [] for table, _ in _KINDS.values()}
     sinks = {kind: (build, rows[table]) for kind, (table, build) in _KINDS.items()}
+    # Combined stream name -> (kind, builder, sink) of the streams already seen in this
+    # batch, so that most frames skip `_route`: 8% less time per trade frame.
+    known: dict[str, tuple[str, RowBuilder, list[Row]]] = {}
     dead_letters: list[DeadLetter] = []
     frames = control = 0
     received_at: int | None = None
@@ -209,11 +242,20 @@ def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
         frames += 1
         kind = "frame"  # until known, for the reasons below
         try:
-            kind, payload = _route(orjson.loads(element))
-            if kind == CONTROL:
-                control += 1
-                continue
-            build, sink = sinks[kind]
+            message = orjson.loads(element)
+            try:
+                kind, build, sink = known[message["stream"]]
+                payload = message["data"]
+            except (KeyError, TypeError):  # not a combined frame of a known stream
+                payload = None
+            if payload is None:
+                kind, payload = _route(message)
+                if kind == CONTROL:
+                    control += 1
+                    continue
+                build, sink = sinks[kind]
+                if type(message) is dict and "stream" in message:  # combined: remember it
+                    known[message["stream"]] = (kind, build, sink)
             if type(payload) is list:  # !miniTicker@arr: one row per symbol
                 sink.extend([build(item, received_at) for item in payload])
             else:

@@ -1,0 +1,126 @@
+"""`python -m bench`: measure the recorder against a fake exchange on 127.0.0.1.
+
+Every part runs in this one command so that each figure sits next to its reference,
+measured minutes apart on the same machine: on a noisy machine the absolute numbers
+move, the ratios hold. Prints a table and writes every figure to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import report
+from bench.drain import measure_drain
+from bench.ingest import measure_ingest
+from bench.legacy import measure_legacy
+from bench.service import measure_service
+from worker.settings import Settings
+
+PARTS = ("ingest", "drain", "service", "legacy")
+DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
+LATENCY_METHOD = (
+    "latency = time a row is first seen by polling the SQLite file every 10 ms (an upper bound of its "
+    "commit) - the row's event_time, stamped by the fake exchange when it emits the event (same clock)"
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each part measures: --quick for the test suite, the default for figures."""
+
+    ingest_frames: int
+    ingest_rounds: int
+    drain_frames: int
+    drain_rounds: int
+    legacy_seconds: float
+    warmup_seconds: float
+    scale_symbols: int
+
+
+QUICK = Sizes(ingest_frames=50_000, ingest_rounds=2, drain_frames=20_000, drain_rounds=2,
+              legacy_seconds=2, warmup_seconds=2, scale_symbols=768)
+FULL = Sizes(ingest_frames=300_000, ingest_rounds=5, drain_frames=200_000, drain_rounds=5,
+             legacy_seconds=10, warmup_seconds=10, scale_symbols=1536)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a few seconds per part (for the test suite)")
+    parser.add_argument("--duration", type=float, help="seconds of the end-to-end and memory run "
+                        "(default 120; 5 with --quick)")
+    parser.add_argument("--scale-duration", type=float, help="seconds of the scale run (default 60; 5 with --quick)")
+    parser.add_argument("--drain-interval", type=float, default=Settings.drain_interval_seconds,
+                        help="DRAIN_INTERVAL_SECONDS of the service under test (default %(default)s)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file (default %(default)s)")
+    args = parser.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    if args.duration is None:
+        args.duration = 5.0 if args.quick else 120.0
+    if args.scale_duration is None:
+        args.scale_duration = 5.0 if args.quick else 60.0
+    return args
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    sizes = QUICK if args.quick else FULL
+    parts = args.parts.split(",")
+    results: dict[str, Any] = {"meta": _meta(args)}
+    if "ingest" in parts:
+        _progress("ingest: recorder vs bare receive loop against the blast server")
+        results["ingest"] = measure_ingest(workdir, sizes.ingest_frames, sizes.ingest_rounds)
+    if "drain" in parts:
+        _progress("drain: Drainer vs plain executemany")
+        results["drain"] = measure_drain(workdir, sizes.drain_frames, sizes.drain_rounds, Settings.drain_batch_size)
+    if "service" in parts:
+        _progress(f"service: end to end, memory ({args.duration:g} s) and scale ({args.scale_duration:g} s)")
+        results.update(measure_service(workdir, args.duration, sizes.warmup_seconds, args.scale_duration,
+                                       sizes.scale_symbols, args.drain_interval))
+        results["end_to_end"]["method"] = LATENCY_METHOD
+    if "legacy" in parts:
+        _progress("old design: INSERT and COMMIT per message")
+        results["legacy"] = measure_legacy(workdir, sizes.ingest_frames, sizes.legacy_seconds)
+    results["targets"] = report.targets(results)
+    return results
+
+
+def _meta(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.platform(),
+    }
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="binance-recorder-bench-") as workdir:
+        results = run(args, Path(workdir))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(report.table(results))
+    print(f"\nfigures: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The verdicts against the targets, and the table printed at the end of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+INGEST_RATIO = 0.8
+DRAIN_RATIO = 0.4
+LATENCY_ALLOWANCE_MS = 250.0
+MEMORY_GROWTH = 0.10
+
+
+def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target with its measured value and whether it is met (parts not run: absent)."""
+    verdicts: dict[str, dict[str, Any]] = {}
+    if "ingest" in results:
+        verdicts["ingest"] = _at_least(results["ingest"]["ratio"], INGEST_RATIO, "recorder / bare receive loop")
+    if "drain" in results:
+        verdicts["drain"] = _at_least(results["drain"]["ratio"], DRAIN_RATIO, "drainer / plain executemany")
+    if "end_to_end" in results:
+        e2e = results["end_to_end"]
+        limit = e2e["drain_interval_seconds"] * 1000 + LATENCY_ALLOWANCE_MS
+        verdicts["end_to_end"] = _at_most(e2e.get("p99_ms"), limit, "p99 latency, ms")
+        memory = results["memory"]
+        growth = max(_growth(memory["subscription_task"]), _growth(memory["drain"]))
+        verdicts["memory"] = _at_most(growth, MEMORY_GROWTH, "largest RSS growth over the run")
+    if "scale" in results:
+        scale = results["scale"]
+        limit = scale["drain_interval_seconds"] * 1000 + LATENCY_ALLOWANCE_MS
+        verdicts["scale_latency"] = _at_most(scale["latency"].get("p99_ms"), limit, "p99 latency, ms")
+        verdicts["scale_ids"] = {"what": "every id sent stored exactly once", "value": scale["ids"]["missing"],
+                                 "met": scale["ids"]["lost_nothing"]}
+    return verdicts
+
+
+def _growth(track: dict[str, Any]) -> float:
+    return track["max_growth"] if track["max_growth"] is not None else float("inf")
+
+
+def _at_least(value: float, target: float, what: str) -> dict[str, Any]:
+    return {"what": what, "value": value, "target": f">= {target:g}", "met": value >= target}
+
+
+def _at_most(value: float | None, target: float, what: str) -> dict[str, Any]:
+    return {"what": what, "value": value, "target": f"<= {target:g}", "met": value is not None and value <= target}
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("part", "measure", "value", "reference", "target", "met")]
+    verdicts = results.get("targets", {})
+    if "ingest" in results:
+        rows.append(_ingest_row(results["ingest"], verdicts["ingest"]))
+    if "drain" in results:
+        rows.append(_drain_row(results["drain"], verdicts["drain"]))
+    if "end_to_end" in results:
+        rows.append(_latency_row("end to end", results["end_to_end"], verdicts["end_to_end"]))
+        rows.extend(_memory_rows(results["memory"], verdicts["memory"]))
+    if "scale" in results:
+        rows.extend(_scale_rows(results["scale"], verdicts))
+    if "legacy" in results:
+        rows.extend(_legacy_rows(results["legacy"], results.get("ingest")))
+    return _format(rows)
+
+
+def _ingest_row(ingest: dict[str, Any], verdict: dict[str, Any]) -> tuple[str, ...]:
+    return ("1 ingest", f"frames/s socket->Redis, 1 task, {ingest['streams']} streams",
+            f"{ingest['recorder_frames_per_second']:,.0f}",
+            f"bare loop {ingest['bare_loop_frames_per_second']:,.0f}",
+            f"{verdict['value']:.3f} {verdict['target']}", _yes(verdict))
+
+
+def _drain_row(drain: dict[str, Any], verdict: dict[str, Any]) -> tuple[str, ...]:
+    return ("2 drain", f"rows/s Redis->SQLite, batches of {drain['batch_size']:,}",
+            f"{drain['drainer_rows_per_second']:,.0f}",
+            f"executemany {drain['executemany_rows_per_second']:,.0f}",
+            f"{verdict['value']:.3f} {verdict['target']}", _yes(verdict))
+
+
+def _latency_row(part: str, figures: dict[str, Any], verdict: dict[str, Any]) -> tuple[str, ...]:
+    return (f"3 {part}", f"event->committed at {figures['offered_messages_per_second']:,.0f} msg/s, "
+            f"drain every {figures['drain_interval_seconds']:g} s",
+            _latency_text(figures), f"{figures.get('samples', 0):,} rows", f"p99 {verdict['target']} ms",
+            _yes(verdict))
+
+
+def _latency_text(figures: dict[str, Any]) -> str:
+    if not figures.get("samples"):
+        return "no rows"
+    return f"p50 {figures['p50_ms']:.0f} / p99 {figures['p99_ms']:.0f} / max {figures['max_ms']:.0f} ms"
+
+
+def _memory_rows(memory: dict[str, Any], verdict: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    for key in ("subscription_task", "drain"):
+        track = memory[key]
+        for process in track["processes"]:
+            rows.append(("4 memory", f"RSS of the {track['role']} process ({process['pid']})",
+                         f"{process['start_kb'] / 1024:.1f} -> {process['end_kb'] / 1024:.1f} MiB",
+                         f"over {memory['seconds']:g} s", f"{process['growth']:+.1%} (<= {MEMORY_GROWTH:.0%})",
+                         _yes(verdict)))
+    return rows
+
+
+def _scale_rows(scale: dict[str, Any], verdicts: dict[str, Any]) -> list[tuple[str, ...]]:
+    groups = scale["streams_per_group"]
+    ids = scale["ids"]
+    latency = {**scale["latency"], "offered_messages_per_second": scale["offered_messages_per_second"],
+               "drain_interval_seconds": scale["drain_interval_seconds"]}
+    return [
+        ("5 scale", f"{len(groups)} groups of {'+'.join(map(str, groups))} streams, "
+                    f"{scale['offered_messages_per_second']:,.0f} msg/s",
+         _latency_text(latency), f"{latency.get('samples', 0):,} rows",
+         f"p99 {verdicts['scale_latency']['target']} ms", _yes(verdicts["scale_latency"])),
+        ("5 scale", f"ids sent vs stored, {ids['streams_checked']:,} streams (both phases)",
+         f"{ids['missing']} missing, {ids['extra']} extra, {ids['duplicates']} twice",
+         f"{ids['ids_sent']:,} ids sent", "nothing lost", _yes(verdicts["scale_ids"])),
+    ]
+
+
+def _legacy_rows(legacy: dict[str, Any], ingest: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    at_target = legacy["at_target"]
+    reference = f"recorder {ingest['recorder_frames_per_second']:,.0f}" if ingest else ""
+    return [
+        ("6 old design", "msg/s, INSERT+COMMIT per message", f"{legacy['sustainable_messages_per_second']:,.0f}",
+         reference, "", ""),
+        ("6 old design", f"at {at_target['offered_messages_per_second']:,} msg/s for {at_target['seconds']:.0f} s",
+         f"stores {at_target['stored_messages_per_second']:,.0f}/s; " + _latency_text(at_target["latency"]),
+         f"{at_target['behind_at_stop_messages'] or 0:,} msgs behind at stop", "", ""),
+    ]
+
+
+def _yes(verdict: dict[str, Any]) -> str:
+    return "yes" if verdict["met"] else "NO"
+
+
+def _format(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
