@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run Redis, workers, beat and Flower locally and record",
                               description="Start the whole service locally and record until Ctrl-C.")
-    run.add_argument("--symbols", default=os.environ.get("STARTUP_SYMBOLS") or DEFAULT_LOCAL_SYMBOLS,
+    run.add_argument("--symbols", default=Settings.from_env().startup_symbols or DEFAULT_LOCAL_SYMBOLS,
                      help="comma-separated symbols to record (default: %(default)s)")
     run.add_argument("--streams", default="", help="comma-separated stream kinds (default: DEFAULT_STREAMS)")
     run.add_argument("--exchange", choices=["auto", "binance", "fake"], default="auto",

@@ -163,11 +163,6 @@ class Settings:
     def default_stream_kinds(self) -> list[str]:
         return _split_csv(self.default_streams)
 
-    @property
-    def startup_symbol_list(self) -> list[str]:
-        return _split_csv(self.startup_symbols)
-
-
 
 def _convert(raw: str, kind: type) -> Any:
     if kind is bool:
