@@ -39,7 +39,7 @@ async def blast(request: web.Request) -> web.WebSocketResponse:
         await _until_sent(transport)
         try:
             await ws.receive(timeout=HOLD_SECONDS)  # the client's close (or anything)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     await ws.close()
     return ws

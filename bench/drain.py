@@ -101,7 +101,7 @@ def _executemany_seconds(batches: Sequence[Mapping[str, list[Row]]], db: Path) -
     engine = make_engine(f"sqlite:///{db}")
     create_schema(engine)
     pooled = engine.raw_connection()
-    conn = pooled.driver_connection
+    conn: Any = pooled.driver_connection  # the sqlite3.Connection itself
     statements = {table: f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})"
                   for table, columns in TABLE_COLUMNS.items()}
     started = time.perf_counter()

@@ -18,6 +18,10 @@ from fake_binance.tradeclock import TradeClock
 
 GENESIS_MS = 1_700_000_000_000
 KINDS: tuple[str, ...] = ("trade", "aggTrade")
+STREAMS: tuple[str, ...] = tuple(f"{symbol.lower()}@{kind}" for symbol in DEFAULT_SYMBOLS for kind in KINDS)
+"""The ten symbols' trade and aggTrade streams: 5,000 msg/s at 250 trades/s each."""
+TARGET_RATE = 5000
+"""Messages per second of the paced runs (end to end, scale, the old design)."""
 
 
 def trade_frames(count: int, symbols: Sequence[str] = DEFAULT_SYMBOLS) -> list[bytes]:

@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from bench.figures import median, paired_ratio
-from bench.frames import KINDS
+from bench.frames import STREAMS
 from bench.procs import module_command, run_json, service_env, spawn_and_wait
-from fake_binance.config import DEFAULT_SYMBOLS
 from worker.buffer import CLOCK_MARK_PREFIX
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
 from worker.local_stack import LocalStack
 
-STREAMS = tuple(f"{symbol.lower()}@{kind}" for symbol in DEFAULT_SYMBOLS for kind in KINDS)
 ROUND_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 15.0
 _POLL_SECONDS = 0.05
@@ -75,7 +74,7 @@ def _recorder_round(stack: LocalStack, client: redis.Redis, url: str, frames: in
     finally:
         registry.unwant(group_id)
         _stop(process)
-    elements = client.lrange(keys.frames(group_id), 0, -1)
+    elements: list[bytes] = client.lrange(keys.frames(group_id), 0, -1)  # type: ignore[assignment]
     client.delete(keys.frames(group_id))
     return steady_rate(elements, frames)
 
@@ -100,7 +99,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def steady_rate(elements: list[bytes], expected_frames: int) -> float:
+def steady_rate(elements: Sequence[bytes], expected_frames: int) -> float:
     """Frames per second over the full flushes of one recorder run (see the module doc)."""
     marks: list[int] = []
     counts: list[int] = []

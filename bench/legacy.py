@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.figures import latency_summary
-from bench.frames import KINDS
+from bench.frames import STREAMS, TARGET_RATE
 from bench.procs import module_command, run_json, service_env, spawn_and_wait
-from fake_binance.config import DEFAULT_SYMBOLS
 from worker.local_stack import LocalStack
 
-TARGET_RATE = 5000
 _CHILD_SLACK_SECONDS = 60.0
 
 
@@ -33,12 +31,11 @@ def measure_legacy(workdir: Path, blast_frames: int, seconds: float) -> dict[str
     with LocalStack(directory, env=service_env()) as stack:
         blast_url = spawn_and_wait(stack, "blast", module_command("bench.blast", "--frames", blast_frames),
                                    r"blast listening on (ws://\S+)").group(1)
-        flat_out = _legacy(stack, f"{blast_url}/stream", _fresh_db(directory, "blast"), seconds, blast_frames)
-        per_symbol = TARGET_RATE / len(DEFAULT_SYMBOLS) / len(KINDS)
+        flat_out = _legacy(stack, f"{blast_url}/stream", directory / "legacy-blast.db", seconds, blast_frames)
+        per_symbol = TARGET_RATE / len(STREAMS)  # trades/s of each symbol, one message per stream
         rest_url = stack.start_fake_exchange(["--trades-per-second", str(per_symbol)])
-        streams = "/".join(f"{symbol.lower()}@{kind}" for symbol in DEFAULT_SYMBOLS for kind in KINDS)
-        ws_url = f"{rest_url.replace('http://', 'ws://')}/stream?streams={streams}"
-        paced = _legacy(stack, ws_url, _fresh_db(directory, "paced"), seconds, rest_url=rest_url)
+        ws_url = f"{rest_url.replace('http://', 'ws://')}/stream?streams={'/'.join(STREAMS)}"
+        paced = _legacy(stack, ws_url, directory / "legacy-paced.db", seconds, rest_url=rest_url)
     return {
         "method": "per message: json.loads, INSERT, COMMIT; sqlite3 defaults (rollback journal, fsync per commit)",
         "sustainable_messages_per_second": flat_out["frames"] / flat_out["seconds"],
@@ -51,13 +48,6 @@ def measure_legacy(workdir: Path, blast_frames: int, seconds: float) -> dict[str
             "behind_at_stop_messages": paced["behind"],
         },
     }
-
-
-def _fresh_db(directory: Path, name: str) -> Path:
-    path = directory / f"legacy-{name}.db"
-    for suffix in ("", "-journal"):
-        path.with_name(path.name + suffix).unlink(missing_ok=True)
-    return path
 
 
 def _legacy(stack: LocalStack, url: str, db: Path, seconds: float, frames: int | None = None,

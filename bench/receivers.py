@@ -108,7 +108,7 @@ def _messages_behind(rest_url: str, last_ids: dict[tuple[str, str], int]) -> int
     behind = 0
     for (symbol, kind), stored in last_ids.items():
         path, field = _REST_LATEST[kind]
-        latest = requests.get(f"{rest_url}{path}", params={"symbol": symbol, "limit": 1}, timeout=10).json()
+        latest = requests.get(f"{rest_url}{path}", params={"symbol": symbol, "limit": "1"}, timeout=10).json()
         behind += max(0, latest[-1][field] - stored)
     return behind
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+Row = tuple[str, ...]
+
 INGEST_RATIO = 0.8
 DRAIN_RATIO = 0.4
 LATENCY_ALLOWANCE_MS = 250.0
@@ -46,7 +48,7 @@ def _at_most(value: float | None, target: float, what: str) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [("part", "measure", "value", "reference", "target", "met")]
+    rows: list[Row] = [("part", "measure", "value", "reference", "target", "met")]
     verdicts = results.get("targets", {})
     if "ingest" in results:
         rows.append(_ingest_row(results["ingest"], verdicts["ingest"]))
@@ -62,23 +64,23 @@ def table(results: dict[str, Any]) -> str:
     return _format(rows)
 
 
-def _ingest_row(ingest: dict[str, Any], verdict: dict[str, Any]) -> tuple[str, ...]:
+def _ingest_row(ingest: dict[str, Any], verdict: dict[str, Any]) -> Row:
     return ("1 ingest", f"frames/s socket->Redis, 1 task, {ingest['streams']} streams",
             f"{ingest['recorder_frames_per_second']:,.0f}",
             f"bare loop {ingest['bare_loop_frames_per_second']:,.0f}",
             f"{verdict['value']:.3f} {verdict['target']}", _yes(verdict))
 
 
-def _drain_row(drain: dict[str, Any], verdict: dict[str, Any]) -> tuple[str, ...]:
+def _drain_row(drain: dict[str, Any], verdict: dict[str, Any]) -> Row:
     return ("2 drain", f"rows/s Redis->SQLite, batches of {drain['batch_size']:,}",
             f"{drain['drainer_rows_per_second']:,.0f}",
             f"executemany {drain['executemany_rows_per_second']:,.0f}",
             f"{verdict['value']:.3f} {verdict['target']}", _yes(verdict))
 
 
-def _latency_row(part: str, figures: dict[str, Any], verdict: dict[str, Any]) -> tuple[str, ...]:
-    return (f"3 {part}", f"event->committed at {figures['offered_messages_per_second']:,.0f} msg/s, "
-            f"drain every {figures['drain_interval_seconds']:g} s",
+def _latency_row(part: str, figures: dict[str, Any], verdict: dict[str, Any]) -> Row:
+    return (f"3 {part}", (f"event->committed at {figures['offered_messages_per_second']:,.0f} msg/s, "
+                          f"drain every {figures['drain_interval_seconds']:g} s"),
             _latency_text(figures), f"{figures.get('samples', 0):,} rows", f"p99 {verdict['target']} ms",
             _yes(verdict))
 
@@ -89,8 +91,8 @@ def _latency_text(figures: dict[str, Any]) -> str:
     return f"p50 {figures['p50_ms']:.0f} / p99 {figures['p99_ms']:.0f} / max {figures['max_ms']:.0f} ms"
 
 
-def _memory_rows(memory: dict[str, Any], verdict: dict[str, Any]) -> list[tuple[str, ...]]:
-    rows = []
+def _memory_rows(memory: dict[str, Any], verdict: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
     for key in ("subscription_task", "drain"):
         track = memory[key]
         for process in track["processes"]:
@@ -101,14 +103,14 @@ def _memory_rows(memory: dict[str, Any], verdict: dict[str, Any]) -> list[tuple[
     return rows
 
 
-def _scale_rows(scale: dict[str, Any], verdicts: dict[str, Any]) -> list[tuple[str, ...]]:
+def _scale_rows(scale: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
     groups = scale["streams_per_group"]
     ids = scale["ids"]
     latency = {**scale["latency"], "offered_messages_per_second": scale["offered_messages_per_second"],
                "drain_interval_seconds": scale["drain_interval_seconds"]}
     return [
-        ("5 scale", f"{len(groups)} groups of {'+'.join(map(str, groups))} streams, "
-                    f"{scale['offered_messages_per_second']:,.0f} msg/s",
+        ("5 scale", (f"{len(groups)} groups of {'+'.join(map(str, groups))} streams, "
+                     f"{scale['offered_messages_per_second']:,.0f} msg/s"),
          _latency_text(latency), f"{latency.get('samples', 0):,} rows",
          f"p99 {verdicts['scale_latency']['target']} ms", _yes(verdicts["scale_latency"])),
         ("5 scale", f"ids sent vs stored, {ids['streams_checked']:,} streams (both phases)",
@@ -117,7 +119,7 @@ def _scale_rows(scale: dict[str, Any], verdicts: dict[str, Any]) -> list[tuple[s
     ]
 
 
-def _legacy_rows(legacy: dict[str, Any], ingest: dict[str, Any] | None) -> list[tuple[str, ...]]:
+def _legacy_rows(legacy: dict[str, Any], ingest: dict[str, Any] | None) -> list[Row]:
     at_target = legacy["at_target"]
     reference = f"recorder {ingest['recorder_frames_per_second']:,.0f}" if ingest else ""
     return [
@@ -133,7 +135,7 @@ def _yes(verdict: dict[str, Any]) -> str:
     return "yes" if verdict["met"] else "NO"
 
 
-def _format(rows: list[tuple[str, ...]]) -> str:
+def _format(rows: list[Row]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))

@@ -30,7 +30,7 @@ import redis
 import requests
 
 from bench.figures import latency_summary
-from bench.frames import KINDS
+from bench.frames import KINDS, TARGET_RATE
 from bench.procs import service_env
 from bench.watch import MemoryTrack, RowWatcher, drain_processes, poll_until, stream_processes
 from fake_binance.config import DEFAULT_SYMBOLS, FakeExchangeConfig
@@ -39,7 +39,6 @@ from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.local_stack import LocalStack
 
-TARGET_RATE = 5000
 STREAM_PROCESSES = 4
 NO_BACKFILL_SECONDS = 86400 * 365
 TASK_TIMEOUT_SECONDS = 120.0
@@ -64,7 +63,7 @@ class Service:
         return result.get(timeout=TASK_TIMEOUT_SECONDS)
 
     def set_rate(self, trades_per_second: float) -> None:
-        body = {"action": "set_rate", "trades_per_second": trades_per_second}
+        body: dict[str, Any] = {"action": "set_rate", "trades_per_second": trades_per_second}
         requests.post(f"{self.rest_url}/fake/control", json=body, timeout=10).raise_for_status()
 
     def fake_stats(self) -> dict[str, Any]:
