@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 import websocket
@@ -29,8 +30,39 @@ CLOSE_TIMEOUT_SECONDS = 2.0
 # How often a blocked receive wakes up to notice a stop request.
 RECEIVE_WAKEUP_SECONDS = 0.25
 
+# Bytes read from the socket at once; websocket-client then parses frames from memory.
+RECV_CHUNK_BYTES = 64 * 1024
+
 SERVER_SHUTDOWN_PREFIX = b'{"stream":"!serverShutdown"'
 _TEXT_OR_BINARY = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
+
+
+class _ReadAhead:
+    """The connection's socket, read RECV_CHUNK_BYTES at a time into one reused buffer.
+
+    websocket-client reads a frame with two or three `recv` calls of exactly the bytes
+    it needs (header, extended length, payload). Each is a system call that releases
+    the GIL, and each release lets the flushing thread take the GIL and hold it for
+    up to a switch interval. Serving those calls from one large read keeps the
+    receiving thread on the CPU. `recv_into` a buffer allocated once: a large `recv`
+    per read would allocate and shrink a large bytes object each time, which
+    fragments the heap. Everything but `recv` is the socket's own.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buffer = memoryview(bytearray(RECV_CHUNK_BYTES))
+        self._start = self._end = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._start == self._end:
+            self._start, self._end = 0, self._sock.recv_into(self._buffer)
+        chunk = bytes(self._buffer[self._start : min(self._start + size, self._end)])
+        self._start += len(chunk)
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def split_streams_for_url(base_url: str, streams: Sequence[str]) -> tuple[str, list[str]]:
@@ -104,6 +136,7 @@ class StreamSession:
             )
         except (websocket.WebSocketException, OSError) as error:
             return f"connect failed: {type(error).__name__}: {error}"
+        ws.sock = _ReadAhead(ws.sock)  # after the handshake, which reads byte by byte
         try:
             self._subscribe_late_streams(ws)
             self.opened_at = time.monotonic()
