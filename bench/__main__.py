@@ -47,7 +47,7 @@ class Sizes:
     scale_symbols: int
 
 
-QUICK = Sizes(ingest_frames=50_000, ingest_rounds=2, drain_frames=20_000, drain_rounds=2,
+QUICK = Sizes(ingest_frames=200_000, ingest_rounds=2, drain_frames=20_000, drain_rounds=2,
               legacy_seconds=2, warmup_seconds=2, scale_symbols=768)
 FULL = Sizes(ingest_frames=300_000, ingest_rounds=5, drain_frames=200_000, drain_rounds=5,
              legacy_seconds=10, warmup_seconds=10, scale_symbols=1536)
