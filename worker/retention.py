@@ -13,7 +13,7 @@ This module knows tables and SQL, nothing about Redis or Celery: the task in
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, Delete, Engine, Table, delete, literal_column, select, tuple_
@@ -100,13 +100,7 @@ class RetentionRun:
     wal_truncated: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "deleted": self.deleted,
-            "cutoffs": self.cutoffs,
-            "chunks": self.chunks,
-            "interrupted": self.interrupted,
-            "wal_truncated": self.wal_truncated,
-        }
+        return asdict(self)
 
 
 def delete_expired_rows(
