@@ -30,7 +30,7 @@ task_routes = {"tasks.stream_group": {"queue": "streams"}}
 
 # Early ack: a subscription task is acknowledged when it starts, so the broker's
 # visibility timeout can never redeliver a running one; the supervisor and the group
-# lease take care of tasks that die (see worker/runner.py).
+# lease take care of tasks that die (see worker/ingest/runner.py).
 task_acks_late = False
 worker_prefetch_multiplier = 1
 
@@ -39,7 +39,6 @@ worker_send_task_events = True
 task_send_sent_event = True
 task_track_started = True
 result_expires = timedelta(days=7)
-
 
 
 def _every(task: str, seconds: float) -> dict[str, object]:

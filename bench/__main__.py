@@ -47,20 +47,39 @@ class Sizes:
     scale_symbols: int
 
 
-QUICK = Sizes(ingest_frames=200_000, ingest_rounds=2, drain_frames=20_000, drain_rounds=2,
-              legacy_seconds=2, warmup_seconds=2, scale_symbols=768)
-FULL = Sizes(ingest_frames=300_000, ingest_rounds=5, drain_frames=200_000, drain_rounds=5,
-             legacy_seconds=10, warmup_seconds=10, scale_symbols=1536)
+QUICK = Sizes(
+    ingest_frames=200_000,
+    ingest_rounds=2,
+    drain_frames=20_000,
+    drain_rounds=2,
+    legacy_seconds=2,
+    warmup_seconds=2,
+    scale_symbols=768,
+)
+FULL = Sizes(
+    ingest_frames=300_000,
+    ingest_rounds=5,
+    drain_frames=200_000,
+    drain_rounds=5,
+    legacy_seconds=10,
+    warmup_seconds=10,
+    scale_symbols=1536,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a few seconds per part (for the test suite)")
-    parser.add_argument("--duration", type=float, help="seconds of the end-to-end and memory run "
-                        "(default 120; 5 with --quick)")
+    parser.add_argument(
+        "--duration", type=float, help="seconds of the end-to-end and memory run (default 120; 5 with --quick)"
+    )
     parser.add_argument("--scale-duration", type=float, help="seconds of the scale run (default 60; 5 with --quick)")
-    parser.add_argument("--drain-interval", type=float, default=Settings.drain_interval_seconds,
-                        help="DRAIN_INTERVAL_SECONDS of the service under test (default %(default)s)")
+    parser.add_argument(
+        "--drain-interval",
+        type=float,
+        default=Settings.drain_interval_seconds,
+        help="DRAIN_INTERVAL_SECONDS of the service under test (default %(default)s)",
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of %(default)s")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file (default %(default)s)")
     args = parser.parse_args(argv)
@@ -86,8 +105,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         results["drain"] = measure_drain(workdir, sizes.drain_frames, sizes.drain_rounds, Settings.drain_batch_size)
     if "service" in parts:
         _progress(f"service: end to end, memory ({args.duration:g} s) and scale ({args.scale_duration:g} s)")
-        results.update(measure_service(workdir, args.duration, sizes.warmup_seconds, args.scale_duration,
-                                       sizes.scale_symbols, args.drain_interval))
+        results.update(
+            measure_service(
+                workdir,
+                args.duration,
+                sizes.warmup_seconds,
+                args.scale_duration,
+                sizes.scale_symbols,
+                args.drain_interval,
+            )
+        )
         results["end_to_end"]["method"] = LATENCY_METHOD
     if "legacy" in parts:
         _progress("old design: INSERT and COMMIT per message")

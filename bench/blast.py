@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 
 from aiohttp import web
@@ -37,10 +38,8 @@ async def blast(request: web.Request) -> web.WebSocketResponse:
     if transport is not None:
         transport.write(request.app[_WIRE])
         await _until_sent(transport)
-        try:
+        with contextlib.suppress(TimeoutError):
             await ws.receive(timeout=HOLD_SECONDS)  # the client's close (or anything)
-        except TimeoutError:
-            pass
     await ws.close()
     return ws
 

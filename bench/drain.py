@@ -22,12 +22,12 @@ from bench.figures import median, paired_ratio
 from bench.frames import GENESIS_MS, trade_frames
 from bench.procs import service_env
 from worker.buffer import FrameBuffer, clock_mark
-from worker.drain import Drainer
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
-from worker.local_stack import LocalStack
-from worker.parsing import Row, parse_frames
-from worker.storage import TABLE_COLUMNS, create_schema, make_engine
+from worker.ops.local_stack import LocalStack
+from worker.store.drain import Drainer
+from worker.store.parsing import Row, parse_frames
+from worker.store.storage import TABLE_COLUMNS, create_schema, make_engine
 
 FRAMES_PER_FLUSH = 250
 PUSH_CHUNK = 10_000
@@ -44,12 +44,19 @@ def measure_drain(workdir: Path, frames: int, rounds: int, batch_size: int) -> d
     with LocalStack(directory, env=service_env()) as stack:
         client = redis.Redis.from_url(stack.start_redis())
         # One small unmeasured round: SQLAlchemy compiles its statements on first use.
-        _drainer_seconds(client, elements[:batch_size], _fresh(directory / "drainer.db"), batch_size,
-                         sum(len(rows) for rows in batches[0].values()))
+        _drainer_seconds(
+            client,
+            elements[:batch_size],
+            _fresh(directory / "drainer.db"),
+            batch_size,
+            sum(len(rows) for rows in batches[0].values()),
+        )
         drainer_rates, limit_rates = [], []
         for _ in range(rounds):
-            drainer_rates.append(expected_rows / _drainer_seconds(client, elements, _fresh(directory / "drainer.db"),
-                                                                  batch_size, expected_rows))
+            drainer_rates.append(
+                expected_rows
+                / _drainer_seconds(client, elements, _fresh(directory / "drainer.db"), batch_size, expected_rows)
+            )
             limit_rates.append(expected_rows / _executemany_seconds(batches, _fresh(directory / "limit.db")))
     return {
         "rows_per_round": expected_rows,
@@ -77,7 +84,9 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def _drainer_seconds(client: redis.Redis, elements: list[bytes], db: Path, batch_size: int, expected_rows: int) -> float:
+def _drainer_seconds(
+    client: redis.Redis, elements: list[bytes], db: Path, batch_size: int, expected_rows: int
+) -> float:
     client.flushdb()
     keys = RedisKeys("bench")
     GroupRegistry(client, keys).want(GROUP)
@@ -102,8 +111,10 @@ def _executemany_seconds(batches: Sequence[Mapping[str, list[Row]]], db: Path) -
     create_schema(engine)
     pooled = engine.raw_connection()
     conn: Any = pooled.driver_connection  # the sqlite3.Connection itself
-    statements = {table: f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})"
-                  for table, columns in TABLE_COLUMNS.items()}
+    statements = {
+        table: f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})"
+        for table, columns in TABLE_COLUMNS.items()
+    }
     started = time.perf_counter()
     for batch in batches:
         for table, rows in batch.items():

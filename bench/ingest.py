@@ -28,7 +28,7 @@ from bench.procs import module_command, run_json, service_env, spawn_and_wait
 from worker.buffer import CLOCK_MARK_PREFIX
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
-from worker.local_stack import LocalStack
+from worker.ops.local_stack import LocalStack
 
 ROUND_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 15.0
@@ -38,12 +38,16 @@ _POLL_SECONDS = 0.05
 def measure_ingest(workdir: Path, frames: int, rounds: int) -> dict[str, Any]:
     with LocalStack(workdir / "ingest", env=service_env()) as stack:
         client = redis.Redis.from_url(stack.start_redis())
-        url = spawn_and_wait(stack, "blast", module_command("bench.blast", "--frames", frames),
-                             r"blast listening on (ws://\S+)").group(1)
+        url = spawn_and_wait(
+            stack, "blast", module_command("bench.blast", "--frames", frames), r"blast listening on (ws://\S+)"
+        ).group(1)
         bare_rates, recorder_rates = [], []
         for number in range(rounds):
-            bare = run_json(module_command("bench.receivers", "bare", "--url", f"{url}/stream", "--frames", frames),
-                            stack.env, ROUND_TIMEOUT_SECONDS)
+            bare = run_json(
+                module_command("bench.receivers", "bare", "--url", f"{url}/stream", "--frames", frames),
+                stack.env,
+                ROUND_TIMEOUT_SECONDS,
+            )
             if bare["frames"] != frames:
                 raise RuntimeError(f"the bare loop received {bare['frames']} of {frames} frames")
             bare_rates.append(bare["frames"] / bare["seconds"])
@@ -79,8 +83,9 @@ def _recorder_round(stack: LocalStack, client: redis.Redis, url: str, frames: in
     return steady_rate(elements, frames)
 
 
-def _wait_for_messages(client: redis.Redis, status_key: str, frames: int, process: subprocess.Popen[bytes],
-                       log: Path) -> None:
+def _wait_for_messages(
+    client: redis.Redis, status_key: str, frames: int, process: subprocess.Popen[bytes], log: Path
+) -> None:
     deadline = time.monotonic() + ROUND_TIMEOUT_SECONDS
     while int(client.hget(status_key, "messages") or 0) < frames:
         if process.poll() is not None:

@@ -21,7 +21,7 @@ from typing import Any
 from bench.figures import latency_summary
 from bench.frames import STREAMS, TARGET_RATE
 from bench.procs import module_command, run_json, service_env, spawn_and_wait
-from worker.local_stack import LocalStack
+from worker.ops.local_stack import LocalStack
 
 _CHILD_SLACK_SECONDS = 60.0
 
@@ -29,8 +29,9 @@ _CHILD_SLACK_SECONDS = 60.0
 def measure_legacy(workdir: Path, blast_frames: int, seconds: float) -> dict[str, Any]:
     directory = workdir / "legacy"
     with LocalStack(directory, env=service_env()) as stack:
-        blast_url = spawn_and_wait(stack, "blast", module_command("bench.blast", "--frames", blast_frames),
-                                   r"blast listening on (ws://\S+)").group(1)
+        blast_url = spawn_and_wait(
+            stack, "blast", module_command("bench.blast", "--frames", blast_frames), r"blast listening on (ws://\S+)"
+        ).group(1)
         flat_out = _legacy(stack, f"{blast_url}/stream", directory / "legacy-blast.db", seconds, blast_frames)
         per_symbol = TARGET_RATE / len(STREAMS)  # trades/s of each symbol, one message per stream
         rest_url = stack.start_fake_exchange(["--trades-per-second", str(per_symbol)])
@@ -50,8 +51,9 @@ def measure_legacy(workdir: Path, blast_frames: int, seconds: float) -> dict[str
     }
 
 
-def _legacy(stack: LocalStack, url: str, db: Path, seconds: float, frames: int | None = None,
-            rest_url: str | None = None) -> dict[str, Any]:
+def _legacy(
+    stack: LocalStack, url: str, db: Path, seconds: float, frames: int | None = None, rest_url: str | None = None
+) -> dict[str, Any]:
     args: list[object] = ["legacy", "--url", url, "--db", db, "--seconds", seconds]
     if frames is not None:
         args += ["--frames", frames]

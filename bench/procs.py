@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from worker.local_stack import LocalStack, ManagedProcess
+from worker.ops.local_stack import LocalStack, ManagedProcess
 from worker.settings import documented_settings
 
 START_TIMEOUT_SECONDS = 60.0

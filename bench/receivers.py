@@ -23,7 +23,7 @@ import requests
 import websocket
 
 from worker.groups import Group
-from worker.runner import GroupRunner
+from worker.ingest.runner import GroupRunner
 from worker.settings import Settings
 
 # A receive that waits this long means the sender is gone: the run ends with what it got.
@@ -36,7 +36,7 @@ _REST_LATEST = {"trade": ("/api/v3/trades", "id"), "aggTrade": ("/api/v3/aggTrad
 def bare(url: str, frames: int) -> dict[str, Any]:
     """The ceiling: receive frames and discard them, as tight as websocket-client allows.
 
-    Same client and options as worker/session.py (`recv_data`, no UTF-8 validation),
+    Same client and options as worker/ingest/session.py (`recv_data`, no UTF-8 validation),
     minus everything the recorder does with a frame.
     """
     ws = websocket.create_connection(url, timeout=RECEIVE_TIMEOUT_SECONDS, skip_utf8_validation=True)
@@ -114,8 +114,9 @@ def _messages_behind(rest_url: str, last_ids: dict[tuple[str, str], int]) -> int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.receivers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.receivers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="receiver", required=True)
     bare_args = sub.add_parser("bare")
     bare_args.add_argument("--url", required=True)

@@ -30,8 +30,11 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         scale = results["scale"]
         limit = scale["drain_interval_seconds"] * 1000 + LATENCY_ALLOWANCE_MS
         verdicts["scale_latency"] = _at_most(scale["latency"].get("p99_ms"), limit, "p99 latency, ms")
-        verdicts["scale_ids"] = {"what": "every id sent stored exactly once", "value": scale["ids"]["missing"],
-                                 "met": scale["ids"]["lost_nothing"]}
+        verdicts["scale_ids"] = {
+            "what": "every id sent stored exactly once",
+            "value": scale["ids"]["missing"],
+            "met": scale["ids"]["lost_nothing"],
+        }
     return verdicts
 
 
@@ -65,24 +68,39 @@ def table(results: dict[str, Any]) -> str:
 
 
 def _ingest_row(ingest: dict[str, Any], verdict: dict[str, Any]) -> Row:
-    return ("1 ingest", f"frames/s socket->Redis, 1 task, {ingest['streams']} streams",
-            f"{ingest['recorder_frames_per_second']:,.0f}",
-            f"bare loop {ingest['bare_loop_frames_per_second']:,.0f}",
-            f"{verdict['value']:.3f} {verdict['target']}", _yes(verdict))
+    return (
+        "1 ingest",
+        f"frames/s socket->Redis, 1 task, {ingest['streams']} streams",
+        f"{ingest['recorder_frames_per_second']:,.0f}",
+        f"bare loop {ingest['bare_loop_frames_per_second']:,.0f}",
+        f"{verdict['value']:.3f} {verdict['target']}",
+        _yes(verdict),
+    )
 
 
 def _drain_row(drain: dict[str, Any], verdict: dict[str, Any]) -> Row:
-    return ("2 drain", f"rows/s Redis->SQLite, batches of {drain['batch_size']:,}",
-            f"{drain['drainer_rows_per_second']:,.0f}",
-            f"executemany {drain['executemany_rows_per_second']:,.0f}",
-            f"{verdict['value']:.3f} {verdict['target']}", _yes(verdict))
+    return (
+        "2 drain",
+        f"rows/s Redis->SQLite, batches of {drain['batch_size']:,}",
+        f"{drain['drainer_rows_per_second']:,.0f}",
+        f"executemany {drain['executemany_rows_per_second']:,.0f}",
+        f"{verdict['value']:.3f} {verdict['target']}",
+        _yes(verdict),
+    )
 
 
 def _latency_row(part: str, figures: dict[str, Any], verdict: dict[str, Any]) -> Row:
-    return (f"3 {part}", (f"event->committed at {figures['offered_messages_per_second']:,.0f} msg/s, "
-                          f"drain every {figures['drain_interval_seconds']:g} s"),
-            _latency_text(figures), f"{figures.get('samples', 0):,} rows", f"p99 {verdict['target']} ms",
-            _yes(verdict))
+    return (
+        f"3 {part}",
+        (
+            f"event->committed at {figures['offered_messages_per_second']:,.0f} msg/s, "
+            f"drain every {figures['drain_interval_seconds']:g} s"
+        ),
+        _latency_text(figures),
+        f"{figures.get('samples', 0):,} rows",
+        f"p99 {verdict['target']} ms",
+        _yes(verdict),
+    )
 
 
 def _latency_text(figures: dict[str, Any]) -> str:
@@ -96,26 +114,47 @@ def _memory_rows(memory: dict[str, Any], verdict: dict[str, Any]) -> list[Row]:
     for key in ("subscription_task", "drain"):
         track = memory[key]
         for process in track["processes"]:
-            rows.append(("4 memory", f"RSS of the {track['role']} process ({process['pid']})",
-                         f"{process['start_kb'] / 1024:.1f} -> {process['end_kb'] / 1024:.1f} MiB",
-                         f"over {memory['seconds']:g} s", f"{process['growth']:+.1%} (<= {MEMORY_GROWTH:.0%})",
-                         _yes(verdict)))
+            rows.append(
+                (
+                    "4 memory",
+                    f"RSS of the {track['role']} process ({process['pid']})",
+                    f"{process['start_kb'] / 1024:.1f} -> {process['end_kb'] / 1024:.1f} MiB",
+                    f"over {memory['seconds']:g} s",
+                    f"{process['growth']:+.1%} (<= {MEMORY_GROWTH:.0%})",
+                    _yes(verdict),
+                )
+            )
     return rows
 
 
 def _scale_rows(scale: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
     groups = scale["streams_per_group"]
     ids = scale["ids"]
-    latency = {**scale["latency"], "offered_messages_per_second": scale["offered_messages_per_second"],
-               "drain_interval_seconds": scale["drain_interval_seconds"]}
+    latency = {
+        **scale["latency"],
+        "offered_messages_per_second": scale["offered_messages_per_second"],
+        "drain_interval_seconds": scale["drain_interval_seconds"],
+    }
     return [
-        ("5 scale", (f"{len(groups)} groups of {'+'.join(map(str, groups))} streams, "
-                     f"{scale['offered_messages_per_second']:,.0f} msg/s"),
-         _latency_text(latency), f"{latency.get('samples', 0):,} rows",
-         f"p99 {verdicts['scale_latency']['target']} ms", _yes(verdicts["scale_latency"])),
-        ("5 scale", f"ids sent vs stored, {ids['streams_checked']:,} streams (both phases)",
-         f"{ids['missing']} missing, {ids['extra']} extra, {ids['duplicates']} twice",
-         f"{ids['ids_sent']:,} ids sent", "nothing lost", _yes(verdicts["scale_ids"])),
+        (
+            "5 scale",
+            (
+                f"{len(groups)} groups of {'+'.join(map(str, groups))} streams, "
+                f"{scale['offered_messages_per_second']:,.0f} msg/s"
+            ),
+            _latency_text(latency),
+            f"{latency.get('samples', 0):,} rows",
+            f"p99 {verdicts['scale_latency']['target']} ms",
+            _yes(verdicts["scale_latency"]),
+        ),
+        (
+            "5 scale",
+            f"ids sent vs stored, {ids['streams_checked']:,} streams (both phases)",
+            f"{ids['missing']} missing, {ids['extra']} extra, {ids['duplicates']} twice",
+            f"{ids['ids_sent']:,} ids sent",
+            "nothing lost",
+            _yes(verdicts["scale_ids"]),
+        ),
     ]
 
 
@@ -123,11 +162,22 @@ def _legacy_rows(legacy: dict[str, Any], ingest: dict[str, Any] | None) -> list[
     at_target = legacy["at_target"]
     reference = f"recorder {ingest['recorder_frames_per_second']:,.0f}" if ingest else ""
     return [
-        ("6 old design", "msg/s, INSERT+COMMIT per message", f"{legacy['sustainable_messages_per_second']:,.0f}",
-         reference, "", ""),
-        ("6 old design", f"at {at_target['offered_messages_per_second']:,} msg/s for {at_target['seconds']:.0f} s",
-         f"stores {at_target['stored_messages_per_second']:,.0f}/s; " + _latency_text(at_target["latency"]),
-         f"{at_target['behind_at_stop_messages'] or 0:,} msgs behind at stop", "", ""),
+        (
+            "6 old design",
+            "msg/s, INSERT+COMMIT per message",
+            f"{legacy['sustainable_messages_per_second']:,.0f}",
+            reference,
+            "",
+            "",
+        ),
+        (
+            "6 old design",
+            f"at {at_target['offered_messages_per_second']:,} msg/s for {at_target['seconds']:.0f} s",
+            f"stores {at_target['stored_messages_per_second']:,.0f}/s; " + _latency_text(at_target["latency"]),
+            f"{at_target['behind_at_stop_messages'] or 0:,} msgs behind at stop",
+            "",
+            "",
+        ),
     ]
 
 

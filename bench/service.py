@@ -34,10 +34,10 @@ from bench.frames import KINDS, TARGET_RATE
 from bench.procs import service_env
 from bench.watch import MemoryTrack, RowWatcher, drain_processes, poll_until, stream_processes
 from fake_binance.config import DEFAULT_SYMBOLS, FakeExchangeConfig
-from worker.cli import client_app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
-from worker.local_stack import LocalStack
+from worker.ops.clients import client_app
+from worker.ops.local_stack import LocalStack
 
 STREAM_PROCESSES = 4
 NO_BACKFILL_SECONDS = 86400 * 365
@@ -80,8 +80,9 @@ class Service:
         return [len(wanted[gid].streams) for gid in group_ids if gid in wanted]
 
 
-def measure_service(workdir: Path, duration: float, warmup: float, scale_duration: float,
-                    scale_symbols: int, drain_interval: float) -> dict[str, Any]:
+def measure_service(
+    workdir: Path, duration: float, warmup: float, scale_duration: float, scale_symbols: int, drain_interval: float
+) -> dict[str, Any]:
     env = service_env(drain_interval_seconds=drain_interval, backfill_interval_seconds=NO_BACKFILL_SECONDS)
     with LocalStack(workdir / "service", env=env) as stack:
         stack.start_redis()
@@ -95,16 +96,25 @@ def measure_service(workdir: Path, duration: float, warmup: float, scale_duratio
         scale = _phase(service, generated, warmup, scale_duration)
         ids = _compare_with_sent(service)
     return {
-        "end_to_end": {**steady["latency"], "offered_messages_per_second": steady["rate"],
-                       "symbols": len(DEFAULT_SYMBOLS), "drain_interval_seconds": drain_interval,
-                       "seconds": duration, "warmup_seconds": warmup},
+        "end_to_end": {
+            **steady["latency"],
+            "offered_messages_per_second": steady["rate"],
+            "symbols": len(DEFAULT_SYMBOLS),
+            "drain_interval_seconds": drain_interval,
+            "seconds": duration,
+            "warmup_seconds": warmup,
+        },
         "memory": {"seconds": duration, "subscription_task": steady["memory"][0], "drain": steady["memory"][1]},
-        "scale": {"symbols": scale_symbols, "streams_per_group": scale["group_sizes"],
-                  "offered_messages_per_second": scale["rate"], "drain_interval_seconds": drain_interval,
-                  "seconds": scale_duration,
-                  "latency": scale["latency"],
-                  "memory": {"subscription_tasks": scale["memory"][0], "drain": scale["memory"][1]},
-                  "ids": ids},
+        "scale": {
+            "symbols": scale_symbols,
+            "streams_per_group": scale["group_sizes"],
+            "offered_messages_per_second": scale["rate"],
+            "drain_interval_seconds": drain_interval,
+            "seconds": scale_duration,
+            "latency": scale["latency"],
+            "memory": {"subscription_tasks": scale["memory"][0], "drain": scale["memory"][1]},
+            "ids": ids,
+        },
     }
 
 
@@ -115,8 +125,10 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
     subscribed = service.call("tasks.subscribe", symbols, streams=list(KINDS))
     watcher = _first_rows(service)
     poll_until(time.monotonic() + warmup, watcher, [], MEMORY_SAMPLE_SECONDS)
-    tracks = [MemoryTrack("subscription task", stream_processes(service.pid("worker-streams"), service.exchange_port)),
-              MemoryTrack("drain", drain_processes(service.pid("worker"), service.db))]
+    tracks = [
+        MemoryTrack("subscription task", stream_processes(service.pid("worker-streams"), service.exchange_port)),
+        MemoryTrack("drain", drain_processes(service.pid("worker"), service.db)),
+    ]
     latencies = poll_until(time.monotonic() + seconds, watcher, tracks, MEMORY_SAMPLE_SECONDS)
     for track in tracks:
         track.sample()
@@ -124,8 +136,12 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
     watcher.close()
     service.call("tasks.unsubscribe", symbols)
     _settle(service)
-    return {"rate": per_symbol * len(symbols) * len(KINDS), "latency": latency_summary(latencies),
-            "memory": [track.as_dict() for track in tracks], "group_sizes": group_sizes}
+    return {
+        "rate": per_symbol * len(symbols) * len(KINDS),
+        "latency": latency_summary(latencies),
+        "memory": [track.as_dict() for track in tracks],
+        "group_sizes": group_sizes,
+    }
 
 
 def _first_rows(service: Service) -> RowWatcher:
@@ -200,6 +216,13 @@ def _id_summary(db: Path, ranges: list[tuple[str, str, int, int, int]]) -> dict[
             missing += last - first + 1 - in_range
             extra += rows - in_range
             duplicates += rows - distinct
-    return {"streams_checked": len(ranges), "ids_sent": expected_ids, "messages_sent": sent_messages,
-            "rows_stored": stored_rows, "missing": missing, "extra": extra, "duplicates": duplicates,
-            "lost_nothing": bool(ranges) and missing == extra == duplicates == 0}
+    return {
+        "streams_checked": len(ranges),
+        "ids_sent": expected_ids,
+        "messages_sent": sent_messages,
+        "rows_stored": stored_rows,
+        "missing": missing,
+        "extra": extra,
+        "duplicates": duplicates,
+        "lost_nothing": bool(ranges) and missing == extra == duplicates == 0,
+    }

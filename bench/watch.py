@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import children, holds_connection_to, holds_file_open, rss_kb
-from worker.buffer import now_ms
+from worker.times import now_ms
 
 POLL_SECONDS = 0.01
 TABLES = ("trades", "agg_trades")
@@ -77,12 +77,21 @@ class MemoryTrack:
 
     def as_dict(self) -> dict[str, object]:
         processes = [
-            {"pid": pid, "start_kb": self.start_kb[pid], "end_kb": self.end_kb[pid], "max_kb": self.max_kb[pid],
-             "growth": self.end_kb[pid] / self.start_kb[pid] - 1}
-            for pid in self.pids if pid in self.start_kb
+            {
+                "pid": pid,
+                "start_kb": self.start_kb[pid],
+                "end_kb": self.end_kb[pid],
+                "max_kb": self.max_kb[pid],
+                "growth": self.end_kb[pid] / self.start_kb[pid] - 1,
+            }
+            for pid in self.pids
+            if pid in self.start_kb
         ]
-        return {"role": self.role, "processes": processes,
-                "max_growth": max((p["growth"] for p in processes), default=None)}
+        return {
+            "role": self.role,
+            "processes": processes,
+            "max_growth": max((p["growth"] for p in processes), default=None),
+        }
 
 
 def stream_processes(streams_worker_pid: int, exchange_port: int) -> list[int]:

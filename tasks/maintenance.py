@@ -6,16 +6,16 @@ from typing import Any
 
 from celery.signals import worker_ready
 
+from tasks.resources import engine, redis_client
+from tasks.subscriptions import start_group
 from worker import app
-from worker.drain import Drainer
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.lease import Lease
-from worker.resources import engine, redis_client
+from worker.ops.status import collect_status
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.status import collect_status
-from tasks.subscriptions import start_group
+from worker.store.drain import Drainer
 
 # A drain run stops taking new batches after this many drain intervals, so that one
 # slow run never holds the lock while the next beats pile up behind it.
@@ -62,5 +62,5 @@ def _supervise_when_a_worker_starts(**_: Any) -> None:
 
 @app.task(name="tasks.status")
 def status() -> dict[str, Any]:
-    """A snapshot of groups, buffers, tables and dead letters (see `worker.status`)."""
+    """A snapshot of groups, buffers, tables and dead letters (see `worker.ops.status`)."""
     return collect_status(get_settings(), redis_client(), engine())

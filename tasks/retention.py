@@ -7,13 +7,13 @@ from typing import Any
 
 from celery.utils.log import get_task_logger
 
+from tasks.resources import engine, redis_client
 from worker import app
-from worker.buffer import now_ms
 from worker.keys import RedisKeys
 from worker.lease import Lease
-from worker.resources import engine, redis_client
-from worker.retention import RetentionPolicy, delete_expired_rows
 from worker.settings import get_settings
+from worker.store.retention import RetentionPolicy, delete_expired_rows
+from worker.times import now_ms
 
 log = get_task_logger(__name__)
 
@@ -24,7 +24,7 @@ LOCK_TTL_SECONDS = 300.0
 
 @app.task(name="tasks.enforce_retention")
 def enforce_retention() -> dict[str, Any]:
-    """Delete rows past their age (see `worker.retention`); one run at a time.
+    """Delete rows past their age (see `worker.store.retention`); one run at a time.
 
     Two runs at once would only compete for SQLite's single write lock with each
     other and with the drain, so a second copy returns at once.

@@ -6,16 +6,15 @@ from typing import Any
 
 from redis.lock import Lock
 
+from tasks.resources import redis_client
 from worker import app
+from worker.exchange.rest import BinanceRest
 from worker.groups import Group, GroupRegistry, normalize_symbols, plan_groups, stream_names
+from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
-from worker.parsing import validate_stream_kind
-from worker.resources import redis_client
-from worker.rest import BinanceRest
-from worker.runner import SHUTTING_DOWN, GroupRunner
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-
+from worker.streams import validate_stream_kind
 
 SUBSCRIPTIONS_LOCK_SECONDS = 30
 
@@ -25,8 +24,11 @@ def _registry() -> GroupRegistry:
 
 
 def _changing_subscriptions() -> Lock:
-    return redis_client().lock(RedisKeys(get_settings().redis_prefix).subscriptions_lock,
-                               timeout=SUBSCRIPTIONS_LOCK_SECONDS, blocking_timeout=SUBSCRIPTIONS_LOCK_SECONDS)
+    return redis_client().lock(
+        RedisKeys(get_settings().redis_prefix).subscriptions_lock,
+        timeout=SUBSCRIPTIONS_LOCK_SECONDS,
+        blocking_timeout=SUBSCRIPTIONS_LOCK_SECONDS,
+    )
 
 
 def start_group(group: Group) -> bool:
@@ -104,6 +106,7 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
     group = _registry().get(group_id)
     if group is None:
         return {"group": group_id, "ended": "not wanted"}
+
     def report_progress(progress: dict[str, object]) -> None:
         # The PROGRESS state is what `AsyncResult.info` returns; the event is what
         # Flower shows on the task's page while it runs.

@@ -16,9 +16,9 @@ import pytest
 import redis
 import requests
 
-from worker.cli import client_app
 from worker.keys import RedisKeys
-from worker.local_stack import LocalStack
+from worker.ops.clients import client_app
+from worker.ops.local_stack import LocalStack
 
 # Short intervals so that end-to-end tests see the periodic tasks act within seconds.
 FAST_ENV = {
@@ -56,8 +56,9 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def launch_stack(directory: Path, fake_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 stream_concurrency: int = 4) -> LocalStack:
+def launch_stack(
+    directory: Path, fake_args: Sequence[str] = (), env: dict[str, str] | None = None, stream_concurrency: int = 4
+) -> LocalStack:
     """A full stack: Redis, the fake exchange, both workers and beat. Stop it when done."""
     stack = LocalStack(directory, env=clean_env(env))
     try:
@@ -83,8 +84,13 @@ def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> Any:
 
 def status_command(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
     """`binance-recorder status` against the stack, as an operator would run it."""
-    return subprocess.run([sys.executable, "-m", "worker.cli", "status", *args], env=stack.env,
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.ops.cli", "status", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:

@@ -21,13 +21,13 @@ from sqlalchemy.engine import Engine
 from tests.conftest import fake_stats, launch_stack, wait_until
 from tests.test_fake_exchange import Fake, running_fake
 from tests.test_rest import shared_client, url
-from worker.backfill import Backfiller, HistoryJob
-from worker.cli import client_app
-from worker.gaps import Gap, find_gaps
+from worker.exchange.backfill import Backfiller, HistoryJob
+from worker.exchange.gaps import Gap, find_gaps
+from worker.exchange.history import Row, agg_trade_row, kline_row, series_for, trade_row
 from worker.groups import Group, GroupRegistry
-from worker.history import Row, agg_trade_row, kline_row, series_for, trade_row
 from worker.keys import RedisKeys
-from worker.storage import TABLES, create_schema, gaps, make_engine, store_rows
+from worker.ops.clients import client_app
+from worker.store.storage import TABLES, create_schema, gaps, make_engine, store_rows
 
 MINUTE = 60_000
 HOUR = 60 * MINUTE
@@ -81,8 +81,15 @@ def stored(engine: Engine, table: str, *columns: str) -> list[tuple[Any, ...]]:
 
 def gap_records(engine: Engine) -> list[tuple[Any, ...]]:
     with engine.connect() as conn:
-        query = select(gaps.c.symbol, gaps.c.kind, gaps.c.first_missing, gaps.c.last_missing,
-                       gaps.c.status, gaps.c.rows_fetched, gaps.c.reason).order_by(gaps.c.id)
+        query = select(
+            gaps.c.symbol,
+            gaps.c.kind,
+            gaps.c.first_missing,
+            gaps.c.last_missing,
+            gaps.c.status,
+            gaps.c.rows_fetched,
+            gaps.c.reason,
+        ).order_by(gaps.c.id)
         return [tuple(row) for row in conn.execute(query)]
 
 
@@ -117,8 +124,14 @@ def test_id_holes_are_found_and_filled_exactly(
         ]
     report = backfiller().repair_recent_gaps([series], SINCE)
 
-    assert report.as_dict() == {"gaps_found": 3, "filled": 3, "unfillable": 0, "rows_fetched": len(missing),
-                                "left_open": 0, "stopped": None}
+    assert report.as_dict() == {
+        "gaps_found": 3,
+        "filled": 3,
+        "unfillable": 0,
+        "rows_fetched": len(missing),
+        "left_open": 0,
+        "stopped": None,
+    }
     assert stored(engine, series.table_name, key_column, "price", "qty", "trade_time") == [
         (r[id_field], float(r[price]), float(r[qty]), r[when]) for r in truth
     ]
@@ -152,9 +165,7 @@ def test_missing_kline_slots_are_found_and_filled(
     ]
 
 
-def test_a_429_during_repair_is_waited_out(
-    fake: Fake, engine: Engine, backfiller: Callable[..., Backfiller]
-) -> None:
+def test_a_429_during_repair_is_waited_out(fake: Fake, engine: Engine, backfiller: Callable[..., Backfiller]) -> None:
     series = series_for("SOLUSDT", "trade")
     first = 4_000_000 + 120_000
     truth = published(url(fake), "historicalTrades", symbol="SOLUSDT", fromId=first, limit=100)
@@ -214,8 +225,16 @@ def test_history_of_three_hours_of_klines_resumes_after_an_interruption(
     result = backfiller(page_limit=60).history(job, lambda *progress: seen.append(progress))
     second_run = fake.stats()["rest"]["requests"] - before - first_run
 
-    assert result == {"symbol": "BNBUSDT", "kind": "kline_1m", "start": start, "end": start + 3 * HOUR,
-                      "rows": 180, "rows_this_run": 120, "resumed": True, "complete": True}
+    assert result == {
+        "symbol": "BNBUSDT",
+        "kind": "kline_1m",
+        "start": start,
+        "end": start + 3 * HOUR,
+        "rows": 180,
+        "rows_this_run": 120,
+        "resumed": True,
+        "complete": True,
+    }
     # Server time and one page of 60, then server time and the two pages left: from
     # scratch it would have taken server time and three pages.
     assert (first_run, second_run) == (2, 3)
@@ -263,8 +282,11 @@ def test_history_jobs_are_checked_with_clear_errors(arguments: tuple[Any, ...], 
 def test_the_task_fills_gaps_from_beat_and_backfills_history_on_demand(tmp_path: Path) -> None:
     """`celery -A worker worker` and `beat` as processes: beat runs tasks.backfill every
     second here, and another application calls it by name for a history range."""
-    stack = launch_stack(tmp_path / "stack", fake_args=["--genesis-ms", str(NOW_MINUTE - 5 * HOUR)],
-                         env={"BACKFILL_INTERVAL_SECONDS": "1"})
+    stack = launch_stack(
+        tmp_path / "stack",
+        fake_args=["--genesis-ms", str(NOW_MINUTE - 5 * HOUR)],
+        env={"BACKFILL_INTERVAL_SECONDS": "1"},
+    )
     try:
         start = NOW_MINUTE - 2 * HOUR
         history = client_app(stack.env["REDIS_URL"]).send_task(
@@ -285,9 +307,16 @@ def test_the_task_fills_gaps_from_beat_and_backfills_history_on_demand(tmp_path:
 
         wait_until(hole_filled, timeout=30, what="beat's backfill to fill the hole")
         with db.connect() as conn:
-            stored_ids = conn.execute(text(
-                "select trade_id from trades where symbol = 'ETHUSDT' and trade_id <= :last order by trade_id"
-            ), {"last": truth[-1]["id"]}).scalars().all()
+            stored_ids = (
+                conn.execute(
+                    text(
+                        "select trade_id from trades where symbol = 'ETHUSDT' and trade_id <= :last order by trade_id"
+                    ),
+                    {"last": truth[-1]["id"]},
+                )
+                .scalars()
+                .all()
+            )
         assert stored_ids == [r["id"] for r in truth]
         assert "418" not in fake_stats(stack)["rest"]["by_status"]
     finally:

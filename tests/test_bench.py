@@ -23,8 +23,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output = tmp_path_factory.mktemp("bench") / "latest.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
-        cwd=Path(__file__).parent.parent, capture_output=True, text=True,
-        timeout=QUICK_TIMEOUT_SECONDS, check=False,
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_SECONDS,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "part" in done.stdout and str(output) in done.stdout  # the table and where the figures are

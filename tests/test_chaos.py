@@ -20,33 +20,42 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import call, fake_stats, launch_stack, wait_until
-from worker.local_stack import LocalStack
-from worker.storage import make_engine
+from worker.store.storage import make_engine
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 ID_COLUMNS = {"trade": ("trades", "trade_id"), "aggTrade": ("agg_trades", "agg_id")}
 SEEDS = [int(seed) for seed in os.environ.get("CHAOS_SEEDS", "7").split(",")]
 
 
-
 def stored(db: Engine, kind: str, symbol: str, first: int, last: int) -> tuple[int, int]:
     table, column = ID_COLUMNS[kind]
     with db.connect() as conn:
-        return tuple(conn.execute(
-            text(f"select count(*), count(distinct {column}) from {table} "
-                 f"where symbol = :s and {column} between :a and :b"),
-            {"s": symbol, "a": first, "b": last},
-        ).one())  # type: ignore[return-value]
+        return tuple(
+            conn.execute(
+                text(
+                    f"select count(*), count(distinct {column}) from {table} "
+                    f"where symbol = :s and {column} between :a and :b"
+                ),
+                {"s": symbol, "a": first, "b": last},
+            ).one()
+        )  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_after_chaos_and_backfill_every_id_is_stored_exactly_once(tmp_path: Path, seed: int) -> None:
     stack = launch_stack(
         tmp_path / "chaos",
-        fake_args=["--trades-per-second", "20", "--chaos-drop-every", "2.5", "--chaos-seed", str(seed),
-                   "--max-connection-seconds", "8"],
-        env={"CONNECTION_MAX_AGE_SECONDS": "5", "BACKFILL_INTERVAL_SECONDS": "2",
-             "RECONNECT_BACKOFF_MAX_SECONDS": "2"},
+        fake_args=[
+            "--trades-per-second",
+            "20",
+            "--chaos-drop-every",
+            "2.5",
+            "--chaos-seed",
+            str(seed),
+            "--max-connection-seconds",
+            "8",
+        ],
+        env={"CONNECTION_MAX_AGE_SECONDS": "5", "BACKFILL_INTERVAL_SECONDS": "2", "RECONNECT_BACKOFF_MAX_SECONDS": "2"},
         stream_concurrency=2,
     )
     try:
@@ -63,12 +72,18 @@ def test_after_chaos_and_backfill_every_id_is_stored_exactly_once(tmp_path: Path
                 stack.start_stream_worker(2, name="worker-streams-2")
 
         stats = fake_stats(stack)
-        window = {(symbol, kind): (stats["sent"][symbol][kind]["first"], stats["sent"][symbol][kind]["last"])
-                  for symbol in SYMBOLS for kind in ID_COLUMNS}
+        window = {
+            (symbol, kind): (stats["sent"][symbol][kind]["first"], stats["sent"][symbol][kind]["last"])
+            for symbol in SYMBOLS
+            for kind in ID_COLUMNS
+        }
         for (symbol, kind), (first, last) in window.items():
             expected = (last - first + 1, last - first + 1)
-            wait_until(lambda: stored(db, kind, symbol, first, last) == expected, 90,
-                       f"{symbol} {kind} ids {first}..{last} stored exactly once (seed {seed})")
+            wait_until(
+                lambda: stored(db, kind, symbol, first, last) == expected,  # noqa: B023 (awaited here)
+                90,
+                f"{symbol} {kind} ids {first}..{last} stored exactly once (seed {seed})",
+            )
 
         connections = fake_stats(stack)["connections"]
         assert connections["dropped_by_chaos"] >= 3

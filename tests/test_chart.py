@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import Engine
 
 from tests.test_export import MINUTE, T, kline_rows, store, trade_rows
-from worker.chart import ChartSummary, draw_chart
-from worker.storage import create_schema, make_engine
+from worker.ops.chart import ChartSummary, draw_chart
+from worker.store.storage import create_schema, make_engine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

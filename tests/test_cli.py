@@ -5,7 +5,6 @@ errors a user meets (unknown symbol, empty range, missing database)."""
 from __future__ import annotations
 
 import csv
-import os
 import struct
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import clean_env
-from worker.local_stack import LocalStack
+from worker.ops.local_stack import LocalStack
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +29,22 @@ def exchange(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 
 def cli(stack: LocalStack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=stack.env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.ops.cli", *args],
+        env=stack.env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_backfill_fetches_a_kline_range_with_progress_and_waits_out_a_429(exchange: LocalStack) -> None:
-    requests.post(f"{exchange.env['BINANCE_REST_URL']}/fake/control",
-                  json={"action": "rest_fault", "status": 429, "count": 1, "retry_after": 1}, timeout=5)
+    requests.post(
+        f"{exchange.env['BINANCE_REST_URL']}/fake/control",
+        json={"action": "rest_fault", "status": 429, "count": 1, "retry_after": 1},
+        timeout=5,
+    )
 
     done = cli(exchange, "backfill", "btcusdt", "kline_1m", "--start", "-50m", "--end", "-10m")
 
@@ -90,7 +98,8 @@ def test_bad_input_exits_2_with_a_message_that_says_what_was_wrong(
 def test_a_missing_database_is_reported_not_created(exchange: LocalStack, tmp_path: Path) -> None:
     env = {**exchange.env, "DATABASE_URL": f"sqlite:///{tmp_path / 'nowhere' / 'x.db'}"}
     for command in (["status"], ["export", "BTCUSDT", "trade"], ["chart", "BTCUSDT"]):
-        done = subprocess.run([sys.executable, "-m", "worker.cli", *command], env=env,
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.ops.cli", *command], env=env, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 2 and "no database at" in done.stderr, command
     assert not (tmp_path / "nowhere").exists()

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import clean_env
-from worker.local_stack import LocalStack
+from worker.ops.local_stack import LocalStack
 from worker.settings import Settings, documented_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +67,7 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
 
 
 def celery_services(services: Mapping[str, Service]) -> dict[str, list[str]]:
-    return {
-        name: s["command"] for name, s in services.items() if s.get("command", [""])[0] == "celery"
-    }
+    return {name: s["command"] for name, s in services.items() if s.get("command", [""])[0] == "celery"}
 
 
 def option(command: list[str], flag: str) -> str:
@@ -138,10 +136,7 @@ def test_the_streams_worker(services: dict[str, Service]) -> None:
     assert option(command, "-Q") == "streams"
     assert option(command, "--prefetch-multiplier") == "1"
     assert option(command, "-P") == "prefork"
-    assert (
-        option(command, "-c")
-        == f"${{STREAM_WORKER_CONCURRENCY:-{Settings().stream_worker_concurrency}}}"
-    )
+    assert option(command, "-c") == f"${{STREAM_WORKER_CONCURRENCY:-{Settings().stream_worker_concurrency}}}"
     assert seconds(service["stop_grace_period"]) >= 10
     assert service["stop_signal"] == "SIGTERM"
 
@@ -167,9 +162,7 @@ def test_worker_healthchecks_ping_their_own_node(services: dict[str, Service], n
     node = option(services[name]["command"], "-n").replace("%h", "$$HOSTNAME")
     kind, test = services[name]["healthcheck"]["test"]
     assert kind == "CMD-SHELL"
-    assert re.fullmatch(
-        rf"celery -A worker inspect ping -d {re.escape(node)}( --timeout \d+)?", test
-    )
+    assert re.fullmatch(rf"celery -A worker inspect ping -d {re.escape(node)}( --timeout \d+)?", test)
 
 
 def test_workers_wait_for_a_healthy_redis(services: dict[str, Service]) -> None:
@@ -187,9 +180,7 @@ def test_redis_is_private_durable_and_never_evicts(services: dict[str, Service])
     assert "redis:/data" in redis["volumes"]
 
 
-def test_named_volumes_are_declared_and_used(
-    compose: dict[str, Any], services: dict[str, Service]
-) -> None:
+def test_named_volumes_are_declared_and_used(compose: dict[str, Any], services: dict[str, Service]) -> None:
     mounted = {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])}
     assert mounted == set(compose["volumes"]) == {"redis", "data"}
 
@@ -230,9 +221,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     lines = [line.strip() for line in text.splitlines()]
     return [
-        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
-        for line in lines
-        if line and not line.startswith("#")
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines if line and not line.startswith("#")
     ]
 
 
@@ -273,9 +262,7 @@ def run_shell(command: str, env: Mapping[str, str]) -> subprocess.CompletedProce
     )
 
 
-def test_the_worker_commands_start_workers_their_healthchecks_see(
-    services: dict[str, Service], tmp_path: Path
-) -> None:
+def test_the_worker_commands_start_workers_their_healthchecks_see(services: dict[str, Service], tmp_path: Path) -> None:
     """Each worker runs its compose command; its healthcheck, run as Docker would
     (HOSTNAME is the container's host name), reaches that worker and no other."""
     stack = LocalStack(tmp_path, env=clean_env({"STREAM_WORKER_CONCURRENCY": "2"}))

@@ -11,19 +11,28 @@ import orjson
 import pytest
 import redis
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from worker.buffer import FrameBuffer, clock_mark
-from worker.drain import Drainer
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
-from worker.storage import create_schema, make_engine
+from worker.store.drain import Drainer
+from worker.store.storage import create_schema, make_engine
 
 
 def trade_frame(symbol: str, trade_id: int) -> bytes:
-    payload = {"e": "trade", "E": 1_700_000_000_000 + trade_id, "s": symbol, "t": trade_id, "p": "1.5",
-               "q": "2", "T": 1_700_000_000_000 + trade_id, "m": True, "M": True}
+    payload = {
+        "e": "trade",
+        "E": 1_700_000_000_000 + trade_id,
+        "s": symbol,
+        "t": trade_id,
+        "p": "1.5",
+        "q": "2",
+        "T": 1_700_000_000_000 + trade_id,
+        "m": True,
+        "M": True,
+    }
     return orjson.dumps({"stream": f"{symbol.lower()}@trade", "data": payload})
 
 

@@ -12,17 +12,17 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from celery.result import AsyncResult
 from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import call, clean_env, fake_stats, launch_stack, status_command, wait_until
-from worker.cli import client_app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
-from worker.local_stack import CELERY, LocalStack
-from worker.storage import make_engine
+from worker.ops.clients import client_app
+from worker.ops.local_stack import CELERY, LocalStack
+from worker.store.storage import make_engine
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 STREAMS = ["trade", "aggTrade", "ticker", "miniTicker", "bookTicker", "avgPrice", "kline_1s", "kline_1m"]
@@ -57,12 +57,13 @@ def subscribe_like_the_readme(stack: LocalStack, symbols: list[str], streams: li
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-
 def id_summary(db: Engine, table: str, id_column: str, symbol: str) -> tuple[int, int, int, int]:
     with db.connect() as conn:
         row = conn.execute(
-            text(f"select count(*), count(distinct {id_column}), min({id_column}), max({id_column}) "
-                 f"from {table} where symbol = :s"),
+            text(
+                f"select count(*), count(distinct {id_column}), min({id_column}), max({id_column}) "
+                f"from {table} where symbol = :s"
+            ),
             {"s": symbol},
         ).one()
     return tuple(row)  # type: ignore[return-value]
@@ -89,8 +90,11 @@ def test_every_trade_sent_in_the_window_is_stored_exactly_once(stack: LocalStack
         for kind, table, id_column in (("trade", "trades", "trade_id"), ("aggTrade", "agg_trades", "agg_id")):
             sent = stats["sent"][symbol][kind]
             expected = (sent["count"], sent["count"], sent["first"], sent["last"])
-            wait_until(lambda: id_summary(db, table, id_column, symbol) == expected, 20,
-                       f"{symbol} {table} to match what the fake sent: {expected}")
+            wait_until(
+                lambda: id_summary(db, table, id_column, symbol) == expected,  # noqa: B023 (awaited here)
+                20,
+                f"{symbol} {table} to match what the fake sent: {expected}",
+            )
             assert sent["last"] - sent["first"] + 1 == sent["count"] >= RECORD_SECONDS * 20
 
 

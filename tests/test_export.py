@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import Engine, select
 
-from worker.export import export_rows, format_ms, parse_time, resolve_source
-from worker.storage import TABLE_COLUMNS, TABLES, create_schema, make_engine, store_rows
+from worker.ops.export import export_rows, resolve_source
+from worker.store.storage import TABLE_COLUMNS, TABLES, create_schema, make_engine, store_rows
+from worker.times import iso_ms, parse_time
 
 T = 1795482000000  # 2026-11-24T01:00:00Z
 MINUTE = 60_000
@@ -77,7 +78,7 @@ def read_csv(path: Path, table: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     converters = [_converter(column.type.python_type) for column in TABLES[table].columns]
     with path.open(newline="", encoding="utf-8") as file:
         header, *lines = list(csv.reader(file))
-    return header, [tuple(convert(value) for convert, value in zip(converters, line)) for line in lines]
+    return header, [tuple(convert(value) for convert, value in zip(converters, line, strict=False)) for line in lines]
 
 
 def _converter(python_type: type) -> Any:
@@ -168,8 +169,7 @@ def test_a_large_export_streams_in_chunks_with_bounded_memory(engine: Engine, tm
 
     tracemalloc.start()
     try:
-        written = export_rows(engine, "trade", "BTCUSDT", T, end, tmp_path / "big.csv",
-                              progress=progress.append)
+        written = export_rows(engine, "trade", "BTCUSDT", T, end, tmp_path / "big.csv", progress=progress.append)
         export_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
         with engine.connect() as conn:
@@ -204,21 +204,17 @@ def test_errors_say_what_was_wrong_and_what_to_do(engine: Engine, tmp_path: Path
     assert "unknown table or stream kind 'depth'" in message
     assert "aggTrade" in message and "kline_<interval>" in message and "book_tickers" in message
     assert "the start 2026-11-24T01:00:00.000Z is not before the end" in error("trade", "BTCUSDT", T, T)
-    assert "unknown export format 'xlsx': use one of csv, parquet" in error(
-        "trade", "BTCUSDT", T, T + MINUTE, "xlsx"
-    )
+    assert "unknown export format 'xlsx': use one of csv, parquet" in error("trade", "BTCUSDT", T, T + MINUTE, "xlsx")
     message = error("trade", "XRPUSDT", T, T + MINUTE)
     assert message.startswith("no trades rows for XRPUSDT: the trades table holds BTCUSDT, COIN00USDT")
     assert "COIN08USDT and more" in message and "COIN09USDT" not in message
     assert "binance-recorder subscribe XRPUSDT --streams trade" in message
     message = error("trade", "BTCUSDT", T - 60 * MINUTE, T - 30 * MINUTE)
     first, last = btc[0][4], btc[-1][4]
-    assert f"they run from {format_ms(first)} to {format_ms(last)}" in message
+    assert f"they run from {iso_ms(first)} to {iso_ms(last)}" in message
     assert "from 2026-11-24T00:00:00.000Z to 2026-11-24T00:30:00.000Z (end excluded)" in message
     assert "its klines have the interval(s) 1m" in error("kline_5m", "BTCUSDT", T, T + MINUTE)
-    assert "the agg_trades table is empty: record the aggTrade stream" in error(
-        "aggTrade", "BTCUSDT", T, T + MINUTE
-    )
+    assert "the agg_trades table is empty: record the aggTrade stream" in error("aggTrade", "BTCUSDT", T, T + MINUTE)
     assert "an interval only applies to klines" in error("trade", "BTCUSDT", T, T + 1, interval="1m")
     assert "unknown kline interval '2m'" in error("kline_2m", "BTCUSDT", T, T + 1)
     assert "the directory" in export_error(engine, tmp_path / "missing", "trade", "BTCUSDT", T, T + 1)

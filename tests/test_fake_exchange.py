@@ -71,9 +71,7 @@ class Fake:
 
     def control(self, action: str, **fields: Any) -> dict[str, Any]:
         body = json.dumps({"action": action, **fields}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/fake/control", data=body, method="POST"
-        )
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/fake/control", data=body, method="POST")
         with urllib.request.urlopen(request, timeout=5) as r:
             return json.loads(r.read())
 
@@ -93,9 +91,7 @@ def running_fake(*flags: str) -> Iterator[Fake]:
 @pytest.fixture(scope="module")
 def fake() -> Iterator[Fake]:
     """The shared fake: Binance's limits, but pings every second."""
-    with running_fake(
-        "--ping-interval", "1", "--pong-timeout", "2", "--halted-symbols", "DOTUSDT"
-    ) as f:
+    with running_fake("--ping-interval", "1", "--pong-timeout", "2", "--halted-symbols", "DOTUSDT") as f:
         yield f
 
 
@@ -189,9 +185,7 @@ def test_combined_stream_wraps_every_kind_in_documented_shapes(fake: Fake) -> No
     assert seen["btcusdt@ticker"]["e"] == "24hrTicker"
     assert [t["s"] for t in seen["!miniTicker@arr"]][:2] == ["BTCUSDT", "ETHUSDT"]
     trade = seen["btcusdt@trade"]
-    assert (
-        trade["s"] == "BTCUSDT" and trade["E"] >= trade["T"] and 1_000_000 <= trade["t"] < 2_000_000
-    )
+    assert trade["s"] == "BTCUSDT" and trade["E"] >= trade["T"] and 1_000_000 <= trade["t"] < 2_000_000
 
 
 def test_raw_streams_deliver_bare_payloads_with_consecutive_trade_ids(fake: Fake) -> None:
@@ -239,9 +233,7 @@ def test_unknown_symbol_is_silent_and_bad_streams_are_refused(fake: Fake) -> Non
         body = json.loads(refused.value.resp_body)
         assert body["code"] == 2 and body["msg"].startswith("Invalid request: ")
     ws = connect(fake.ws_url("/stream?streams=" + "/".join(f"s{i}usdt@trade" for i in range(1024))))
-    assert (
-        request(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 1})["result"][1023] == "s1023usdt@trade"
-    )
+    assert request(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 1})["result"][1023] == "s1023usdt@trade"
     ws.close()
 
 
@@ -279,11 +271,7 @@ def test_control_errors_use_binance_codes(fake: Fake) -> None:
     invalid_json = request(ws, "{not json")
     assert invalid_json["code"] == 3 and invalid_json["msg"].startswith("Invalid JSON: ")
     unknown = request(ws, {"method": "SUBSCRIBEE", "params": [], "id": 7})
-    assert (
-        unknown["code"] == 2
-        and "unknown variant `SUBSCRIBEE`" in unknown["msg"]
-        and unknown["id"] == 7
-    )
+    assert unknown["code"] == 2 and "unknown variant `SUBSCRIBEE`" in unknown["msg"] and unknown["id"] == 7
     bad_id = request(ws, {"method": "LIST_SUBSCRIPTIONS", "id": "x" * 37})
     assert bad_id["code"] == 2 and bad_id["msg"].startswith("Invalid request: ")
     bad_stream = request(ws, {"method": "SUBSCRIBE", "params": ["btcusdt@depth99"], "id": 8})
@@ -335,9 +323,7 @@ def test_pings_need_pongs_that_echo_the_payload(fake: Fake) -> None:
     silent.shutdown()
     thread.join()
     assert 2.5 < waited < 4.5  # first ping after 1 s, closed 2 s later
-    assert pings and all(
-        p.decode().isdigit() and abs(int(p) / 1000 - time.time()) < 10 for p in pings
-    )
+    assert pings and all(p.decode().isdigit() and abs(int(p) / 1000 - time.time()) < 10 for p in pings)
     assert len(survivor["pings"]) >= 3
     assert fake.stats()["connections"]["closed_for_missing_pong"] == before + 1
 
@@ -365,19 +351,11 @@ def test_exchange_info_known_unknown_list_and_halted(fake: Fake) -> None:
     status, _, body = fake.get("/api/v3/exchangeInfo?symbol=NOSUCH")
     assert (status, body) == (400, FIXTURES["error_example"])
     listed = urllib.parse.quote('["ETHUSDT","DOTUSDT"]')
-    assert [
-        (s["symbol"], s["status"])
-        for s in fake.get(f"/api/v3/exchangeInfo?symbols={listed}")[2]["symbols"]
-    ] == [
+    assert [(s["symbol"], s["status"]) for s in fake.get(f"/api/v3/exchangeInfo?symbols={listed}")[2]["symbols"]] == [
         ("ETHUSDT", "TRADING"),
         ("DOTUSDT", "HALT"),
     ]
-    assert (
-        fake.get("/api/v3/exchangeInfo?symbols=" + urllib.parse.quote('["ETHUSDT","NOPE"]'))[2][
-            "code"
-        ]
-        == -1121
-    )
+    assert fake.get("/api/v3/exchangeInfo?symbols=" + urllib.parse.quote('["ETHUSDT","NOPE"]'))[2]["code"] == -1121
     assert len(fake.get("/api/v3/exchangeInfo")[2]["symbols"]) == 10
 
 
@@ -392,17 +370,13 @@ def test_rest_history_pages_match_what_the_websocket_sent(fake: Fake) -> None:
     def pages(path: str, first: int, last: int, key: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         while not rows or rows[-1][key] < last:
-            status, _, page = fake.get(
-                f"{path}&fromId={rows[-1][key] + 1 if rows else first}&limit=4"
-            )
+            status, _, page = fake.get(f"{path}&fromId={rows[-1][key] + 1 if rows else first}&limit=4")
             assert status == 200 and 0 < len(page) <= 4
             rows += page
         return rows
 
     rest_trades = pages("/api/v3/historicalTrades?symbol=BNBUSDT", min(trades), max(trades), "id")
-    assert [r["id"] for r in rest_trades] == list(
-        range(min(trades), min(trades) + len(rest_trades))
-    )
+    assert [r["id"] for r in rest_trades] == list(range(min(trades), min(trades) + len(rest_trades)))
     for row in rest_trades:
         assert_shape(row, FIXTURES["historicalTrades_rest_row"])
         if row["id"] in trades:
@@ -423,11 +397,7 @@ def test_rest_history_pages_match_what_the_websocket_sent(fake: Fake) -> None:
             assert {k: aggs[row["a"]][k] for k in row} == row
 
     recent = fake.get("/api/v3/trades?symbol=BNBUSDT&limit=3")[2]
-    assert (
-        len(recent) == 3
-        and recent[2]["id"] - recent[0]["id"] == 2
-        and recent[2]["id"] >= max(trades)
-    )
+    assert len(recent) == 3 and recent[2]["id"] - recent[0]["id"] == 2 and recent[2]["id"] >= max(trades)
 
 
 def test_klines_agree_with_the_trades_inside_them(fake: Fake) -> None:
@@ -436,13 +406,9 @@ def test_klines_agree_with_the_trades_inside_them(fake: Fake) -> None:
     for row in rows:
         assert_shape(row, FIXTURES["klines_rest_row"])
     assert [r[0] for r in rows] == [rows[0][0], rows[0][0] + 60_000, rows[0][0] + 120_000]
-    assert (
-        rows[2][6] == rows[2][0] + 59_999 and rows[2][0] <= time.time() * 1000 < rows[2][6] + 1000
-    )
+    assert rows[2][6] == rows[2][0] + 59_999 and rows[2][0] <= time.time() * 1000 < rows[2][6] + 1000
     open_ms, _, high, low, _, _, close_ms, _, count, *_ = closed = rows[1]
-    status, _, trades = fake.get(
-        f"/api/v3/aggTrades?symbol=LTCUSDT&startTime={open_ms}&endTime={close_ms}&limit=1000"
-    )
+    status, _, trades = fake.get(f"/api/v3/aggTrades?symbol=LTCUSDT&startTime={open_ms}&endTime={close_ms}&limit=1000")
     assert status == 200 and len(trades) == count == 600  # 10 trades/s
     prices = [Decimal(t["p"]) for t in trades]
     assert (closed[1], closed[4]) == (trades[0]["p"], trades[-1]["p"])
@@ -491,9 +457,7 @@ def test_weight_limit_gives_429_then_418_ban() -> None:
         assert (status, headers["X-MBX-USED-WEIGHT-1M"]) == (200, "20")
         status, headers, body = fake.get("/api/v3/exchangeInfo")
         assert (status, body["code"], headers["X-MBX-USED-WEIGHT-1M"]) == (429, -1003, "40")
-        assert (
-            abs(int(headers["Retry-After"]) - (60 - time.time() % 60)) <= 1.5
-        )  # to the next minute
+        assert abs(int(headers["Retry-After"]) - (60 - time.time() % 60)) <= 1.5  # to the next minute
         status, headers, body = fake.get("/api/v3/ping")
         assert (status, body["code"], headers["Retry-After"]) == (418, -1003, "7")
         assert fake.get("/api/v3/time")[0] == 418
@@ -603,9 +567,7 @@ def test_stats_count_connections_and_sent_events(fake: Fake) -> None:
     fake.control("reset_stats")
     first = connect(fake.ws_url("/ws/dotusdt@trade"))
     second = connect(fake.ws_url("/stream?streams=dotusdt@trade"))
-    got = [e["t"] for e in receive_for(first, 1.0)] + [
-        m["data"]["t"] for m in receive_for(second, 0.2)
-    ]
+    got = [e["t"] for e in receive_for(first, 1.0)] + [m["data"]["t"] for m in receive_for(second, 0.2)]
     stats = fake.stats()
     first.close()
     second.close()

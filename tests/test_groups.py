@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.groups import Group, InvalidSubscription, group_id, normalize_symbols, plan_groups, stream_names
-from worker.session import MAX_URL_CHARS, split_streams_for_url
+from worker.ingest.session import MAX_URL_CHARS, split_streams_for_url
 
 
 def test_symbols_are_upper_cased_and_deduplicated() -> None:
@@ -28,7 +28,10 @@ def test_bad_symbols_are_refused_with_a_message_that_says_what_to_do(symbols: ob
 
 def test_stream_names_are_lowercase_symbol_at_kind() -> None:
     assert stream_names(["BTCUSDT", "ETHUSDT"], ["trade", "kline_1m"]) == [
-        "btcusdt@trade", "btcusdt@kline_1m", "ethusdt@trade", "ethusdt@kline_1m",
+        "btcusdt@trade",
+        "btcusdt@kline_1m",
+        "ethusdt@trade",
+        "ethusdt@kline_1m",
     ]
 
 

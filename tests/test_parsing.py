@@ -9,19 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.parsing import (
-    KLINE_INTERVALS,
-    SUPPORTED_KINDS,
-    ParsedBatch,
-    parse_frames,
-    stream_kind,
-    validate_stream_kind,
-)
-from worker.storage import TABLE_COLUMNS, create_schema, make_engine, store_rows
+from worker.store.parsing import ParsedBatch, parse_frames
+from worker.store.storage import TABLE_COLUMNS, create_schema, make_engine, store_rows
+from worker.streams import KLINE_INTERVALS, SUPPORTED_KINDS, stream_kind, validate_stream_kind
 
-EXAMPLES: dict[str, Any] = json.loads(
-    (Path(__file__).parent / "fixtures" / "binance-doc-examples.json").read_text()
-)
+EXAMPLES: dict[str, Any] = json.loads((Path(__file__).parent / "fixtures" / "binance-doc-examples.json").read_text())
 
 E = 1672515782136  # the event time of most examples
 
@@ -36,14 +28,52 @@ SUPPORTED = {
     "kline": (
         "bnbbtc@kline_1m",
         "klines",
-        [("BNBBTC", "1m", 1672515780000, 1672515839999, 0.001, 0.0025, 0.0015, 0.002,
-          1000.0, 1.0, 100, 500.0, 0.5, 100, 200, False, E)],
+        [
+            (
+                "BNBBTC",
+                "1m",
+                1672515780000,
+                1672515839999,
+                0.001,
+                0.0025,
+                0.0015,
+                0.002,
+                1000.0,
+                1.0,
+                100,
+                500.0,
+                0.5,
+                100,
+                200,
+                False,
+                E,
+            )
+        ],
     ),  # fmt: skip
     "kline_utc8": (
         "bnbbtc@kline_1m@+08:00",
         "klines",
-        [("BNBBTC", "1m", 1672515780000, 1672515839999, 0.001, 0.0025, 0.0015, 0.002,
-          1000.0, 1.0, 100, 500.0, 0.5, 100, 200, False, E)],
+        [
+            (
+                "BNBBTC",
+                "1m",
+                1672515780000,
+                1672515839999,
+                0.001,
+                0.0025,
+                0.0015,
+                0.002,
+                1000.0,
+                1.0,
+                100,
+                500.0,
+                0.5,
+                100,
+                200,
+                False,
+                E,
+            )
+        ],
     ),  # fmt: skip
     "miniTicker": (
         "bnbbtc@miniTicker",
@@ -53,8 +83,32 @@ SUPPORTED = {
     "ticker": (
         "bnbbtc@ticker",
         "tickers",
-        [("BNBBTC", E, 0.0015, 250.0, 0.0018, 0.0009, 0.0025, 10.0, 0.0024, 10.0, 0.0026,
-          100.0, 0.001, 0.0025, 0.001, 10000.0, 18.0, 0, 86400000, 0, 18150, 18151)],
+        [
+            (
+                "BNBBTC",
+                E,
+                0.0015,
+                250.0,
+                0.0018,
+                0.0009,
+                0.0025,
+                10.0,
+                0.0024,
+                10.0,
+                0.0026,
+                100.0,
+                0.001,
+                0.0025,
+                0.001,
+                10000.0,
+                18.0,
+                0,
+                86400000,
+                0,
+                18150,
+                18151,
+            )
+        ],
     ),  # fmt: skip
     "bookTicker": (
         "bnbusdt@bookTicker",

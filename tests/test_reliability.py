@@ -14,12 +14,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import call, fake_stats, launch_stack, status_command, wait_until
-from worker.cli import client_app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
-from worker.local_stack import LocalStack
-from worker.storage import make_engine
-
+from worker.ops.clients import client_app
+from worker.ops.local_stack import LocalStack
+from worker.store.storage import make_engine
 
 
 def control(stack: LocalStack, **body: object) -> None:
@@ -32,10 +31,15 @@ def group_status(stack: LocalStack, gid: str) -> dict[str, str]:
 
 def trade_summary(db: Engine, symbol: str) -> tuple[int, int, int, int]:
     with db.connect() as conn:
-        return tuple(conn.execute(
-            text("select count(*), count(distinct trade_id), min(trade_id), max(trade_id) from trades where symbol = :s"),
-            {"s": symbol},
-        ).one())  # type: ignore[return-value]
+        return tuple(
+            conn.execute(
+                text(
+                    "select count(*), count(distinct trade_id), min(trade_id), max(trade_id)"
+                    " from trades where symbol = :s"
+                ),
+                {"s": symbol},
+            ).one()
+        )  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +68,11 @@ def test_rotation_and_server_shutdown_leave_no_gap(rotating: LocalStack) -> None
     stats = fake_stats(stack)
     sent = stats["sent"]["BTCUSDT"]["trade"]
     expected_ids = sent["last"] - sent["first"] + 1
-    wait_until(lambda: trade_summary(db, "BTCUSDT") == (expected_ids, expected_ids, sent["first"], sent["last"]),
-               20, f"trades {sent['first']}..{sent['last']} stored exactly once")
+    wait_until(
+        lambda: trade_summary(db, "BTCUSDT") == (expected_ids, expected_ids, sent["first"], sent["last"]),
+        20,
+        f"trades {sent['first']}..{sent['last']} stored exactly once",
+    )
     assert sent["count"] > expected_ids  # the overlaps really happened, and were deduplicated
     assert stats["connections"]["opened_total"] >= 4
     assert max(stats["connections"]["max_open_per_streamset"].values()) == 2  # only while rotating
@@ -154,4 +161,3 @@ def test_concurrent_subscribes_of_the_same_symbols_plan_one_group(killable: Loca
     time.sleep(2)
     assert open_connections(stack) == 1
     call(stack, "tasks.unsubscribe", ["XRPUSDT", "ADAUSDT"])
-

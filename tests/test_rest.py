@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from tests.test_fake_exchange import Fake, running_fake
+from worker.exchange.ratelimit import LocalLimitState, RedisLimitState, RequestPacer, RestUnavailable
+from worker.exchange.rest import BinanceError, BinanceRest, UnknownSymbol
 from worker.keys import RedisKeys
-from worker.ratelimit import LocalLimitState, RedisLimitState, RequestPacer, RestUnavailable
-from worker.rest import BinanceError, BinanceRest, UnknownSymbol
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +80,16 @@ def test_the_used_weight_header_raises_the_shared_count(
     assert int(redis_client.get(keys.rest_weight(int(time.time()) // 60))) == used_at_binance
 
 
-def test_a_spent_budget_waits_for_the_next_minute(
-    own_fake: Fake, redis_client: redis.Redis, keys: RedisKeys
-) -> None:
+def test_a_spent_budget_waits_for_the_next_minute(own_fake: Fake, redis_client: redis.Redis, keys: RedisKeys) -> None:
     clock = FakeClock(now=1_800_000_000 // 60 * 60 + 50.0)  # 10 s before a minute ends
-    rest = shared_client(url(own_fake), redis_client, keys, budget_per_minute=5,
-                         clock=clock.time, sleep=clock.sleep)
+    rest = shared_client(url(own_fake), redis_client, keys, budget_per_minute=5, clock=clock.time, sleep=clock.sleep)
     for _ in range(3):  # klines weigh 2: the third one does not fit into 5
         assert len(rest.klines("BTCUSDT", "1m", limit=1)) == 1
     assert clock.sleeps == [10.0]
     assert own_fake.stats()["rest"]["by_status"] == {"200": 3}
 
 
-def test_a_429_makes_every_worker_wait_retry_after(
-    own_fake: Fake, redis_client: redis.Redis, keys: RedisKeys
-) -> None:
+def test_a_429_makes_every_worker_wait_retry_after(own_fake: Fake, redis_client: redis.Redis, keys: RedisKeys) -> None:
     """Worker A is told 429 Retry-After 1; worker B, asking while A waits, must wait too:
     the fake bans (418) any request that comes before Retry-After has passed."""
     a_waits = threading.Event()
@@ -133,8 +128,11 @@ def test_a_ban_longer_than_the_max_wait_fails_every_worker_at_once(
 ) -> None:
     own_fake.control("rest_fault", status=418, count=1, retry_after=600)
     started = time.monotonic()
-    with pytest.raises(RestUnavailable, match=r"banned this IP \(HTTP 418\) until .* UTC, 600 s from now, "
-                       r"longer than REST_MAX_WAIT_SECONDS=300; retry after that time"):
+    with pytest.raises(
+        RestUnavailable,
+        match=r"banned this IP \(HTTP 418\) until .* UTC, 600 s from now, "
+        r"longer than REST_MAX_WAIT_SECONDS=300; retry after that time",
+    ):
         shared_client(url(own_fake), redis_client, keys).klines("BTCUSDT", "1m")
     other_worker = shared_client(url(own_fake), redis_client, keys)
     with pytest.raises(RestUnavailable, match="banned this IP"):

@@ -12,18 +12,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from tests.conftest import clean_env
 from tests.test_storage import SAMPLE_ROWS
-from worker.buffer import now_ms
 from worker.keys import RedisKeys
-from worker.local_stack import CELERY, LocalStack
-from worker.retention import (
+from worker.ops.local_stack import CELERY, LocalStack
+from worker.settings import Settings
+from worker.store.retention import (
     DAY_MS,
     RetentionPolicy,
     chunk_delete,
     delete_expired_rows,
     parse_overrides,
 )
-from worker.settings import Settings
-from worker.storage import (
+from worker.store.storage import (
     TABLE_COLUMNS,
     TABLES,
     TIME_COLUMNS,
@@ -31,6 +30,7 @@ from worker.storage import (
     make_engine,
     store_rows,
 )
+from worker.times import now_ms
 
 NOW = 1_700_000_000_000
 OLD = NOW - 40 * DAY_MS
@@ -51,7 +51,7 @@ def engine(db_path: Path) -> Engine:
 
 def row(table: str, n: int, at: int | None) -> tuple[Any, ...]:
     """The sample row of `table`, made its symbol's n-th row and timed `at`."""
-    values = dict(zip(TABLE_COLUMNS[table], SAMPLE_ROWS[table]))
+    values = dict(zip(TABLE_COLUMNS[table], SAMPLE_ROWS[table], strict=False))
     values[TABLES[table].primary_key.columns.values()[-1].name] = n
     values[TIME_COLUMNS[table]] = at
     return tuple(values[column] for column in TABLE_COLUMNS[table])
@@ -72,8 +72,7 @@ def store_old_and_recent(engine: Engine, count: int = 3) -> None:
 def counts(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
         return {
-            name: conn.execute(select(func.count()).select_from(table)).scalar_one()
-            for name, table in TABLES.items()
+            name: conn.execute(select(func.count()).select_from(table)).scalar_one() for name, table in TABLES.items()
         }
 
 
@@ -98,9 +97,7 @@ def test_old_rows_go_recent_rows_stay_and_klines_are_kept_by_default(engine: Eng
 
 def test_rows_without_a_time_are_kept(engine: Engine) -> None:
     with engine.begin() as conn:
-        store_rows(
-            conn, {"book_tickers": [row("book_tickers", 1, None), row("book_tickers", 2, OLD)]}
-        )
+        store_rows(conn, {"book_tickers": [row("book_tickers", 1, None), row("book_tickers", 2, OLD)]})
     assert delete_expired_rows(engine, policy(), NOW).deleted["book_tickers"] == 1
     with engine.connect() as conn:
         assert conn.execute(select(TABLES["book_tickers"].c.update_id)).scalars().all() == [1]
@@ -139,9 +136,7 @@ def test_rows_go_in_chunks_of_one_transaction_each(engine: Engine) -> None:
 
 def test_a_lost_lock_stops_the_run_after_the_chunk_in_hand(engine: Engine) -> None:
     store(engine, "trades", 25, OLD)
-    run = delete_expired_rows(
-        engine, keep_all_but("trades", 30, chunk_rows=10), NOW, keep_going=lambda: False
-    )
+    run = delete_expired_rows(engine, keep_all_but("trades", 30, chunk_rows=10), NOW, keep_going=lambda: False)
     assert (run.deleted, run.chunks, run.interrupted) == ({"trades": 10}, 1, True)
     assert counts(engine)["trades"] == 15
 
@@ -204,9 +199,7 @@ def test_a_bad_override_is_refused_with_a_clear_message(text: str, message: str)
 
 
 def test_bad_numbers_are_refused() -> None:
-    with pytest.raises(
-        ValueError, match=r"RETENTION_DAYS=-1 must be 0 \(keep everything\) or more"
-    ):
+    with pytest.raises(ValueError, match=r"RETENTION_DAYS=-1 must be 0 \(keep everything\) or more"):
         policy({"RETENTION_DAYS": "-1"})
     with pytest.raises(ValueError, match=r"RETENTION_CHUNK_ROWS=0 must be 1 or more"):
         policy({"RETENTION_CHUNK_ROWS": "0"})

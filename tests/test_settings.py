@@ -20,15 +20,18 @@ def test_defaults_work_without_any_environment() -> None:
 
 
 def test_values_are_converted_to_the_field_types() -> None:
-    settings = Settings.from_env({"DRAIN_BATCH_SIZE": " 250 ", "DRAIN_INTERVAL_SECONDS": "0.5",
-                                  "DEFAULT_STREAMS": "trade, kline_1m,"})
+    settings = Settings.from_env(
+        {"DRAIN_BATCH_SIZE": " 250 ", "DRAIN_INTERVAL_SECONDS": "0.5", "DEFAULT_STREAMS": "trade, kline_1m,"}
+    )
     assert settings.drain_batch_size == 250
     assert settings.drain_interval_seconds == 0.5
     assert settings.default_stream_kinds == ["trade", "kline_1m"]
 
 
 def test_a_bad_value_names_the_variable_and_the_default() -> None:
-    with pytest.raises(ValueError, match=r"DRAIN_BATCH_SIZE='lots' is not a valid int; unset it to use the default 5000"):
+    with pytest.raises(
+        ValueError, match=r"DRAIN_BATCH_SIZE='lots' is not a valid int; unset it to use the default 5000"
+    ):
         Settings.from_env({"DRAIN_BATCH_SIZE": "lots"})
 
 

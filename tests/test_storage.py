@@ -12,8 +12,8 @@ from sqlalchemy import Engine, event, func, inspect, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
-from worker import storage
-from worker.storage import (
+from worker.store import storage
+from worker.store.storage import (
     TABLE_COLUMNS,
     TABLES,
     TIME_COLUMNS,
@@ -29,13 +29,47 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
     "trades": ("BTCUSDT", 1, 30000.5, 0.01, T, True, T + 1),
     "agg_trades": ("BTCUSDT", 1, 30000.5, 0.01, 10, 12, T, False, T + 1),
     "klines": (
-        "BTCUSDT", "1m", T, T + 59999, 1.0, 2.0, 0.5, 1.5, 100.0, 150.0, 7, 50.0, 75.0,
-        10, 16, True, T + 60000,
+        "BTCUSDT",
+        "1m",
+        T,
+        T + 59999,
+        1.0,
+        2.0,
+        0.5,
+        1.5,
+        100.0,
+        150.0,
+        7,
+        50.0,
+        75.0,
+        10,
+        16,
+        True,
+        T + 60000,
     ),  # fmt: skip
     "tickers": (
-        "BTCUSDT", T, 0.5, 1.25, 30000.1, 29999.5, 30000.0, 0.1, 29999.9, 1.0,
-        30000.1, 2.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0,
-        T - 86400000, T, 1, 100, 100,
+        "BTCUSDT",
+        T,
+        0.5,
+        1.25,
+        30000.1,
+        29999.5,
+        30000.0,
+        0.1,
+        29999.9,
+        1.0,
+        30000.1,
+        2.0,
+        29999.5,
+        30100.0,
+        29900.0,
+        1234.5,
+        37000000.0,
+        T - 86400000,
+        T,
+        1,
+        100,
+        100,
     ),  # fmt: skip
     "mini_tickers": ("BTCUSDT", T, 30000.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0),
     "book_tickers": ("BTCUSDT", 400900217, 29999.9, 1.0, 30000.1, 2.0, T),
@@ -60,9 +94,7 @@ def batch_of_samples() -> dict[str, list[tuple[Any, ...]]]:
 
 
 def test_sample_rows_match_the_column_order_contract() -> None:
-    assert {t: len(row) for t, row in SAMPLE_ROWS.items()} == {
-        t: len(columns) for t, columns in TABLE_COLUMNS.items()
-    }
+    assert {t: len(row) for t, row in SAMPLE_ROWS.items()} == {t: len(columns) for t, columns in TABLE_COLUMNS.items()}
 
 
 def test_make_engine_creates_the_directory_and_sets_the_pragmas(tmp_path: Path) -> None:
@@ -110,10 +142,7 @@ def test_create_schema_from_several_processes_at_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'crowd.db'}"
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(4)
-    processes = [
-        context.Process(target=_create_schema_when_all_are_ready, args=(url, barrier))
-        for _ in range(4)
-    ]
+    processes = [context.Process(target=_create_schema_when_all_are_ready, args=(url, barrier)) for _ in range(4)]
     for process in processes:
         process.start()
     for process in processes:

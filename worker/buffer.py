@@ -12,13 +12,13 @@ price of one list element per flush instead of any work per frame.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 
 import redis
 
-from worker.keys import RedisKeys
+from worker.keys import RedisKeys, as_text
+from worker.times import now_ms
 
 CLOCK_MARK_PREFIX = b"@"
 
@@ -53,10 +53,6 @@ def clock_mark(now_ms: int) -> bytes:
     return CLOCK_MARK_PREFIX + str(now_ms).encode()
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True)
 class Claim:
     """A batch read from the head of one list, not yet removed from it."""
@@ -81,7 +77,7 @@ class FrameBuffer:
         return key
 
     def list_keys(self) -> list[str]:
-        return sorted(k.decode() for k in self.client.smembers(self.keys.buffers))
+        return sorted(as_text(k) for k in self.client.smembers(self.keys.buffers))
 
     def backlog(self, key: str) -> int:
         return int(self.client.llen(key))
@@ -162,8 +158,10 @@ class FrameWriter:
                 pipe.hset(self.status_key, "last_message_at", received_at)
                 length = pipe.execute()[0]
             if length > self.max_list_length:
-                self._trim(keys=[self.key, self.keys.buffer_heads, self.keys.counters, self.status_key],
-                           args=[self.max_list_length])
+                self._trim(
+                    keys=[self.key, self.keys.buffer_heads, self.keys.counters, self.status_key],
+                    args=[self.max_list_length],
+                )
         except redis.RedisError as error:
             self.last_error = f"{type(error).__name__}: {error}"
             self.pending.extendleft(reversed(frames))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.keys import RedisKeys
+from worker.keys import RedisKeys, as_text
 
 # Binance's own pattern for the `symbol` parameter.
 SYMBOL_PATTERN = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
@@ -56,16 +56,12 @@ def normalize_symbols(symbols: Sequence[str] | str) -> list[str]:
     slip of `subscribe.delay("BTCUSDT")`.
     """
     if isinstance(symbols, str):
-        raise InvalidSubscription(
-            f"symbols must be a list, got the string {symbols!r}: call subscribe([{symbols!r}])"
-        )
+        raise InvalidSubscription(f"symbols must be a list, got the string {symbols!r}: call subscribe([{symbols!r}])")
     result: list[str] = []
     for raw in symbols:
         symbol = str(raw).strip().upper()
         if not SYMBOL_PATTERN.match(symbol):
-            raise InvalidSubscription(
-                f"{raw!r} is not a Binance symbol: use letters and digits such as 'BTCUSDT'"
-            )
+            raise InvalidSubscription(f"{raw!r} is not a Binance symbol: use letters and digits such as 'BTCUSDT'")
         if symbol not in result:
             result.append(symbol)
     if not result:
@@ -93,7 +89,7 @@ class GroupRegistry:
 
     def wanted(self) -> dict[str, Group]:
         raw = self.client.hgetall(self.keys.groups)
-        return {gid.decode(): Group.from_json(value) for gid, value in raw.items()}
+        return {as_text(gid): Group.from_json(value) for gid, value in raw.items()}
 
     def get(self, gid: str) -> Group | None:
         value = self.client.hget(self.keys.groups, gid)
@@ -120,7 +116,7 @@ class GroupRegistry:
 
     def status(self, gid: str) -> dict[str, str]:
         raw = self.client.hgetall(self.keys.status(gid))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
     def set_status(self, gid: str, **fields: object) -> None:
         self.client.hset(self.keys.status(gid), mapping={k: str(v) for k, v in fields.items()})

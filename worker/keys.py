@@ -103,3 +103,9 @@ class RedisKeys:
     def status(self, group_id: str) -> str:
         """Hash describing the group's connection (state, since, messages, ...)."""
         return f"{self.prefix}:status:{group_id}"
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text: the service's clients return bytes (frames are bytes), but
+    redis-py's types admit either, depending on `decode_responses`."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -12,6 +12,8 @@ import uuid
 
 import redis
 
+from worker.keys import as_text
+
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -48,4 +50,4 @@ class Lease:
 
     def holder(self) -> str | None:
         value = self.client.get(self.key)
-        return value.decode() if value is not None else None
+        return as_text(value) if value is not None else None

@@ -23,13 +23,10 @@ def _setting(default: Any, doc: str) -> Any:
 class Settings:
     """The service's configuration. Field `foo_bar` is read from env var `FOO_BAR`."""
 
-    redis_url: str = _setting(
-        "redis://localhost:6379/0", "Redis for the Celery broker, results, buffers and state."
-    )
+    redis_url: str = _setting("redis://localhost:6379/0", "Redis for the Celery broker, results, buffers and state.")
     database_url: str = _setting(
         "sqlite:///data/binance.db",
-        "SQLAlchemy URL of the database (a SQLite file under ./data/ by default; "
-        "postgresql+psycopg://... works too).",
+        "SQLAlchemy URL of the database (a SQLite file under ./data/ by default; postgresql+psycopg://... works too).",
     )
     binance_ws_url: str = _setting(
         "wss://data-stream.binance.vision",
@@ -38,24 +35,16 @@ class Settings:
     binance_rest_url: str = _setting(
         "https://api.binance.com", "Base URL of Binance's REST API; /api/v3/... is appended."
     )
-    default_streams: str = _setting(
-        "trade,ticker", "Stream kinds recorded when subscribe() is called without streams."
-    )
-    startup_symbols: str = _setting(
-        "", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up."
-    )
-    max_streams_per_connection: int = _setting(
-        1024, "Streams per websocket connection (Binance allows at most 1024)."
-    )
+    default_streams: str = _setting("trade,ticker", "Stream kinds recorded when subscribe() is called without streams.")
+    startup_symbols: str = _setting("", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up.")
+    max_streams_per_connection: int = _setting(1024, "Streams per websocket connection (Binance allows at most 1024).")
     stream_worker_concurrency: int = _setting(
         8,
         "Processes of the `streams` worker: each holds one group's connection, so this "
         "is the most groups one worker records.",
     )
     redis_prefix: str = _setting("recorder", "Prefix of every Redis key the service owns.")
-    flush_interval_ms: int = _setting(
-        50, "Longest time a received frame waits in a subscription task before RPUSH."
-    )
+    flush_interval_ms: int = _setting(50, "Longest time a received frame waits in a subscription task before RPUSH.")
     local_buffer_max_frames: int = _setting(
         200000,
         "Frames a subscription task keeps in memory while Redis is unreachable; "
@@ -67,24 +56,19 @@ class Settings:
         "oldest frames are trimmed and counted (trade gaps are then backfilled).",
     )
     drain_interval_seconds: float = _setting(1.0, "How often beat runs the drain task.")
-    drain_batch_size: int = _setting(
-        5000, "Frames taken from one Redis list per database transaction."
-    )
+    drain_batch_size: int = _setting(5000, "Frames taken from one Redis list per database transaction.")
     lease_ttl_seconds: float = _setting(
         10.0,
         "Lifetime of a group's connection lease, renewed about every second by the task "
         "holding it: a dead task's group can restart after at most this long.",
     )
-    supervise_interval_seconds: float = _setting(
-        30.0, "How often beat restarts wanted groups whose lease has expired."
-    )
+    supervise_interval_seconds: float = _setting(30.0, "How often beat restarts wanted groups whose lease has expired.")
     reconnect_backoff_max_seconds: float = _setting(
         30.0, "Cap of the exponential back-off (with full jitter) between reconnect attempts."
     )
     connect_attempts_per_5_minutes: int = _setting(
         250,
-        "Websocket connection attempts allowed per 5 minutes for all groups together "
-        "(Binance bans past 300 per IP).",
+        "Websocket connection attempts allowed per 5 minutes for all groups together (Binance bans past 300 per IP).",
     )
     connection_max_age_seconds: float = _setting(
         85800.0,
@@ -93,8 +77,7 @@ class Settings:
     )
     silence_timeout_seconds: float = _setting(
         60.0,
-        "A connection that delivers no frame for this long is replaced, although pings "
-        "may still flow.",
+        "A connection that delivers no frame for this long is replaced, although pings may still flow.",
     )
     rest_timeout_seconds: float = _setting(10.0, "Timeout of one REST request to Binance.")
     rest_weight_budget_per_minute: int = _setting(
@@ -112,15 +95,10 @@ class Settings:
     )
     backfill_lookback_seconds: int = _setting(
         21600,
-        "How far back the periodic backfill looks for missing trade ids, aggregate "
-        "trade ids and kline slots.",
+        "How far back the periodic backfill looks for missing trade ids, aggregate trade ids and kline slots.",
     )
-    sqlite_busy_timeout_ms: int = _setting(
-        10000, "How long a SQLite writer waits for a lock before failing."
-    )
-    retention_days: int = _setting(
-        30, "Days of data every table keeps (by its time column); 0 keeps everything."
-    )
+    sqlite_busy_timeout_ms: int = _setting(10000, "How long a SQLite writer waits for a lock before failing.")
+    retention_days: int = _setting(30, "Days of data every table keeps (by its time column); 0 keeps everything.")
     retention_overrides: str = _setting(
         "klines=0",
         "Per-table days that replace RETENTION_DAYS, as TABLE=DAYS pairs such as "
@@ -129,12 +107,9 @@ class Settings:
     )
     retention_chunk_rows: int = _setting(
         10000,
-        "Rows deleted per transaction by the retention task, so it never blocks the "
-        "drain for long.",
+        "Rows deleted per transaction by the retention task, so it never blocks the drain for long.",
     )
-    retention_interval_seconds: float = _setting(
-        3600.0, "How often beat runs the retention task."
-    )
+    retention_interval_seconds: float = _setting(3600.0, "How often beat runs the retention task.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -161,7 +136,7 @@ class Settings:
 
     @property
     def default_stream_kinds(self) -> list[str]:
-        return _split_csv(self.default_streams)
+        return split_list(self.default_streams)
 
 
 def _convert(raw: str, kind: type) -> Any:
@@ -175,8 +150,9 @@ def _convert(raw: str, kind: type) -> Any:
     return kind(raw.strip()) if kind in (int, float) else raw
 
 
-def _split_csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def split_list(text: str | None) -> list[str]:
+    """ "a, b,,c" -> ["a", "b", "c"]: how settings and command-line options spell lists."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def documented_settings() -> list[tuple[str, Any, str]]:

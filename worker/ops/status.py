@@ -13,11 +13,12 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from worker.buffer import FrameBuffer, now_ms
+from worker.buffer import FrameBuffer
 from worker.groups import GroupRegistry
-from worker.keys import RedisKeys
+from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
-from worker.storage import TABLES, TIME_COLUMNS
+from worker.store.storage import TABLES, TIME_COLUMNS
+from worker.times import now_ms
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -63,7 +64,7 @@ def table_statuses(engine: Engine) -> dict[str, dict[str, int | None]]:
 
 def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> dict[str, Any]:
     keys = RedisKeys(settings.redis_prefix)
-    counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
+    counters = {as_text(k): int(v) for k, v in client.hgetall(keys.counters).items()}
     return {
         "generated_at": now_ms(),
         "groups": group_statuses(client, keys),

@@ -1,7 +1,7 @@
 """Binance's REST API: the few endpoints the service calls, within Binance's limits.
 
 Every request first passes the shared `RequestPacer` (weight budget, 429 back-off,
-418 ban; see worker/ratelimit.py), so that no worker can get the IP banned. Timeouts,
+418 ban; see worker/exchange/ratelimit.py), so that no worker can get the IP banned. Timeouts,
 dropped connections and 5xx answers are retried with exponential back-off; a 429 or
 418 is retried once its Retry-After has passed. Binance answers errors as
 `{"code": <negative>, "msg": ...}`; they are raised as `BinanceError` carrying both,
@@ -18,8 +18,7 @@ from typing import Any, TypedDict
 import redis
 import requests
 
-from worker.keys import RedisKeys
-from worker.ratelimit import (
+from worker.exchange.ratelimit import (
     BACKOFF,
     BAN,
     MINUTE_MS,
@@ -29,6 +28,7 @@ from worker.ratelimit import (
     RequestPacer,
     RestUnavailable,
 )
+from worker.keys import RedisKeys
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ class UnknownSymbol(ValueError):
 
 def _unknown_symbol(symbol: str, binance_msg: str) -> UnknownSymbol:
     return UnknownSymbol(
-        f"unknown symbol {symbol}: Binance says {binance_msg!r}; check the spelling "
-        "(spot symbols look like BTCUSDT)"
+        f"unknown symbol {symbol}: Binance says {binance_msg!r}; check the spelling (spot symbols look like BTCUSDT)"
     )
 
 
@@ -89,10 +88,17 @@ class TradeRow(TypedDict):
     isBestMatch: bool
 
 
-AggTradeRow = TypedDict(
-    "AggTradeRow",
-    {"a": int, "p": str, "q": str, "f": int, "l": int, "T": int, "m": bool, "M": bool},
-)
+class AggTradeRow(TypedDict):
+    a: int
+    p: str
+    q: str
+    f: int
+    l: int  # noqa: E741  (Binance's field name)
+    T: int
+    m: bool
+    M: bool
+
+
 """A row of /api/v3/aggTrades: agg id, price, qty, first/last trade id, time, maker."""
 
 KlineRow = list[Any]
@@ -118,7 +124,7 @@ class BinanceRest:
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None) -> BinanceRest:
         """The client a task uses: budget and longest wait from the settings, shared
-        through Redis (`client`, normally `worker.resources.redis_client()`) or, when
+        through Redis (`client`, normally `tasks.resources.redis_client()`) or, when
         it is None, kept in this process."""
         state: LimitState = (
             PROCESS_STATE if client is None else RedisLimitState(client, RedisKeys(settings.redis_prefix))
@@ -169,11 +175,7 @@ class BinanceRest:
         retry_after = _retry_after_seconds(response)
         if retry_after is None:
             # 429 without the header: Binance counts weight per minute, so wait for the next.
-            retry_after = (
-                _DEFAULT_BAN_SECONDS
-                if kind == BAN
-                else (MINUTE_MS - self.pacer.now_ms() % MINUTE_MS) / 1000
-            )
+            retry_after = _DEFAULT_BAN_SECONDS if kind == BAN else (MINUTE_MS - self.pacer.now_ms() % MINUTE_MS) / 1000
         self.pacer.block(kind, retry_after)
 
     def server_time_ms(self) -> int:
@@ -208,25 +210,31 @@ class BinanceRest:
             self._symbol_get(symbol, "exchangeInfo", {})
 
     def klines(
-        self, symbol: str, interval: str, start_ms: int | None = None,
-        end_ms: int | None = None, limit: int = MAX_LIMIT,
+        self,
+        symbol: str,
+        interval: str,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        limit: int = MAX_LIMIT,
     ) -> list[KlineRow]:
         """Klines by open time, ascending; bounds inclusive; the newest may be open."""
         params = {"interval": interval, "startTime": start_ms, "endTime": end_ms, "limit": limit}
         return self._symbol_get(symbol, "klines", params)
 
     def agg_trades(
-        self, symbol: str, from_id: int | None = None, start_ms: int | None = None,
-        end_ms: int | None = None, limit: int = MAX_LIMIT,
+        self,
+        symbol: str,
+        from_id: int | None = None,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        limit: int = MAX_LIMIT,
     ) -> list[AggTradeRow]:
         """Aggregate trades from `from_id`, or in [start_ms, end_ms] (at most one hour
         apart, Binance's rule), ascending; without bounds the most recent ones."""
         params = {"fromId": from_id, "startTime": start_ms, "endTime": end_ms, "limit": limit}
         return self._symbol_get(symbol, "aggTrades", params)
 
-    def historical_trades(
-        self, symbol: str, from_id: int | None = None, limit: int = MAX_LIMIT
-    ) -> list[TradeRow]:
+    def historical_trades(self, symbol: str, from_id: int | None = None, limit: int = MAX_LIMIT) -> list[TradeRow]:
         """Trades from `from_id` on, ascending; without it the most recent ones."""
         return self._symbol_get(symbol, "historicalTrades", {"fromId": from_id, "limit": limit})
 
@@ -247,7 +255,7 @@ def _weight(path: str) -> int:
     except KeyError:
         raise ValueError(
             f"no request weight known for endpoint {path!r}: add Binance's weight for it "
-            "to worker.rest.REQUEST_WEIGHTS, so that the shared budget counts it"
+            "to worker.exchange.rest.REQUEST_WEIGHTS, so that the shared budget counts it"
         ) from None
 
 

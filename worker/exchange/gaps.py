@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, and_, func, select, update
 
-from worker.history import Series
-from worker.storage import gaps, insert_or_ignore
+from worker.exchange.history import Series
+from worker.store.storage import gaps, insert_or_ignore
 
 OPEN, FILLED, UNFILLABLE = "open", "filled", "unfillable"
 

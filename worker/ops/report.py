@@ -1,11 +1,12 @@
-"""Renders a status snapshot (worker/status.py) as tables a person reads at a glance."""
+"""Renders a status snapshot (worker/ops/status.py) as tables a person reads at a glance."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any, TextIO
+
+from worker.times import utc_text
 
 
 def age(ms: int | None, now_ms: int) -> str:
@@ -19,12 +20,6 @@ def age(ms: int | None, now_ms: int) -> str:
     return f"{seconds}s"
 
 
-def utc(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Left-aligned text columns, numbers right-aligned."""
     cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
@@ -32,7 +27,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
     lines = []
     for row in cells:
-        padded = [cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric)]
+        padded = [cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric, strict=False)]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)
 
@@ -44,15 +39,24 @@ def _is_number(value: object) -> bool:
 def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     now = snapshot["generated_at"]
     groups = [
-        (g["id"], ",".join(g["symbols"]), g["streams"], g["state"] if g["live"] else "NOT RUNNING",
-         age(g["connected_since"], now) if g["state"] == "connected" else "-", g["messages_per_second"],
-         age(g["last_message_at"], now), g["reconnects"], g["backlog"])
+        (
+            g["id"],
+            ",".join(g["symbols"]),
+            g["streams"],
+            g["state"] if g["live"] else "NOT RUNNING",
+            age(g["connected_since"], now) if g["state"] == "connected" else "-",
+            g["messages_per_second"],
+            age(g["last_message_at"], now),
+            g["reconnects"],
+            g["backlog"],
+        )
         for g in snapshot["groups"]
     ]
-    tables = [(name, t["rows"], utc(t["newest"]), age(t["newest"], now)) for name, t in snapshot["tables"].items()]
+    tables = [(name, t["rows"], utc_text(t["newest"]), age(t["newest"], now)) for name, t in snapshot["tables"].items()]
     parts = [
         table(["GROUP", "SYMBOLS", "STREAMS", "STATE", "UP", "MSG/S", "LAST MSG", "RECONNECTS", "BACKLOG"], groups)
-        if groups else "no groups subscribed: run `binance-recorder subscribe BTCUSDT`",
+        if groups
+        else "no groups subscribed: run `binance-recorder subscribe BTCUSDT`",
         "",
         table(["TABLE", "ROWS", "NEWEST (UTC)", "AGE"], tables),
         "",

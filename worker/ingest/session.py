@@ -5,7 +5,7 @@ one prefix check (for `serverShutdown`), nothing else. No JSON parsing, no datab
 no Redis round trip per message. Pings are answered by websocket-client itself
 (`recv_data` sends the pong echoing the ping's payload).
 
-A session runs in a thread so that its owner (worker/runner.py) can flush on a steady
+A session runs in a thread so that its owner (worker/ingest/runner.py) can flush on a steady
 clock and hold two sessions at once while rotating a connection without a gap.
 """
 
@@ -131,12 +131,12 @@ class StreamSession:
 
     def _connect_and_receive(self) -> str:
         try:
-            ws = websocket.create_connection(
-                self.url, timeout=self.connect_timeout, skip_utf8_validation=True
-            )
+            ws = websocket.create_connection(self.url, timeout=self.connect_timeout, skip_utf8_validation=True)
         except (websocket.WebSocketException, OSError) as error:
             return f"connect failed: {type(error).__name__}: {error}"
-        ws.sock = _ReadAhead(ws.sock)  # after the handshake, which reads byte by byte
+        # After the handshake, which reads byte by byte. websocket-client types `sock` as a
+        # socket; _ReadAhead offers the socket methods it calls.
+        ws.sock = _ReadAhead(ws.sock)  # type: ignore[assignment]
         try:
             self._subscribe_late_streams(ws)
             self.opened_at = time.monotonic()

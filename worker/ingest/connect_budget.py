@@ -11,7 +11,7 @@ import uuid
 
 import redis
 
-from worker.buffer import now_ms
+from worker.times import now_ms
 
 WINDOW_SECONDS = 300
 
@@ -40,7 +40,5 @@ class ConnectBudget:
 
     def take(self) -> float:
         """Take one attempt: 0 if allowed now, else the seconds to wait before asking again."""
-        wait_ms = self._take(
-            keys=[self.key], args=[now_ms(), WINDOW_SECONDS * 1000, self.limit, uuid.uuid4().hex]
-        )
+        wait_ms = self._take(keys=[self.key], args=[now_ms(), WINDOW_SECONDS * 1000, self.limit, uuid.uuid4().hex])
         return int(wait_ms) / 1000

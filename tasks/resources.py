@@ -12,8 +12,8 @@ import os
 import redis
 from sqlalchemy.engine import Engine
 
-from worker import storage
 from worker.settings import get_settings
+from worker.store import storage
 
 _redis: dict[int, redis.Redis] = {}
 _engines: dict[int, Engine] = {}

@@ -16,6 +16,7 @@ copy, or when the worker shuts down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -25,13 +26,14 @@ from collections.abc import Callable
 
 import redis
 
-from worker.buffer import FrameBuffer, FrameWriter, now_ms
-from worker.connect_budget import ConnectBudget
+from worker.buffer import FrameBuffer, FrameWriter
 from worker.groups import Group, GroupRegistry
+from worker.ingest.connect_budget import ConnectBudget
+from worker.ingest.session import CLOSE_TIMEOUT_SECONDS, StreamSession
 from worker.keys import RedisKeys
 from worker.lease import Lease
-from worker.session import CLOSE_TIMEOUT_SECONDS, StreamSession
 from worker.settings import Settings
+from worker.times import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,9 @@ class GroupRunner:
         self.lease = Lease(client, self.keys.lease(group.id), settings.lease_ttl_seconds, self.owner)
         self.budget = ConnectBudget(client, self.keys.connect_attempts, settings.connect_attempts_per_5_minutes)
         FrameBuffer(client, self.keys).register(group.id)
-        self.writer = FrameWriter(client, self.keys, group.id, settings.local_buffer_max_frames,
-                                  settings.redis_buffer_max_frames)
+        self.writer = FrameWriter(
+            client, self.keys, group.id, settings.local_buffer_max_frames, settings.redis_buffer_max_frames
+        )
         self.current: StreamSession | None = None
         self.successor: StreamSession | None = None
         self.closing: list[StreamSession] = []
@@ -92,8 +95,16 @@ class GroupRunner:
         """Run until the group should stop; returns the reason."""
         if not self.lease.acquire():
             return ALREADY_RUNNING
-        self._status(state="starting", worker=self.owner, task_id=task_id, streams=len(self.group.streams),
-                     started_at=now_ms(), reconnects=0, rotations=0, last_error="")
+        self._status(
+            state="starting",
+            worker=self.owner,
+            task_id=task_id,
+            streams=len(self.group.streams),
+            started_at=now_ms(),
+            reconnects=0,
+            rotations=0,
+            last_error="",
+        )
         try:
             return self._loop()
         finally:
@@ -158,7 +169,9 @@ class GroupRunner:
         successor = self.successor
         assert successor is not None
         waited = now - self._successor_started
-        delivering = successor.frames > 0 or (successor.open and (self.current is None or waited > ROTATION_WAIT_SECONDS))
+        delivering = successor.frames > 0 or (
+            successor.open and (self.current is None or waited > ROTATION_WAIT_SECONDS)
+        )
         if delivering and not successor.ended:
             self._promote(successor, now)
         elif successor.ended or waited > ROTATION_WAIT_SECONDS:
@@ -175,8 +188,13 @@ class GroupRunner:
             old.stop("replaced by a new connection")
             self.closing.append(old)
             self.rotations += 1
-        self._status(state="connected", connected_since=now_ms(), reconnects=self.reconnects,
-                     rotations=self.rotations, last_error="")
+        self._status(
+            state="connected",
+            connected_since=now_ms(),
+            reconnects=self.reconnects,
+            rotations=self.rotations,
+            last_error="",
+        )
 
     def _lost(self, reason: str, now: float) -> None:
         delivered = self.current is not None and self.current.frames > 0
@@ -221,8 +239,13 @@ class GroupRunner:
         except redis.RedisError as error:
             log.warning("group %s: Redis unreachable (%s); holding frames in memory", self.group.id, error)
         if self.writer.last_error:
-            log.warning("group %s: cannot push to Redis (%s); %d frames held, %d dropped", self.group.id,
-                        self.writer.last_error, len(self.writer.pending), self.writer.dropped)
+            log.warning(
+                "group %s: cannot push to Redis (%s); %d frames held, %d dropped",
+                self.group.id,
+                self.writer.last_error,
+                len(self.writer.pending),
+                self.writer.dropped,
+            )
         if now >= self._next_progress:
             self._next_progress = now + PROGRESS_SECONDS
             self._publish_progress(now)
@@ -234,18 +257,18 @@ class GroupRunner:
         self._rate_sample = (now, self.writer.pushed)
         rate = round((self.writer.pushed - pushed_then) / max(now - then, 1e-9), 1)
         self._status(messages_per_second=rate, dropped_locally=self.writer.dropped)
-        self.report_progress({
-            "group": self.group.id,
-            "symbols": self.group.symbols,
-            "connected": self.current is not None and self.current.open,
-            "messages": self.writer.pushed,
-            "messages_per_second": rate,
-            "reconnects": self.reconnects,
-            "rotations": self.rotations,
-        })
+        self.report_progress(
+            {
+                "group": self.group.id,
+                "symbols": self.group.symbols,
+                "connected": self.current is not None and self.current.open,
+                "messages": self.writer.pushed,
+                "messages_per_second": rate,
+                "reconnects": self.reconnects,
+                "rotations": self.rotations,
+            }
+        )
 
     def _status(self, **fields: object) -> None:
-        try:
+        with contextlib.suppress(redis.RedisError):  # status is informative; recording goes on
             self.registry.set_status(self.group.id, **fields)
-        except redis.RedisError:
-            pass  # status is informative; recording goes on without it

@@ -14,23 +14,11 @@ from typing import Any, ClassVar
 
 from sqlalchemy import ColumnElement, Table, and_
 
-from worker.parsing import validate_stream_kind
-from worker.rest import AggTradeRow, BinanceRest, KlineRow, TradeRow
-from worker.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
+from worker.exchange.rest import AggTradeRow, BinanceRest, KlineRow, TradeRow
+from worker.store.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
+from worker.streams import INTERVAL_MS, validate_stream_kind
 
 Row = tuple[Any, ...]
-
-_MINUTE = 60_000
-_HOUR = 60 * _MINUTE
-_DAY = 24 * _HOUR
-INTERVAL_MS: dict[str, int] = {
-    "1s": 1000, "1m": _MINUTE, "3m": 3 * _MINUTE, "5m": 5 * _MINUTE,
-    "15m": 15 * _MINUTE, "30m": 30 * _MINUTE, "1h": _HOUR, "2h": 2 * _HOUR,
-    "4h": 4 * _HOUR, "6h": 6 * _HOUR, "8h": 8 * _HOUR, "12h": 12 * _HOUR,
-    "1d": _DAY, "3d": 3 * _DAY, "1w": 7 * _DAY,
-}  # fmt: skip
-"""Kline intervals of fixed length. `1M` (calendar months) is not one: its slots are 28
-to 31 days apart, so it is not backfilled (a month fits no recent-gap window anyway)."""
 
 
 class NotBackfillable(ValueError):
@@ -106,8 +94,10 @@ class AggTradeSeries(TimeRangedSeries):
     def keys_between(self, rest: BinanceRest, start_ms: int, end_ms: int) -> tuple[int | None, int | None]:
         """The first id is asked by time, an hour at a time (Binance refuses longer
         time windows); where the rows end only their times tell."""
-        for window in range(start_ms, end_ms, _HOUR):
-            first = rest.agg_trades(self.symbol, start_ms=window, end_ms=min(window + _HOUR, end_ms) - 1, limit=1)
+        for window in range(start_ms, end_ms, INTERVAL_MS["1h"]):
+            first = rest.agg_trades(
+                self.symbol, start_ms=window, end_ms=min(window + INTERVAL_MS["1h"], end_ms) - 1, limit=1
+            )
             if first:
                 return first[0]["a"], None
         return None, None

@@ -7,17 +7,14 @@ and renamed at the end, so an export that fails half way never leaves a truncate
 that looks complete.
 
 The checks that explain an empty result (unknown symbol, range outside the data) are
-shared with `worker.chart`, which has the same questions to answer.
+shared with `worker.ops.chart`, which has the same questions to answer.
 """
 
 from __future__ import annotations
 
 import csv
-import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +33,9 @@ from sqlalchemy import (
     select,
 )
 
-from worker.parsing import KLINE_INTERVALS
-from worker.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
+from worker.store.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
+from worker.streams import KIND_TABLES, KLINE_INTERVALS, valid_kinds_text
+from worker.times import check_range, iso_ms
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -49,17 +47,6 @@ memory is about 16 MB at 20k rows (two chunks are alive while the next one is fe
 
 FORMATS = ("csv", "parquet")
 
-KIND_TABLES: dict[str, str] = {
-    "trade": "trades",
-    "aggTrade": "agg_trades",
-    "ticker": "tickers",
-    "miniTicker": "mini_tickers",
-    "bookTicker": "book_tickers",
-    "avgPrice": "avg_prices",
-}
-"""The stream kinds users subscribe to, by the table that records them; `kline_<interval>`
-is the klines table with an interval filter."""
-
 _TABLE_NAMES: dict[str, str] = {
     **{kind.lower(): table for kind, table in KIND_TABLES.items()},
     **{table: table for table in TABLES},
@@ -67,16 +54,6 @@ _TABLE_NAMES: dict[str, str] = {
 
 _MAX_SYMBOLS_SHOWN = 10
 
-_RELATIVE_TIME = re.compile(r"-(\d+)([smhdw])")
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS = timedelta(milliseconds=1)
-_SMALLEST_EPOCH_MS = 10**11  # 1973: a smaller number is seconds or a date, not ms
-_TIME_FORMS = (
-    "an ISO date or datetime (2026-11-24, 2026-11-24T01:00; UTC unless it ends in a zone "
-    "such as Z or +02:00), milliseconds since the epoch (1795482000000), now, "
-    "or a time ago such as -30m, -2h, -1d"
-)
 
 Progress = Callable[[int], None]
 
@@ -123,9 +100,7 @@ def resolve_source(table_or_kind: str, interval: str | None = None) -> Source:
         return _klines_source(kind_interval, interval)
     table = _TABLE_NAMES.get(name.lower())
     if table is None:
-        raise ValueError(
-            f"unknown table or stream kind {table_or_kind!r}: use one of {_valid_names()}"
-        )
+        raise ValueError(f"unknown table or stream kind {table_or_kind!r}: use one of {_valid_names()}")
     if table == "klines":
         return _klines_source(interval, None)
     if interval is not None:
@@ -135,81 +110,26 @@ def resolve_source(table_or_kind: str, interval: str | None = None) -> Source:
 
 def _klines_source(interval: str | None, requested: str | None) -> Source:
     if interval and requested and interval != requested:
-        raise ValueError(
-            f"kline_{interval} and interval {requested!r} disagree: give the interval once"
-        )
+        raise ValueError(f"kline_{interval} and interval {requested!r} disagree: give the interval once")
     interval = interval or requested
     if interval is not None and interval not in KLINE_INTERVALS:
-        raise ValueError(
-            f"unknown kline interval {interval!r}: use one of {', '.join(KLINE_INTERVALS)}"
-        )
+        raise ValueError(f"unknown kline interval {interval!r}: use one of {', '.join(KLINE_INTERVALS)}")
     return Source("klines", interval)
 
 
 def _valid_names() -> str:
-    kinds = list(KIND_TABLES)
-    kinds.insert(2, f"kline_<interval> ({' '.join(KLINE_INTERVALS)})")
-    return f"{', '.join(kinds)}, or a table name: {', '.join(TABLES)}"
-
-
-def parse_time(text: str, now_ms: int | None = None) -> int:
-    """Milliseconds since the epoch from what a user types on a command line.
-
-    `now_ms` is the reference of "now" and of relative times ("-2h"); tests pin it.
-    """
-    value = text.strip()
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    if value.lower() == "now":
-        return now
-    if relative := _RELATIVE_TIME.fullmatch(value):
-        return now - int(relative[1]) * _UNIT_MS[relative[2]]
-    if value.isdigit():
-        return _epoch_ms(value)
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"cannot read the time {text!r}: use {_TIME_FORMS}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - _EPOCH) // _ONE_MS  # integers: a float timestamp can lose the last ms
-
-
-def _epoch_ms(digits: str) -> int:
-    value = int(digits)
-    if value < _SMALLEST_EPOCH_MS:
-        raise ValueError(
-            f"{digits} is too small for milliseconds since the epoch (it would be "
-            f"{format_ms(value)}): multiply seconds by 1000, or write a date as 2026-11-24"
-        )
-    return value
-
-
-def format_ms(ms: int) -> str:
-    """An ISO time in UTC that `parse_time` reads back, so messages can be copied."""
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def check_range(start_ms: int, end_ms: int) -> None:
-    if start_ms >= end_ms:
-        raise ValueError(
-            f"the start {format_ms(start_ms)} is not before the end {format_ms(end_ms)}: "
-            "the start is included and the end excluded, so give an end after the start"
-        )
+    return f"{valid_kinds_text(separator=' ')}, or a table name: {', '.join(TABLES)}"
 
 
 def check_directory(path: Path) -> None:
     """Fail before reading any row, rather than after the query, on a mistyped path."""
     if not path.parent.is_dir():
         raise ValueError(
-            f"cannot write {path}: the directory {path.parent} does not exist; "
-            "create it or choose another path"
+            f"cannot write {path}: the directory {path.parent} does not exist; create it or choose another path"
         )
 
 
-def require_rows(
-    conn: Connection, source: Source, symbol: str, start_ms: int, end_ms: int
-) -> None:
+def require_rows(conn: Connection, source: Source, symbol: str, start_ms: int, end_ms: int) -> None:
     """Raise a ValueError that says why there is nothing, before any file is created."""
     if not has_rows(conn, source, symbol, start_ms, end_ms):
         raise ValueError(no_rows_message(conn, source, symbol, start_ms, end_ms))
@@ -220,9 +140,7 @@ def has_rows(conn: Connection, source: Source, symbol: str, start_ms: int, end_m
     return _exists(conn, source.table, filters)
 
 
-def no_rows_message(
-    conn: Connection, source: Source, symbol: str, start_ms: int, end_ms: int
-) -> str:
+def no_rows_message(conn: Connection, source: Source, symbol: str, start_ms: int, end_ms: int) -> str:
     """Why `source` has no rows of `symbol` in the range, and what the user can ask instead."""
     table = TABLES[source.table]
     time_column = table.c[TIME_COLUMNS[source.table]]
@@ -231,15 +149,12 @@ def no_rows_message(
     ).one()
     if first is not None:
         return (
-            f"no {source.label} rows for {symbol} from {format_ms(start_ms)} to "
-            f"{format_ms(end_ms)} (end excluded): they run from {format_ms(first)} to "
-            f"{format_ms(last)}; choose a range that overlaps that"
+            f"no {source.label} rows for {symbol} from {iso_ms(start_ms)} to "
+            f"{iso_ms(end_ms)} (end excluded): they run from {iso_ms(first)} to "
+            f"{iso_ms(last)}; choose a range that overlaps that"
         )
     if _exists(conn, source.table, source.filters(symbol)):
-        return (
-            f"no {source.label} rows for {symbol} have a {time_column.name}, so no time "
-            "range selects them"
-        )
+        return f"no {source.label} rows for {symbol} have a {time_column.name}, so no time range selects them"
     return f"no {source.label} rows for {symbol}: {_what_the_table_holds(conn, source, symbol)}"
 
 
@@ -252,20 +167,13 @@ def _what_the_table_holds(conn: Connection, source: Source, symbol: str) -> str:
     symbols = _distinct(conn, table.c.symbol, [], limit=_MAX_SYMBOLS_SHOWN + 1)
     record = f"binance-recorder subscribe {symbol} --streams {source.kind}"
     if not symbols:
-        return (
-            f"the {source.table} table is empty: record the {source.kind} stream first ({record})"
-        )
+        return f"the {source.table} table is empty: record the {source.kind} stream first ({record})"
     shown = ", ".join(symbols[:_MAX_SYMBOLS_SHOWN])
     more = " and more" if len(symbols) > _MAX_SYMBOLS_SHOWN else ""
-    return (
-        f"the {source.table} table holds {shown}{more}; check the symbol, "
-        f"or record it first ({record})"
-    )
+    return f"the {source.table} table holds {shown}{more}; check the symbol, or record it first ({record})"
 
 
-def _distinct(
-    conn: Connection, column: Any, filters: list[ColumnElement[bool]], limit: int = 100
-) -> list[str]:
+def _distinct(conn: Connection, column: Any, filters: list[ColumnElement[bool]], limit: int = 100) -> list[str]:
     """Distinct values of a leading key column, one index seek each.
 
     A DISTINCT would read the whole key index, every row of every symbol, only to word
@@ -330,25 +238,17 @@ def _rows_statement(source: Source, symbol: str, start_ms: int, end_ms: int) -> 
     table = TABLES[source.table]
     time_column = table.c[TIME_COLUMNS[source.table]]
     keys = [column for column in table.primary_key.columns if column is not time_column]
-    return (
-        select(table)
-        .where(*source.filters(symbol), *source.in_range(start_ms, end_ms))
-        .order_by(time_column, *keys)
-    )
+    return select(table).where(*source.filters(symbol), *source.in_range(start_ms, end_ms)).order_by(time_column, *keys)
 
 
-def _chunks(
-    conn: Connection, statement: Select[Any], chunk_rows: int
-) -> Iterator[Sequence[Any]]:
+def _chunks(conn: Connection, statement: Select[Any], chunk_rows: int) -> Iterator[Sequence[Any]]:
     """`yield_per` asks for a server-side cursor (PostgreSQL) and fetchmany-sized
     partitions (SQLite's cursor steps through the result lazily by itself)."""
     result = conn.execution_options(yield_per=chunk_rows).execute(statement)
     yield from result.partitions()
 
 
-def _reporting(
-    chunks: Iterator[Sequence[Any]], progress: Progress | None
-) -> Iterator[Sequence[Any]]:
+def _reporting(chunks: Iterator[Sequence[Any]], progress: Progress | None) -> Iterator[Sequence[Any]]:
     """Pass the chunks through, and report the rows so far once each has been written
     (the writers ask for the next chunk only after writing the previous one)."""
     rows = 0
@@ -382,8 +282,8 @@ def _write_parquet(path: Path, table: Table, chunks: Iterator[Sequence[Any]]) ->
     rows = 0
     with pq.ParquetWriter(path, schema) as writer:
         for chunk in chunks:
-            columns = zip(*chunk)
-            arrays = [pa.array(values, type=field.type) for values, field in zip(columns, schema)]
+            columns = zip(*chunk, strict=False)
+            arrays = [pa.array(values, type=field.type) for values, field in zip(columns, schema, strict=False)]
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             rows += len(chunk)
     return rows
@@ -399,10 +299,7 @@ def parquet_schema(table: Table) -> pa.Schema:
     import pyarrow as pa
 
     return pa.schema(
-        [
-            pa.field(column.name, _arrow_type(column.type), nullable=column.nullable)
-            for column in table.columns
-        ]
+        [pa.field(column.name, _arrow_type(column.type), nullable=column.nullable) for column in table.columns]
     )
 
 
@@ -418,4 +315,3 @@ def _arrow_type(sql_type: Any) -> pa.DataType:
         if isinstance(sql_type, sql_class):
             return arrow_type
     raise TypeError(f"no Parquet type for the SQL type {sql_type!r}: add it to _arrow_type")
-

@@ -7,6 +7,7 @@ its stack with this same code, so the README's command is exercised by every tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -114,15 +115,27 @@ class LocalStack:
         port = port or free_port()
         if not port_is_free(port):
             raise StackError(
-                f"port {port} is taken (another Redis?): set REDIS_URL to use it, "
-                "or stop what listens there"
+                f"port {port} is taken (another Redis?): set REDIS_URL to use it, or stop what listens there"
             )
         redis_dir = self.data_dir / "redis"
         redis_dir.mkdir(parents=True, exist_ok=True)
         self.spawn(
             "redis",
-            [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
-             "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"],
+            [
+                find_redis_server(),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(redis_dir),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
         )
         url = f"redis://127.0.0.1:{port}/0"
         wait_for_redis(url)
@@ -148,15 +161,26 @@ class LocalStack:
         """A worker for the `streams` queue: one process per group it records."""
         return self.spawn(
             name,
-            [*CELERY, "worker", "-Q", "streams", "-c", str(concurrency), "-n", f"{name}@%h",
-             "--prefetch-multiplier", "1", "-l", "INFO"],
+            [
+                *CELERY,
+                "worker",
+                "-Q",
+                "streams",
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}@%h",
+                "--prefetch-multiplier",
+                "1",
+                "-l",
+                "INFO",
+            ],
         )
 
     def start_beat(self) -> None:
         self.spawn(
             "beat",
-            [*CELERY, "beat", "-l", "INFO",
-             "-s", str(self.data_dir / "celerybeat-schedule")],
+            [*CELERY, "beat", "-l", "INFO", "-s", str(self.data_dir / "celerybeat-schedule")],
         )
 
     def start_flower(self, port: int) -> str:
@@ -172,8 +196,12 @@ class LocalStack:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                list(command), env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                list(command),
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         process = ManagedProcess(name, popen, log_path)
         self.processes.append(process)
@@ -219,10 +247,8 @@ class LocalStack:
             code = process.popen.wait(STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             code = None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return code if code is not None else process.popen.wait()
 
     def stop(self) -> None:
@@ -236,4 +262,3 @@ class LocalStack:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-

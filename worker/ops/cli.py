@@ -19,28 +19,17 @@ from typing import Any
 
 import redis
 import requests
-from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from worker.cli_data import add_data_commands
-from worker.local_stack import LocalStack, StackError, port_is_free, wait_for_redis
-from worker.settings import Settings
+from worker.ops.cli_data import add_data_commands
+from worker.ops.clients import call_task, existing_database, redis_client
+from worker.ops.local_stack import LocalStack, StackError, wait_for_redis
+from worker.settings import Settings, split_list
 
 DEFAULT_LOCAL_SYMBOLS = "BTCUSDT,ETHUSDT,BNBUSDT"
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
 EXIT_STACK = 3
-
-
-def client_app(redis_url: str) -> Celery:
-    """A Celery client that knows only the broker: tasks are called by name, exactly as
-    another application that does not import this code would."""
-    return Celery(broker=redis_url, backend=redis_url)
-
-
-def call_task(redis_url: str, name: str, args: list[Any], timeout: float) -> Any:
-    result = client_app(redis_url).send_task(name, args=args)
-    return result.get(timeout=timeout)
 
 
 def binance_reachable(rest_url: str) -> bool:
@@ -66,9 +55,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     try:
         redis_url = _start_services(stack, settings, args)
-        result = call_task(redis_url, "tasks.subscribe", [_csv(args.symbols), _csv(args.streams) or None], 60)
-        print(f"recording {', '.join(result['symbols'])} in {len(result['groups'])} group(s): "
-              f"{', '.join(result['streams'])}", flush=True)
+        result = call_task(
+            redis_url, "tasks.subscribe", [split_list(args.symbols), split_list(args.streams) or None], 60
+        )
+        print(
+            f"recording {', '.join(result['symbols'])} in {len(result['groups'])} group(s): "
+            f"{', '.join(result['streams'])}",
+            flush=True,
+        )
         _watch(stack, args, lambda: stop_requested)
     except StackError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -103,8 +97,8 @@ def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namesp
 
 def _watch(stack: LocalStack, args: argparse.Namespace, stopping: Any) -> None:
     """Print row counts every few seconds until stopped, or until --duration passed."""
-    from worker.status import table_statuses
-    from worker.storage import make_engine
+    from worker.ops.status import table_statuses
+    from worker.store.storage import make_engine
 
     engine = make_engine(stack.env["DATABASE_URL"])
     started = time.monotonic()
@@ -127,8 +121,9 @@ def _watch(stack: LocalStack, args: argparse.Namespace, stopping: Any) -> None:
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    result = call_task(settings.redis_url, "tasks.subscribe", [args.symbols, _csv(args.streams) or None],
-                       args.timeout)
+    result = call_task(
+        settings.redis_url, "tasks.subscribe", [args.symbols, split_list(args.streams) or None], args.timeout
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -140,14 +135,11 @@ def cmd_unsubscribe(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from worker.report import render_status
-    from worker.status import collect_status, problems
-    from worker.storage import make_engine
+    from worker.ops.report import render_status
+    from worker.ops.status import collect_status, problems
 
     settings = Settings.from_env()
-    _require_database(settings.database_url)
-    client = redis.Redis.from_url(settings.redis_url)
-    snapshot = collect_status(settings, client, make_engine(settings.database_url))
+    snapshot = collect_status(settings, redis_client(settings), existing_database(settings))
     found = problems(snapshot, settings)
     if args.json:
         print(json.dumps({**snapshot, "healthy": not found, "problems": found}, indent=2))
@@ -156,41 +148,43 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_UNHEALTHY if found else 0
 
 
-def _require_database(url: str) -> None:
-    """A missing SQLite file means a wrong DATABASE_URL or a service that never ran:
-    say so instead of silently creating an empty database."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
-        raise ValueError(f"no database at {parsed.database}: check DATABASE_URL, or start the service first")
-
-
-def _csv(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="binance-recorder", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run Redis, workers, beat and Flower locally and record",
-                              description="Start the whole service locally and record until Ctrl-C.")
-    run.add_argument("--symbols", default=Settings.from_env().startup_symbols or DEFAULT_LOCAL_SYMBOLS,
-                     help="comma-separated symbols to record (default: %(default)s)")
+    run = commands.add_parser(
+        "run",
+        help="run Redis, workers, beat and Flower locally and record",
+        description="Start the whole service locally and record until Ctrl-C.",
+    )
+    run.add_argument(
+        "--symbols",
+        default=Settings.from_env().startup_symbols or DEFAULT_LOCAL_SYMBOLS,
+        help="comma-separated symbols to record (default: %(default)s)",
+    )
     run.add_argument("--streams", default="", help="comma-separated stream kinds (default: DEFAULT_STREAMS)")
-    run.add_argument("--exchange", choices=["auto", "binance", "fake"], default="auto",
-                     help="auto: Binance if reachable, else the bundled fake exchange (default: auto)")
+    run.add_argument(
+        "--exchange",
+        choices=["auto", "binance", "fake"],
+        default="auto",
+        help="auto: Binance if reachable, else the bundled fake exchange (default: auto)",
+    )
     run.add_argument("--data-dir", default="data", help="database, Redis files and logs (default: ./data)")
-    run.add_argument("--redis-port", type=int, default=6379,
-                     help="port of the private Redis started when REDIS_URL is not set (default: 6379)")
+    run.add_argument(
+        "--redis-port",
+        type=int,
+        default=6379,
+        help="port of the private Redis started when REDIS_URL is not set (default: 6379)",
+    )
     run.add_argument("--flower-port", type=int, default=5555, help="Flower's port; 0 to not start it")
     run.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: never)")
     run.add_argument("--report-every", type=float, default=10, help="seconds between row-count lines")
     run.set_defaults(func=cmd_run)
 
-    for name, func, text in (("subscribe", cmd_subscribe, "start recording symbols"),
-                             ("unsubscribe", cmd_unsubscribe, "stop recording symbols")):
+    for name, func, text in (
+        ("subscribe", cmd_subscribe, "start recording symbols"),
+        ("unsubscribe", cmd_unsubscribe, "stop recording symbols"),
+    ):
         sub = commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]} (needs a running worker).")
         sub.add_argument("symbols", nargs="+", help="symbols such as BTCUSDT")
         if name == "subscribe":
@@ -199,13 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
 
     status = commands.add_parser(
-        "status", help="groups, buffers, tables, dead letters; exit 1 when unhealthy",
+        "status",
+        help="groups, buffers, tables, dead letters; exit 1 when unhealthy",
         description="Show the service's health from Redis and the database (no worker needed). "
-                    "Exit 0 healthy, 1 unhealthy (the problems are listed), 2 bad input.")
+        "Exit 0 healthy, 1 unhealthy (the problems are listed), 2 bad input.",
+    )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(func=cmd_status)
 
-    add_data_commands(commands, _require_database)
+    add_data_commands(commands)
     return parser
 
 
@@ -225,8 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CeleryTimeout:
-        print("error: no worker answered in time: is `celery -A worker worker` "
-              "running against the same REDIS_URL?", file=sys.stderr)
+        print(
+            "error: no worker answered in time: is `celery -A worker worker` running against the same REDIS_URL?",
+            file=sys.stderr,
+        )
         return EXIT_UNHEALTHY
     except ValueError as error:  # bad symbols, stream kinds, settings: the message says which
         print(f"error: {error}", file=sys.stderr)

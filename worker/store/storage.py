@@ -142,9 +142,7 @@ mini_tickers = Table(
     metadata,
     _symbol(),
     _key("event_time"),
-    *_reals(
-        "close_price", "open_price", "high_price", "low_price", "base_volume", "quote_volume"
-    ),
+    *_reals("close_price", "open_price", "high_price", "low_price", "base_volume", "quote_volume"),
 )
 
 book_tickers = Table(
@@ -192,14 +190,11 @@ market_data = CreateView(
 )
 
 TABLES: dict[str, Table] = {
-    table.name: table
-    for table in (trades, agg_trades, klines, tickers, mini_tickers, book_tickers, avg_prices)
+    table.name: table for table in (trades, agg_trades, klines, tickers, mini_tickers, book_tickers, avg_prices)
 }
 """The data tables by name (the view is not one of them: nothing inserts into it)."""
 
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    name: tuple(table.columns.keys()) for name, table in TABLES.items()
-}
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {name: tuple(table.columns.keys()) for name, table in TABLES.items()}
 """Column order per table: the order of the values in every row tuple."""
 
 TIME_COLUMNS: dict[str, str] = {
@@ -326,10 +321,7 @@ def store_rows(conn: Connection, rows_by_table: Mapping[str, Sequence[tuple]]) -
     arrives late never overwrites a closed one. So the counts are the rows inserted or
     updated; a batch stored twice reports 0 the second time.
     """
-    return {
-        name: _execute_many(conn, name, rows) if rows else 0
-        for name, rows in rows_by_table.items()
-    }
+    return {name: _execute_many(conn, name, rows) if rows else 0 for name, rows in rows_by_table.items()}
 
 
 def _execute_many(conn: Connection, table_name: str, rows: Sequence[tuple]) -> int:
@@ -340,7 +332,7 @@ def _execute_many(conn: Connection, table_name: str, rows: Sequence[tuple]) -> i
     else:
         columns = TABLE_COLUMNS[table_name]
         statement = _insert_statement(conn.dialect.name, table_name)
-        result = conn.execute(statement, [dict(zip(columns, row)) for row in rows])
+        result = conn.execute(statement, [dict(zip(columns, row, strict=False)) for row in rows])
     return result.rowcount
 
 
@@ -359,9 +351,7 @@ def _dialect_insert(dialect_name: str, table: Table) -> Any:
     try:
         insert = _DIALECT_INSERTS[dialect_name]
     except KeyError:
-        raise ValueError(
-            f"unsupported database {dialect_name!r}: use SQLite or PostgreSQL"
-        ) from None
+        raise ValueError(f"unsupported database {dialect_name!r}: use SQLite or PostgreSQL") from None
     return insert(table)
 
 
@@ -374,10 +364,6 @@ def _insert_statement(dialect_name: str, table_name: str) -> Insert:
     statement = _dialect_insert(dialect_name, table)
     return statement.on_conflict_do_update(
         index_elements=list(table.primary_key.columns),
-        set_={
-            column.name: statement.excluded[column.name]
-            for column in table.columns
-            if not column.primary_key
-        },
+        set_={column.name: statement.excluded[column.name] for column in table.columns if not column.primary_key},
         where=table.c.is_closed == false(),
     )

@@ -13,31 +13,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
 from sqlalchemy.engine import Engine
 
-from worker.report import ProgressBar
+from worker.ops.clients import client_app, existing_database, redis_client
+from worker.ops.report import ProgressBar
 from worker.settings import Settings
 
 POLL_SECONDS = 0.5
 
 
-def add_data_commands(commands: Any, require_database: Any) -> None:
+def add_data_commands(commands: Any) -> None:
     """Register backfill, export and chart on the CLI's sub-command parser."""
     _add_backfill(commands)
-    _add_export(commands, require_database)
-    _add_chart(commands, require_database)
+    _add_export(commands)
+    _add_chart(commands)
 
 
 def _time_range(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--start", default="-1d",
-                        help="ISO time (UTC unless a zone is given), ms since the epoch, 'now' or "
-                             "relative like -2h, -30m, -7d (default: %(default)s)")
+    parser.add_argument(
+        "--start",
+        default="-1d",
+        help="ISO time (UTC unless a zone is given), ms since the epoch, 'now' or "
+        "relative like -2h, -30m, -7d (default: %(default)s)",
+    )
     parser.add_argument("--end", default="now", help="same forms; excluded (default: %(default)s)")
 
 
 def _parsed_range(args: argparse.Namespace) -> tuple[int, int]:
-    from worker.export import check_range, parse_time
+    from worker.times import check_range, parse_time
 
     now = int(time.time() * 1000)
     start, end = parse_time(args.start, now), parse_time(args.end, now)
@@ -50,20 +53,24 @@ def _parsed_range(args: argparse.Namespace) -> tuple[int, int]:
 
 def _add_backfill(commands: Any) -> None:
     parser = commands.add_parser(
-        "backfill", help="fetch a symbol's klines or aggregate trades for a time range from REST",
+        "backfill",
+        help="fetch a symbol's klines or aggregate trades for a time range from REST",
         description="Fetch history from Binance's REST API into the database, page by page within the "
-                    "shared request-weight budget. Resumable: running the same range again continues "
-                    "where it stopped.")
+        "shared request-weight budget. Resumable: running the same range again continues "
+        "where it stopped.",
+    )
     parser.add_argument("symbol", help="e.g. BTCUSDT")
     parser.add_argument("kind", help="kline_<interval> (e.g. kline_1m, kline_1h) or aggTrade")
     _time_range(parser)
-    parser.add_argument("--worker", action="store_true",
-                        help="run it on a Celery worker (progress also in Flower) instead of here")
+    parser.add_argument(
+        "--worker", action="store_true", help="run it on a Celery worker (progress also in Flower) instead of here"
+    )
     parser.set_defaults(func=cmd_backfill)
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from worker.backfill import HistoryJob
+    from worker.exchange.backfill import HistoryJob, run_history
+    from worker.store.storage import create_schema, make_engine
 
     start, end = _parsed_range(args)
     job = HistoryJob.checked(args.symbol, args.kind, start, end)
@@ -75,9 +82,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if args.worker:
         result = _backfill_on_worker(job, progress)
     else:
-        from tasks.backfill import run_history
-
-        result = run_history(Settings.from_env(), job, progress)
+        settings = Settings.from_env()
+        database = make_engine(settings.database_url, settings.sqlite_busy_timeout_ms)
+        create_schema(database)
+        result = run_history(settings, redis_client(settings), database, job, progress)
     bar.finish()
     if "skipped" in result:
         print(f"not started: {result['skipped']}", file=sys.stderr)
@@ -87,10 +95,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _backfill_on_worker(job: Any, progress: Any) -> dict[str, Any]:
-    settings = Settings.from_env()
-    app = Celery(broker=settings.redis_url, backend=settings.redis_url)
-    result = app.send_task("tasks.backfill", kwargs={"symbol": job.symbol, "kind": job.kind,
-                                                      "start": job.start, "end": job.end})
+    result = client_app(Settings.from_env().redis_url).send_task(
+        "tasks.backfill", kwargs={"symbol": job.symbol, "kind": job.kind, "start": job.start, "end": job.end}
+    )
     print(f"task {result.id} sent; waiting for a worker ...", file=sys.stderr)
     while not result.ready():
         if result.state == "PROGRESS":
@@ -106,33 +113,32 @@ def _describe(result: dict[str, Any]) -> str:
 # -- export -----------------------------------------------------------------------------
 
 
-def _add_export(commands: Any, require_database: Any) -> None:
+def _add_export(commands: Any) -> None:
     parser = commands.add_parser(
-        "export", help="write a symbol's rows of one kind and time range to CSV or Parquet",
-        description="Stream rows from the database to a file, ordered by time, without holding them "
-                    "in memory.")
+        "export",
+        help="write a symbol's rows of one kind and time range to CSV or Parquet",
+        description="Stream rows from the database to a file, ordered by time, without holding them in memory.",
+    )
     parser.add_argument("symbol", help="e.g. BTCUSDT")
-    parser.add_argument("kind", help="trade, aggTrade, kline_<interval>, ticker, miniTicker, bookTicker, "
-                                     "avgPrice (or a table name)")
+    parser.add_argument(
+        "kind", help="trade, aggTrade, kline_<interval>, ticker, miniTicker, bookTicker, avgPrice (or a table name)"
+    )
     _time_range(parser)
     parser.add_argument("--format", choices=["csv", "parquet"], default="csv", help="(default: %(default)s)")
     parser.add_argument("-o", "--output", help="file to write (default: SYMBOL-KIND.FORMAT here)")
-    parser.set_defaults(func=lambda args: cmd_export(args, require_database))
+    parser.set_defaults(func=cmd_export)
 
 
-def _database_and_range(args: argparse.Namespace, require_database: Any) -> tuple[Engine, int, int]:
-    from worker.storage import make_engine
-
-    settings = Settings.from_env()
-    require_database(settings.database_url)
+def _database_and_range(args: argparse.Namespace) -> tuple[Engine, int, int]:
+    engine = existing_database(Settings.from_env())
     start, end = _parsed_range(args)
-    return make_engine(settings.database_url), start, end
+    return engine, start, end
 
 
-def cmd_export(args: argparse.Namespace, require_database: Any) -> int:
-    from worker.export import export_rows
+def cmd_export(args: argparse.Namespace) -> int:
+    from worker.ops.export import export_rows
 
-    engine, start, end = _database_and_range(args, require_database)
+    engine, start, end = _database_and_range(args)
     path = Path(args.output or f"{args.symbol.upper()}-{args.kind}.{args.format}")
 
     def progress(rows: int) -> None:
@@ -147,27 +153,29 @@ def cmd_export(args: argparse.Namespace, require_database: Any) -> int:
 # -- chart ------------------------------------------------------------------------------
 
 
-def _add_chart(commands: Any, require_database: Any) -> None:
+def _add_chart(commands: Any) -> None:
     parser = commands.add_parser(
-        "chart", help="draw a PNG of price and volume for a symbol and time range",
-        description="Price on top, volume below; candles from klines when recorded, else the trade "
-                    "price.")
+        "chart",
+        help="draw a PNG of price and volume for a symbol and time range",
+        description="Price on top, volume below; candles from klines when recorded, else the trade price.",
+    )
     parser.add_argument("symbol", help="e.g. BTCUSDT")
     _time_range(parser)
     parser.add_argument("--interval", help="kline interval to prefer (default: the finest recorded)")
     parser.add_argument("--size", default="1200x700", help="WIDTHxHEIGHT in pixels (default: %(default)s)")
     parser.add_argument("-o", "--output", help="PNG to write (default: SYMBOL.png here)")
-    parser.set_defaults(func=lambda args: cmd_chart(args, require_database))
+    parser.set_defaults(func=cmd_chart)
 
 
-def cmd_chart(args: argparse.Namespace, require_database: Any) -> int:
-    from worker.chart import draw_chart
+def cmd_chart(args: argparse.Namespace) -> int:
+    from worker.ops.chart import draw_chart
 
-    engine, start, end = _database_and_range(args, require_database)
+    engine, start, end = _database_and_range(args)
     width, height = _size(args.size)
     path = Path(args.output or f"{args.symbol.upper()}.png")
-    summary = draw_chart(engine, args.symbol, start, end, path, width_px=width, height_px=height,
-                         interval=args.interval)
+    summary = draw_chart(
+        engine, args.symbol, start, end, path, width_px=width, height_px=height, interval=args.interval
+    )
     print(f"{summary.path}: {width}x{height} PNG from {summary.source}, {summary.points} points")
     return 0
 

@@ -20,12 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 
 import redis
 
 from worker.keys import RedisKeys
+from worker.times import utc_text
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,11 @@ class RequestPacer:
             if self.state.reserve(now // MINUTE_MS, weight, self.budget_per_minute):
                 return
             wait_ms = MINUTE_MS - now % MINUTE_MS
-            log.info("REST weight budget of %d per minute spent; waiting %.1f s for the next minute",
-                     self.budget_per_minute, wait_ms / 1000)
+            log.info(
+                "REST weight budget of %d per minute spent; waiting %.1f s for the next minute",
+                self.budget_per_minute,
+                wait_ms / 1000,
+            )
             self.sleep(wait_ms / 1000)
 
     def after_response(self, headers: Mapping[str, str]) -> None:
@@ -205,9 +208,12 @@ class RequestPacer:
         """Record a 429 back-off or a 418 ban for every worker."""
         now = self.now_ms()
         until = now + int(retry_after_seconds * 1000)
-        log.warning("Binance answered %s: no REST request until %s (%.0f s)",
-                    "418 (IP ban)" if kind == BAN else "429 (too much weight)",
-                    _utc(until), retry_after_seconds)
+        log.warning(
+            "Binance answered %s: no REST request until %s (%.0f s)",
+            "418 (IP ban)" if kind == BAN else "429 (too much weight)",
+            utc_text(until) + " UTC",
+            retry_after_seconds,
+        )
         self.state.block(kind, until, now)
 
     def used_this_minute(self) -> int:
@@ -217,13 +223,9 @@ class RequestPacer:
         what = "banned this IP (HTTP 418)" if kind == BAN else "asked us to back off (HTTP 429)"
         if wait_ms > self.max_wait_seconds * 1000:
             raise RestUnavailable(
-                f"Binance {what} until {_utc(until)}, {wait_ms / 1000:.0f} s from now, longer than "
+                f"Binance {what} until {utc_text(until)} UTC, {wait_ms / 1000:.0f} s from now, longer than "
                 f"REST_MAX_WAIT_SECONDS={self.max_wait_seconds:g}; retry after that time "
                 "(and lower REST_WEIGHT_BUDGET_PER_MINUTE if it happens again)"
             )
         log.info("Binance %s; waiting %.1f s", what, wait_ms / 1000)
         self.sleep(wait_ms / 1000)
-
-
-def _utc(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -17,11 +17,12 @@ import orjson
 import redis
 from sqlalchemy.engine import Engine
 
-from worker.buffer import Claim, FrameBuffer, now_ms
+from worker.buffer import Claim, FrameBuffer
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
-from worker.parsing import ParsedBatch, parse_frames
-from worker.storage import store_rows
+from worker.store.parsing import ParsedBatch, parse_frames
+from worker.store.storage import store_rows
+from worker.times import now_ms
 
 # Dead letters kept for inspection; older ones are trimmed (the counter keeps counting).
 DEAD_LETTERS_KEPT = 10_000
@@ -92,8 +93,14 @@ class Drainer:
                 pipe.rpush(
                     self.keys.dead_letters,
                     *(
-                        orjson.dumps({"reason": d.reason, "frame": d.frame.decode(errors="replace"),
-                                      "at": at, "buffer": claim.key})
+                        orjson.dumps(
+                            {
+                                "reason": d.reason,
+                                "frame": d.frame.decode(errors="replace"),
+                                "at": at,
+                                "buffer": claim.key,
+                            }
+                        )
                         for d in parsed.dead_letters
                     ),
                 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, select
 
-from worker.export import (
+from worker.ops.export import (
     Source,
     check_directory,
-    check_range,
     has_rows,
     no_rows_message,
     resolve_source,
 )
-from worker.history import INTERVAL_MS
-from worker.parsing import KLINE_INTERVALS
-from worker.storage import TABLES, TIME_COLUMNS
+from worker.store.storage import TABLES, TIME_COLUMNS
+from worker.streams import INTERVAL_MS, KLINE_INTERVALS
+from worker.times import check_range, utc_datetime
 
 DAY_MS = 86_400_000
 
@@ -51,9 +50,7 @@ _MIN_PX, _MAX_PX = (400, 300), (10_000, 10_000)
 _UP, _DOWN, _LINE = "#26a69a", "#ef5350", "#1f77b4"
 # The date under the time axis' right end, saying UTC there rather than in an axis label,
 # which collides with that date on narrow charts.
-_OFFSET_FORMATS = [
-    "UTC", "%Y UTC", "%Y-%b UTC", "%Y-%b-%d UTC", "%Y-%b-%d UTC", "%Y-%b-%d %H:%M UTC"
-]
+_OFFSET_FORMATS = ["UTC", "%Y UTC", "%Y-%b UTC", "%Y-%b-%d UTC", "%Y-%b-%d UTC", "%Y-%b-%d %H:%M UTC"]
 
 
 @dataclass(frozen=True)
@@ -132,9 +129,7 @@ def _check_size(width_px: int, height_px: int) -> None:
         )
 
 
-def _chart_source(
-    conn: Connection, symbol: str, start_ms: int, end_ms: int, preferred: str | None
-) -> Source:
+def _chart_source(conn: Connection, symbol: str, start_ms: int, end_ms: int, preferred: str | None) -> Source:
     """The preferred kline interval, else the smallest with rows in the range, else trades.
 
     One indexed existence check per interval (KLINE_INTERVALS runs from the smallest up)
@@ -167,11 +162,11 @@ def _load_buckets(
     step = _step_ms(last + base - first, base, max_points)
     rows = conn.execute(_bucket_statement(source, symbol, start_ms, end_ms, step)).all()
     columns = np.array(rows, dtype=float).T
-    bucket, first_time, *ohlcv = columns
+    bucket, first_time, open_, high, low, close, volume = columns
     # A candle starts at its first kline's open time: weekly and monthly klines do not
     # start at multiples of their length since the epoch. Trade buckets start on the grid.
     starts = first_time if source.table == "klines" else bucket * step
-    return _Buckets(starts.astype(np.int64), *ohlcv, step_ms=step)
+    return _Buckets(starts.astype(np.int64), open_, high, low, close, volume, step_ms=step)
 
 
 def _step_ms(span_ms: int, base_ms: int, max_points: int) -> int:
@@ -183,9 +178,7 @@ def _step_ms(span_ms: int, base_ms: int, max_points: int) -> int:
     return base_ms * math.ceil(span_ms / (base_ms * max_points))
 
 
-def _bucket_statement(
-    source: Source, symbol: str, start_ms: int, end_ms: int, step_ms: int
-) -> Select[Any]:
+def _bucket_statement(source: Source, symbol: str, start_ms: int, end_ms: int, step_ms: int) -> Select[Any]:
     """Per bucket: its number, first time, and OHLCV; open and close are read from the
     bucket's first and last row, found again by key, so that SQLite and PostgreSQL both
     answer it (neither has a portable first()/last() aggregate)."""
@@ -225,9 +218,7 @@ def _bucket_statement(
     )
 
 
-def _same_row(
-    alias: Any, source: Source, symbol: str, key: str, value: Any
-) -> ColumnElement[bool]:
+def _same_row(alias: Any, source: Source, symbol: str, key: str, value: Any) -> ColumnElement[bool]:
     conditions = [alias.c.symbol == symbol, alias.c[key] == value]
     if source.interval:
         conditions.append(alias.c.interval == source.interval)
@@ -237,7 +228,7 @@ def _same_row(
 def _describe(source: Source, step_ms: int) -> str:
     if source.table == "trades":
         return f"trades, last price and volume per {_duration(step_ms)}"
-    if step_ms == CANDLE_MS[source.interval]:
+    if source.interval and step_ms == CANDLE_MS[source.interval]:
         return source.label
     return f"{source.label} as {_duration(step_ms)} candles"
 
@@ -250,22 +241,14 @@ def _duration(ms: int) -> str:
 
 
 def _range_text(buckets: _Buckets) -> str:
-    start = _utc(int(buckets.time_ms[0]))
-    end = _utc(int(buckets.time_ms[-1]) + buckets.step_ms)
+    start = utc_datetime(int(buckets.time_ms[0]))
+    end = utc_datetime(int(buckets.time_ms[-1]) + buckets.step_ms)
     end_format = "%H:%M:%S" if end.date() == start.date() else "%Y-%m-%d %H:%M:%S"
     return f"{start:%Y-%m-%d %H:%M:%S} – {end.strftime(end_format)} UTC"
 
 
-def _utc(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-def _render(
-    buckets: _Buckets, candles: bool, title: str, path: Path, width_px: int, height_px: int
-) -> None:
-    figure = Figure(
-        figsize=(_inches(width_px), _inches(height_px)), dpi=_DPI, layout="constrained"
-    )
+def _render(buckets: _Buckets, candles: bool, title: str, path: Path, width_px: int, height_px: int) -> None:
+    figure = Figure(figsize=(_inches(width_px), _inches(height_px)), dpi=_DPI, layout="constrained")
     canvas = FigureCanvasAgg(figure)
     price_axes, volume_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     x = mdates.date2num(buckets.time_ms.astype("datetime64[ms]"))
@@ -286,10 +269,8 @@ def _inches(px: int) -> float:
     return inches if int(inches * _DPI) == px else math.nextafter(inches, math.inf)
 
 
-def _draw_candles(
-    axes: Axes, x: np.ndarray, width: float, buckets: _Buckets, colors: np.ndarray
-) -> None:
-    axes.vlines(x + width / 2, buckets.low, buckets.high, colors=colors, linewidth=1)
+def _draw_candles(axes: Axes, x: np.ndarray, width: float, buckets: _Buckets, colors: np.ndarray) -> None:
+    axes.vlines(x + width / 2, buckets.low, buckets.high, colors=list(colors), linewidth=1)
     axes.bar(
         x + 0.1 * width,
         np.abs(buckets.close - buckets.open),
@@ -302,14 +283,18 @@ def _draw_candles(
     )
 
 
-def _draw_price_line(
-    axes: Axes, x: np.ndarray, width: float, buckets: _Buckets, colors: np.ndarray
-) -> None:
+def _draw_price_line(axes: Axes, x: np.ndarray, width: float, buckets: _Buckets, colors: np.ndarray) -> None:
     middle = x + width / 2
-    axes.fill_between(middle, buckets.low, buckets.high, color=_LINE, alpha=0.2, linewidth=0,
-                      label="low – high")
-    axes.plot(middle, buckets.close, color=_LINE, linewidth=1.2, label="last price",
-              marker="o" if len(x) <= 60 else None, markersize=3)
+    axes.fill_between(middle, buckets.low, buckets.high, color=_LINE, alpha=0.2, linewidth=0, label="low – high")
+    axes.plot(
+        middle,
+        buckets.close,
+        color=_LINE,
+        linewidth=1.2,
+        label="last price",
+        marker="o" if len(x) <= 60 else None,
+        markersize=3,
+    )
     axes.legend(loc="best", fontsize="small")
 
 
@@ -321,9 +306,7 @@ def _style(price_axes: Axes, volume_axes: Axes, title: str, x_limits: tuple[floa
     volume_axes.set_xlim(*x_limits)
     locator = mdates.AutoDateLocator(tz=UTC)
     volume_axes.xaxis.set_major_locator(locator)
-    volume_axes.xaxis.set_major_formatter(
-        mdates.ConciseDateFormatter(locator, tz=UTC, offset_formats=_OFFSET_FORMATS)
-    )
+    volume_axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC, offset_formats=_OFFSET_FORMATS))
     for axes in (price_axes, volume_axes):
         axes.grid(True, color="#dddddd", linewidth=0.6)
         axes.set_axisbelow(True)

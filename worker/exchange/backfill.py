@@ -26,14 +26,16 @@ from typing import Any
 import redis
 from sqlalchemy.engine import Engine
 
-from worker.buffer import now_ms
-from worker.gaps import FILLED, UNFILLABLE, Gap, close_gap, find_gaps, open_gaps, record_gaps, stored_keys
-from worker.groups import SYMBOL_PATTERN
-from worker.history import Series, series_by_time, series_for
+from worker.exchange.gaps import FILLED, UNFILLABLE, Gap, close_gap, find_gaps, open_gaps, record_gaps, stored_keys
+from worker.exchange.history import Series, series_by_time, series_for, series_of_streams
+from worker.exchange.ratelimit import RestUnavailable
+from worker.exchange.rest import MAX_LIMIT, BinanceError, BinanceRest, UnknownSymbol
+from worker.groups import SYMBOL_PATTERN, GroupRegistry
 from worker.keys import RedisKeys
-from worker.ratelimit import RestUnavailable
-from worker.rest import MAX_LIMIT, BinanceError, BinanceRest, UnknownSymbol
-from worker.storage import store_rows
+from worker.lease import Lease
+from worker.settings import Settings
+from worker.store.storage import store_rows
+from worker.times import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ Progress = Callable[[int, int, int], None]
 
 JOB_CURSOR_TTL_SECONDS = 30 * 24 * 3600
 """How long Redis remembers a history job (its cursor, or that it is complete)."""
+
+LOCK_MARGIN_SECONDS = 120.0
+"""A run renews its lock after every page; the lock outlives the longest wait between
+pages (a Binance ban up to REST_MAX_WAIT_SECONDS) by this much."""
 
 
 def _nothing(*_: Any) -> None:
@@ -87,11 +93,7 @@ def copy_pages(
 
 def _within(series: Series, row: tuple, cursor: int, last: int | None, before_ms: int | None) -> bool:
     key = row[series.key_index]
-    return (
-        key >= cursor
-        and (last is None or key <= last)
-        and (before_ms is None or row[series.time_index] < before_ms)
-    )
+    return key >= cursor and (last is None or key <= last) and (before_ms is None or row[series.time_index] < before_ms)
 
 
 @dataclass
@@ -156,7 +158,11 @@ class Backfiller:
     """Copies missing rows from Binance's REST API into the database."""
 
     def __init__(
-        self, engine: Engine, rest: BinanceRest, client: redis.Redis, keys: RedisKeys,
+        self,
+        engine: Engine,
+        rest: BinanceRest,
+        client: redis.Redis,
+        keys: RedisKeys,
         page_limit: int = MAX_LIMIT,
     ) -> None:
         self.engine = engine
@@ -198,8 +204,9 @@ class Backfiller:
         series = series_for(gap.symbol, gap.kind)
         rows, refusal = 0, None
         try:
-            for page in copy_pages(self.engine, self.rest, series, gap.first_missing,
-                                   last=gap.last_missing, page_limit=self.page_limit):
+            for page in copy_pages(
+                self.engine, self.rest, series, gap.first_missing, last=gap.last_missing, page_limit=self.page_limit
+            ):
                 rows += page.rows
                 heartbeat()
         except (BinanceError, UnknownSymbol) as error:
@@ -211,8 +218,15 @@ class Backfiller:
             status = UNFILLABLE if missing else FILLED
             reason = (refusal or _shortfall(series, gap, missing, rows)) if missing else None
             close_gap(conn, gap, status, rows, now_ms(), reason)
-        log.info("gap %s %s..%s: %s, %d rows fetched%s", series, gap.first_missing,
-                 gap.last_missing, status, rows, f" ({reason})" if reason else "")
+        log.info(
+            "gap %s %s..%s: %s, %d rows fetched%s",
+            series,
+            gap.first_missing,
+            gap.last_missing,
+            status,
+            rows,
+            f" ({reason})" if reason else "",
+        )
         return status, rows
 
     # -- history -----------------------------------------------------------------------
@@ -231,8 +245,15 @@ class Backfiller:
         if state.cursor is None and not state.complete:
             state.cursor, state.last = series.keys_between(self.rest, job.start, job.end)
         if state.cursor is not None and not state.complete:
-            for page in copy_pages(self.engine, self.rest, series, state.cursor, last=state.last,
-                                   before_ms=job.end, page_limit=self.page_limit):
+            for page in copy_pages(
+                self.engine,
+                self.rest,
+                series,
+                state.cursor,
+                last=state.last,
+                before_ms=job.end,
+                page_limit=self.page_limit,
+            ):
                 state.cursor = page.cursor
                 state.rows += page.rows
                 state.done = min(total, page.last_time + series.step - job.start)
@@ -242,8 +263,13 @@ class Backfiller:
             state.complete, state.done = True, total
             self._save(job, state)
         progress(state.done, total, state.rows)
-        log.info("history backfill %s: %d rows (%d this run), %s", job.name, state.rows,
-                 state.rows - rows_before, "complete" if state.complete else "to be continued")
+        log.info(
+            "history backfill %s: %d rows (%d this run), %s",
+            job.name,
+            state.rows,
+            state.rows - rows_before,
+            "complete" if state.complete else "to be continued",
+        )
         return {
             **asdict(job),
             "rows": state.rows,
@@ -266,3 +292,49 @@ def _shortfall(series: Series, gap: Gap, missing: int, rows: int) -> str:
         f"{missing} of {wanted} missing {series.keys_are} are not available from Binance's "
         f"REST API (it returned {rows} rows); they may not exist yet or may never have existed"
     )
+
+
+def run_history(
+    settings: Settings, client: redis.Redis, engine: Engine, job: HistoryJob, progress: Progress = _nothing
+) -> dict[str, Any]:
+    """Run a history job under its lock, so the same range is never fetched twice at
+    once (by a worker and by `binance-recorder backfill`, say)."""
+    keys = RedisKeys(settings.redis_prefix)
+    lock = _lock(settings, client, keys.backfill_job_lock(job.name), "history")
+    if not lock.acquire():
+        return {"skipped": f"a backfill of {job.name} is already running"}
+
+    def renewing_progress(done: int, total: int, rows: int) -> None:
+        lock.renew()
+        progress(done, total, rows)
+
+    try:
+        return _backfiller(settings, client, engine, keys).history(job, renewing_progress)
+    finally:
+        lock.release()
+
+
+def repair_wanted_streams(settings: Settings, client: redis.Redis, engine: Engine) -> dict[str, Any]:
+    """Find and fill the gaps of the last BACKFILL_LOOKBACK_SECONDS in every wanted
+    trade, aggTrade and kline stream, one run at a time across all workers."""
+    keys = RedisKeys(settings.redis_prefix)
+    lock = _lock(settings, client, keys.backfill_lock, "backfill")
+    if not lock.acquire():
+        return {"skipped": "another backfill is running"}
+    try:
+        groups = GroupRegistry(client, keys).wanted().values()
+        series = series_of_streams([stream for group in groups for stream in group.streams])
+        since = now_ms() - settings.backfill_lookback_seconds * 1000
+        return _backfiller(settings, client, engine, keys).repair_recent_gaps(series, since, lock.renew).as_dict()
+    finally:
+        lock.release()
+
+
+def _lock(settings: Settings, client: redis.Redis, key: str, owner: str) -> Lease:
+    ttl = settings.rest_max_wait_seconds + LOCK_MARGIN_SECONDS
+    return Lease(client, key, ttl_seconds=ttl, owner=owner)
+
+
+def _backfiller(settings: Settings, client: redis.Redis, engine: Engine, keys: RedisKeys) -> Backfiller:
+    rest = BinanceRest.from_settings(settings, client)
+    return Backfiller(engine, rest, client, keys)

@@ -18,18 +18,12 @@ from typing import Any
 
 import orjson
 
+from worker.buffer import CLOCK_MARK_PREFIX
+from worker.streams import KIND_TABLES, stream_kind
+
 Payload = dict[str, Any]
 Row = tuple[Any, ...]
 RowBuilder = Callable[[Payload, int | None], Row]
-
-KLINE_INTERVALS: tuple[str, ...] = (
-    "1s", "1m", "3m", "5m", "15m", "30m",
-    "1h", "2h", "4h", "6h", "8h", "12h",
-    "1d", "3d", "1w", "1M",
-)  # fmt: skip
-
-CLOCK_MARK = b"@"
-"""Prefix of the receive-time marks the websocket task pushes between frames."""
 
 CONTROL = "control"
 """Pseudo kind of protocol messages that are not market data."""
@@ -187,26 +181,31 @@ def _fast_trade_row(d: Payload, received_at: int | None) -> Row:
 def _fast_agg_trade_row(d: Payload, received_at: int | None) -> Row:
     try:
         s, a, f, last, trade_time, m, e = d["s"], d["a"], d["f"], d["l"], d["T"], d["m"], d["E"]
-        if type(s) is str and type(a) is type(f) is type(last) is type(trade_time) is type(e) is int \
-                and type(m) is bool:
+        if (
+            type(s) is str
+            and type(a) is type(f) is type(last) is type(trade_time) is type(e) is int
+            and type(m) is bool
+        ):
             return (s, a, float(d["p"]), float(d["q"]), f, last, trade_time, m, e)
     except (KeyError, TypeError, ValueError):
         pass
     return _agg_trade_row(d, received_at)
 
 
-_KINDS: dict[str, tuple[str, RowBuilder]] = {
-    "trade": ("trades", _fast_trade_row),
-    "aggTrade": ("agg_trades", _fast_agg_trade_row),
-    "kline": ("klines", _kline_row),
-    "ticker": ("tickers", _ticker_row),
-    "miniTicker": ("mini_tickers", _mini_ticker_row),
-    "bookTicker": ("book_tickers", _book_ticker_row),
-    "avgPrice": ("avg_prices", _avg_price_row),
+_ROW_BUILDERS: dict[str, RowBuilder] = {
+    "trade": _fast_trade_row,
+    "aggTrade": _fast_agg_trade_row,
+    "kline": _kline_row,
+    "ticker": _ticker_row,
+    "miniTicker": _mini_ticker_row,
+    "bookTicker": _book_ticker_row,
+    "avgPrice": _avg_price_row,
 }
-"""Stream kind -> (table, row builder): the whole mapping from Binance to SQL."""
+"""Stream kind -> row builder; with `streams.KIND_TABLES`, the whole mapping from Binance to SQL."""
 
-SUPPORTED_KINDS: tuple[str, ...] = tuple(_KINDS)
+_KINDS: dict[str, tuple[str, RowBuilder]] = {
+    kind: (KIND_TABLES[kind], builder) for kind, builder in _ROW_BUILDERS.items()
+}
 
 # Raw `/ws/` streams send bare payloads: the event type `e` names the kind.
 _EVENT_KINDS: dict[str, str] = {
@@ -236,7 +235,7 @@ def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
     frames = control = 0
     received_at: int | None = None
     for element in elements:
-        if element[:1] == CLOCK_MARK:
+        if element[:1] == CLOCK_MARK_PREFIX:
             received_at = _clock_mark(element, dead_letters)
             continue
         frames += 1
@@ -324,50 +323,7 @@ def _payload_kind(payload: Payload) -> str:
         raise _FrameError(f"event type {event!r} is not a string")
     if "result" in payload and "id" in payload:
         return CONTROL  # the answer to a SUBSCRIBE, LIST_SUBSCRIPTIONS... request
-    if _BOOK_TICKER_FIELDS <= payload.keys():
+    if payload.keys() >= _BOOK_TICKER_FIELDS:
         return "bookTicker"
     fields = ", ".join(payload) or "none"
     raise _FrameError(f"unsupported payload without event type (fields: {fields})")
-
-
-def stream_kind(stream_name: str) -> str:
-    """The kind part of a stream name, without symbol, interval, time zone or speed.
-
-    "btcusdt@kline_1m" -> "kline", "btcusdt@depth20@100ms" -> "depth20",
-    "!miniTicker@arr" -> "miniTicker", "btcusdt@ticker_1h" -> "ticker_1h" (a window
-    ticker is another kind than the 24 h ticker).
-    """
-    if stream_name.startswith("!"):  # all-market streams: !<kind>[@arr]
-        kind = stream_name[1:].partition("@")[0]
-    else:  # <symbol>@<kind>[@<options>]
-        kind = stream_name.partition("@")[2].partition("@")[0]
-    return "kline" if kind.startswith("kline_") else kind
-
-
-_CANONICAL_KINDS = {kind.lower(): kind for kind in SUPPORTED_KINDS if kind != "kline"}
-
-
-def validate_stream_kind(kind: str) -> str:
-    """The canonical spelling of a kind a user asked for, e.g. "aggtrade" -> "aggTrade".
-
-    Kinds are accepted in any case, intervals only as Binance spells them: "1m" is a
-    minute and "1M" a month. Raises ValueError naming the bad kind and the valid ones.
-    """
-    prefix, underscore, interval = kind.partition("_")
-    if prefix.lower() == "kline" and underscore:
-        if interval in KLINE_INTERVALS:
-            return f"kline_{interval}"
-        raise ValueError(
-            f"unknown kline interval {interval!r} in {kind!r}: "
-            f"use one of {', '.join(KLINE_INTERVALS)}"
-        )
-    canonical = _CANONICAL_KINDS.get(kind.lower())
-    if canonical is None:
-        raise ValueError(f"unknown stream kind {kind!r}: use one of {_valid_kinds_text()}")
-    return canonical
-
-
-def _valid_kinds_text() -> str:
-    kline = f"kline_<interval> ({', '.join(KLINE_INTERVALS)})"
-    return ", ".join(kline if kind == "kline" else kind for kind in SUPPORTED_KINDS)
-

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Delete, Engine, Table, delete, literal_column, select, tuple_
 
 from worker.settings import Settings
-from worker.storage import TABLES, TIME_COLUMNS
+from worker.store.storage import TABLES, TIME_COLUMNS
 
 DAY_MS = 86_400_000
 
@@ -34,9 +34,7 @@ class RetentionPolicy:
 
     def __post_init__(self) -> None:
         if self.default_days < 0:
-            raise ValueError(
-                f"RETENTION_DAYS={self.default_days} must be 0 (keep everything) or more"
-            )
+            raise ValueError(f"RETENTION_DAYS={self.default_days} must be 0 (keep everything) or more")
         if self.chunk_rows < 1:
             raise ValueError(f"RETENTION_CHUNK_ROWS={self.chunk_rows} must be 1 or more")
 
@@ -53,11 +51,7 @@ class RetentionPolicy:
 
     def cutoffs(self, now_ms: int) -> dict[str, int]:
         """Per table that has a limit: rows timed before this (ms since the epoch) go."""
-        return {
-            table: now_ms - days * DAY_MS
-            for table in TIME_COLUMNS
-            if (days := self.days_for(table)) > 0
-        }
+        return {table: now_ms - days * DAY_MS for table in TIME_COLUMNS if (days := self.days_for(table)) > 0}
 
 
 def parse_overrides(text: str) -> dict[str, int]:
@@ -141,12 +135,7 @@ def chunk_delete(dialect_name: str, table: Table, cutoff: int, limit: int) -> De
     accepts DELETE ... LIMIT. `time < cutoff` is never true for a NULL time.
     """
     key = _row_key(dialect_name, table)
-    doomed = (
-        select(*key)
-        .select_from(table)
-        .where(table.c[TIME_COLUMNS[table.name]] < cutoff)
-        .limit(limit)
-    )
+    doomed = select(*key).select_from(table).where(table.c[TIME_COLUMNS[table.name]] < cutoff).limit(limit)
     return delete(table).where(tuple_(*key).in_(doomed))
 
 

@@ -1,0 +1,1 @@
+"""Binance REST: the client, the shared weight budget, history paging, gaps and backfill."""

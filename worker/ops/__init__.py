@@ -1,0 +1,1 @@
+"""What people run: the CLI, the local stack, status, reports, export and charts."""
