@@ -6,9 +6,16 @@ and its flag cannot drift apart: field `pong_timeout` is flag `--pong-timeout`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
+
+MARKET_EPOCH_MS = 1_767_225_600_000
+"""2026-01-01T00:00:00Z: time of trade number 0 unless --genesis-ms says otherwise.
+
+A fixed epoch (rather than "now" at start-up) makes the market continuous across
+restarts: a fake started later numbers the same trades with the same ids at the same
+times, so ids only grow and a recorder never sees an id re-used for another trade.
+"""
 
 DEFAULT_SYMBOLS: tuple[str, ...] = (
     "BTCUSDT",
@@ -42,10 +49,10 @@ class FakeExchangeConfig:
         (), "Symbols whose exchangeInfo status is HALT (they still trade in the model)."
     )
     trades_per_second: float = _option(10.0, "Trades per second, per symbol.")
-    genesis_ms: int | None = _option(
-        None,
-        "Time of trade number 0 (ms). Default: start-up time rounded down to the "
-        "minute, minus one hour, so REST history exists at once.",
+    genesis_ms: int = _option(
+        MARKET_EPOCH_MS,
+        "Time of trade number 0 (ms). The default, a fixed epoch (2026-01-01T00:00Z), "
+        "keeps ids and times identical across restarts and between processes.",
     )
     ping_interval: float = _option(20.0, "Seconds between server ping frames.")
     pong_timeout: float = _option(60.0, "Seconds a ping may stay unanswered before close.")
@@ -74,9 +81,3 @@ class FakeExchangeConfig:
         """
         extra = tuple(f"SYM{i:04d}USDT" for i in range(1, self.extra_symbols + 1))
         return tuple(self.symbols) + extra
-
-    def resolved_genesis_ms(self) -> int:
-        """The configured genesis, or one hour before the current minute."""
-        if self.genesis_ms is not None:
-            return self.genesis_ms
-        return int(time.time() * 1000) // 60_000 * 60_000 - 3_600_000

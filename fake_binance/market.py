@@ -1,9 +1,12 @@
 """The deterministic market: every trade, kline and ticker is a pure function of time.
 
 Nothing is stored. Trade number n of a symbol has a fixed time (from the shared
-`TradeClock`) and a price, quantity and side drawn from a CRC32 of (symbol, n), so
-any history can be recomputed on demand, identically in every process: REST pages
-and websocket events agree on the same ids without sharing state.
+`TradeClock`, counted from the market's epoch) and a price, quantity and side drawn
+from a CRC32 of (symbol, n), so any history can be recomputed on demand, identically
+in every process: REST pages and websocket events agree on the same ids without
+sharing state, and a fake restarted later continues the same market with larger ids.
+Trade id = `(symbol position + 1) * 1,000,000 + n` (aggregate ids use 500,000): per
+symbol, ids grow by exactly 1; across symbols the ranges may overlap, as on Binance.
 
 Window statistics (klines, 24 h tickers, the 5 min average price) are exact for
 open, close, first/last id and count. High, low and the volumes come from at most

@@ -25,7 +25,7 @@ _MAX_REQUEST_LINE_BYTES = 1 << 16
 def build_app(config: FakeExchangeConfig) -> web.Application:
     """The fake exchange for `config`; start it with any aiohttp runner."""
     market = Market(
-        config.all_symbols(), TradeClock(config.resolved_genesis_ms(), config.trades_per_second)
+        config.all_symbols(), TradeClock(config.genesis_ms, config.trades_per_second)
     )
     stats = Stats()
     app = web.Application(
