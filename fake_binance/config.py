@@ -54,6 +54,12 @@ class FakeExchangeConfig:
         "Time of trade number 0 (ms). The default, a fixed epoch (2026-01-01T00:00Z), "
         "keeps ids and times identical across restarts and between processes.",
     )
+    depth_snapshot_lag_ms: int = _option(
+        500,
+        "Age of the book GET /api/v3/depth returns: its lastUpdateId is that much older "
+        "than the live streams, so a client must re-fetch or buffer as Binance documents "
+        "(0 = the current book).",
+    )
     ping_interval: float = _option(20.0, "Seconds between server ping frames.")
     pong_timeout: float = _option(60.0, "Seconds a ping may stay unanswered before close.")
     max_incoming_per_second: int = _option(

@@ -34,7 +34,7 @@ def build_app(config: FakeExchangeConfig) -> web.Application:
     app[CONTEXT] = Context(
         config=config,
         market=market,
-        hub=Hub(market, stats),
+        hub=Hub(market, stats, frozenset(config.halted_symbols)),
         stats=stats,
         gate=RequestGate(config.weight_limit, config.ban_seconds),
         listed=frozenset(market.symbols),
