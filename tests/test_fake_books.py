@@ -223,6 +223,15 @@ def test_depth_snapshot_rest(fake: Fake) -> None:
     assert fake.get("/fake/book?symbol=NOPE")[0] == 400
 
 
+def test_books_are_the_same_in_a_fake_started_later(fake: Fake) -> None:
+    update_id = fake.get("/fake/book?symbol=XRPUSDT")[2]["update_id"]
+    with running_fake() as later:
+        for symbol in ("XRPUSDT", "BNBUSDT"):
+            for uid in (update_id, update_id - 30_000):
+                assert fake_book(later, symbol, uid) == fake_book(fake, symbol, uid)
+        assert later.get("/fake/book?symbol=XRPUSDT")[2]["update_id"] >= update_id
+
+
 def test_depth_weight_depends_on_the_limit() -> None:
     while time.time() % 60 > 55:  # all requests must fall in one UTC minute
         time.sleep(0.2)
