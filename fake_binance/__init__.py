@@ -3,11 +3,11 @@
 Run it with `python -m fake_binance --port 0 ...`, or embed it:
 `build_app(FakeExchangeConfig(...))` returns an aiohttp application serving
 Binance's websocket streams (/ws, /stream), its market-data REST API (/api/v3) and
-test controls (/fake/stats, /fake/control) on one port.
+test controls (/fake/stats, /fake/book, /fake/control) on one port.
 
 Modules: `config` options; `tradeclock` trade number <-> time; `intervals` kline
-windows; `market` the deterministic market model; `streams` stream names and event
-payloads; `hub` the publishing loop; `ws` websocket sessions; `commands` the
+windows; `market` the deterministic market model; `orderbook` its order books;
+`streams` stream names and event payloads; `hub` the publishing loop; `ws` websocket sessions; `commands` the
 SUBSCRIBE protocol; `rest` REST endpoints; `ratelimit` request weight and bans;
 `stats` counters; `control` test endpoints; `chaos` random drops; `context` shared
 state; `server` app wiring; `__main__` the CLI.

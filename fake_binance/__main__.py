@@ -43,9 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeExchangeConfig:
         if hint == tuple[str, ...]:
             kwargs["nargs"] = "*"
         else:
-            kwargs["type"] = next(
-                t for t in typing.get_args(hint) or (hint,) if t is not type(None)
-            )
+            kwargs["type"] = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
         parser.add_argument(flag, **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     for name in ("symbols", "halted_symbols"):
@@ -71,9 +69,7 @@ async def serve(config: FakeExchangeConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(serve(parse_args(argv)))
 
 

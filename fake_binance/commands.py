@@ -60,9 +60,7 @@ def _request_id(request: dict[str, Any]) -> int | str | None:
         return value
     if isinstance(value, str) and len(value) <= _ID_MAX_CHARS:
         return value
-    raise RequestError(
-        2, "Invalid request: request ID must be an int64, a string of up to 36 characters or null"
-    )
+    raise RequestError(2, "Invalid request: request ID must be an int64, a string of up to 36 characters or null")
 
 
 def _dispatch(request: dict[str, Any], session: Subscriptions) -> Any:
@@ -71,9 +69,7 @@ def _dispatch(request: dict[str, Any], session: Subscriptions) -> Any:
         raise RequestError(2, "Invalid request: missing field `method`")
     if method not in _METHODS:
         expected = ", ".join(f"`{m}`" for m in _METHODS)
-        raise RequestError(
-            2, f"Invalid request: unknown variant `{method}`, expected one of {expected}"
-        )
+        raise RequestError(2, f"Invalid request: unknown variant `{method}`, expected one of {expected}")
     params = request.get("params", [])
     if not isinstance(params, list):
         raise RequestError(2, "Invalid request: params must be an array")

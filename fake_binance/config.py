@@ -6,9 +6,16 @@ and its flag cannot drift apart: field `pong_timeout` is flag `--pong-timeout`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
+
+MARKET_EPOCH_MS = 1_767_225_600_000
+"""2026-01-01T00:00:00Z: time of trade number 0 unless --genesis-ms says otherwise.
+
+A fixed epoch (rather than "now" at start-up) makes the market continuous across
+restarts: a fake started later numbers the same trades with the same ids at the same
+times, so ids only grow and a recorder never sees an id re-used for another trade.
+"""
 
 DEFAULT_SYMBOLS: tuple[str, ...] = (
     "BTCUSDT",
@@ -35,23 +42,25 @@ class FakeExchangeConfig:
     host: str = _option("127.0.0.1", "Address to listen on.")
     port: int = _option(0, "TCP port; 0 picks a free one (printed at start-up).")
     symbols: tuple[str, ...] = _option(DEFAULT_SYMBOLS, "Listed symbols (uppercase).")
-    extra_symbols: int = _option(
-        0, "Adds SYM0001USDT, SYM0002USDT, ... for many-stream scale tests."
-    )
+    extra_symbols: int = _option(0, "Adds SYM0001USDT, SYM0002USDT, ... for many-stream scale tests.")
     halted_symbols: tuple[str, ...] = _option(
         (), "Symbols whose exchangeInfo status is HALT (they still trade in the model)."
     )
     trades_per_second: float = _option(10.0, "Trades per second, per symbol.")
-    genesis_ms: int | None = _option(
-        None,
-        "Time of trade number 0 (ms). Default: start-up time rounded down to the "
-        "minute, minus one hour, so REST history exists at once.",
+    genesis_ms: int = _option(
+        MARKET_EPOCH_MS,
+        "Time of trade number 0 (ms). The default, a fixed epoch (2026-01-01T00:00Z), "
+        "keeps ids and times identical across restarts and between processes.",
+    )
+    depth_snapshot_lag_ms: int = _option(
+        500,
+        "Age of the book GET /api/v3/depth returns: its lastUpdateId is that much older "
+        "than the live streams, so a client must re-fetch or buffer as Binance documents "
+        "(0 = the current book).",
     )
     ping_interval: float = _option(20.0, "Seconds between server ping frames.")
     pong_timeout: float = _option(60.0, "Seconds a ping may stay unanswered before close.")
-    max_incoming_per_second: int = _option(
-        5, "Incoming messages (text, ping, pong) per second before a 1008 close."
-    )
+    max_incoming_per_second: int = _option(5, "Incoming messages (text, ping, pong) per second before a 1008 close.")
     max_streams_per_connection: int = _option(1024, "Streams one connection may hold.")
     max_connection_seconds: float = _option(
         86400.0, "Connection lifetime; then a normal close (Binance's 24 h disconnect)."
@@ -59,9 +68,7 @@ class FakeExchangeConfig:
     shutdown_grace_seconds: float = _option(
         1.0, "Delay between a serverShutdown event and the close of the connection."
     )
-    chaos_drop_every: float = _option(
-        0.0, "Mean seconds between abrupt drops of a random connection; 0 = off."
-    )
+    chaos_drop_every: float = _option(0.0, "Mean seconds between abrupt drops of a random connection; 0 = off.")
     chaos_seed: int = _option(0, "Seed of the chaos dropper, so runs repeat.")
     weight_limit: int = _option(6000, "REST request weight allowed per UTC minute.")
     ban_seconds: int = _option(120, "Length of the HTTP 418 ban for ignoring a 429.")
@@ -74,9 +81,3 @@ class FakeExchangeConfig:
         """
         extra = tuple(f"SYM{i:04d}USDT" for i in range(1, self.extra_symbols + 1))
         return tuple(self.symbols) + extra
-
-    def resolved_genesis_ms(self) -> int:
-        """The configured genesis, or one hour before the current minute."""
-        if self.genesis_ms is not None:
-            return self.genesis_ms
-        return int(time.time() * 1000) // 60_000 * 60_000 - 3_600_000

@@ -2,6 +2,11 @@
 
 `POST /fake/control` takes `{"action": ..., ...}`; every action acts at once and
 answers `{"ok": true, ...}`, or HTTP 400 `{"ok": false, "error": ...}`.
+
+`GET /fake/book?symbol=BTCUSDT[&update_id=N]` answers the fake's exact, full book at
+update id N (default: now) as `{"update_id", "bids", "asks"}`, best first, so a test
+can compare a client's rebuilt book level by level. Books are recomputed from the
+model, so any id up to the current one can be asked for, however old.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from aiohttp import web
 
 from fake_binance.context import CONTEXT, Context
 from fake_binance.hub import now_ms
+from fake_binance.market import UnknownSymbol
 
 
 class ControlError(ValueError):
@@ -40,13 +46,36 @@ async def post_control(request: web.Request) -> web.Response:
     return _json({"ok": True, **result})
 
 
+async def get_book(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    try:
+        index = ctx.market.index(request.query.get("symbol", ""))
+        current = ctx.market.book_id_at(now_ms())
+        update_id = _query_int(request, "update_id", current)
+        if not 0 <= update_id <= current:
+            raise ControlError(f"update_id must be between 0 and the current {current}")
+    except UnknownSymbol as exc:
+        return _json({"ok": False, "error": f"unknown symbol {exc}"}, status=400)
+    except ControlError as exc:
+        return _json({"ok": False, "error": str(exc)}, status=400)
+    view = ctx.market.order_book(index).full(update_id)
+    return _json({"update_id": view.update_id, "bids": view.bids, "asks": view.asks})
+
+
+def _query_int(request: web.Request, name: str, default: int) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit():
+        raise ControlError(f"{name} must be a non-negative integer")
+    return int(value)
+
+
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def _number(
-    body: dict[str, Any], name: str, default: float | None = None, minimum: float = 0
-) -> float:
+def _number(body: dict[str, Any], name: str, default: float | None = None, minimum: float = 0) -> float:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
         raise ControlError(f"{name} must be a number >= {minimum}")
@@ -112,4 +141,8 @@ _ACTIONS: dict[str, Callable[[Context, dict[str, Any]], dict[str, Any]]] = {
     "reset_stats": _reset_stats,
 }
 
-ROUTES = [web.get("/fake/stats", get_stats), web.post("/fake/control", post_control)]
+ROUTES = [
+    web.get("/fake/stats", get_stats),
+    web.get("/fake/book", get_book),
+    web.post("/fake/control", post_control),
+]

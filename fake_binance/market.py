@@ -1,9 +1,14 @@
 """The deterministic market: every trade, kline and ticker is a pure function of time.
 
 Nothing is stored. Trade number n of a symbol has a fixed time (from the shared
-`TradeClock`) and a price, quantity and side drawn from a CRC32 of (symbol, n), so
-any history can be recomputed on demand, identically in every process: REST pages
-and websocket events agree on the same ids without sharing state.
+`TradeClock`, counted from the market's epoch) and a price, quantity and side drawn
+from a CRC32 of (symbol, n), so any history can be recomputed on demand, identically
+in every process: REST pages and websocket events agree on the same ids without
+sharing state, and a fake restarted later continues the same market with larger ids.
+Trade id = `(symbol position + 1) * 1,000,000 + n` (aggregate ids use 500,000): per
+symbol, ids grow by exactly 1; across symbols the ranges may overlap, as on Binance.
+Order books (`orderbook.OrderBook`) follow the smooth part of the price; bookTicker
+and the 24 h ticker's best bid/ask are the top of that book.
 
 Window statistics (klines, 24 h tickers, the 5 min average price) are exact for
 open, close, first/last id and count. High, low and the volumes come from at most
@@ -21,9 +26,12 @@ import zlib
 from dataclasses import dataclass
 
 from fake_binance import intervals
+from fake_binance.orderbook import UPDATES_PER_TRADE, BookView, OrderBook
 from fake_binance.tradeclock import TradeClock
 
 MAX_SAMPLES = 60
+BLOCK_TRADE_EVERY = 50
+_BLOCK_TRADE_SIZE = 40.0
 _TRADE_ID_STRIDE = 1_000_000
 _AGG_ID_STRIDE = 500_000
 _BASE_PRICES = {
@@ -83,11 +91,24 @@ class Kline:
 
 @dataclass(frozen=True, slots=True)
 class Book:
+    """Best bid and ask (decimal strings) of the order book at `update_id`."""
+
     update_id: int
-    bid: float
-    bid_qty: float
-    ask: float
-    ask_qty: float
+    bid: str
+    bid_qty: str
+    ask: str
+    ask_qty: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockTrade:
+    """A large off-book trade, every `BLOCK_TRADE_EVERY`-th trade number."""
+
+    id: int
+    time: int
+    price: float
+    qty: float
+    buyer_is_maker: bool
 
 
 class UnknownSymbol(KeyError):
@@ -105,6 +126,7 @@ class Market:
         self._bases = [_base_price(s, seed) for s, seed in zip(symbols, self._seeds, strict=True)]
         # Samples repeat from one ticker second to the next; trades do not.
         self._sample = functools.lru_cache(maxsize=1 << 18)(self._values)
+        self._books: dict[int, OrderBook] = {}
 
     def index(self, symbol: str) -> int:
         """Position of an uppercase symbol; raises UnknownSymbol."""
@@ -134,16 +156,46 @@ class Market:
             buyer_is_maker=maker,
         )
 
-    def book(self, i: int, trade: Trade) -> Book:
-        """Best bid/ask one basis point around the last trade, sized from its qty."""
-        half_spread = trade.price * 0.00005
-        return Book(
-            update_id=trade.id * 2,
-            bid=round(trade.price - half_spread, 8),
-            bid_qty=round(trade.qty * 1.7, 8),
-            ask=round(trade.price + half_spread, 8),
-            ask_qty=round(trade.qty * 2.3, 8),
+    def block_trade(self, i: int, n: int) -> BlockTrade | None:
+        """The block trade that happens with trade number n, if any (ids count from 0)."""
+        if n % BLOCK_TRADE_EVERY != self._seeds[i] % BLOCK_TRADE_EVERY:
+            return None
+        t = self.trade(i, n)
+        return BlockTrade(
+            id=n // BLOCK_TRADE_EVERY,
+            time=t.time,
+            price=t.price,
+            qty=round(t.qty * _BLOCK_TRADE_SIZE, 8),
+            buyer_is_maker=t.buyer_is_maker,
         )
+
+    # -- order books ----------------------------------------------------------------
+
+    def order_book(self, i: int) -> OrderBook:
+        """The deterministic book model of symbol i (built on first use)."""
+        book = self._books.get(i)
+        if book is None:
+            book = self._books[i] = OrderBook(self._seeds[i], self._bases[i], functools.partial(self.mid_price, i))
+        return book
+
+    def book_id_at(self, t_ms: int) -> int:
+        """Update id of every symbol's book at t_ms: the updates of the trades so far."""
+        return UPDATES_PER_TRADE * (self.clock.last_at(t_ms) + 1)
+
+    def book_view(self, i: int, update_id: int, limit: int) -> BookView:
+        return self.order_book(i).top(update_id, limit)
+
+    def book(self, i: int, trade: Trade) -> Book:
+        """Best bid/ask once the book updates that come with `trade` are applied."""
+        n = trade.id - self.trade_id_base(i)
+        top = self.book_view(i, UPDATES_PER_TRADE * (n + 1), 1)
+        (bid, bid_qty), (ask, ask_qty) = top.bids[0], top.asks[0]
+        return Book(top.update_id, bid, bid_qty, ask, ask_qty)
+
+    def mid_price(self, i: int, n: int) -> float:
+        """The smooth price wave at trade number n: the book's mid, trades' centre."""
+        phase = self._seeds[i] % 10_000
+        return self._bases[i] * (1.0 + 0.02 * math.sin((n + phase) / 700.0))
 
     def window(self, i: int, start_ms: int, end_ms: int, step: int = 0) -> WindowStats:
         """Stats of trades with start_ms <= time <= end_ms.
@@ -215,8 +267,7 @@ class Market:
         h = zlib.crc32(n.to_bytes(8, "little", signed=True), self._seeds[i])
         base = self._bases[i]
         noise = (h & 0xFFFF) / 0x7FFF - 1.0
-        phase = self._seeds[i] % 10_000
-        price = base * (1.0 + 0.02 * math.sin((n + phase) / 700.0) + 0.002 * noise)
+        price = self.mid_price(i, n) + base * 0.002 * noise
         qty = (1000.0 / base) * (0.1 + 9.9 * ((h >> 16) & 0x7FFF) / 0x7FFF)
         return round(price, 8), round(qty, 8), bool(h >> 31)
 

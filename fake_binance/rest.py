@@ -13,13 +13,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from fake_binance import intervals
+from fake_binance import intervals, streams
 from fake_binance.context import CONTEXT, Context
 from fake_binance.hub import now_ms
 from fake_binance.market import Trade, UnknownSymbol, base_and_quote, decimal_str
+from fake_binance.orderbook import MAX_LEVELS
 
 _DEFAULT_LIMIT = 500
 _MAX_LIMIT = 1000
+_DEFAULT_DEPTH_LIMIT = 100
+# Binance's depth weights: (largest limit, weight), ascending.
+_DEPTH_WEIGHTS = ((100, 5), (500, 25), (1000, 50), (MAX_LEVELS, 250))
 _HOUR_MS = 3_600_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -39,7 +43,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     ctx = request.app[CONTEXT]
     now = now_ms()
-    rejection = ctx.gate.admit(_WEIGHTS.get(request.path, 1), now)
+    weight = _WEIGHTS.get(request.path, 1)
+    rejection = ctx.gate.admit(weight if isinstance(weight, int) else weight(request), now)
     if rejection is not None:
         response: web.StreamResponse = _error(rejection.code, rejection.msg, rejection.status)
         response.headers["Retry-After"] = str(rejection.retry_after)
@@ -67,9 +72,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 def _mandatory(request: web.Request, name: str) -> str:
     value = request.query.get(name, "")
     if not value:
-        raise ApiError(
-            -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed."
-        )
+        raise ApiError(-1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
     return value
 
 
@@ -93,13 +96,36 @@ def _optional_int(request: web.Request, name: str) -> int | None:
     return int(value)
 
 
+def _limit_error() -> ApiError:
+    return ApiError(-1130, "Data sent for parameter 'limit' is not valid.")
+
+
 def _limit(request: web.Request) -> int:
     limit = _optional_int(request, "limit")
     if limit is None:
         return _DEFAULT_LIMIT
     if not 1 <= limit <= _MAX_LIMIT:
-        raise ApiError(-1130, "Data sent for parameter 'limit' is not valid.")
+        raise _limit_error()
     return limit
+
+
+def _depth_limit(request: web.Request) -> int:
+    """Default 100; above 5000 the answer is truncated to 5000, as Binance documents."""
+    limit = _optional_int(request, "limit")
+    if limit is None:
+        return _DEFAULT_DEPTH_LIMIT
+    if limit < 1:
+        raise _limit_error()
+    return min(limit, MAX_LEVELS)
+
+
+def _depth_weight(request: web.Request) -> int:
+    """Weight by the limit asked for; a malformed one is charged like the default."""
+    try:
+        limit = _depth_limit(request)
+    except ApiError:
+        limit = _DEFAULT_DEPTH_LIMIT
+    return next(weight for most, weight in _DEPTH_WEIGHTS if limit <= most)
 
 
 # -- endpoints ------------------------------------------------------------------
@@ -145,8 +171,7 @@ def _requested_symbols(request: web.Request) -> list[str]:
     if not isinstance(parsed, list) or not parsed or not all(isinstance(s, str) for s in parsed):
         raise ApiError(
             -1100,
-            "Illegal characters found in parameter 'symbols'; "
-            "legal range is a JSON array of symbols.",
+            "Illegal characters found in parameter 'symbols'; legal range is a JSON array of symbols.",
         )
     return parsed
 
@@ -244,9 +269,7 @@ async def klines(request: web.Request) -> web.Response:
     return _json(rows)
 
 
-def _window_opens(
-    interval: str, first_open: int, last_open: int, start: int | None, limit: int
-) -> list[int]:
+def _window_opens(interval: str, first_open: int, last_open: int, start: int | None, limit: int) -> list[int]:
     """Up to `limit` open times in [first_open, last_open]: from `start` if given
     (the first window opening at or after it), else the most recent ones."""
     opens: list[int] = []
@@ -307,6 +330,15 @@ async def recent_trades(request: web.Request) -> web.Response:
     return _json([_trade_row(ctx.market.trade(index, n)) for n in numbers])
 
 
+async def depth(request: web.Request) -> web.Response:
+    """The book `depth_snapshot_lag_ms` ago, best levels first, up to `limit` a side."""
+    ctx = request.app[CONTEXT]
+    _, index = _symbol_index(request)
+    limit = _depth_limit(request)
+    book_id = ctx.market.book_id_at(now_ms() - ctx.config.depth_snapshot_lag_ms)
+    return _json(streams.book_levels(ctx.market.book_view(index, book_id, limit)))
+
+
 def _from(first: int, last: int, limit: int) -> range:
     """Trade numbers from `first` (clamped to 0) up to `last`, at most `limit`."""
     first = max(first, 0)
@@ -343,7 +375,7 @@ def _trade_row(t: Trade) -> dict[str, Any]:
 
 
 # (path, handler, request weight): Binance's weights for these endpoints.
-_ENDPOINTS: list[tuple[str, Handler, int]] = [
+_ENDPOINTS: list[tuple[str, Handler, int | Callable[[web.Request], int]]] = [
     ("/api/v3/ping", ping, 1),
     ("/api/v3/time", server_time, 1),
     ("/api/v3/exchangeInfo", exchange_info, 20),
@@ -351,6 +383,7 @@ _ENDPOINTS: list[tuple[str, Handler, int]] = [
     ("/api/v3/aggTrades", agg_trades, 4),
     ("/api/v3/historicalTrades", historical_trades, 25),
     ("/api/v3/trades", recent_trades, 25),
+    ("/api/v3/depth", depth, _depth_weight),
 ]
 _WEIGHTS = {path: weight for path, _, weight in _ENDPOINTS}
 ROUTES = [web.get(path, handler) for path, handler, _ in _ENDPOINTS]

@@ -24,17 +24,13 @@ _MAX_REQUEST_LINE_BYTES = 1 << 16
 
 def build_app(config: FakeExchangeConfig) -> web.Application:
     """The fake exchange for `config`; start it with any aiohttp runner."""
-    market = Market(
-        config.all_symbols(), TradeClock(config.resolved_genesis_ms(), config.trades_per_second)
-    )
+    market = Market(config.all_symbols(), TradeClock(config.genesis_ms, config.trades_per_second))
     stats = Stats()
-    app = web.Application(
-        middlewares=[rest.api_middleware], handler_args={"max_line_size": _MAX_REQUEST_LINE_BYTES}
-    )
+    app = web.Application(middlewares=[rest.api_middleware], handler_args={"max_line_size": _MAX_REQUEST_LINE_BYTES})
     app[CONTEXT] = Context(
         config=config,
         market=market,
-        hub=Hub(market, stats),
+        hub=Hub(market, stats, frozenset(config.halted_symbols)),
         stats=stats,
         gate=RequestGate(config.weight_limit, config.ban_seconds),
         listed=frozenset(market.symbols),

@@ -83,9 +83,7 @@ class Session:
 
     def parse_new(self, names: list[str]) -> list[StreamSpec]:
         """Specs of the names not yet subscribed; ValueError if invalid or too many."""
-        new = {
-            n: streams.parse_stream(n, self._ctx.listed) for n in names if n not in self._streams
-        }
+        new = {n: streams.parse_stream(n, self._ctx.listed) for n in names if n not in self._streams}
         limit = self._ctx.config.max_streams_per_connection
         if len(self._streams) + len(new) > limit:
             raise ValueError(f"too many streams: at most {limit} per connection")
@@ -108,9 +106,7 @@ class Session:
 
     # -- output -------------------------------------------------------------------
 
-    def deliver(
-        self, stream: bytes, payload: bytes, symbol: str, kind: str, ident: int | None
-    ) -> None:
+    def deliver(self, stream: bytes, payload: bytes, symbol: str, kind: str, ident: int | None) -> None:
         """Queue one data event (called by the hub for every subscriber)."""
         frame = streams.combined_frame(stream, payload) if self.combined else payload
         self._outbox.append((frame, symbol, kind, ident))
@@ -143,18 +139,14 @@ class Session:
     def announce_shutdown(self, grace_seconds: float) -> None:
         """Send serverShutdown now, close normally `grace_seconds` later."""
         payload = streams.shutdown_event(now_ms())
-        frame = (
-            streams.combined_frame(streams.SHUTDOWN_STREAM, payload) if self.combined else payload
-        )
+        frame = streams.combined_frame(streams.SHUTDOWN_STREAM, payload) if self.combined else payload
         self._send_control(frame)
         self._later(grace_seconds, self.close_soon, 1000, "server shutdown")
 
     def close_soon(self, code: int = 1000, reason: str = "") -> None:
         """Start a close handshake (idempotent; usable from timer callbacks)."""
         if self._ws is not None and self._closing is None:
-            self._closing = asyncio.ensure_future(
-                self._ws.close(code=code, message=reason.encode())
-            )
+            self._closing = asyncio.ensure_future(self._ws.close(code=code, message=reason.encode()))
 
     def abort(self) -> None:
         """Drop the TCP connection without a close frame, like a network failure."""
@@ -164,9 +156,7 @@ class Session:
 
     # -- the connection's life ----------------------------------------------------
 
-    async def serve(
-        self, ws: web.WebSocketResponse, request: web.Request, specs: list[StreamSpec]
-    ) -> None:
+    async def serve(self, ws: web.WebSocketResponse, request: web.Request, specs: list[StreamSpec]) -> None:
         self._ws, self._request = ws, request
         cfg = self._ctx.config
         self._ctx.hub.add(self)
@@ -175,9 +165,7 @@ class Session:
             asyncio.ensure_future(self._write_loop(ws)),
             asyncio.ensure_future(self._ping_loop(ws)),
         ]
-        self._later(
-            cfg.max_connection_seconds, self.close_soon, 1000, "connection lifetime reached"
-        )
+        self._later(cfg.max_connection_seconds, self.close_soon, 1000, "connection lifetime reached")
         try:
             await self._receive_loop(ws)
         finally:

@@ -28,12 +28,20 @@ import pytest
 import websocket
 from websocket import ABNF
 
+from fake_binance.config import DEFAULT_SYMBOLS, MARKET_EPOCH_MS
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = json.loads((ROOT / "tests" / "fixtures" / "binance-doc-examples.json").read_text())
 LISTENING = re.compile(r"^fake-binance listening on http://127\.0\.0\.1:(\d+)$")
 # Control messages on the main fake are spaced so that, with one auto-pong per
 # second, no one-second window holds more than 5 incoming messages.
 PACE_SECONDS = 0.35
+
+
+def trade_id(symbol: str, trade_time: int) -> int:
+    """The id of the trade at `trade_time` at the default 10 trades/s: one every 100 ms
+    from the epoch, numbered from (position of the symbol + 1) * 1,000,000."""
+    return (DEFAULT_SYMBOLS.index(symbol) + 1) * 1_000_000 + (trade_time - MARKET_EPOCH_MS) // 100
 
 
 class Fake:
@@ -185,7 +193,8 @@ def test_combined_stream_wraps_every_kind_in_documented_shapes(fake: Fake) -> No
     assert seen["btcusdt@ticker"]["e"] == "24hrTicker"
     assert [t["s"] for t in seen["!miniTicker@arr"]][:2] == ["BTCUSDT", "ETHUSDT"]
     trade = seen["btcusdt@trade"]
-    assert trade["s"] == "BTCUSDT" and trade["E"] >= trade["T"] and 1_000_000 <= trade["t"] < 2_000_000
+    assert trade["s"] == "BTCUSDT" and trade["E"] >= trade["T"]
+    assert trade["t"] == trade_id("BTCUSDT", trade["T"])  # BTCUSDT's ids, on the epoch's clock
 
 
 def test_raw_streams_deliver_bare_payloads_with_consecutive_trade_ids(fake: Fake) -> None:
@@ -432,14 +441,40 @@ def test_klines_agree_with_the_trades_inside_them(fake: Fake) -> None:
 
 def test_history_is_identical_in_another_process(fake: Fake) -> None:
     genesis = fake.get("/api/v3/klines?symbol=ETHUSDT&interval=1m&startTime=0&limit=1")[2][0][0]
-    with running_fake("--genesis-ms", str(genesis)) as twin:
+    assert genesis == MARKET_EPOCH_MS  # history reaches back to the fixed epoch
+    recent = fake.get("/api/v3/historicalTrades?symbol=ETHUSDT&limit=1")[2][0]["id"]
+    with running_fake() as twin:  # no shared flag: the epoch alone makes them agree
         for path, rows in (
             ("/api/v3/aggTrades?symbol=ETHUSDT&fromId=1000100&limit=50", 50),
             ("/api/v3/historicalTrades?symbol=ETHUSDT&fromId=2000100&limit=50", 50),
+            (f"/api/v3/historicalTrades?symbol=ETHUSDT&fromId={recent - 100}&limit=50", 50),
             ("/api/v3/klines?symbol=ETHUSDT&interval=1m&startTime=0&limit=5", 5),
         ):
             ours, theirs = fake.get(path)[2], twin.get(path)[2]
             assert len(ours) == rows and ours == theirs, path
+
+
+def test_a_restarted_fake_continues_the_same_market() -> None:
+    """Trade ids never repeat across restarts, and two runs agree on every trade."""
+
+    def live_trades() -> list[dict[str, Any]]:
+        with running_fake() as run:
+            ws = connect(run.ws_url("/ws/solusdt@trade"))
+            trades = receive_for(ws, 0.8)
+            ws.close()
+        return trades
+
+    before, after = live_trades(), live_trades()
+    assert len(before) >= 5 and len(after) >= 5
+    assert min(t["t"] for t in after) > max(t["t"] for t in before)
+    for t in before + after:
+        assert t["t"] == trade_id("SOLUSDT", t["T"])
+    with running_fake() as third:  # REST of a later run still serves the first run's trades
+        first = before[0]["t"]
+        rows = third.get(f"/api/v3/historicalTrades?symbol=SOLUSDT&fromId={first}&limit=1000")[2]
+        served = [(r["id"], r["price"], r["qty"], r["time"], r["isBuyerMaker"]) for r in rows]
+        assert served[: len(before)] == [(t["t"], t["p"], t["q"], t["T"], t["m"]) for t in before]
+        assert rows[-1]["id"] >= max(t["t"] for t in after)
 
 
 def test_every_response_reports_the_used_weight(fake: Fake) -> None:
