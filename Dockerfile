@@ -13,7 +13,8 @@ COPY pyproject.toml README.md celeryconfig.py ./
 COPY worker/ worker/
 COPY tasks/ tasks/
 COPY fake_binance/ fake_binance/
-RUN pip install --no-cache-dir . \
+# With the PostgreSQL driver, so DATABASE_URL may name either backend.
+RUN pip install --no-cache-dir ".[postgres]" \
     && rm -rf build *.egg-info
 
 # The code stays root's and read-only; the service writes only to the data volume.

@@ -10,3 +10,19 @@ ensure_venv() {
     fi
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$1"
 }
+
+# The PostgreSQL tests start a private cluster with the Debian `postgresql` package's
+# programs. Installed here when missing and running as root (as CI does); otherwise
+# the tests that need it fail and say how to install it.
+ensure_postgres() {
+    if command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+        return
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "== installing PostgreSQL (Debian package postgresql) for the PostgreSQL tests"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "warning: PostgreSQL is not installed: the PostgreSQL tests will fail (apt-get install postgresql)" >&2
+    fi
+}

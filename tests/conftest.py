@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 import redis
 import requests
+from sqlalchemy import Engine
 
+from tests.postgres_server import INSTALL_HINT, PostgresServer, find_postgres_bin
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
 from worker.ops.local_stack import LocalStack
+from worker.store.storage import create_schema, make_engine
 
 # Short intervals so that end-to-end tests see the periodic tasks act within seconds.
 FAST_ENV = {
@@ -35,6 +38,36 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     stack = LocalStack(tmp_path_factory.mktemp("redis"))
     yield stack.start_redis()
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bin_dir = find_postgres_bin()
+    if bin_dir is None:
+        pytest.fail(INSTALL_HINT)
+    server = PostgresServer(bin_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database on each backend: a SQLite file, and a database of the
+    session's PostgreSQL server. Tests of SQLite-only behaviour make their own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'binance.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """The schema in a new database of each backend."""
+    engine = make_engine(database_url)
+    create_schema(engine)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

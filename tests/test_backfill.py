@@ -43,13 +43,6 @@ def fake() -> Iterator[Fake]:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'binance.db'}")
-    create_schema(engine)
-    return engine
-
-
-@pytest.fixture
 def backfiller(fake: Fake, engine: Engine, redis_client: redis.Redis, keys: RedisKeys) -> Callable[..., Backfiller]:
     """Backfillers as workers build them (the budget in Redis), each with its own client."""
 

@@ -182,7 +182,8 @@ def test_redis_is_private_durable_and_never_evicts(services: dict[str, Service])
 
 def test_named_volumes_are_declared_and_used(compose: dict[str, Any], services: dict[str, Service]) -> None:
     mounted = {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])}
-    assert mounted == set(compose["volumes"]) == {"redis", "data"}
+    assert mounted == set(compose["volumes"]) == {"redis", "data", "postgres"}
+    assert services["postgres"]["volumes"] == ["postgres:/var/lib/postgresql/data"]
 
 
 def test_every_service_that_opens_the_database_mounts_the_data_volume(
@@ -190,7 +191,21 @@ def test_every_service_that_opens_the_database_mounts_the_data_volume(
 ) -> None:
     for name in ("worker-streams", "worker", "beat"):
         assert f"data:{DATA}" in services[name]["volumes"]
-        assert services[name]["environment"]["DATABASE_URL"] == f"sqlite:///{DATA}/binance.db"
+        assert services[name]["environment"]["DATABASE_URL"] == f"${{DATABASE_URL:-sqlite:///{DATA}/binance.db}}"
+
+
+def test_the_postgres_profile(services: dict[str, Service]) -> None:
+    """PostgreSQL runs only with the `postgres` profile; every service of the app waits
+    for it to be healthy when it runs, and runs without it when it does not."""
+    postgres = services["postgres"]
+    assert postgres["profiles"] == ["postgres"]
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-}"
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert "ports" not in postgres
+    waiting = {name for name, service in services.items() if "redis" in service.get("depends_on", {})}
+    assert waiting == {"worker-streams", "worker", "beat", "flower"}  # subscribe waits for the workers
+    for name in waiting:
+        assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy", "required": False}, name
 
 
 def test_flower_asks_for_a_password_and_listens_on_localhost_only(
@@ -209,7 +224,7 @@ def test_every_setting_reaches_the_containers(services: dict[str, Service]) -> N
     passed_through = {name for name, value in environment.items() if value is None}
     assert passed_through == set(environment) - {"REDIS_URL", "DATABASE_URL"}
     for name, service in services.items():
-        if name != "redis":
+        if name not in {"redis", "postgres"}:
             assert service["environment"] == environment, name
 
 
@@ -233,7 +248,7 @@ def test_the_dockerfile() -> None:
 
     assert values("FROM") == ["python:3.11-slim"]
     assert values("WORKDIR") == ["/app"]
-    assert any("pip install --no-cache-dir ." in run for run in values("RUN"))
+    assert any('pip install --no-cache-dir ".[postgres]"' in run for run in values("RUN"))
     assert any("PYTHONUNBUFFERED=1" in env for env in values("ENV"))
     assert values("USER") and values("USER")[-1] not in {"root", "0"}
     assert json.loads(values("VOLUME")[-1]) == [DATA]

@@ -36,13 +36,6 @@ def trade_frame(symbol: str, trade_id: int) -> bytes:
     return orjson.dumps({"stream": f"{symbol.lower()}@trade", "data": payload})
 
 
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'db' / 'binance.db'}")
-    create_schema(engine)
-    return engine
-
-
 def push(client: redis.Redis, keys: RedisKeys, group: str, frames: list[bytes]) -> str:
     GroupRegistry(client, keys).want(Group(id=group, streams=("btcusdt@trade",)))
     key = FrameBuffer(client, keys).register(group)

@@ -1,6 +1,7 @@
 """End to end with real processes: redis-server, the fake exchange, `celery -A worker
 worker` (both queues), `celery -A worker beat`, and a client process calling
-`subscribe.delay(...)` exactly as the README shows. Assertions are on the SQLite file."""
+`subscribe.delay(...)` exactly as the README shows. Assertions are on the SQLite file,
+and for the main path also on a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import call, clean_env, fake_stats, launch_stack, status_command, wait_until
+from tests.postgres_server import PostgresServer
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
@@ -39,6 +41,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 @pytest.fixture(scope="module")
 def db(stack: LocalStack) -> Engine:
     return make_engine(stack.env["DATABASE_URL"])
+
+
+@pytest.fixture(scope="module")
+def postgres_stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer) -> Iterator[LocalStack]:
+    """The same stack storing into a database of a real PostgreSQL server."""
+    env = {"DATABASE_URL": postgres_server.create_database()}
+    stack = launch_stack(tmp_path_factory.mktemp("e2e-pg"), fake_args=["--trades-per-second", "25"], env=env)
+    yield stack
+    stack.stop()
 
 
 def scalar(db: Engine, sql: str, **params: object) -> object:
@@ -70,6 +81,18 @@ def id_summary(db: Engine, table: str, id_column: str, symbol: str) -> tuple[int
 
 
 def test_every_trade_sent_in_the_window_is_stored_exactly_once(stack: LocalStack, db: Engine) -> None:
+    record_and_check_every_trade(stack, db)
+
+
+def test_every_trade_sent_in_the_window_is_stored_exactly_once_in_postgresql(postgres_stack: LocalStack) -> None:
+    db = make_engine(postgres_stack.env["DATABASE_URL"])
+    assert db.dialect.name == "postgresql"
+    record_and_check_every_trade(postgres_stack, db)
+
+
+def record_and_check_every_trade(stack: LocalStack, db: Engine) -> None:
+    """Subscribe as the README shows, record, unsubscribe: every trade and aggregate
+    trade the fake sent is stored exactly once, and the task and `status` report it."""
     result = subscribe_like_the_readme(stack, ["btcusdt", "ETHUSDT"], STREAMS)
     assert result["symbols"] == {"BTCUSDT": "TRADING", "ETHUSDT": "TRADING"}
     assert len(result["groups"]) == 1 and result["new_groups"] == result["groups"]
@@ -77,7 +100,7 @@ def test_every_trade_sent_in_the_window_is_stored_exactly_once(stack: LocalStack
     again = call(stack, "tasks.subscribe", SYMBOLS, streams=STREAMS)
     assert again["groups"] == result["groups"] and again["new_groups"] == []
 
-    wait_until(lambda: (scalar(db, "select count(*) from trades") or 0) > 0, 30, "the first trades in SQLite")
+    wait_until(lambda: (scalar(db, "select count(*) from trades") or 0) > 0, 30, "the first trades in the database")
     time.sleep(RECORD_SECONDS)
     assert_task_reports_progress(stack, result["groups"][0])
     assert_status_command_says_healthy(stack, result["groups"][0])

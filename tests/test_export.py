@@ -14,18 +14,11 @@ import pytest
 from sqlalchemy import Engine, select
 
 from worker.ops.export import export_rows, resolve_source
-from worker.store.storage import TABLE_COLUMNS, TABLES, create_schema, make_engine, store_rows
+from worker.store.storage import TABLE_COLUMNS, TABLES, store_rows
 from worker.times import iso_ms, parse_time
 
 T = 1795482000000  # 2026-11-24T01:00:00Z
 MINUTE = 60_000
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'export.db'}")
-    create_schema(engine)
-    return engine
 
 
 def trade_rows(symbol: str, count: int, start: int = T, seed: int = 1) -> list[tuple[Any, ...]]:

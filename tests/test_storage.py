@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, func, inspect, select, text
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
 
 from worker.store import storage
@@ -75,13 +76,6 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
     "book_tickers": ("BTCUSDT", 400900217, 29999.9, 1.0, 30000.1, 2.0, T),
     "avg_prices": ("BTCUSDT", T, "5m", 30000.25, T - 1000),
 }
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'test.db'}")
-    create_schema(engine)
-    return engine
 
 
 def count(engine: Engine, table: str) -> int:
@@ -176,6 +170,25 @@ def test_rows_already_stored_are_skipped_within_a_batch(engine: Engine) -> None:
     with engine.begin() as conn:
         assert store_rows(conn, {"trades": [trade, trade, newer]}) == {"trades": 2}
     assert count(engine, "trades") == 2
+
+
+def test_a_batch_overlapping_stored_rows_stores_the_rest_in_the_same_transaction(engine: Engine) -> None:
+    """On PostgreSQL the COPY of such a batch is undone and the batch goes through the
+    staging table; the transaction goes on with the next table."""
+    trades = [(SAMPLE_ROWS["trades"][0], n, *SAMPLE_ROWS["trades"][2:]) for n in range(1, 5)]
+    with engine.begin() as conn:
+        store_rows(conn, {"trades": trades[:2]})
+    with engine.begin() as conn:
+        stored = store_rows(conn, {"trades": trades[1:], "agg_trades": [SAMPLE_ROWS["agg_trades"]]})
+    assert stored == {"trades": 2, "agg_trades": 1}
+    assert (count(engine, "trades"), count(engine, "agg_trades")) == (4, 1)
+
+
+def test_a_row_the_schema_refuses_fails_its_batch_with_the_database_error(engine: Engine) -> None:
+    no_price = (*SAMPLE_ROWS["trades"][:2], None, *SAMPLE_ROWS["trades"][3:])
+    with pytest.raises(IntegrityError, match="(?i)null"), engine.begin() as conn:
+        store_rows(conn, {"trades": [SAMPLE_ROWS["trades"], no_price]})
+    assert count(engine, "trades") == 0
 
 
 def kline(close: float, is_closed: bool, event_time: int) -> tuple[Any, ...]:

@@ -57,7 +57,9 @@ def record_gaps(conn: Connection, found: list[Gap], now_ms: int) -> int:
          "last_missing": g.last_missing, "found_at": now_ms, "status": OPEN, "rows_fetched": 0}
         for g in found
     ]  # fmt: skip
-    return conn.execute(insert_or_ignore(conn.dialect.name, gaps), values).rowcount
+    statement = insert_or_ignore(conn.dialect.name, gaps)
+    # Without preserve_rowcount, SQLAlchemy 2.1 reports -1 for an executemany on PostgreSQL.
+    return conn.execute(statement, values, execution_options={"preserve_rowcount": True}).rowcount
 
 
 def open_gaps(conn: Connection) -> list[Gap]:

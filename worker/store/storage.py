@@ -328,12 +328,73 @@ def _execute_many(conn: Connection, table_name: str, rows: Sequence[tuple]) -> i
     if conn.dialect.name == "sqlite":
         # The tuples go straight to sqlite3's executemany: no per-row work in Python.
         sql = _compiled_sql(conn.dialect, table_name)
-        result = conn.exec_driver_sql(sql, rows if isinstance(rows, list) else list(rows))
-    else:
-        columns = TABLE_COLUMNS[table_name]
-        statement = _insert_statement(conn.dialect.name, table_name)
-        result = conn.execute(statement, [dict(zip(columns, row, strict=False)) for row in rows])
-    return result.rowcount
+        return conn.exec_driver_sql(sql, rows if isinstance(rows, list) else list(rows)).rowcount
+    if conn.dialect.name == "postgresql" and table_name != "klines":
+        return _copy_then_insert(conn, table_name, rows)
+    columns = TABLE_COLUMNS[table_name]
+    statement = _insert_statement(conn.dialect.name, table_name)
+    parameters = [dict(zip(columns, row, strict=True)) for row in rows]
+    # Without preserve_rowcount, SQLAlchemy 2.1 reports -1 for an executemany.
+    return conn.execute(statement, parameters, execution_options={"preserve_rowcount": True}).rowcount
+
+
+_UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE for a duplicate key
+
+
+def _copy_then_insert(conn: Connection, table_name: str, rows: Sequence[tuple]) -> int:
+    """PostgreSQL's bulk path: COPY the batch straight into the table; if some of its
+    keys are stored already (a replayed batch, a rotation overlap, a backfill), undo
+    that COPY and take the batch through a staging table and one
+    INSERT ... SELECT ... ON CONFLICT DO NOTHING instead.
+
+    COPY itself cannot skip a stored key, and psycopg's executemany sends one
+    statement per row. Measured on 200,000 trade rows in 5,000-row transactions on a
+    loaded 2-core machine: executemany 18,700 rows/s; staging then insert-or-ignore
+    0.35-0.43 of plain COPY for the whole drain (the INSERT ... SELECT took twice the
+    COPY); COPY first, as here, see the README's PostgreSQL figures. Klines do not
+    come here: their upsert may meet the same key twice in one batch.
+    """
+    columns = ", ".join(TABLE_COLUMNS[table_name])
+    driver_error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute("SAVEPOINT bulk_copy")
+        try:
+            _copy(cursor, table_name, columns, rows)
+        except driver_error as error:
+            if getattr(error, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise
+            cursor.execute("ROLLBACK TO SAVEPOINT bulk_copy")
+            return _insert_through_staging(cursor, table_name, columns, rows)
+        cursor.execute("RELEASE SAVEPOINT bulk_copy")
+        return len(rows)
+    except driver_error as error:
+        # The driver's own cursor bypasses SQLAlchemy's wrapping: wrap as it would, so
+        # callers see IntegrityError, OperationalError... on every path.
+        raise exc.DBAPIError.instance(f"COPY {table_name}", None, error, driver_error) from error
+    finally:
+        cursor.close()
+
+
+def _copy(cursor: Any, table_name: str, columns: str, rows: Sequence[tuple]) -> None:
+    with cursor.copy(f"COPY {table_name} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _insert_through_staging(cursor: Any, table_name: str, columns: str, rows: Sequence[tuple]) -> int:
+    """The rows not stored yet, once each (a batch may repeat a key too)."""
+    staging = f"staging_{table_name}"
+    # A temporary table lives as long as the session (the pooled connection), and
+    # ON COMMIT DELETE ROWS empties it at every commit; a rollback takes its rows too.
+    cursor.execute(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} (LIKE {table_name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    _copy(cursor, staging, columns, rows)
+    cursor.execute(f"INSERT INTO {table_name} ({columns}) SELECT {columns} FROM {staging} ON CONFLICT DO NOTHING")
+    inserted = int(cursor.rowcount)
+    cursor.execute(f"TRUNCATE {staging}")  # for a second batch of this table in the same transaction
+    return inserted
 
 
 @functools.cache
