@@ -17,7 +17,10 @@ from worker.times import now_ms
 
 def record_storage_error(client: redis.Redis, keys: RedisKeys, error: BaseException) -> None:
     at = now_ms()
-    text = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+    # SQLAlchemy wraps the driver's error with the statement and its parameters (5,000
+    # rows of them); the driver's own words are what an operator can act on.
+    cause = getattr(error, "orig", None) or error
+    text = " ".join(f"{type(cause).__name__}: {cause}".split())[:500]
     with client.pipeline(transaction=True) as pipe:
         pipe.hsetnx(keys.storage_error, "since", at)
         pipe.hset(keys.storage_error, mapping={"error": text, "last_at": at})
