@@ -155,7 +155,7 @@ def test_a_redis_restart_during_a_progress_report_keeps_the_task_and_its_frames(
         time.sleep(7)  # longer than the 5 s between progress reports: one falls inside
         stack.start_redis(port)
         replace_dead_default_worker(stack)
-        time.sleep(6)
+        time.sleep(3)
         unsubscribe_and_wait(stack, "BTCUSDT")
 
         assert_every_trade_stored_once(stack, db, "BTCUSDT")
@@ -223,9 +223,9 @@ def test_redis_frozen_loses_nothing_and_never_opens_a_second_connection(tmp_path
         time.sleep(2)
         redis_process = stack.process("redis").popen
         redis_process.send_signal(signal.SIGSTOP)
-        time.sleep(10)
+        time.sleep(6)  # twice the lease TTL: leases expire in Redis meanwhile
         redis_process.send_signal(signal.SIGCONT)
-        time.sleep(8)
+        time.sleep(4)
         backfill_what_the_fence_missed(stack, db, "BTCUSDT")
         unsubscribe_and_wait(stack, "BTCUSDT")
         assert_every_trade_stored_once(stack, db, "BTCUSDT")
