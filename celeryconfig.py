@@ -17,6 +17,24 @@ broker_url = _settings.redis_url
 result_backend = _settings.redis_url
 broker_connection_retry_on_startup = True
 
+# Timeouts and health checks on Celery's own Redis connections (broker and results), as
+# on the service's: a half-open link must fail a command in seconds, not block a
+# subscription task past its lease (Celery's result backend waits 120 s by default).
+_redis_options = _settings.redis_connection_options
+broker_transport_options = {
+    key: _redis_options[key]
+    for key in ("socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval")
+}
+redis_socket_timeout = _redis_options["socket_timeout"]
+redis_socket_connect_timeout = _redis_options["socket_connect_timeout"]
+redis_socket_keepalive = True
+redis_backend_health_check_interval = _redis_options["health_check_interval"]
+# A result write retries once, not 20 times a second apart: a progress report that
+# cannot be stored is skipped (the next one follows in 5 s), the task goes on recording.
+result_backend_transport_options = {
+    "retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
+}
+
 # JSON only: other apps call these tasks with send_task, and pickle is a liability.
 task_serializer = "json"
 result_serializer = "json"
@@ -38,15 +56,20 @@ worker_prefetch_multiplier = 1
 worker_send_task_events = True
 task_send_sent_event = True
 task_track_started = True
-result_expires = timedelta(days=7)
+# What is kept in Redis expires: results of tasks someone called (subscribe, status, a
+# manual drain) for a day. Beat's periodic runs keep none (see `_every`): one drain a
+# second would otherwise leave 86,400 results a day in the Redis that holds the frames.
+result_expires = timedelta(days=1)
 
 
 def _every(task: str, seconds: float) -> dict[str, object]:
     """A periodic task whose message expires after one period: a run that could not
     start before the next one is due is left to that one, so a busy or stopped worker
     never finds a pile of stale runs when it comes back. Runs that must not overlap take
-    turns through a Redis lock (see each task)."""
-    return {"task": task, "schedule": seconds, "options": {"expires": seconds}}
+    turns through a Redis lock (see each task). Their results are not stored: their
+    figures are in `status` and Flower (from the task events), and a stored result per
+    run would grow Redis by a key a second."""
+    return {"task": task, "schedule": seconds, "options": {"expires": seconds, "ignore_result": True}}
 
 
 beat_schedule = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery.signals import worker_ready
+from sqlalchemy.exc import SQLAlchemyError
 
 from tasks.resources import engine, redis_client
 from tasks.subscriptions import start_group
@@ -15,7 +16,8 @@ from worker.lease import Lease
 from worker.ops.status import collect_status
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.store.drain import Drainer
+from worker.store.drain import Drainer, DrainReport
+from worker.store.failures import clear_storage_error, record_storage_error
 
 # A drain run stops taking new batches after this many drain intervals, so that one
 # slow run never holds the lock while the next beats pile up behind it.
@@ -32,10 +34,22 @@ def drain() -> dict[str, Any]:
     if not lock.acquire():
         return {"skipped": "another drain is running"}
     try:
-        drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
-        return drainer.drain(time_budget=budget, should_stop=shutting_down).as_dict()
+        return _store_buffered_frames(keys, settings.drain_batch_size, budget).as_dict()
     finally:
         lock.release()
+
+
+def _store_buffered_frames(keys: RedisKeys, batch_size: int, budget: float) -> DrainReport:
+    """One drain run. A storage failure is recorded for `status` and re-raised, so the
+    run also shows as failed in Flower and the log; the next run that stores clears it."""
+    try:
+        drainer = Drainer(redis_client(), keys, engine(), batch_size)
+        report = drainer.drain(time_budget=budget, should_stop=shutting_down)
+    except SQLAlchemyError as error:
+        record_storage_error(redis_client(), keys, error)
+        raise
+    clear_storage_error(redis_client(), keys)
+    return report
 
 
 @app.task(name="tasks.supervise")
@@ -56,8 +70,8 @@ def _supervise_when_a_worker_starts(**_: Any) -> None:
 
     Their leases expire one TTL after the old task died, so supervise runs then too.
     """
-    supervise.delay()
-    supervise.apply_async(countdown=get_settings().lease_ttl_seconds + 1)
+    supervise.apply_async(ignore_result=True)  # housekeeping keeps no results (celeryconfig._every)
+    supervise.apply_async(countdown=get_settings().lease_ttl_seconds + 1, ignore_result=True)
 
 
 @app.task(name="tasks.status")

@@ -22,7 +22,8 @@ _engines: dict[int, Engine] = {}
 def redis_client() -> redis.Redis:
     pid = os.getpid()
     if pid not in _redis:
-        _redis[pid] = redis.Redis.from_url(get_settings().redis_url)
+        settings = get_settings()
+        _redis[pid] = redis.Redis.from_url(settings.redis_url, **settings.redis_connection_options)
     return _redis[pid]
 
 

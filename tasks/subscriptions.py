@@ -9,12 +9,11 @@ from redis.lock import Lock
 from tasks.resources import redis_client
 from worker import app
 from worker.exchange.rest import BinanceRest
-from worker.groups import Group, GroupRegistry, normalize_symbols, plan_groups, stream_names
+from worker.groups import Group, GroupRegistry, normalize_stream_kinds, normalize_symbols, plan_groups, stream_names
 from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.streams import validate_stream_kind
 
 SUBSCRIPTIONS_LOCK_SECONDS = 30
 
@@ -50,12 +49,13 @@ def start_group(group: Group) -> bool:
 def subscribe(symbols: list[str], streams: list[str] | None = None) -> dict[str, Any]:
     """Record `streams` (default: settings) of `symbols`; returns the groups that do.
 
-    Symbols are checked against Binance before anything is recorded, so a typo fails
-    here with Binance's message instead of becoming a silent, empty stream.
+    Types and shapes are checked first (InvalidSubscription names the bad element), then
+    the symbols against Binance before anything is recorded, so a typo fails here with
+    Binance's message instead of becoming a silent, empty stream.
     """
     settings = get_settings()
     symbols = normalize_symbols(symbols)
-    kinds = [validate_stream_kind(kind) for kind in (streams or settings.default_stream_kinds)]
+    kinds = normalize_stream_kinds(settings.default_stream_kinds if streams is None else streams)
     statuses = BinanceRest.from_settings(settings, redis_client()).symbol_statuses(symbols)
     registry = _registry()
     requested = stream_names(symbols, kinds)
@@ -111,7 +111,7 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
         # The PROGRESS state is what `AsyncResult.info` returns; the event is what
         # Flower shows on the task's page while it runs.
         self.update_state(state="PROGRESS", meta=progress)
-        self.send_event("task-progress", **progress)
+        self.send_event("task-progress", retry=False, **progress)
 
     reason = GroupRunner(group, settings, client, shutting_down, report_progress).run(self.request.id)
     if reason == SHUTTING_DOWN:

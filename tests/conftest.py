@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import redis
 import requests
-from sqlalchemy import Engine
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 from tests.postgres_server import INSTALL_HINT, PostgresServer, find_postgres_bin
 from worker.keys import RedisKeys
@@ -124,6 +125,24 @@ def status_command(stack: LocalStack, *args: str) -> subprocess.CompletedProcess
         text=True,
         timeout=30,
     )
+
+
+ID_COLUMNS = {"trade": ("trades", "trade_id"), "aggTrade": ("agg_trades", "agg_id")}
+
+
+def stored_ids(db: Engine, kind: str, symbol: str, first: int, last: int) -> tuple[int, int]:
+    """(rows, distinct ids) of `symbol`'s trades or aggregate trades with ids in [first, last]."""
+    table, column = ID_COLUMNS[kind]
+    with db.connect() as conn:
+        return tuple(
+            conn.execute(
+                text(
+                    f"select count(*), count(distinct {column}) from {table} "
+                    f"where symbol = :s and {column} between :a and :b"
+                ),
+                {"s": symbol, "a": first, "b": last},
+            ).one()
+        )  # type: ignore[return-value]
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:

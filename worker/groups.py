@@ -17,6 +17,16 @@ from dataclasses import dataclass
 import redis
 
 from worker.keys import RedisKeys, as_text
+from worker.streams import validate_stream_kind
+
+# Set status fields only if the lease (KEYS[2]) still holds this token (ARGV[1]).
+_SET_STATUS_IF_HOLDER = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
 
 # Binance's own pattern for the `symbol` parameter.
 SYMBOL_PATTERN = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
@@ -49,29 +59,61 @@ def group_id(streams: Iterable[str]) -> str:
     return f"g{digest[:12]}"
 
 
-def normalize_symbols(symbols: Sequence[str] | str) -> list[str]:
-    """Upper-case, de-duplicate and check the format of the symbols a caller gave.
+def _list_of_strings(value: object, name: str, example: str) -> list[str]:
+    """`value` as a list of strings, or InvalidSubscription naming the first bad element.
+
+    Tasks are called by name from other apps (`send_task`), so anything JSON can carry
+    arrives here: None, a number, a bare string, a list holding null or true.
+    """
+    if isinstance(value, str):
+        raise InvalidSubscription(f"{name} must be a list, got the string {value!r}: pass [{value!r}]")
+    if not isinstance(value, list | tuple):
+        raise InvalidSubscription(f"{name} must be a list of strings such as {example}, got {value!r:.80}")
+    for position, element in enumerate(value):
+        if not isinstance(element, str):
+            raise InvalidSubscription(
+                f"{name}[{position}] is {element!r:.80} ({type(element).__name__}), not a string: "
+                f"pass a list of strings such as {example}"
+            )
+    return list(value)
+
+
+def normalize_symbols(symbols: object) -> list[str]:
+    """Upper-case, de-duplicate and check the type and format of the symbols a caller gave.
 
     A bare string is refused rather than iterated character by character, the usual
     slip of `subscribe.delay("BTCUSDT")`.
     """
-    if isinstance(symbols, str):
-        raise InvalidSubscription(f"symbols must be a list, got the string {symbols!r}: call subscribe([{symbols!r}])")
-    result: list[str] = []
-    for raw in symbols:
-        symbol = str(raw).strip().upper()
+    result: dict[str, None] = {}  # ordered, and a set: 100,000 symbols take milliseconds
+    for raw in _list_of_strings(symbols, "symbols", "['BTCUSDT']"):
+        symbol = raw.strip().upper()
         if not SYMBOL_PATTERN.match(symbol):
-            raise InvalidSubscription(f"{raw!r} is not a Binance symbol: use letters and digits such as 'BTCUSDT'")
-        if symbol not in result:
-            result.append(symbol)
+            raise InvalidSubscription(f"{raw!r:.80} is not a Binance symbol: use letters and digits such as 'BTCUSDT'")
+        result[symbol] = None
     if not result:
         raise InvalidSubscription("no symbols given: pass a list such as ['BTCUSDT']")
+    return list(result)
+
+
+def normalize_stream_kinds(kinds: object) -> list[str]:
+    """Check a caller's stream kinds, in their canonical spelling, duplicates removed."""
+    result: list[str] = []
+    for position, raw in enumerate(_list_of_strings(kinds, "streams", "['trade', 'kline_1m']")):
+        try:
+            kind = validate_stream_kind(raw)
+        except ValueError as error:
+            raise InvalidSubscription(f"streams[{position}]: {error}") from None
+        if kind not in result:
+            result.append(kind)
+    if not result:
+        raise InvalidSubscription("no stream kinds given: pass a list such as ['trade'], or none for DEFAULT_STREAMS")
     return result
 
 
 def stream_names(symbols: Sequence[str], kinds: Sequence[str]) -> list[str]:
-    """Binance stream names (lowercase symbol) in a stable order: by symbol, then kind."""
-    return [f"{symbol.lower()}@{kind}" for symbol in symbols for kind in kinds]
+    """Binance stream names (lowercase symbol) in a stable order: by symbol, then kind;
+    each once, so no group ever holds a stream twice."""
+    return list(dict.fromkeys(f"{symbol.lower()}@{kind}" for symbol in symbols for kind in kinds))
 
 
 def plan_groups(streams: Sequence[str], max_per_group: int) -> list[Group]:
@@ -86,6 +128,7 @@ class GroupRegistry:
     def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         self.client = client
         self.keys = keys
+        self._set_status_if_holder = client.register_script(_SET_STATUS_IF_HOLDER)
 
     def wanted(self) -> dict[str, Group]:
         raw = self.client.hgetall(self.keys.groups)
@@ -118,8 +161,11 @@ class GroupRegistry:
         raw = self.client.hgetall(self.keys.status(gid))
         return {as_text(k): as_text(v) for k, v in raw.items()}
 
-    def set_status(self, gid: str, **fields: object) -> None:
-        self.client.hset(self.keys.status(gid), mapping={k: str(v) for k, v in fields.items()})
+    def set_status_if_holder(self, gid: str, lease_key: str, token: str, **fields: object) -> bool:
+        """Set status fields only while `token` holds the group's lease, in one step: a
+        copy that lost its lease must not report `stopped` over the live one."""
+        pairs = [str(part) for item in fields.items() for part in item]
+        return bool(self._set_status_if_holder(keys=[self.keys.status(gid), lease_key], args=[token, *pairs]))
 
     def covered_streams(self) -> set[str]:
         return {stream for group in self.wanted().values() for stream in group.streams}

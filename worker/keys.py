@@ -50,6 +50,11 @@ class RedisKeys:
         return f"{self.prefix}:lock:subscriptions"
 
     @property
+    def storage_error(self) -> str:
+        """Hash {error, since, last_at, failed_runs} while drain runs fail to store; absent when storing works."""
+        return f"{self.prefix}:storage-error"
+
+    @property
     def drain_lock(self) -> str:
         return f"{self.prefix}:lock:drain"
 

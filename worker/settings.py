@@ -44,6 +44,11 @@ class Settings:
         "is the most groups one worker records.",
     )
     redis_prefix: str = _setting("recorder", "Prefix of every Redis key the service owns.")
+    redis_socket_timeout_seconds: float = _setting(
+        5.0,
+        "Longest any Redis command or connect of the service (its own clients, Celery's broker and "
+        "result backend) may wait; a half-open link fails after this instead of hanging.",
+    )
     flush_interval_ms: int = _setting(50, "Longest time a received frame waits in a subscription task before RPUSH.")
     local_buffer_max_frames: int = _setting(
         200000,
@@ -137,6 +142,22 @@ class Settings:
     @property
     def default_stream_kinds(self) -> list[str]:
         return split_list(self.default_streams)
+
+    @property
+    def redis_connection_options(self) -> dict[str, Any]:
+        """Keyword arguments of every Redis client the service makes.
+
+        Without a read timeout a command on a half-open link (a failing-over cloud Redis,
+        a NAT that forgot the connection) waits for the kernel's TCP timeout, minutes;
+        measured: a subscription task blocked 60 s while its lease expired. The health
+        check pings a connection idle that long before reusing it.
+        """
+        return {
+            "socket_timeout": self.redis_socket_timeout_seconds,
+            "socket_connect_timeout": self.redis_socket_timeout_seconds,
+            "socket_keepalive": True,
+            "health_check_interval": max(1, int(self.redis_socket_timeout_seconds)),
+        }
 
 
 def _convert(raw: str, kind: type) -> Any:

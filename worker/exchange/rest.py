@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -74,6 +75,11 @@ def _unknown_symbol(symbol: str, binance_msg: str) -> UnknownSymbol:
 
 
 INVALID_SYMBOL = -1121
+SYMBOLS_PER_REQUEST = 100
+"""Symbols named in one exchangeInfo request at most (a 100-symbol URL is about 1.5 KiB)."""
+LISTING_CACHE_SECONDS = 60.0
+# Binance's whole listing per base URL, with when it was fetched (per process).
+_LISTINGS: dict[str, tuple[float, dict[str, str]]] = {}
 
 
 class TradeRow(TypedDict):
@@ -193,9 +199,14 @@ class BinanceRest:
     def symbol_statuses(self, symbols: Sequence[str]) -> dict[str, str]:
         """Trading status per symbol; raises UnknownSymbol naming the first unknown one.
 
-        One request covers all symbols. Binance's -1121 does not say which symbol is
-        unknown, so only then are the symbols asked one by one to name it.
+        One request covers all symbols: up to SYMBOLS_PER_REQUEST by name, more from the
+        whole listing (same weight, one request, cached a minute): Binance refuses a URL
+        over 8 KiB, measured: 100,000 symbols by name failed with HTTP 400 after 80 s.
+        Binance's -1121 does not say which symbol is unknown, so only then are the
+        symbols asked one by one to name it.
         """
+        if len(symbols) > SYMBOLS_PER_REQUEST:
+            return self._statuses_from_listing(symbols)
         try:
             info = self.get("exchangeInfo", {"symbols": json.dumps(list(symbols), separators=(",", ":"))})
         except BinanceError as error:
@@ -204,6 +215,17 @@ class BinanceRest:
             self._raise_for_first_unknown(symbols)
             raise
         return {entry["symbol"]: entry["status"] for entry in info["symbols"]}
+
+    def _statuses_from_listing(self, symbols: Sequence[str]) -> dict[str, str]:
+        cached = _LISTINGS.get(self.base_url)
+        if cached is None or time.monotonic() - cached[0] > LISTING_CACHE_SECONDS:
+            listing = {entry["symbol"]: entry["status"] for entry in self.get("exchangeInfo")["symbols"]}
+            cached = _LISTINGS[self.base_url] = (time.monotonic(), listing)
+        listing = cached[1]
+        for symbol in symbols:
+            if symbol not in listing:
+                raise _unknown_symbol(symbol, "Invalid symbol.")
+        return {symbol: listing[symbol] for symbol in symbols}
 
     def _raise_for_first_unknown(self, symbols: Sequence[str]) -> None:
         for symbol in symbols:

@@ -12,6 +12,13 @@ flushes received frames to Redis on a steady clock, and tends the connection:
 
 It stops when the group is unsubscribed (stop flag), when its lease is lost to another
 copy, or when the worker shuts down.
+
+Redis trouble never ends it: every Redis call on its path is guarded, frames wait in
+memory (up to LOCAL_BUFFER_MAX_FRAMES) and are pushed when Redis answers again. If the
+lease cannot be renewed in time, the lease fence (worker/ingest/fence.py) closes the
+connections before the lease can expire, and none is opened until it is renewed.
+Status records are written only while this copy holds the lease, so a copy that lost
+it never overwrites what the holder reports.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import redis
 from worker.buffer import FrameBuffer, FrameWriter
 from worker.groups import Group, GroupRegistry
 from worker.ingest.connect_budget import ConnectBudget
+from worker.ingest.fence import LeaseFence
 from worker.ingest.session import CLOSE_TIMEOUT_SECONDS, StreamSession
 from worker.keys import RedisKeys
 from worker.lease import Lease
@@ -38,6 +46,9 @@ from worker.times import now_ms
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+# Renewals per lease TTL at most: with the fence at TTL minus its close allowance, a
+# renewal may then be late by a few of them before the connections are closed.
+RENEWALS_PER_TTL = 6
 PROGRESS_SECONDS = 5.0
 BACKOFF_BASE_SECONDS = 0.5
 # A rotation's new connection that is open but quiet (an illiquid symbol) replaces the
@@ -72,8 +83,9 @@ class GroupRunner:
         self.shutting_down = shutting_down
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.lease = Lease(client, self.keys.lease(group.id), settings.lease_ttl_seconds, self.owner)
+        self.fence = LeaseFence(settings.lease_ttl_seconds, self._close_connections)
         self.budget = ConnectBudget(client, self.keys.connect_attempts, settings.connect_attempts_per_5_minutes)
-        FrameBuffer(client, self.keys).register(group.id)
+        self.buffer = FrameBuffer(client, self.keys)
         self.writer = FrameWriter(
             client, self.keys, group.id, settings.local_buffer_max_frames, settings.redis_buffer_max_frames
         )
@@ -93,8 +105,12 @@ class GroupRunner:
 
     def run(self, task_id: str = "") -> str:
         """Run until the group should stop; returns the reason."""
+        sent_at = time.monotonic()
         if not self.lease.acquire():
             return ALREADY_RUNNING
+        self.fence.renewed(sent_at)
+        self.fence.start()
+        self.buffer.register(self.group.id)
         self._status(
             state="starting",
             worker=self.owner,
@@ -108,9 +124,11 @@ class GroupRunner:
         try:
             return self._loop()
         finally:
+            self.fence.stop()
             self._close_all()
             self._status(state="stopped", stopped_at=now_ms())
-            self.lease.release()
+            with contextlib.suppress(redis.RedisError):  # unreleased, it expires after one TTL
+                self.lease.release()
 
     def _loop(self) -> str:
         interval = self.settings.flush_interval_ms / 1000
@@ -127,11 +145,12 @@ class GroupRunner:
     # -- connections -------------------------------------------------------------
 
     def _tend_connections(self, now: float) -> None:
+        self.fence.enforce(now)
         if self.successor is not None:
             self._settle_successor(now)
         if self.current is not None and self.current.ended:
             self._lost(self.current.end_reason, now)
-        if self.successor is None and now >= self._next_attempt_at:
+        if self.successor is None and now >= self._next_attempt_at and self.fence.holds(now):
             why = "connecting" if self.current is None else self._rotation_reason(now)
             if why:
                 self._open_successor(why, now)
@@ -152,7 +171,11 @@ class GroupRunner:
         return None
 
     def _open_successor(self, why: str, now: float) -> None:
-        wait = self.budget.take()
+        try:
+            wait = self.budget.take()
+        except redis.RedisError as error:
+            self._schedule_retry(f"connection budget unreadable: {type(error).__name__}: {error}", now)
+            return
         if wait > 0:
             log.warning("group %s: connection-attempt budget spent; next attempt in %.1fs", self.group.id, wait)
             self._next_attempt_at = now + wait
@@ -211,6 +234,12 @@ class GroupRunner:
         log.warning("group %s: %s; next connection attempt in %.1fs", self.group.id, reason, delay)
         self._status(state="reconnecting", last_error=reason, reconnects=self.reconnects)
 
+    def _close_connections(self, reason: str) -> None:
+        """Ask every connection to close (from any thread); what they deliver is kept."""
+        for session in (self.current, self.successor, *self.closing):
+            if session is not None:
+                session.stop(reason)
+
     def _close_all(self) -> None:
         """Close every connection gracefully and flush what they still deliver."""
         sessions = [s for s in (self.current, self.successor, *self.closing) if s is not None]
@@ -227,13 +256,14 @@ class GroupRunner:
         now = time.monotonic()
         if now < self._next_housekeeping:
             return None
-        self._next_housekeeping = now + min(HOUSEKEEPING_SECONDS, self.settings.lease_ttl_seconds / 3)
+        self._next_housekeeping = now + min(HOUSEKEEPING_SECONDS, self.settings.lease_ttl_seconds / RENEWALS_PER_TTL)
         if self.shutting_down():
             return SHUTTING_DOWN
         try:
             # A lease that expired while Redis was away is taken back if still free.
             if not self.lease.renew() and not self.lease.acquire():
                 return LEASE_LOST
+            self.fence.renewed(now)
             if self.registry.is_stopped(self.group.id):
                 return STOP_REQUESTED
         except redis.RedisError as error:
@@ -257,18 +287,24 @@ class GroupRunner:
         self._rate_sample = (now, self.writer.pushed)
         rate = round((self.writer.pushed - pushed_then) / max(now - then, 1e-9), 1)
         self._status(messages_per_second=rate, dropped_locally=self.writer.dropped)
-        self.report_progress(
-            {
-                "group": self.group.id,
-                "symbols": self.group.symbols,
-                "connected": self.current is not None and self.current.open,
-                "messages": self.writer.pushed,
-                "messages_per_second": rate,
-                "reconnects": self.reconnects,
-                "rotations": self.rotations,
-            }
-        )
+        progress: dict[str, object] = {
+            "group": self.group.id,
+            "symbols": self.group.symbols,
+            "connected": self.current is not None and self.current.open,
+            "messages": self.writer.pushed,
+            "messages_per_second": rate,
+            "reconnects": self.reconnects,
+            "rotations": self.rotations,
+        }
+        try:
+            self.report_progress(progress)
+        except Exception as error:
+            # The report goes through Celery's result backend and event dispatcher, which
+            # raise their own (kombu, redis, socket) errors; a lost report is replaced in
+            # 5 s, a lost recording task is a hole in the tickers for ever.
+            log.warning("group %s: progress report failed (%s: %s)", self.group.id, type(error).__name__, error)
 
     def _status(self, **fields: object) -> None:
+        """Write the group's status record, only while this copy holds the lease."""
         with contextlib.suppress(redis.RedisError):  # status is informative; recording goes on
-            self.registry.set_status(self.group.id, **fields)
+            self.registry.set_status_if_holder(self.group.id, self.lease.key, self.lease.token, **fields)

@@ -29,7 +29,7 @@ def call_task(redis_url: str, name: str, args: list[Any], timeout: float) -> Any
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url)
+    return redis.Redis.from_url(settings.redis_url, **settings.redis_connection_options)
 
 
 def existing_database(settings: Settings) -> Engine:

@@ -57,7 +57,10 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether nothing listens on the port. SO_REUSEADDR, as redis-server sets it: the
+    connections a stopped Redis leaves in TIME_WAIT must not make its port look taken."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -36,6 +36,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float)
 
 
+def _memory_text(memory: dict[str, int]) -> str:
+    used = f"{memory['used'] / 2**20:.1f} MiB"
+    if not memory["max"]:
+        return f"{used} (no maxmemory set)"
+    return f"{used} of {memory['max'] / 2**20:.0f} MiB maxmemory ({memory['used'] / memory['max']:.0%})"
+
+
 def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     now = snapshot["generated_at"]
     groups = [
@@ -61,7 +68,8 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
         table(["TABLE", "ROWS", "NEWEST (UTC)", "AGE"], tables),
         "",
         f"dead letters: {snapshot['dead_letters']}   frames drained: {snapshot['frames_drained']}   "
-        f"frames trimmed: {snapshot['frames_trimmed']}",
+        f"frames trimmed: {snapshot['frames_trimmed']}   backlog: {snapshot['backlog']}",
+        f"redis memory: {_memory_text(snapshot['redis_memory'])}",
     ]
     parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(parts)

@@ -17,8 +17,13 @@ from worker.buffer import FrameBuffer
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
+from worker.store.failures import storage_advice, storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS
 from worker.times import now_ms
+
+# Share of Redis's maxmemory past which `status` warns: with `noeviction` a full Redis
+# refuses the frame pushes, and that is data loss.
+REDIS_MEMORY_WARN_FRACTION = 0.8
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -62,13 +67,23 @@ def table_statuses(engine: Engine) -> dict[str, dict[str, int | None]]:
     return result
 
 
+def redis_memory(client: redis.Redis) -> dict[str, int]:
+    """Redis's used memory against its `maxmemory` (0: no limit but the machine's)."""
+    info = client.info("memory")
+    return {"used": int(info["used_memory"]), "max": int(info.get("maxmemory", 0))}
+
+
 def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> dict[str, Any]:
     keys = RedisKeys(settings.redis_prefix)
     counters = {as_text(k): int(v) for k, v in client.hgetall(keys.counters).items()}
+    buffer = FrameBuffer(client, keys)
     return {
         "generated_at": now_ms(),
         "groups": group_statuses(client, keys),
         "tables": table_statuses(engine),
+        "backlog": sum(buffer.backlog(key) for key in buffer.list_keys()),
+        "storage_error": storage_error(client, keys),
+        "redis_memory": redis_memory(client),
         "dead_letters": counters.get("dead_letters", 0),
         "frames_drained": counters.get("frames_drained", 0),
         "frames_trimmed": counters.get("frames_trimmed", 0),
@@ -92,4 +107,24 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
             found.append(f"{name} received nothing for {(now - last) / 1000:.0f}s")
         if group["backlog"] > behind:
             found.append(f"{name} has {group['backlog']} frames waiting in Redis: is the drain running?")
+    found.extend(_storage_problems(snapshot))
+    return found
+
+
+def _storage_problems(snapshot: dict[str, Any]) -> list[str]:
+    found = []
+    failure = snapshot["storage_error"]
+    if failure is not None:
+        seconds = (snapshot["generated_at"] - failure["since"]) / 1000
+        found.append(
+            f"the drain cannot store since {seconds:.0f}s ({failure['failed_runs']} failed runs): {failure['error']}; "
+            f"{snapshot['backlog']} frames wait in Redis and the backlog grows; {storage_advice(failure['error'])}"
+        )
+    memory = snapshot["redis_memory"]
+    if memory["max"] and memory["used"] >= REDIS_MEMORY_WARN_FRACTION * memory["max"]:
+        found.append(
+            f"Redis uses {memory['used'] / memory['max']:.0%} of its maxmemory ({memory['used'] // 2**20} of "
+            f"{memory['max'] // 2**20} MiB): when full it refuses the frame pushes; raise maxmemory or "
+            "find what fills it (`redis-cli --bigkeys`)"
+        )
     return found
