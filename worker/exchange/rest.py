@@ -67,9 +67,10 @@ class UnknownSymbol(ValueError):
     carry it to a caller's `.get()` intact."""
 
 
-def _unknown_symbol(symbol: str, binance_msg: str) -> UnknownSymbol:
+def _unknown_symbol(symbol: str, binance_msg: str, count: int = 1) -> UnknownSymbol:
+    what = "unknown symbol" if count == 1 else f"{count} unknown symbols:"
     return UnknownSymbol(
-        f"unknown symbol {symbol}: Binance says {binance_msg!r}; check the spelling (spot symbols look like BTCUSDT)"
+        f"{what} {symbol}: Binance says {binance_msg!r}; check the spelling (spot symbols look like BTCUSDT)"
     )
 
 
@@ -191,23 +192,26 @@ class BinanceRest:
         return self.pacer.now_ms() + self._server_offset_ms
 
     def symbol_statuses(self, symbols: Sequence[str]) -> dict[str, str]:
-        """Trading status per symbol; raises UnknownSymbol naming the first unknown one.
+        """Trading status per symbol; raises UnknownSymbol naming every unknown one.
 
         One request covers all symbols. Binance's -1121 does not say which symbol is
-        unknown, so only then are the symbols asked one by one to name it.
+        unknown, so only then is the whole list fetched (one request, weight 20, as
+        asking each symbol would cost 20 per symbol) to name them all.
         """
         try:
             info = self.get("exchangeInfo", {"symbols": json.dumps(list(symbols), separators=(",", ":"))})
         except BinanceError as error:
             if error.code != INVALID_SYMBOL:
                 raise
-            self._raise_for_first_unknown(symbols)
+            self._raise_for_unknown(symbols, error.msg)
             raise
         return {entry["symbol"]: entry["status"] for entry in info["symbols"]}
 
-    def _raise_for_first_unknown(self, symbols: Sequence[str]) -> None:
-        for symbol in symbols:
-            self._symbol_get(symbol, "exchangeInfo", {})
+    def _raise_for_unknown(self, symbols: Sequence[str], binance_msg: str) -> None:
+        listed = {entry["symbol"] for entry in self.get("exchangeInfo", {})["symbols"]}
+        unknown = [symbol for symbol in symbols if symbol not in listed]
+        if unknown:
+            raise _unknown_symbol(", ".join(unknown), binance_msg, len(unknown))
 
     def klines(
         self,
