@@ -54,7 +54,7 @@ worker_prefetch_multiplier = 1
 
 # What makes Flower useful.
 worker_send_task_events = True
-task_send_sent_event = True
+task_send_sent_event = False  # beat's task-sent for every 1 s drain would bury the recording tasks in Flower
 task_track_started = True
 # What is kept in Redis expires: results of tasks someone called (subscribe, status, a
 # manual drain) for a day. Beat's periodic runs keep none (see `_every`): one drain a

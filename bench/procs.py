@@ -59,7 +59,7 @@ def spawn_and_wait(stack: LocalStack, name: str, command: Sequence[str], ready: 
 def wait_for_log(process: ManagedProcess, pattern: re.Pattern[str]) -> re.Match[str]:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline and process.alive():
-        match = pattern.search(process.log_path.read_text(errors="replace"))
+        match = pattern.search(process.log_text())
         if match:
             return match
         time.sleep(0.05)

@@ -5,5 +5,6 @@ from tasks.backfill import backfill
 from tasks.maintenance import drain, status, supervise
 from tasks.retention import enforce_retention
 from tasks.subscriptions import stream_group, subscribe, unsubscribe
+from tasks.workers import stream_processes  # noqa: F401  (connects the worker signals)
 
 __all__ = ["backfill", "drain", "enforce_retention", "status", "stream_group", "subscribe", "supervise", "unsubscribe"]

@@ -24,7 +24,7 @@ from worker.store.failures import clear_storage_error, record_storage_error
 DRAIN_RUN_INTERVALS = 10
 
 
-@app.task(name="tasks.drain")
+@app.task(name="tasks.drain", send_events=False)  # one a second would bury the recording tasks in Flower
 def drain() -> dict[str, Any]:
     """Move buffered frames into the database; one drain at a time (a Redis lock)."""
     settings = get_settings()

@@ -7,9 +7,10 @@ from typing import Any
 from redis.lock import Lock
 
 from tasks.resources import redis_client
+from tasks.workers import stream_processes
 from worker import app
 from worker.exchange.rest import BinanceRest
-from worker.groups import Group, GroupRegistry, normalize_stream_kinds, normalize_symbols, plan_groups, stream_names
+from worker.groups import Group, GroupRegistry, normalize_stream_kinds, normalize_symbols, stream_names
 from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
 from worker.settings import get_settings
@@ -60,41 +61,28 @@ def subscribe(symbols: list[str], streams: list[str] | None = None) -> dict[str,
     registry = _registry()
     requested = stream_names(symbols, kinds)
     with _changing_subscriptions():
-        covered = registry.covered_streams()
-        new_groups = plan_groups([s for s in requested if s not in covered], settings.max_streams_per_connection)
+        _, new_groups = registry.place(requested, settings.max_streams_per_connection)
         for group in new_groups:
-            registry.want(group)
             start_group(group)
     requested_set = set(requested)
-    covering = [g for g in registry.wanted().values() if requested_set & set(g.streams)]
     return {
         "symbols": statuses,
         "streams": requested,
-        "groups": sorted(g.id for g in covering),
+        "groups": sorted(gid for gid, g in registry.wanted().items() if requested_set & set(g.streams)),
         "new_groups": [g.id for g in new_groups],
+        **registry.note_waiting(stream_processes().total(), new_groups),
     }
 
 
 @app.task(name="tasks.unsubscribe")
 def unsubscribe(symbols: list[str]) -> dict[str, Any]:
-    """Stop recording `symbols`. Groups that also hold other symbols are replaced by a
-    group of the remaining streams, so those keep being recorded."""
-    settings = get_settings()
-    lowered = {s.lower() for s in normalize_symbols(symbols)}
+    """Stop recording `symbols`. A group that also holds other symbols keeps them: its
+    task unsubscribes the symbols' streams on the open connection, so the others
+    lose nothing; a group left empty stops."""
     registry = _registry()
-    stopped, replacements = [], []
     with _changing_subscriptions():
-        for group in registry.wanted().values():
-            keep = [s for s in group.streams if s.split("@", 1)[0] not in lowered]
-            if len(keep) == len(group.streams):
-                continue
-            registry.unwant(group.id)
-            stopped.append(group.id)
-            for replacement in plan_groups(keep, settings.max_streams_per_connection):
-                registry.want(replacement)
-                start_group(replacement)
-                replacements.append(replacement.id)
-    return {"stopped": stopped, "replaced_by": replacements}
+        stopped, shrunk = registry.remove_symbols(normalize_symbols(symbols))
+    return {"stopped": stopped, "shrunk": shrunk}
 
 
 @app.task(name="tasks.stream_group", bind=True)
@@ -108,10 +96,12 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
         return {"group": group_id, "ended": "not wanted"}
 
     def report_progress(progress: dict[str, object]) -> None:
-        # The PROGRESS state is what `AsyncResult.info` returns; the event is what
-        # Flower shows on the task's page while it runs.
+        # The PROGRESS state is what `AsyncResult.info` returns. Flower knows a task
+        # only from events, and shows and serves (/api/tasks) a fixed set of a task's
+        # fields: the figures go in `result`, the one of them meant for a task's output.
         self.update_state(state="PROGRESS", meta=progress)
-        self.send_event("task-progress", retry=False, **progress)
+        # retry=False: a report during a Redis outage fails at once and is skipped.
+        self.send_event("task-progress", retry=False, result=progress, **progress)
 
     reason = GroupRunner(group, settings, client, shutting_down, report_progress).run(self.request.id)
     if reason == SHUTTING_DOWN:

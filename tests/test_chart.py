@@ -36,7 +36,7 @@ def test_klines_are_drawn_as_candles(engine: Engine, tmp_path: Path) -> None:
 
     summary = draw_chart(engine, "btcusdt", T, T + 180 * MINUTE, path)
 
-    assert summary == ChartSummary(path, "klines 1m", 180)
+    assert summary == ChartSummary(path, "klines 1m", 180, 180 * MINUTE, 180 * MINUTE)
     assert png_size(path) == (1200, 700)
 
 
@@ -48,6 +48,20 @@ def test_the_interval_asked_for_wins_else_the_smallest(engine: Engine, tmp_path:
     assert draw_chart(engine, "BTCUSDT", T, end, tmp_path / "a.png").source == "klines 5m"
     assert draw_chart(engine, "BTCUSDT", T, end, tmp_path / "b.png", interval="1h").points == 3
     assert draw_chart(engine, "BTCUSDT", T, end, tmp_path / "c.png", interval="1m").source == "klines 5m"
+
+
+def test_the_data_covering_most_of_the_window_is_drawn_and_the_summary_says_so(engine: Engine, tmp_path: Path) -> None:
+    # 43 one-second klines from a stream unsubscribed long ago, then 15 minutes of trades.
+    trades = [row for row in trade_rows("SOLUSDT", 20_000, start=T + 5 * MINUTE) if row[4] < T + 20 * MINUTE]
+    store(engine, {"klines": kline_rows("SOLUSDT", "1s", 43, 1000), "trades": trades})
+
+    summary = draw_chart(engine, "SOLUSDT", T, T + 20 * MINUTE, tmp_path / "sol.png")
+
+    assert summary.source == "trades" and summary.window_ms == 20 * MINUTE
+    assert 14 * MINUTE < summary.covered_ms <= 15 * MINUTE
+    assert "from trades (the data covering most of the window: 7" in summary.describe(1200, 700)
+    only_klines = draw_chart(engine, "SOLUSDT", T, T + MINUTE, tmp_path / "early.png")
+    assert (only_klines.source, only_klines.covered_ms) == ("klines 1s", 43_000)
 
 
 def test_many_klines_are_merged_to_fit_the_width(engine: Engine, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import requests
 
 from tests.conftest import clean_env
 from worker.ops.local_stack import LocalStack
+from worker.store.storage import create_schema, make_engine
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,52 @@ def test_a_missing_database_is_reported_not_created(exchange: LocalStack, tmp_pa
         )
         assert done.returncode == 2 and "no database at" in done.stderr, command
     assert not (tmp_path / "nowhere").exists()
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The command's stderr, which must be a single `error: ...` line."""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("DRAIN_BATCH_SIZE", "lots", "DRAIN_BATCH_SIZE='lots' is not a valid int"),
+        ("DRAIN_BATCH_SIZE", "0", "DRAIN_BATCH_SIZE=0 is out of range: it must be at least 1"),
+        ("DRAIN_BATCH_SIZE", "-1", "DRAIN_BATCH_SIZE=-1 is out of range"),
+        ("FLUSH_INTERVAL_MS", "-5", "FLUSH_INTERVAL_MS=-5 is out of range"),
+        ("DATABASE_URL", "mysql://x", "DATABASE_URL='mysql://x' is not supported"),
+    ],
+)
+def test_a_bad_setting_is_one_line_exit_2_for_every_command_and_help_still_works(
+    exchange: LocalStack, variable: str, value: str, message: str
+) -> None:
+    env = {**exchange.env, variable: value}
+    for command in (["status"], ["export", "BTCUSDT", "trade"], ["subscribe", "BTCUSDT"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.ops.cli", *command], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2 and message in one_line_error(done), command
+    helped = subprocess.run(
+        [sys.executable, "-m", "worker.ops.cli", "run", "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0 and "--symbols" in helped.stdout and not helped.stderr
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(exchange: LocalStack, tmp_path: Path) -> None:
+    env = {**exchange.env, "DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    create_schema(make_engine(env["DATABASE_URL"]))
+    reader_gone = subprocess.Popen(
+        [sys.executable, "-m", "worker.ops.cli", "status", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert reader_gone.stdout is not None
+    reader_gone.stdout.close()  # as `| head` does once it has its lines
+
+    _, stderr = reader_gone.communicate(timeout=60)
+    assert (reader_gone.returncode, stderr) == (141, "")

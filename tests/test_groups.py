@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.groups import Group, InvalidSubscription, group_id, normalize_symbols, plan_groups, stream_names
+from worker.groups import Group, InvalidSubscription, group_id, normalize_symbols, place_streams, stream_names
 from worker.ingest.session import MAX_URL_CHARS, split_streams_for_url
 
 
@@ -37,7 +37,7 @@ def test_stream_names_are_lowercase_symbol_at_kind() -> None:
 
 def test_groups_hold_at_most_the_connection_limit_and_ids_depend_only_on_the_streams() -> None:
     streams = [f"s{i:04d}usdt@trade" for i in range(2500)]
-    groups = plan_groups(streams, 1024)
+    groups = place_streams([], streams, 1024)[1]
 
     assert [len(g.streams) for g in groups] == [1024, 1024, 452]
     assert [s for g in groups for s in g.streams] == streams
@@ -65,3 +65,25 @@ def test_short_stream_lists_fit_in_the_url() -> None:
     url, late = split_streams_for_url("ws://127.0.0.1:9", ["btcusdt@trade", "btcusdt@ticker"])
     assert url == "ws://127.0.0.1:9/stream?streams=btcusdt@trade/btcusdt@ticker"
     assert late == []
+
+
+def test_new_streams_join_groups_with_room_and_only_the_rest_start_a_group() -> None:
+    full = Group("gfull", tuple(f"s{i}usdt@trade" for i in range(4)))
+    roomy = Group("groomy", ("btcusdt@trade", "btcusdt@ticker"))
+
+    grown, new = place_streams([full, roomy], ["ethusdt@trade", "ethusdt@ticker", "bnbusdt@trade"], 4)
+
+    assert grown == [Group("groomy", ("btcusdt@trade", "btcusdt@ticker", "ethusdt@trade", "ethusdt@ticker"))]
+    assert [g.streams for g in new] == [("bnbusdt@trade",)]
+
+
+def test_a_symbols_streams_stay_together_and_new_ids_never_reuse_a_living_groups() -> None:
+    # This group started as ("solusdt@trade",) and has changed since; its id stays.
+    living = Group(group_id(["solusdt@trade"]), ("xrpusdt@trade", "xrpusdt@ticker", "adausdt@trade"))
+
+    grown, new = place_streams([living], ["dotusdt@trade", "dotusdt@ticker", "solusdt@trade"], 4)
+
+    assert grown == [Group(living.id, (*living.streams, "solusdt@trade"))]
+    assert [g.streams for g in new] == [("dotusdt@trade", "dotusdt@ticker")]
+    _, again = place_streams([Group(living.id, (*living.streams, "adausdt@ticker"))], ["solusdt@trade"], 4)
+    assert again[0].streams == ("solusdt@trade",) and again[0].id != living.id

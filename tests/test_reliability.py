@@ -91,7 +91,7 @@ def test_a_silent_connection_is_replaced_although_pings_flow(rotating: LocalStac
 
 
 def _log(stack: LocalStack, name: str) -> str:
-    return stack.process(name).log_path.read_text(errors="replace")
+    return stack.process(name).log_text()
 
 
 @pytest.fixture(scope="module")

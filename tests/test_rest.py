@@ -145,6 +145,9 @@ def test_an_unknown_symbol_is_named(shared_fake: Fake) -> None:
     rest = BinanceRest(url(shared_fake))  # no Redis: a process-local budget
     with pytest.raises(UnknownSymbol, match=r"unknown symbol NOPEUSDT: Binance says 'Invalid symbol\.'"):
         rest.symbol_statuses(["BTCUSDT", "NOPEUSDT"])
+    unknown = [f"NOPE{i}USDT" for i in range(3000)]
+    with pytest.raises(UnknownSymbol, match=r"^3000 unknown symbols: NOPE0USDT, NOPE1USDT, .*, NOPE2999USDT: Binance"):
+        rest.symbol_statuses(["ETHUSDT", *unknown])
     with pytest.raises(UnknownSymbol, match="unknown symbol NOPEUSDT"):
         rest.klines("NOPEUSDT", "1m")
 

@@ -42,3 +42,24 @@ def test_every_setting_is_documented_in_the_readme_with_its_default() -> None:
     }
     expected = {name: str(default) for name, default, _ in documented_settings()}
     assert rows == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"DRAIN_BATCH_SIZE": "0"}, r"DRAIN_BATCH_SIZE=0 is out of range: it must be at least 1; unset it"),
+        ({"FLUSH_INTERVAL_MS": "-5"}, r"FLUSH_INTERVAL_MS=-5 is out of range"),
+        ({"DRAIN_INTERVAL_SECONDS": "0"}, r"DRAIN_INTERVAL_SECONDS=0.0 is out of range"),
+        ({"MAX_STREAMS_PER_CONNECTION": "2000"}, r"must be between 1 and 1024"),
+        ({"DATABASE_URL": "mysql://x"}, r"DATABASE_URL='mysql://x' is not supported: use sqlite:///"),
+    ],
+)
+def test_values_out_of_range_and_unsupported_databases_are_refused(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(environ)
+
+
+def test_the_edges_of_the_ranges_are_accepted() -> None:
+    settings = Settings.from_env({"RETENTION_DAYS": "0", "MAX_STREAMS_PER_CONNECTION": "1024"})
+    assert (settings.retention_days, settings.max_streams_per_connection) == (0, 1024)
+    assert Settings.from_env({"DATABASE_URL": "postgresql+psycopg://u:p@h/d"}).database_url.startswith("postgresql")

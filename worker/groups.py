@@ -1,9 +1,12 @@
 """Symbol groups: which streams share one websocket connection, and which are wanted.
 
-A group is a set of at most `max_streams_per_connection` stream names. Its id is a
-hash of the sorted names, so subscribing the same set twice names the same group and
-cannot open a second connection. The wanted groups live in Redis, where the
-supervisor, the `status` command and every worker can see them.
+A group is a set of at most `max_streams_per_connection` stream names, and a living
+one: a later subscription joins a group with room, an unsubscribe takes its streams
+out, and the group's running task follows with SUBSCRIBE / UNSUBSCRIBE on its open
+connection (worker/ingest/runner.py). A new group is made only for streams that fit in
+no existing one; its id is a hash of its first streams and stays while they change.
+The wanted groups live in Redis, where the supervisor, the `status` command and every
+worker can see them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -27,6 +31,12 @@ end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
+
+# The fix when every streams process already records a group (each holds one for good).
+MORE_STREAM_PROCESSES = (
+    "raise STREAM_WORKER_CONCURRENCY and restart the streams worker, or add one "
+    "(docker compose up --scale worker-streams=2)"
+)
 
 # Binance's own pattern for the `symbol` parameter.
 SYMBOL_PATTERN = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
@@ -116,10 +126,77 @@ def stream_names(symbols: Sequence[str], kinds: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(f"{symbol.lower()}@{kind}" for symbol in symbols for kind in kinds))
 
 
-def plan_groups(streams: Sequence[str], max_per_group: int) -> list[Group]:
-    """Cut streams into groups; a symbol's streams stay together whenever they fit."""
-    chunks = [streams[i : i + max_per_group] for i in range(0, len(streams), max_per_group)]
-    return [Group(id=group_id(chunk), streams=tuple(chunk)) for chunk in chunks]
+def place_streams(
+    groups: Sequence[Group], streams: Sequence[str], max_per_group: int
+) -> tuple[list[Group], list[Group]]:
+    """Put streams into the groups with room first, then into new groups: (grown, new).
+
+    Each symbol's streams go, together, to the first group they fit in, so the groups
+    fill up one after the other and a group is only started when the others are full.
+    """
+    slots = [list(group.streams) for group in groups]
+    for chunk in _by_symbol(streams, max_per_group):
+        target = next((slot for slot in slots if len(slot) + len(chunk) <= max_per_group), None)
+        if target is None:
+            target = []
+            slots.append(target)
+        target.extend(chunk)
+    grown = [
+        Group(g.id, tuple(slot))
+        for g, slot in zip(groups, slots[: len(groups)], strict=True)
+        if len(slot) != len(g.streams)
+    ]
+    taken = {g.id for g in groups}
+    new = []
+    for slot in slots[len(groups) :]:
+        new.append(Group(_unused_id(slot, taken), tuple(slot)))
+        taken.add(new[-1].id)
+    return grown, new
+
+
+def _by_symbol(streams: Sequence[str], max_per_group: int) -> list[list[str]]:
+    """The streams of each symbol, in order, cut to pieces that fit in one group."""
+    per_symbol: dict[str, list[str]] = {}
+    for stream in streams:
+        per_symbol.setdefault(stream.split("@", 1)[0], []).append(stream)
+    return [chunk[i : i + max_per_group] for chunk in per_symbol.values() for i in range(0, len(chunk), max_per_group)]
+
+
+def _unused_id(streams: Sequence[str], taken: set[str]) -> str:
+    """group_id(streams), unless a living group that started with them still has that id."""
+    gid, salt = group_id(streams), 0
+    while gid in taken:
+        salt += 1
+        gid = group_id([*streams, f"#{salt}"])
+    return gid
+
+
+class StreamProcesses:
+    """How many processes the workers consuming `streams` have, each count reported
+    with its worker's heartbeat (every 2 s) and expiring soon after the worker is gone.
+
+    Every group holds one of these processes for as long as it records, so this is the
+    most groups that can run. Read with one SCAN, where asking the workers
+    (`inspect().stats()`) would wait out a broadcast timeout in every subscribe.
+    """
+
+    TTL_SECONDS = 10
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def report(self, worker: str, processes: int) -> None:
+        self.client.set(self.keys.stream_processes(worker), processes, ex=self.TTL_SECONDS)
+
+    def forget(self, worker: str) -> None:
+        self.client.delete(self.keys.stream_processes(worker))
+
+    def total(self) -> int | None:
+        """The processes of all streams workers; None when none reported (heartbeats off)."""
+        names = list(self.client.scan_iter(match=self.keys.stream_processes("*"), count=1000))
+        counts = [int(value) for value in self.client.mget(names) if value is not None] if names else []
+        return sum(counts) if counts else None
 
 
 class GroupRegistry:
@@ -144,6 +221,58 @@ class GroupRegistry:
             pipe.delete(self.keys.stop(group.id))
             pipe.execute()
 
+    def place(self, streams: Sequence[str], max_per_group: int) -> tuple[list[Group], list[Group]]:
+        """Add the streams not yet recorded to wanted groups with room (their running
+        tasks subscribe them within a second) and to new wanted groups: (grown, new).
+        The caller holds the subscriptions lock and starts the new groups."""
+        wanted = self.wanted()
+        covered = {stream for group in wanted.values() for stream in group.streams}
+        grown, new = place_streams(
+            sorted(wanted.values(), key=lambda g: g.id), [s for s in streams if s not in covered], max_per_group
+        )
+        for group in (*grown, *new):
+            self.want(group)
+        return grown, new
+
+    def remove_symbols(self, symbols: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Take the symbols' streams out of their groups: (stopped, shrunk) group ids.
+
+        A group that keeps other streams stays, and its running task unsubscribes the
+        removed ones on the open connection; a group left empty is stopped.
+        """
+        lowered = {symbol.lower() for symbol in symbols}
+        stopped, shrunk = [], []
+        for group in self.wanted().values():
+            keep = tuple(s for s in group.streams if s.split("@", 1)[0] not in lowered)
+            if len(keep) == len(group.streams):
+                continue
+            if keep:
+                self.want(Group(group.id, keep))
+                shrunk.append(group.id)
+            else:
+                self.unwant(group.id)
+                stopped.append(group.id)
+        return stopped, shrunk
+
+    def note_waiting(self, processes: int | None, new_groups: Sequence[Group]) -> dict[str, Any]:
+        """Name the new groups that find no free streams process, in their status (for
+        `status`) and in what is returned (`waiting`, `warning`); {} when all fit.
+
+        Unknown capacity (no worker reported one) warns of nothing: `status` still names
+        a group that does not start.
+        """
+        excess = len(self.wanted()) - processes if processes is not None else 0
+        if excess <= 0 or not new_groups:
+            return {}
+        waiting = list(new_groups[-excess:])
+        reason = (
+            f"no free streams process: all {processes} record other groups; {MORE_STREAM_PROCESSES}; "
+            "it starts when one is free"
+        )
+        for group in waiting:
+            self.set_status(group.id, state="waiting", last_error=reason)
+        return {"waiting": [g.id for g in waiting], "warning": reason}
+
     def unwant(self, gid: str) -> None:
         """Forget the group and raise its stop flag; its running task exits soon after."""
         with self.client.pipeline(transaction=True) as pipe:
@@ -167,5 +296,6 @@ class GroupRegistry:
         pairs = [str(part) for item in fields.items() for part in item]
         return bool(self._set_status_if_holder(keys=[self.keys.status(gid), lease_key], args=[token, *pairs]))
 
-    def covered_streams(self) -> set[str]:
-        return {stream for group in self.wanted().values() for stream in group.streams}
+    def set_status(self, gid: str, **fields: object) -> None:
+        """For a group no task holds yet (one waiting for a streams process)."""
+        self.client.hset(self.keys.status(gid), mapping={k: str(v) for k, v in fields.items()})

@@ -109,6 +109,10 @@ class RedisKeys:
         """Hash describing the group's connection (state, since, messages, ...)."""
         return f"{self.prefix}:status:{group_id}"
 
+    def stream_processes(self, worker: str) -> str:
+        """Integer with a TTL: how many processes a worker consuming `streams` has."""
+        return f"{self.prefix}:stream-processes:{worker}"
+
 
 def as_text(value: bytes | str) -> str:
     """A Redis reply as text: the service's clients return bytes (frames are bytes), but

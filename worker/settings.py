@@ -15,8 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _setting(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+def _setting(default: Any, doc: str, low: float | None = None, high: float | None = None) -> Any:
+    """A setting with its documentation and, for numbers, the inclusive range it must be in."""
+    return field(default=default, metadata={"doc": doc, "range": (low, high)})
+
+
+# A positive interval or timeout: zero or less would busy-loop or never wait.
+_POSITIVE = 0.001
+# What SQLAlchemy URLs the storage layer supports (worker/store/storage.py).
+SUPPORTED_DATABASES = ("sqlite", "postgresql")
 
 
 @dataclass(frozen=True)
@@ -37,73 +44,95 @@ class Settings:
     )
     default_streams: str = _setting("trade,ticker", "Stream kinds recorded when subscribe() is called without streams.")
     startup_symbols: str = _setting("", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up.")
-    max_streams_per_connection: int = _setting(1024, "Streams per websocket connection (Binance allows at most 1024).")
+    max_streams_per_connection: int = _setting(
+        1024, "Streams per websocket connection (Binance allows at most 1024).", 1, 1024
+    )
     stream_worker_concurrency: int = _setting(
         8,
         "Processes of the `streams` worker: each holds one group's connection, so this "
         "is the most groups one worker records.",
+        1,
     )
     redis_prefix: str = _setting("recorder", "Prefix of every Redis key the service owns.")
     redis_socket_timeout_seconds: float = _setting(
         5.0,
         "Longest any Redis command or connect of the service (its own clients, Celery's broker and "
         "result backend) may wait; a half-open link fails after this instead of hanging.",
+        _POSITIVE,
     )
-    flush_interval_ms: int = _setting(50, "Longest time a received frame waits in a subscription task before RPUSH.")
+    flush_interval_ms: int = _setting(50, "Longest time a received frame waits in a subscription task before RPUSH.", 1)
     local_buffer_max_frames: int = _setting(
         200000,
         "Frames a subscription task keeps in memory while Redis is unreachable; "
         "past it the oldest are dropped and counted.",
+        1,
     )
     redis_buffer_max_frames: int = _setting(
         2000000,
         "Longest a group's Redis list may grow while the drain is behind; past it the "
         "oldest frames are trimmed and counted (trade gaps are then backfilled).",
+        1,
     )
-    drain_interval_seconds: float = _setting(1.0, "How often beat runs the drain task.")
-    drain_batch_size: int = _setting(5000, "Frames taken from one Redis list per database transaction.")
+    drain_interval_seconds: float = _setting(1.0, "How often beat runs the drain task.", _POSITIVE)
+    drain_batch_size: int = _setting(5000, "Frames taken from one Redis list per database transaction.", 1)
     lease_ttl_seconds: float = _setting(
         10.0,
         "Lifetime of a group's connection lease, renewed about every second by the task "
         "holding it: a dead task's group can restart after at most this long.",
+        _POSITIVE,
     )
-    supervise_interval_seconds: float = _setting(30.0, "How often beat restarts wanted groups whose lease has expired.")
+    supervise_interval_seconds: float = _setting(
+        30.0, "How often beat restarts wanted groups whose lease has expired.", _POSITIVE
+    )
     reconnect_backoff_max_seconds: float = _setting(
-        30.0, "Cap of the exponential back-off (with full jitter) between reconnect attempts."
+        30.0,
+        "Cap of the exponential back-off (with full jitter) between reconnect attempts.",
+        0,
     )
     connect_attempts_per_5_minutes: int = _setting(
         250,
         "Websocket connection attempts allowed per 5 minutes for all groups together (Binance bans past 300 per IP).",
+        1,
+        300,
     )
     connection_max_age_seconds: float = _setting(
         85800.0,
         "Age at which a connection is replaced (new one first, old one closed once the "
         "new one delivers), ahead of Binance's 24 h disconnect.",
+        _POSITIVE,
+        86400,
     )
     silence_timeout_seconds: float = _setting(
         60.0,
         "A connection that delivers no frame for this long is replaced, although pings may still flow.",
+        _POSITIVE,
     )
-    rest_timeout_seconds: float = _setting(10.0, "Timeout of one REST request to Binance.")
+    rest_timeout_seconds: float = _setting(10.0, "Timeout of one REST request to Binance.", _POSITIVE)
     rest_weight_budget_per_minute: int = _setting(
         3000,
         "REST request weight all workers together may spend per UTC minute (Binance "
         "allows 6000 per IP); a request that would exceed it waits for the next minute.",
+        1,
+        6000,
     )
     rest_max_wait_seconds: float = _setting(
         300.0,
         "Longest a REST request waits out a Binance back-off (429) or IP ban (418); a "
         "longer one fails the request with an error saying until when.",
+        0,
     )
     backfill_interval_seconds: float = _setting(
-        60.0, "How often beat runs the backfill task that finds and fills recent gaps."
+        60.0,
+        "How often beat runs the backfill task that finds and fills recent gaps.",
+        _POSITIVE,
     )
     backfill_lookback_seconds: int = _setting(
         21600,
         "How far back the periodic backfill looks for missing trade ids, aggregate trade ids and kline slots.",
+        1,
     )
-    sqlite_busy_timeout_ms: int = _setting(10000, "How long a SQLite writer waits for a lock before failing.")
-    retention_days: int = _setting(30, "Days of data every table keeps (by its time column); 0 keeps everything.")
+    sqlite_busy_timeout_ms: int = _setting(10000, "How long a SQLite writer waits for a lock before failing.", 0)
+    retention_days: int = _setting(30, "Days of data every table keeps (by its time column); 0 keeps everything.", 0)
     retention_overrides: str = _setting(
         "klines=0",
         "Per-table days that replace RETENTION_DAYS, as TABLE=DAYS pairs such as "
@@ -113,8 +142,9 @@ class Settings:
     retention_chunk_rows: int = _setting(
         10000,
         "Rows deleted per transaction by the retention task, so it never blocks the drain for long.",
+        1,
     )
-    retention_interval_seconds: float = _setting(3600.0, "How often beat runs the retention task.")
+    retention_interval_seconds: float = _setting(3600.0, "How often beat runs the retention task.", _POSITIVE)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -137,7 +167,31 @@ class Settings:
                     f"environment variable {name}={raw!r} is not a valid "
                     f"{type(f.default).__name__}; unset it to use the default {f.default!r}"
                 ) from None
-        return cls(**values)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse numbers outside their range and databases the storage cannot use.
+
+        A batch size of 0 would make a drain read a whole list, a negative flush
+        interval busy-loop: such values stop the service at start-up instead.
+        """
+        for f in dataclasses.fields(self):
+            low, high = f.metadata["range"]
+            value = getattr(self, f.name)
+            if (low is not None and value < low) or (high is not None and value > high):
+                limits = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise ValueError(
+                    f"environment variable {f.name.upper()}={value!r} is out of range: it must be "
+                    f"{limits}; unset it to use the default {f.default!r}"
+                )
+        backend = self.database_url.split(":", 1)[0].split("+", 1)[0]
+        if backend not in SUPPORTED_DATABASES:
+            raise ValueError(
+                f"DATABASE_URL={self.database_url!r} is not supported: use sqlite:///path/to/file.db "
+                "or postgresql+psycopg://user:password@host/database"
+            )
 
     @property
     def default_stream_kinds(self) -> list[str]:

@@ -10,6 +10,10 @@ flushes received frames to Redis on a steady clock, and tends the connection:
   opened first and the old one closed only once the new one delivers, so the switch
   leaves no gap (the overlap is deduplicated by the natural keys).
 
+Streams added to or taken from the group while it runs (a later subscribe, an
+unsubscribe) are followed on the open connections with SUBSCRIBE / UNSUBSCRIBE,
+without reconnecting, so the group's other streams lose nothing.
+
 It stops when the group is unsubscribed (stop flag), when its lease is lost to another
 copy, or when the worker shuts down.
 
@@ -266,6 +270,7 @@ class GroupRunner:
             self.fence.renewed(now)
             if self.registry.is_stopped(self.group.id):
                 return STOP_REQUESTED
+            self._follow_group_changes()
         except redis.RedisError as error:
             log.warning("group %s: Redis unreachable (%s); holding frames in memory", self.group.id, error)
         if self.writer.last_error:
@@ -280,6 +285,21 @@ class GroupRunner:
             self._next_progress = now + PROGRESS_SECONDS
             self._publish_progress(now)
         return None
+
+    def _follow_group_changes(self) -> None:
+        """Subscribe streams added to the group and unsubscribe those taken out, live."""
+        wanted = self.registry.get(self.group.id)
+        if wanted is None or wanted.streams == self.group.streams:
+            return
+        before, after = set(self.group.streams), set(wanted.streams)
+        added = [s for s in wanted.streams if s not in before]
+        removed = [s for s in self.group.streams if s not in after]
+        for session in (self.current, self.successor):
+            if session is not None:
+                session.change(added, removed)
+        self.group = wanted
+        log.info("group %s: +%d -%d streams on the open connection", self.group.id, len(added), len(removed))
+        self._status(streams=len(wanted.streams))
 
     def _publish_progress(self, now: float) -> None:
         """Messages per second since the last report, to Redis and to the task's observers."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,8 +23,9 @@ import websocket
 # Streams beyond this many URL characters are added with SUBSCRIBE after connecting,
 # so a 1024-stream group does not depend on how long a URL a proxy accepts.
 MAX_URL_CHARS = 4000
+# Streams per SUBSCRIBE or UNSUBSCRIBE request.
 SUBSCRIBE_BATCH = 200
-# Binance allows 5 incoming messages per second per connection; stay well below.
+# Binance allows 5 incoming messages per second per connection; stay below: 4 a second.
 SUBSCRIBE_SPACING_SECONDS = 0.25
 # How long a closing connection may still deliver the frames that were in flight.
 CLOSE_TIMEOUT_SECONDS = 2.0
@@ -78,8 +80,18 @@ def split_streams_for_url(base_url: str, streams: Sequence[str]) -> tuple[str, l
     return url + "/".join(in_url), list(streams[len(in_url) :])
 
 
+def control_requests(method: str, streams: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(method, streams) requests of at most SUBSCRIBE_BATCH streams each."""
+    return [(method, list(streams[i : i + SUBSCRIBE_BATCH])) for i in range(0, len(streams), SUBSCRIBE_BATCH)]
+
+
 class StreamSession:
     """Connects, receives into `sink` until stopped or the connection ends, then closes.
+
+    Streams that do not fit in the URL, and those the owner adds or removes while the
+    connection is open (`change`), go out as SUBSCRIBE / UNSUBSCRIBE requests from the
+    receiving thread, one per SUBSCRIBE_SPACING_SECONDS, so the connection never
+    exceeds Binance's 5 messages a second and the other streams see no gap.
 
     The owner reads `frames` (count received), `opened_at`, `server_shutdown` and
     `ended` / `end_reason`; those are plain attributes written by one thread and read
@@ -93,7 +105,11 @@ class StreamSession:
         sink: Callable[[bytes], None],
         connect_timeout: float = 10.0,
     ) -> None:
-        self.url, self.late_streams = split_streams_for_url(base_url, streams)
+        self.url, late_streams = split_streams_for_url(base_url, streams)
+        # Appended by the owner's thread, taken by the receiving thread: deque operations are atomic.
+        self._control: deque[tuple[str, list[str]]] = deque(control_requests("SUBSCRIBE", late_streams))
+        self._next_control_at = 0.0
+        self._request_id = 0
         self.sink = sink
         self.connect_timeout = connect_timeout
         self.frames = 0
@@ -112,6 +128,15 @@ class StreamSession:
         if not self._stop.is_set():
             self.end_reason = reason
             self._stop.set()
+
+    def change(self, added: Sequence[str], removed: Sequence[str]) -> None:
+        """Subscribe `added` and unsubscribe `removed` on this connection, without reconnecting."""
+        self._control.extend(control_requests("UNSUBSCRIBE", removed) + control_requests("SUBSCRIBE", added))
+
+    @property
+    def control_pending(self) -> int:
+        """Requests not sent yet."""
+        return len(self._control)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -138,7 +163,6 @@ class StreamSession:
         # socket; _ReadAhead offers the socket methods it calls.
         ws.sock = _ReadAhead(ws.sock)  # type: ignore[assignment]
         try:
-            self._subscribe_late_streams(ws)
             self.opened_at = time.monotonic()
             return self._receive(ws)
         finally:
@@ -149,7 +173,10 @@ class StreamSession:
         sink = self.sink
         recv = ws.recv_data
         stopping = self._stop.is_set
+        control = self._control
         while not stopping():
+            if control and time.monotonic() >= self._next_control_at:
+                self._send_control(ws)
             try:
                 opcode, data = recv()
             except websocket.WebSocketTimeoutException:
@@ -186,8 +213,10 @@ class StreamSession:
         finally:
             ws.shutdown()
 
-    def _subscribe_late_streams(self, ws: websocket.WebSocket) -> None:
-        for request_id, start in enumerate(range(0, len(self.late_streams), SUBSCRIBE_BATCH), 1):
-            batch = self.late_streams[start : start + SUBSCRIBE_BATCH]
-            ws.send(orjson.dumps({"method": "SUBSCRIBE", "params": batch, "id": request_id}).decode())
-            time.sleep(SUBSCRIBE_SPACING_SECONDS)
+    def _send_control(self, ws: websocket.WebSocket) -> None:
+        """Send the oldest pending request; Binance answers {"result": null, "id": ...},
+        which goes to the sink like any frame and the drain skips."""
+        method, streams = self._control.popleft()
+        self._request_id += 1
+        ws.send(orjson.dumps({"method": method, "params": streams, "id": self._request_id}).decode())
+        self._next_control_at = time.monotonic() + SUBSCRIBE_SPACING_SECONDS

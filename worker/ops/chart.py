@@ -1,7 +1,9 @@
 """A PNG chart of one symbol over a time range: price above, volume below.
 
-Candles come from the klines table when it has some for the range (the interval asked
-for, else the smallest recorded); otherwise the chart is drawn from trades. Either way
+The chart shows the window asked for, drawn from the recorded data that covers most of
+it: klines of the interval asked for, else of the finest interval, else trades, unless
+another of them covers more of the window (a stream subscribed for a minute long ago
+must not hide ten minutes of trades). The summary says which, and how much it covers. Either way
 the database groups the rows into at most about one bucket per four pixels of width, so
 a chart of a month of trades reads a few hundred rows, not millions, and stays legible.
 
@@ -28,7 +30,6 @@ from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, func, se
 from worker.ops.export import (
     Source,
     check_directory,
-    has_rows,
     no_rows_message,
     resolve_source,
 )
@@ -60,6 +61,15 @@ class ChartSummary:
     path: Path
     source: str  # "klines 1m" or "trades"
     points: int
+    covered_ms: int  # how much of the window the source's rows span
+    window_ms: int
+
+    def describe(self, width_px: int, height_px: int) -> str:
+        coverage = f"{self.covered_ms / self.window_ms:.0%}" if self.covered_ms < self.window_ms else "all"
+        return (
+            f"{self.path}: {width_px}x{height_px} PNG from {self.source} (the data covering most of the "
+            f"window: {coverage} of it), {self.points} points"
+        )
 
 
 @dataclass(frozen=True)
@@ -114,11 +124,11 @@ def draw_chart(
     check_directory(target)
     max_points = width_px // _PIXELS_PER_POINT
     with engine.connect() as conn:
-        source = _chart_source(conn, symbol, start_ms, end_ms, preferred)
+        source, covered = _chart_source(conn, symbol, start_ms, end_ms, preferred)
         buckets = _load_buckets(conn, source, symbol, start_ms, end_ms, max_points)
-    title = f"{symbol} — {_describe(source, buckets.step_ms)}, {_range_text(buckets)}"
-    _render(buckets, source.table == "klines", title, target, width_px, height_px)
-    return ChartSummary(target, source.label, len(buckets.time_ms))
+    title = f"{symbol} — {_describe(source, buckets.step_ms)}, {_range_text(start_ms, end_ms)}"
+    _render(buckets, source.table == "klines", title, target, width_px, height_px, (start_ms, end_ms))
+    return ChartSummary(target, source.label, len(buckets.time_ms), covered, end_ms - start_ms)
 
 
 def _check_size(width_px: int, height_px: int) -> None:
@@ -129,23 +139,42 @@ def _check_size(width_px: int, height_px: int) -> None:
         )
 
 
-def _chart_source(conn: Connection, symbol: str, start_ms: int, end_ms: int, preferred: str | None) -> Source:
-    """The preferred kline interval, else the smallest with rows in the range, else trades.
+def _chart_source(
+    conn: Connection, symbol: str, start_ms: int, end_ms: int, preferred: str | None
+) -> tuple[Source, int]:
+    """The source whose rows span most of the window, and that span (ms).
 
-    One indexed existence check per interval (KLINE_INTERVALS runs from the smallest up)
-    instead of a DISTINCT over every kline of the symbol.
+    Candidates in order of preference: the interval asked for, the kline intervals
+    from the smallest up, trades; a later one wins only by covering more. One indexed
+    min/max per candidate.
     """
-    for interval in ([preferred] if preferred else []) + list(KLINE_INTERVALS):
-        source = Source("klines", interval)
-        if has_rows(conn, source, symbol, start_ms, end_ms):
-            return source
-    trades = Source("trades")
-    if has_rows(conn, trades, symbol, start_ms, end_ms):
-        return trades
-    raise ValueError(
-        f"nothing to chart: {no_rows_message(conn, Source('klines'), symbol, start_ms, end_ms)}"
-        f"; and {no_rows_message(conn, trades, symbol, start_ms, end_ms)}"
-    )
+    candidates = [Source("klines", i) for i in dict.fromkeys([preferred, *KLINE_INTERVALS]) if i] + [Source("trades")]
+    best, best_covered = None, 0
+    for source in candidates:
+        covered = _covered_ms(conn, source, symbol, start_ms, end_ms)
+        if covered > best_covered:
+            best, best_covered = source, covered
+    if best is None:
+        trades = Source("trades")
+        raise ValueError(
+            f"nothing to chart: {no_rows_message(conn, Source('klines'), symbol, start_ms, end_ms)}"
+            f"; and {no_rows_message(conn, trades, symbol, start_ms, end_ms)}"
+        )
+    return best, best_covered
+
+
+def _covered_ms(conn: Connection, source: Source, symbol: str, start_ms: int, end_ms: int) -> int:
+    """How much of [start_ms, end_ms) the source's rows span (a kline spans its interval)."""
+    time_column = TABLES[source.table].c[TIME_COLUMNS[source.table]]
+    first, last = conn.execute(
+        select(func.min(time_column), func.max(time_column)).where(
+            *source.filters(symbol), *source.in_range(start_ms, end_ms)
+        )
+    ).one()
+    if first is None:
+        return 0
+    length = CANDLE_MS[source.interval] if source.interval else _TRADE_BASE_MS
+    return min(last + length, end_ms) - max(first, start_ms)
 
 
 def _load_buckets(
@@ -240,14 +269,15 @@ def _duration(ms: int) -> str:
     return f"{ms}ms"
 
 
-def _range_text(buckets: _Buckets) -> str:
-    start = utc_datetime(int(buckets.time_ms[0]))
-    end = utc_datetime(int(buckets.time_ms[-1]) + buckets.step_ms)
+def _range_text(start_ms: int, end_ms: int) -> str:
+    start, end = utc_datetime(start_ms), utc_datetime(end_ms)
     end_format = "%H:%M:%S" if end.date() == start.date() else "%Y-%m-%d %H:%M:%S"
     return f"{start:%Y-%m-%d %H:%M:%S} – {end.strftime(end_format)} UTC"
 
 
-def _render(buckets: _Buckets, candles: bool, title: str, path: Path, width_px: int, height_px: int) -> None:
+def _render(
+    buckets: _Buckets, candles: bool, title: str, path: Path, width_px: int, height_px: int, window: tuple[int, int]
+) -> None:
     figure = Figure(figsize=(_inches(width_px), _inches(height_px)), dpi=_DPI, layout="constrained")
     canvas = FigureCanvasAgg(figure)
     price_axes, volume_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
@@ -256,7 +286,8 @@ def _render(buckets: _Buckets, candles: bool, title: str, path: Path, width_px: 
     colors = np.where(buckets.close >= buckets.open, _UP, _DOWN)
     (_draw_candles if candles else _draw_price_line)(price_axes, x, width, buckets, colors)
     volume_axes.bar(x + 0.1 * width, buckets.volume, width=0.8 * width, align="edge", color=colors)
-    _style(price_axes, volume_axes, title, (x[0], x[-1] + width))
+    window_x = mdates.date2num(np.array(window, dtype="datetime64[ms]"))
+    _style(price_axes, volume_axes, title, (window_x[0], window_x[1]))
     # print_png renders at the figure's size and dpi; savefig would honour a user's
     # matplotlibrc `savefig.bbox: tight` and change the size.
     canvas.print_png(path)

@@ -1,7 +1,9 @@
 """`binance-recorder`: run the stack locally, subscribe, look at status, backfill, export, chart.
 
 Exit codes: 0 success, 1 something is unhealthy or a task failed, 2 bad usage or bad
-input (argparse's convention), 3 a part of the stack could not start.
+input (argparse's convention) or a bad setting, 3 a part of the stack could not start,
+141 the reader of the output went away (`| head`), as for any command killed by SIGPIPE.
+Every error is one line on stderr, `error: ...`, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import requests
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from worker.ops.cli_data import add_data_commands
-from worker.ops.clients import call_task, existing_database, redis_client
-from worker.ops.local_stack import LocalStack, StackError, wait_for_redis
+from worker.ops.clients import TaskFailed, call_task, existing_database, redis_client
+from worker.ops.local_stack import LocalStack, StackError, recorded_stack_env, wait_for_redis
 from worker.settings import Settings, split_list
 
 DEFAULT_LOCAL_SYMBOLS = "BTCUSDT,ETHUSDT,BNBUSDT"
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
 EXIT_STACK = 3
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def binance_reachable(rest_url: str) -> bool:
@@ -43,7 +46,8 @@ def binance_reachable(rest_url: str) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = args.settings
+    symbols = split_list(args.symbols or settings.startup_symbols or DEFAULT_LOCAL_SYMBOLS)
     stack = LocalStack(Path(args.data_dir))
     stop_requested = False
 
@@ -55,9 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     try:
         redis_url = _start_services(stack, settings, args)
-        result = call_task(
-            redis_url, "tasks.subscribe", [split_list(args.symbols), split_list(args.streams) or None], 60
-        )
+        result = call_task(redis_url, "tasks.subscribe", [symbols, split_list(args.streams) or None], 60)
         print(
             f"recording {', '.join(result['symbols'])} in {len(result['groups'])} group(s): "
             f"{', '.join(result['streams'])}",
@@ -85,6 +87,8 @@ def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namesp
         print(f"exchange: bundled fake exchange at {base} (Binance is not reachable or --exchange fake)")
     else:
         print(f"exchange: {settings.binance_ws_url} and {settings.binance_rest_url}")
+        stack.env.setdefault("BINANCE_REST_URL", settings.binance_rest_url)
+        stack.env.setdefault("BINANCE_WS_URL", settings.binance_ws_url)
     stack.start_workers(settings.stream_worker_concurrency)
     stack.start_beat()
     names = ["worker-streams", "worker"]
@@ -92,6 +96,7 @@ def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namesp
         print(f"flower:   {stack.start_flower(args.flower_port)}")
     stack.wait_for_workers(names)
     print(f"database: {stack.env['DATABASE_URL']}\nlogs:     {stack.log_dir}/", flush=True)
+    print(f"shells:   binance-recorder in {Path.cwd()} uses this stack (URLs in {stack.record()})", flush=True)
     return redis_url
 
 
@@ -120,16 +125,19 @@ def _watch(stack: LocalStack, args: argparse.Namespace, stopping: Any) -> None:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = args.settings
     result = call_task(
         settings.redis_url, "tasks.subscribe", [args.symbols, split_list(args.streams) or None], args.timeout
     )
     print(json.dumps(result, indent=2))
+    if result.get("warning"):
+        print(f"warning: {', '.join(result['waiting'])} not recording yet: {result['warning']}", file=sys.stderr)
+        return EXIT_UNHEALTHY
     return 0
 
 
 def cmd_unsubscribe(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+    settings = args.settings
     print(json.dumps(call_task(settings.redis_url, "tasks.unsubscribe", [args.symbols], args.timeout), indent=2))
     return 0
 
@@ -138,7 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from worker.ops.report import render_status
     from worker.ops.status import collect_status, problems
 
-    settings = Settings.from_env()
+    settings = args.settings
     snapshot = collect_status(settings, redis_client(settings), existing_database(settings))
     found = problems(snapshot, settings)
     if args.json:
@@ -159,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--symbols",
-        default=Settings.from_env().startup_symbols or DEFAULT_LOCAL_SYMBOLS,
-        help="comma-separated symbols to record (default: %(default)s)",
+        default="",
+        help=f"comma-separated symbols to record (default: STARTUP_SYMBOLS, else {DEFAULT_LOCAL_SYMBOLS})",
     )
     run.add_argument("--streams", default="", help="comma-separated stream kinds (default: DEFAULT_STREAMS)")
     run.add_argument(
@@ -216,10 +224,33 @@ def _attach_relative_times(argv: Sequence[str]) -> list[str]:
     return result
 
 
+def load_settings(command: str) -> Settings:
+    """The settings, checked once for every command.
+
+    Commands other than `run` also take the URLs a running `binance-recorder run`
+    recorded under ./data/ (the fake exchange's port, a non-default Redis port), unless
+    the environment sets them.
+    """
+    recorded = {} if command == "run" else recorded_stack_env(Path("data"))
+    return Settings.from_env({**recorded, **os.environ})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_attach_relative_times(sys.argv[1:] if argv is None else argv))
     try:
-        return int(args.func(args))
+        args.settings = load_settings(args.command)
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a broken pipe is caught, not at the interpreter's exit
+        return code
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # Python would report the broken pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except TaskFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE if error.bad_input else EXIT_UNHEALTHY
     except CeleryTimeout:
         print(
             "error: no worker answered in time: is `celery -A worker worker` running against the same REDIS_URL?",
@@ -231,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except redis.ConnectionError as error:
         print(f"error: cannot reach Redis ({error}): start it or set REDIS_URL", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    except Exception as error:  # anything else still gets one line, with its type to search for
+        message = " ".join(str(error).split())
+        print(f"error: {type(error).__name__}: {message}", file=sys.stderr)
         return EXIT_UNHEALTHY
 
 

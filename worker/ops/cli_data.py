@@ -17,7 +17,6 @@ from sqlalchemy.engine import Engine
 
 from worker.ops.clients import client_app, existing_database, redis_client
 from worker.ops.report import ProgressBar
-from worker.settings import Settings
 
 POLL_SECONDS = 0.5
 
@@ -80,9 +79,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         bar.update(done, total, f"{rows} rows")
 
     if args.worker:
-        result = _backfill_on_worker(job, progress)
+        result = _backfill_on_worker(args.settings.redis_url, job, progress)
     else:
-        settings = Settings.from_env()
+        settings = args.settings
         database = make_engine(settings.database_url, settings.sqlite_busy_timeout_ms)
         create_schema(database)
         result = run_history(settings, redis_client(settings), database, job, progress)
@@ -94,8 +93,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backfill_on_worker(job: Any, progress: Any) -> dict[str, Any]:
-    result = client_app(Settings.from_env().redis_url).send_task(
+def _backfill_on_worker(redis_url: str, job: Any, progress: Any) -> dict[str, Any]:
+    result = client_app(redis_url).send_task(
         "tasks.backfill", kwargs={"symbol": job.symbol, "kind": job.kind, "start": job.start, "end": job.end}
     )
     print(f"task {result.id} sent; waiting for a worker ...", file=sys.stderr)
@@ -130,7 +129,7 @@ def _add_export(commands: Any) -> None:
 
 
 def _database_and_range(args: argparse.Namespace) -> tuple[Engine, int, int]:
-    engine = existing_database(Settings.from_env())
+    engine = existing_database(args.settings)
     start, end = _parsed_range(args)
     return engine, start, end
 
@@ -176,7 +175,7 @@ def cmd_chart(args: argparse.Namespace) -> int:
     summary = draw_chart(
         engine, args.symbol, start, end, path, width_px=width, height_px=height, interval=args.interval
     )
-    print(f"{summary.path}: {width}x{height} PNG from {summary.source}, {summary.points} points")
+    print(summary.describe(width, height))
     return 0
 
 

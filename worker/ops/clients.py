@@ -13,6 +13,11 @@ import redis
 from celery import Celery
 from sqlalchemy.engine import Engine, make_url
 
+# Celery rebuilds a task's exception with its own class only when the class's module is
+# already imported; else as a stand-in that is no ValueError. These define the errors
+# tasks raise for bad input, which the CLI tells apart from failures (exit 2, not 1).
+import worker.exchange.rest  # noqa: F401
+import worker.groups  # noqa: F401
 from worker.settings import Settings
 from worker.store.storage import make_engine
 
@@ -23,9 +28,23 @@ def client_app(redis_url: str) -> Celery:
     return Celery(broker=redis_url, backend=redis_url)
 
 
+class TaskFailed(RuntimeError):
+    """A task raised on a worker; `bad_input` when the error is about what was asked."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        self.bad_input = isinstance(error, ValueError)
+        text = " ".join(str(error).split()) or type(error).__name__
+        super().__init__(text if self.bad_input else f"{name} failed on the worker: {type(error).__name__}: {text}")
+
+
 def call_task(redis_url: str, name: str, args: list[Any], timeout: float) -> Any:
+    """Call a task by name and return its result; its exception becomes TaskFailed,
+    so the CLI prints the worker's message, not the worker's traceback."""
     result = client_app(redis_url).send_task(name, args=args)
-    return result.get(timeout=timeout)
+    value = result.get(timeout=timeout, propagate=False)
+    if result.failed():
+        raise TaskFailed(name, value)
+    return value
 
 
 def redis_client(settings: Settings) -> redis.Redis:

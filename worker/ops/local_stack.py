@@ -8,6 +8,7 @@ its stack with this same code, so the README's command is exercised by every tes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,9 @@ from pathlib import Path
 import redis
 
 CELERY = (sys.executable, "-m", "celery", "-A", "worker")
+# Where a running `binance-recorder run` leaves its URLs for the commands of other shells.
+STACK_RECORD = "stack.json"
+RECORDED_VARIABLES = ("REDIS_URL", "DATABASE_URL", "BINANCE_REST_URL", "BINANCE_WS_URL")
 READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
 
@@ -57,8 +61,12 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
-    """Whether nothing listens on the port. SO_REUSEADDR, as redis-server sets it: the
-    connections a stopped Redis leaves in TIME_WAIT must not make its port look taken."""
+    """Whether a server could listen on the port now.
+
+    With SO_REUSEADDR, as Redis and every server sets it: without it, the TIME_WAIT
+    sockets a stopped Redis leaves behind for about a minute would count as taken,
+    while only a socket that still listens does.
+    """
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -66,6 +74,31 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recorded_stack_env(data_dir: Path) -> dict[str, str]:
+    """The URLs of the stack a live `binance-recorder run` started in data_dir, if any.
+
+    The fake exchange listens on a port chosen at start-up, so a second shell cannot
+    know it from the defaults; a record left by a launcher that died is ignored.
+    """
+    try:
+        record = json.loads((data_dir / STACK_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or not process_alive(int(record.get("pid", 0)) or -1):
+        return {}
+    return {name: str(value) for name, value in record.get("env", {}).items() if name in RECORDED_VARIABLES}
 
 
 def wait_for_redis(url: str, timeout: float = READY_TIMEOUT_SECONDS) -> None:
@@ -83,18 +116,30 @@ def wait_for_redis(url: str, timeout: float = READY_TIMEOUT_SECONDS) -> None:
 
 @dataclass
 class ManagedProcess:
+    """A child process and its log file, which it appends to from `log_offset` on.
+
+    Logs of earlier runs stay in the file for reading; what this process wrote is
+    `log_text()`, so waiting for its "ready" line never finds an earlier run's.
+    """
+
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    log_offset: int = 0
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_text(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log_path, "rb") as log:
+                log.seek(self.log_offset)
+                return log.read().decode(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 @dataclass
@@ -186,7 +231,22 @@ class LocalStack:
             [*CELERY, "beat", "-l", "INFO", "-s", str(self.data_dir / "celerybeat-schedule")],
         )
 
+    def record(self) -> Path:
+        """Leave this stack's URLs under data_dir for the CLI in other shells (see recorded_stack_env)."""
+        path = self.data_dir / STACK_RECORD
+        env = {name: self.env[name] for name in RECORDED_VARIABLES if name in self.env}
+        path.write_text(json.dumps({"pid": os.getpid(), "env": env}, indent=2))
+        return path
+
+    def _forget_record(self) -> None:
+        path = self.data_dir / STACK_RECORD
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+
     def start_flower(self, port: int) -> str:
+        if not port_is_free(port):
+            raise StackError(f"port {port} is taken (another Flower?): pass --flower-port with a free port, or 0")
         self.spawn(
             "flower",
             [*CELERY, "flower", f"--port={port}", "--address=127.0.0.1"],
@@ -198,6 +258,7 @@ class LocalStack:
     def spawn(self, name: str, command: Sequence[str]) -> ManagedProcess:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
+            offset = log.tell()
             popen = subprocess.Popen(
                 list(command),
                 env=self.env,
@@ -206,7 +267,7 @@ class LocalStack:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        process = ManagedProcess(name, popen, log_path)
+        process = ManagedProcess(name, popen, log_path, offset)
         self.processes.append(process)
         return process
 
@@ -216,7 +277,7 @@ class LocalStack:
     def _wait_for_line(self, process: ManagedProcess, pattern: re.Pattern[str]) -> re.Match[str]:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            match = pattern.search(process.log_path.read_text(errors="replace"))
+            match = pattern.search(process.log_text())
             if match:
                 return match
             if not process.alive():
@@ -229,7 +290,7 @@ class LocalStack:
         for name in names:
             process = self.process(name)
             deadline = time.monotonic() + timeout
-            while "ready." not in process.log_path.read_text(errors="replace"):
+            while "ready." not in process.log_text():
                 if not process.alive() or time.monotonic() > deadline:
                     raise StackError(f"{name} did not become ready; its log says:\n{process.log_tail()}")
                 time.sleep(0.1)
@@ -256,6 +317,7 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop everything, newest first, so Redis outlives the workers that flush to it."""
+        self._forget_record()
         for process in reversed(self.processes):
             self.stop_process(process)
         self.processes.clear()

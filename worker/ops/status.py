@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from worker.buffer import FrameBuffer
-from worker.groups import GroupRegistry
+from worker.groups import MORE_STREAM_PROCESSES, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
 from worker.store.failures import storage_advice, storage_error
@@ -98,8 +98,13 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
     behind = 20 * settings.drain_batch_size
     for group in snapshot["groups"]:
         name = f"group {group['id']} ({', '.join(group['symbols'])})"
-        if not group["live"]:
-            found.append(f"{name} has no running task: is a `-Q streams` worker up?")
+        if not group["live"] and group["state"] == "waiting":
+            found.append(f"{name} is waiting: {group['last_error']}")
+        elif not group["live"]:
+            found.append(
+                f"{name} has no running task: start a `-Q streams` worker if none is up; if one is, "
+                f"each of its processes already records a group: {MORE_STREAM_PROCESSES}"
+            )
         elif group["state"] != "connected":
             found.append(f"{name} is {group['state']}: {group['last_error'] or 'no error recorded'}")
         last = group["last_message_at"]

@@ -26,17 +26,15 @@ DAY_MS = 86_400_000
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    """How many days each table keeps (0: for ever), and the rows deleted per transaction."""
+    """How many days each table keeps (0: for ever), and the rows deleted per transaction.
+
+    RETENTION_DAYS and RETENTION_CHUNK_ROWS are checked with the other settings'
+    ranges (worker/settings.py); the overrides, a text of their own, here.
+    """
 
     default_days: int
     overrides: Mapping[str, int]
     chunk_rows: int
-
-    def __post_init__(self) -> None:
-        if self.default_days < 0:
-            raise ValueError(f"RETENTION_DAYS={self.default_days} must be 0 (keep everything) or more")
-        if self.chunk_rows < 1:
-            raise ValueError(f"RETENTION_CHUNK_ROWS={self.chunk_rows} must be 1 or more")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetentionPolicy:

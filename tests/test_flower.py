@@ -1,0 +1,64 @@
+"""Flower shows each recording task's figures, through a real Flower process's HTTP API,
+and the drain, which runs every second, does not bury them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import call, launch_stack, wait_until
+from worker.ops.local_stack import LocalStack, free_port
+
+FIGURES = {"group", "symbols", "messages", "messages_per_second", "reconnects"}
+
+
+@pytest.fixture(scope="module")
+def flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, str]]:
+    stack = launch_stack(tmp_path_factory.mktemp("flower"), env={"FLOWER_UNAUTHENTICATED_API": "true"})
+    try:
+        url = stack.start_flower(free_port())
+        wait_until(lambda: _get(url, "/api/workers"), 60, "Flower's API to answer")
+        yield stack, url
+    finally:
+        stack.stop()
+
+
+def _get(url: str, path: str, **params: Any) -> Any:
+    try:
+        response = requests.get(f"{url}{path}", params=params, timeout=5)
+    except requests.ConnectionError:
+        return None
+    return response.json() if response.ok else None
+
+
+def _recording_tasks(url: str) -> list[dict[str, Any]]:
+    tasks = _get(url, "/api/tasks", taskname="tasks.stream_group") or {}
+    return [t for t in tasks.values() if t["state"] == "PROGRESS" and (t.get("result") or {}).get("messages")]
+
+
+def test_flower_serves_each_recording_tasks_figures(flower: tuple[LocalStack, str]) -> None:
+    stack, url = flower
+    subscribed = call(stack, "tasks.subscribe", ["BTCUSDT", "ETHUSDT"], ["trade"])
+
+    task = wait_until(lambda: _recording_tasks(url), 60, "a stream_group task in PROGRESS with figures")[0]
+
+    figures = task["result"]
+    assert figures.keys() >= FIGURES
+    assert figures["group"] == subscribed["groups"][0]
+    assert figures["symbols"] == ["BTCUSDT", "ETHUSDT"]
+    assert figures["messages"] > 0 and figures["messages_per_second"] > 0 and figures["reconnects"] == 0
+    info = _get(url, f"/api/task/info/{task['uuid']}")
+    assert info["state"] == "PROGRESS" and info["result"].keys() >= FIGURES
+
+
+def test_the_drain_sends_no_task_events_so_flower_lists_none(flower: tuple[LocalStack, str]) -> None:
+    stack, url = flower
+    call(stack, "tasks.subscribe", ["BNBUSDT"], ["trade"])
+    wait_until(lambda: _recording_tasks(url), 60, "a recording task in Flower")
+    wait_until(lambda: call(stack, "tasks.status")["frames_drained"] > 0, 30, "the drain to run")
+
+    assert _get(url, "/api/tasks", taskname="tasks.drain") == {}
+    assert _get(url, "/api/tasks", taskname="tasks.supervise")  # other tasks still show
