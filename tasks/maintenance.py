@@ -11,31 +11,28 @@ from tasks.subscriptions import start_group
 from worker import app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
-from worker.lease import Lease
 from worker.ops.status import collect_status
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.store.drain import Drainer
+from worker.store.drain import Drainer, DrainShift
 
-# A drain run stops taking new batches after this many drain intervals, so that one
-# slow run never holds the lock while the next beats pile up behind it.
+# A run that no successor relieves (beat stopped, or its ticks kept getting lost) ends
+# after this many drain intervals, so that the task still ends and reports now and then.
 DRAIN_RUN_INTERVALS = 10
 
 
 @app.task(name="tasks.drain")
 def drain() -> dict[str, Any]:
-    """Move buffered frames into the database; one drain at a time (a Redis lock)."""
+    """Store buffered frames as they arrive until the next run takes over (see
+    `worker.store.drain`): one run at a time, relayed without a gap."""
     settings = get_settings()
     keys = RedisKeys(settings.redis_prefix)
-    budget = settings.drain_interval_seconds * DRAIN_RUN_INTERVALS
-    lock = Lease(redis_client(), keys.drain_lock, ttl_seconds=budget + 60, owner="drain")
-    if not lock.acquire():
+    shift = DrainShift(redis_client(), keys, longest_run_seconds=settings.drain_interval_seconds * DRAIN_RUN_INTERVALS)
+    if not shift.take_over():
         return {"skipped": "another drain is running"}
-    try:
-        drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
-        return drainer.drain(time_budget=budget, should_stop=shutting_down).as_dict()
-    finally:
-        lock.release()
+    drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
+    with shift.held():
+        return drainer.drain_window(shift.keep_going(shutting_down)).as_dict()
 
 
 @app.task(name="tasks.supervise")

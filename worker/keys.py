@@ -51,7 +51,13 @@ class RedisKeys:
 
     @property
     def drain_lock(self) -> str:
+        """Lease of the one drain run storing frames; its value names the process."""
         return f"{self.prefix}:lock:drain"
+
+    @property
+    def drain_successor(self) -> str:
+        """Token of the drain run waiting for the running one to hand over the lock."""
+        return f"{self.prefix}:lock:drain:successor"
 
     @property
     def backfill_lock(self) -> str:

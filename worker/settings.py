@@ -55,8 +55,16 @@ class Settings:
         "Longest a group's Redis list may grow while the drain is behind; past it the "
         "oldest frames are trimmed and counted (trade gaps are then backfilled).",
     )
-    drain_interval_seconds: float = _setting(1.0, "How often beat runs the drain task.")
-    drain_batch_size: int = _setting(5000, "Frames taken from one Redis list per database transaction.")
+    drain_interval_seconds: float = _setting(
+        1.0,
+        "How often beat starts a drain run, which takes over from the running one without a "
+        "gap (a run that no new one relieves ends after 10 intervals).",
+    )
+    drain_batch_size: int = _setting(
+        5000,
+        "Most frames taken from one Redis list per database transaction; the drain takes what "
+        "is there up to this, so batches grow with the backlog.",
+    )
     lease_ttl_seconds: float = _setting(
         10.0,
         "Lifetime of a group's connection lease, renewed about every second by the task "
