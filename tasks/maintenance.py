@@ -16,20 +16,22 @@ from worker.settings import get_settings
 from worker.shutdown import shutting_down
 from worker.store.drain import Drainer, DrainShift
 
-# A run that no successor relieves (beat stopped, or its ticks kept getting lost) ends
-# after this many drain intervals, so that the task still ends and reports now and then.
+# A drain run's window, in drain intervals: it asks for relief after it, and the next
+# tick's run takes over (ticks before that return at once). Ten: one hand-over per
+# 10 s keeps an idle drain's CPU near the old sweep's, and Flower still shows a run's
+# report every 10 s.
 DRAIN_RUN_INTERVALS = 10
 
 
 @app.task(name="tasks.drain")
 def drain() -> dict[str, Any]:
-    """Store buffered frames as they arrive until the next run takes over (see
-    `worker.store.drain`): one run at a time, relayed without a gap."""
+    """Store buffered frames as they arrive for a window, until the next run takes over
+    (see `worker.store.drain`): one run at a time, relayed without a gap."""
     settings = get_settings()
     keys = RedisKeys(settings.redis_prefix)
-    shift = DrainShift(redis_client(), keys, longest_run_seconds=settings.drain_interval_seconds * DRAIN_RUN_INTERVALS)
+    shift = DrainShift(redis_client(), keys, window_seconds=settings.drain_interval_seconds * DRAIN_RUN_INTERVALS)
     if not shift.take_over():
-        return {"skipped": "another drain is running"}
+        return {"skipped": "another drain run is storing"}
     drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
     with shift.held():
         return drainer.drain_window(shift.keep_going(shutting_down)).as_dict()

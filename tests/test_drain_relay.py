@@ -61,9 +61,9 @@ class RecordingDrainer(Drainer):
 class Run(threading.Thread):
     """One drain run as tasks.drain makes it: take over, drain the window, hand on."""
 
-    def __init__(self, name: str, client: redis.Redis, keys: RedisKeys, engine: Engine, longest: float = 60) -> None:
+    def __init__(self, name: str, client: redis.Redis, keys: RedisKeys, engine: Engine, window: float = 60) -> None:
         super().__init__(name=name, daemon=True)
-        self.shift = DrainShift(client, keys, longest_run_seconds=longest)
+        self.shift = DrainShift(client, keys, window_seconds=window)
         self.drainer = RecordingDrainer(name, client, keys, engine, 1000)
         self.stop = threading.Event()
         self.took_over: bool | None = None
@@ -77,20 +77,20 @@ class Run(threading.Thread):
 
 
 class Writer(threading.Thread):
-    """A subscription task's writer: consecutive trade ids, one flush every 5 ms."""
+    """A subscription task's writer: consecutive trade ids, 20 per flush every 5 ms, until stopped."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, count: int) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
         super().__init__(daemon=True)
         self.writer = FrameWriter(client, keys, GROUP.id, max_pending=100_000, max_list_length=1_000_000)
-        self.count = count
+        self.stop = threading.Event()
+        self.written = 0
 
     def run(self) -> None:
-        for trade_id in range(1, self.count + 1):
-            self.writer.pending.append(trade_frame("BTCUSDT", trade_id))
-            if trade_id % 20 == 0:
-                self.writer.flush()
-                time.sleep(0.005)
-        self.writer.flush()
+        while not self.stop.is_set():
+            self.writer.pending.extend(trade_frame("BTCUSDT", self.written + i) for i in range(1, 21))
+            self.written += 20
+            self.writer.flush()
+            time.sleep(0.005)
 
 
 @pytest.fixture
@@ -110,6 +110,12 @@ def watch_lock(client: redis.Redis, keys: RedisKeys, stop: threading.Event, hold
         time.sleep(0.0005)
 
 
+def relief_wanted(client: redis.Redis, keys: RedisKeys) -> bool:
+    """No run holds the lock, or the one that does has asked for relief."""
+    holder = client.get(keys.drain_lock)
+    return holder is None or client.get(keys.drain_relief) == holder
+
+
 def test_runs_hand_over_without_a_gap_and_never_drain_together(
     redis_client: redis.Redis, keys: RedisKeys, engine: Engine, group: str
 ) -> None:
@@ -117,13 +123,16 @@ def test_runs_hand_over_without_a_gap_and_never_drain_together(
     watching = threading.Event()
     watcher = threading.Thread(target=watch_lock, args=(redis_client, keys, watching, holders), daemon=True)
     watcher.start()
-    writer = Writer(redis_client, keys, 6000)
+    writer = Writer(redis_client, keys)
     writer.start()
-    runs = [Run(f"run{i}", redis_client, keys, engine) for i in range(4)]
-    for run in runs:  # a new run every "beat tick", each asking the one before to hand over
+    # Short windows, so each run soon asks for relief; the last one stays to drain the rest.
+    runs = [Run(f"run{i}", redis_client, keys, engine, window=1 if i < 3 else 60) for i in range(4)]
+    for run in runs:  # the next tick's run, once the one before asked for relief
+        wait_until(lambda: relief_wanted(redis_client, keys), 10, "the running run to ask for relief", interval=0.01)
         run.start()
         wait_until(lambda run=run: run.took_over, 10, f"{run.name} to take over", interval=0.01)
         wait_until(lambda run=run: any(r[0] == run.name for r in RecordingDrainer.rounds), 10, f"{run.name} storing")
+    writer.stop.set()
     writer.join()
     wait_until(lambda: redis_client.llen(group) == 0, 10, "the list to be drained")
     runs[-1].stop.set()
@@ -132,7 +141,7 @@ def test_runs_hand_over_without_a_gap_and_never_drain_together(
     watching.set()
     watcher.join()
 
-    assert trade_ids(engine) == list(range(1, 6001))  # everything stored, once
+    assert trade_ids(engine) == list(range(1, writer.written + 1))  # everything stored, once
     assert RecordingDrainer.overlaps == 0  # never two runs storing at once
     # Each run got the lock straight from the one before: the lock was never free between them.
     assert all(run.shift.handed_over_by_holder for run in runs[1:])
@@ -148,15 +157,16 @@ def test_runs_hand_over_without_a_gap_and_never_drain_together(
 def test_a_lost_beat_tick_leaves_the_running_drain_storing(
     redis_client: redis.Redis, keys: RedisKeys, engine: Engine, group: str
 ) -> None:
-    """No successor arrives (its beat message expired in a busy worker's queue): the
-    running run goes on storing what arrives, instead of leaving it for the next tick."""
-    run = Run("run", redis_client, keys, engine)
+    """The run's window is over and it asks for relief, but no successor arrives (the
+    tick's message expired in a busy worker's queue): the run goes on storing what
+    arrives, instead of leaving it for a later tick."""
+    run = Run("run", redis_client, keys, engine, window=2)
     run.start()
     writer = FrameWriter(redis_client, keys, GROUP.id, max_pending=1000, max_list_length=10_000)
     writer.pending.extend(trade_frame("BTCUSDT", i) for i in range(1, 11))
     writer.flush()
     wait_until(lambda: trade_ids(engine) == list(range(1, 11)), 10, "the first frames stored")
-    time.sleep(1.5)  # several drain intervals pass without a beat tick
+    wait_until(lambda: redis_client.get(keys.drain_relief) is not None, 10, "the run to ask for relief")
     writer.pending.extend(trade_frame("BTCUSDT", i) for i in range(11, 21))
     writer.flush()
 
@@ -173,8 +183,9 @@ def test_a_run_that_waits_in_vain_gives_up_to_a_newer_one(
 ) -> None:
     """Two runs wait for a holder stuck in a long round: the older one steps aside, so
     there is never more than one successor, and that one gets the lock."""
-    holder = DrainShift(redis_client, keys, longest_run_seconds=60)
+    holder = DrainShift(redis_client, keys, window_seconds=60)
     assert holder.take_over()
+    redis_client.set(keys.drain_relief, holder.token, px=10_000)  # as its keep_going does after its window
     older, newer = (Run(name, redis_client, keys, engine) for name in ("older", "newer"))
     older.start()
     wait_until(lambda: redis_client.get(keys.drain_successor) is not None, 10, "the older run to ask")
@@ -187,6 +198,21 @@ def test_a_run_that_waits_in_vain_gives_up_to_a_newer_one(
     assert older.took_over is False and newer.shift.handed_over_by_holder
     newer.stop.set()
     newer.join(10)
+
+
+def test_a_tick_within_the_running_window_returns_at_once(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine, group: str
+) -> None:
+    holder = DrainShift(redis_client, keys, window_seconds=60)
+    assert holder.take_over()
+    tick = DrainShift(redis_client, keys, window_seconds=60)
+
+    assert tick.take_over() is False
+    assert redis_client.get(keys.drain_successor) is None  # it did not ask for a hand-over
+    assert as_text(redis_client.get(keys.drain_lock) or b"") == holder.token
+    with holder.held():
+        pass
+    assert redis_client.get(keys.drain_lock) is None  # no successor waited: released
 
 
 def drain_holder_pid(client: redis.Redis) -> int | None:

@@ -11,6 +11,10 @@ the price of one list element per flush instead of any work per frame. A batch t
 ends inside a flush leaves that flush's mark behind it; the acknowledgement puts the
 mark back in front of the rest, so the mark survives batch boundaries, drain runs and
 restarts.
+
+Every flush also rings a doorbell (a list of at most one element) after its frames,
+so an idle drain blocks on it instead of polling: it wakes as a flush lands, and costs
+nothing while nothing comes.
 """
 
 from __future__ import annotations
@@ -121,6 +125,11 @@ class FrameBuffer:
             client=pipe or self.client,
         )
 
+    def wait_for_frames(self, timeout_seconds: float) -> None:
+        """Block until a flush rings the doorbell (it may have rung since the last claim:
+        then at once), or the timeout passes."""
+        self.client.blpop([self.keys.frames_doorbell], timeout=timeout_seconds)
+
     def forget_if_empty(self, key: str) -> None:
         """Stop visiting the list of a group that is no longer wanted, once it is empty."""
         if self.client.llen(key) == 0:
@@ -180,6 +189,8 @@ class FrameWriter:
                 pipe.rpush(self.key, clock_mark(received_at), *frames)
                 pipe.hincrby(self.status_key, "messages", count)
                 pipe.hset(self.status_key, "last_message_at", received_at)
+                pipe.lpush(self.keys.frames_doorbell, 1)  # after the frames: a woken drain finds them
+                pipe.ltrim(self.keys.frames_doorbell, 0, 0)
                 length = pipe.execute()[0]
             if length > self.max_list_length:
                 self._trim(

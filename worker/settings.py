@@ -57,8 +57,8 @@ class Settings:
     )
     drain_interval_seconds: float = _setting(
         1.0,
-        "How often beat starts a drain run, which takes over from the running one without a "
-        "gap (a run that no new one relieves ends after 10 intervals).",
+        "How often beat sends a drain tick: a run lasts 10 of these, then the next tick's run "
+        "takes over without a gap; a killed run is replaced within about a tick plus its 3 s lease.",
     )
     drain_batch_size: int = _setting(
         5000,
