@@ -29,10 +29,12 @@ def drain() -> dict[str, Any]:
     (see `worker.store.drain`): one run at a time, relayed without a gap."""
     settings = get_settings()
     keys = RedisKeys(settings.redis_prefix)
+    # The engine first: opening it the first time makes the schema, which may wait for a
+    # locked database for longer than the lease lives before `held` starts renewing it.
+    drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
     shift = DrainShift(redis_client(), keys, window_seconds=settings.drain_interval_seconds * DRAIN_RUN_INTERVALS)
     if not shift.take_over():
         return {"skipped": "another drain run is storing"}
-    drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
     with shift.held():
         return drainer.drain_window(shift.keep_going(shutting_down)).as_dict()
 
