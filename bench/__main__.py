@@ -20,13 +20,14 @@ from typing import Any
 import orjson
 
 from bench import report
+from bench.burst import measure_burst
 from bench.drain import measure_drain
 from bench.ingest import measure_ingest
 from bench.legacy import measure_legacy
 from bench.service import measure_service
 from worker.settings import Settings
 
-PARTS = ("ingest", "drain", "service", "legacy")
+PARTS = ("ingest", "drain", "service", "burst", "legacy")
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 LATENCY_METHOD = (
     "latency = time a row is first seen by polling the SQLite file every 10 ms (an upper bound of its "
@@ -45,6 +46,7 @@ class Sizes:
     legacy_seconds: float
     warmup_seconds: float
     scale_symbols: int
+    burst_frames: int
 
 
 QUICK = Sizes(
@@ -55,6 +57,7 @@ QUICK = Sizes(
     legacy_seconds=2,
     warmup_seconds=2,
     scale_symbols=768,
+    burst_frames=20_000,
 )
 FULL = Sizes(
     ingest_frames=300_000,
@@ -64,6 +67,7 @@ FULL = Sizes(
     legacy_seconds=10,
     warmup_seconds=10,
     scale_symbols=1536,
+    burst_frames=100_000,
 )
 
 
@@ -116,6 +120,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             )
         )
         results["end_to_end"]["method"] = LATENCY_METHOD
+    if "burst" in parts:
+        _progress(f"burst: {sizes.burst_frames:,} frames at once on one subscription vs the bare receive loop")
+        results["burst"] = measure_burst(workdir, sizes.burst_frames)
     if "legacy" in parts:
         _progress("old design: INSERT and COMMIT per message")
         results["legacy"] = measure_legacy(workdir, sizes.ingest_frames, sizes.legacy_seconds)

@@ -43,14 +43,7 @@ def measure_ingest(workdir: Path, frames: int, rounds: int) -> dict[str, Any]:
         ).group(1)
         bare_rates, recorder_rates = [], []
         for number in range(rounds):
-            bare = run_json(
-                module_command("bench.receivers", "bare", "--url", f"{url}/stream", "--frames", frames),
-                stack.env,
-                ROUND_TIMEOUT_SECONDS,
-            )
-            if bare["frames"] != frames:
-                raise RuntimeError(f"the bare loop received {bare['frames']} of {frames} frames")
-            bare_rates.append(bare["frames"] / bare["seconds"])
+            bare_rates.append(frames / bare_loop_seconds(stack, url, frames))
             recorder_rates.append(_recorder_round(stack, client, url, frames, f"bench-ingest-{number}"))
     return {
         "frames_per_round": frames,
@@ -61,6 +54,18 @@ def measure_ingest(workdir: Path, frames: int, rounds: int) -> dict[str, Any]:
         "ratio": paired_ratio(recorder_rates, bare_rates),
         "per_round": {"bare_loop": bare_rates, "recorder": recorder_rates},
     }
+
+
+def bare_loop_seconds(stack: LocalStack, url: str, frames: int) -> float:
+    """The bare loop's time from its first to its last frame of the blast server's stream."""
+    bare = run_json(
+        module_command("bench.receivers", "bare", "--url", f"{url}/stream", "--frames", frames),
+        stack.env,
+        ROUND_TIMEOUT_SECONDS,
+    )
+    if bare["frames"] != frames:
+        raise RuntimeError(f"the bare loop received {bare['frames']} of {frames} frames")
+    return float(bare["seconds"])
 
 
 def _recorder_round(stack: LocalStack, client: redis.Redis, url: str, frames: int, group_id: str) -> float:

@@ -31,7 +31,7 @@ import requests
 
 from bench.figures import latency_summary
 from bench.frames import KINDS, TARGET_RATE
-from bench.procs import service_env
+from bench.procs import children, cpu_seconds, service_env
 from bench.watch import MemoryTrack, RowWatcher, drain_processes, poll_until, stream_processes
 from fake_binance.config import DEFAULT_SYMBOLS, FakeExchangeConfig
 from worker.groups import GroupRegistry
@@ -91,6 +91,7 @@ def measure_service(
         stack.start_beat()
         stack.wait_for_workers(["worker-streams", "worker"])
         service = Service(stack)
+        idle = _idle_cpu(service, warmup)
         steady = _phase(service, list(DEFAULT_SYMBOLS), warmup, duration)
         generated = [s for s in FakeExchangeConfig(extra_symbols=scale_symbols).all_symbols() if s.startswith("SYM")]
         scale = _phase(service, generated, warmup, scale_duration)
@@ -105,6 +106,10 @@ def measure_service(
             "warmup_seconds": warmup,
         },
         "memory": {"seconds": duration, "subscription_task": steady["memory"][0], "drain": steady["memory"][1]},
+        "drain_cpu": {
+            "idle": idle,
+            "loaded": {**steady["drain_cpu"], "offered_messages_per_second": steady["rate"]},
+        },
         "scale": {
             "symbols": scale_symbols,
             "streams_per_group": scale["group_sizes"],
@@ -129,7 +134,10 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
         MemoryTrack("subscription task", stream_processes(service.pid("worker-streams"), service.exchange_port)),
         MemoryTrack("drain", drain_processes(service.pid("worker"), service.db)),
     ]
+    cpu = DrainCpu(service)
+    watcher.receive_lags.clear()
     latencies = poll_until(time.monotonic() + seconds, watcher, tracks, MEMORY_SAMPLE_SECONDS)
+    drain_cpu = cpu.since_start()
     for track in tracks:
         track.sample()
     group_sizes = service.group_sizes(subscribed["groups"])
@@ -138,10 +146,33 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
     _settle(service)
     return {
         "rate": per_symbol * len(symbols) * len(KINDS),
-        "latency": latency_summary(latencies),
+        "latency": {**latency_summary(latencies), "event_to_receive": latency_summary(watcher.receive_lags)},
         "memory": [track.as_dict() for track in tracks],
         "group_sizes": group_sizes,
+        "drain_cpu": drain_cpu,
     }
+
+
+class DrainCpu:
+    """CPU used by the default worker (the drain runs in its pool processes, taking
+    turns, and its main process hands them beat's ticks), as a share of one core."""
+
+    def __init__(self, service: Service) -> None:
+        self.pids = [service.pid("worker"), *children(service.pid("worker"))]
+        self.started = time.monotonic()
+        self.cpu = cpu_seconds(self.pids)
+
+    def since_start(self) -> dict[str, float]:
+        seconds = time.monotonic() - self.started
+        return {"seconds": seconds, "cpu_share": (cpu_seconds(self.pids) - self.cpu) / seconds}
+
+
+def _idle_cpu(service: Service, seconds: float) -> dict[str, float]:
+    """The drain's CPU with nothing subscribed, after the first runs made the schema."""
+    time.sleep(seconds)
+    cpu = DrainCpu(service)
+    time.sleep(seconds)
+    return cpu.since_start()
 
 
 def _first_rows(service: Service) -> RowWatcher:

@@ -4,7 +4,9 @@ Latency is taken where a user would see it: a row counts as stored when a reader
 the SQLite file first sees it. Polling every POLL_SECONDS, the time of the poll that
 first returns a row is an upper bound of its commit time (by at most one poll plus the
 query). The row's `event_time` is the `E` the fake exchange stamped when it emitted
-the event; both clocks are this machine's, so their difference is the latency.
+the event; both clocks are this machine's, so their difference is the latency. The
+row's `received_at` (its flush's clock mark) splits it: event to receive is the fake
+and the subscription task, receive to visible is the buffer and the drain.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class RowWatcher:
     def __init__(self, db: Path) -> None:
         # Autocommit: every SELECT is its own read transaction and sees the last commit.
         self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+        self.receive_lags: list[int] = []  # received_at - event_time of the rows seen
         try:
             self.last_rowid = {table: self._max_rowid(table) for table in TABLES}
         except sqlite3.OperationalError:
@@ -44,12 +47,14 @@ class RowWatcher:
         latencies: list[int] = []
         for table in TABLES:
             rows = self.conn.execute(
-                f"SELECT rowid, event_time FROM {table} WHERE rowid > ? ORDER BY rowid", (self.last_rowid[table],)
+                f"SELECT rowid, event_time, received_at FROM {table} WHERE rowid > ? ORDER BY rowid",
+                (self.last_rowid[table],),
             ).fetchall()
             seen = now_ms()
             if rows:
                 self.last_rowid[table] = rows[-1][0]
-                latencies.extend(seen - event_time for _, event_time in rows)
+                latencies.extend(seen - event_time for _, event_time, _ in rows)
+                self.receive_lags.extend(received - event_time for _, event_time, received in rows)
         return latencies
 
     def close(self) -> None:

@@ -12,44 +12,41 @@ from tasks.subscriptions import start_group
 from worker import app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
-from worker.lease import Lease
 from worker.ops.status import collect_status
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.store.drain import Drainer, DrainReport
+from worker.store.drain import Drainer, DrainShift
 from worker.store.failures import clear_storage_error, record_storage_error
 
-# A drain run stops taking new batches after this many drain intervals, so that one
-# slow run never holds the lock while the next beats pile up behind it.
+# A drain run's window, in drain intervals: it asks for relief after it, and the next
+# tick's run takes over (ticks before that return at once). Ten: one hand-over per
+# 10 s keeps an idle drain's CPU near the old sweep's, and Flower still shows a run's
+# report every 10 s.
 DRAIN_RUN_INTERVALS = 10
 
 
 @app.task(name="tasks.drain", send_events=False)  # one a second would bury the recording tasks in Flower
 def drain() -> dict[str, Any]:
-    """Move buffered frames into the database; one drain at a time (a Redis lock)."""
+    """Store buffered frames as they arrive for a window, until the next run takes over
+    (see `worker.store.drain`): one run at a time, relayed without a gap."""
     settings = get_settings()
     keys = RedisKeys(settings.redis_prefix)
-    budget = settings.drain_interval_seconds * DRAIN_RUN_INTERVALS
-    lock = Lease(redis_client(), keys.drain_lock, ttl_seconds=budget + 60, owner="drain")
-    if not lock.acquire():
-        return {"skipped": "another drain is running"}
     try:
-        return _store_buffered_frames(keys, settings.drain_batch_size, budget).as_dict()
-    finally:
-        lock.release()
-
-
-def _store_buffered_frames(keys: RedisKeys, batch_size: int, budget: float) -> DrainReport:
-    """One drain run. A storage failure is recorded for `status` and re-raised, so the
-    run also shows as failed in Flower and the log; the next run that stores clears it."""
-    try:
-        drainer = Drainer(redis_client(), keys, engine(), batch_size)
-        report = drainer.drain(time_budget=budget, should_stop=shutting_down)
+        # The engine first: opening it the first time makes the schema, which may wait for
+        # a locked database for longer than the lease lives before `held` starts renewing it.
+        drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
+        shift = DrainShift(redis_client(), keys, window_seconds=settings.drain_interval_seconds * DRAIN_RUN_INTERVALS)
+        if not shift.take_over():
+            return {"skipped": "another drain run is storing"}
+        with shift.held():
+            report = drainer.drain_window(shift.keep_going(shutting_down))
     except SQLAlchemyError as error:
+        # Recorded for `status`, and re-raised so the run also shows as failed in Flower
+        # and the log; the next run that stores clears it.
         record_storage_error(redis_client(), keys, error)
         raise
     clear_storage_error(redis_client(), keys)
-    return report
+    return report.as_dict()
 
 
 @app.task(name="tasks.supervise")

@@ -181,7 +181,10 @@ def test_gaps_rest_cannot_fill_are_marked_unfillable_with_the_reason(
     newest = [trade_row("ETHUSDT", r) for r in published(url(fake), "historicalTrades", symbol="ETHUSDT", limit=5)]
     last = newest[-1][1]
     from_the_future = ("ETHUSDT", last + 100_000, *newest[-1][2:])  # an id the fake has not produced
-    unlisted = [("NOPEUSDT", 1, 1.0, 1.0, NOW_MINUTE, True, None), ("NOPEUSDT", 5, 1.0, 1.0, NOW_MINUTE, True, None)]
+    unlisted = [
+        ("NOPEUSDT", 1, 1.0, 1.0, NOW_MINUTE, True, None, None),
+        ("NOPEUSDT", 5, 1.0, 1.0, NOW_MINUTE, True, None, None),
+    ]
     store(engine, "trades", [*newest, from_the_future, *unlisted])
 
     report = backfiller().repair_recent_gaps([series_for("ETHUSDT", "trade"), series_for("NOPEUSDT", "trade")], SINCE)

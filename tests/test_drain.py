@@ -134,3 +134,59 @@ def test_a_locked_database_fails_the_drain_run_without_losing_the_batch(
 
     assert trade_ids(impatient) == list(range(1, 11))
     assert redis_client.llen(key) == 0
+
+
+BOOK_TICKER = json.loads((Path(__file__).parent / "fixtures" / "binance-doc-examples.json").read_text())["bookTicker"]
+
+
+def book_ticker_frames(first_update: int, count: int) -> list[bytes]:
+    """Binance's documented bookTicker frame (no time of its own), in a combined envelope."""
+    return [
+        orjson.dumps({"stream": "bnbusdt@bookTicker", "data": {**BOOK_TICKER, "u": u}})
+        for u in range(first_update, first_update + count)
+    ]
+
+
+def received_at_by_update(engine: Engine) -> dict[int, int | None]:
+    with engine.connect() as conn:
+        return {u: at for u, at in conn.execute(text("select update_id, received_at from book_tickers"))}
+
+
+def test_a_flush_cut_by_a_batch_boundary_keeps_its_receive_time_across_runs_and_restarts(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine
+) -> None:
+    """The issue's case: two flushes of 305 bookTicker frames, the batch boundary inside
+    the second; the drain that took the first batch stops, a new one (a restart) takes
+    the rest. Every row must carry its own flush's clock mark, none NULL."""
+    first, second = book_ticker_frames(1, 150), book_ticker_frames(151, 155)
+    key = FrameBuffer(redis_client, keys).register("g1")
+    redis_client.rpush(key, clock_mark(1_700_000_000_050), *first, clock_mark(1_700_000_000_100), *second)
+    batches = 0
+
+    def after_one_batch() -> bool:
+        nonlocal batches
+        batches += 1
+        return batches > 1
+
+    # 200 elements: the first mark, 150 frames, the second mark and 48 of its 155 frames.
+    Drainer(redis_client, keys, engine, batch_size=200).drain(time_budget=30, should_stop=after_one_batch)
+    assert len(received_at_by_update(engine)) == 198
+    assert redis_client.lindex(key, 0) == clock_mark(1_700_000_000_100)  # the cut flush's mark, put back
+
+    Drainer(redis_client, keys, engine, batch_size=50).drain(time_budget=30)  # a new drain, small batches
+
+    stored = received_at_by_update(engine)
+    assert stored == {u: 1_700_000_000_050 if u <= 150 else 1_700_000_000_100 for u in range(1, 306)}
+    assert redis_client.llen(key) == 0
+
+
+def test_a_batch_ending_on_a_flush_boundary_puts_no_mark_back(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine
+) -> None:
+    key = push(redis_client, keys, "g1", book_ticker_frames(1, 9))  # a mark and 9 frames
+    redis_client.rpush(key, clock_mark(1_700_000_000_200), *book_ticker_frames(10, 5))
+
+    Drainer(redis_client, keys, engine, batch_size=10).drain(time_budget=30, should_stop=iter([False, True]).__next__)
+
+    assert redis_client.lrange(key, 0, 0) == [clock_mark(1_700_000_000_200)]
+    assert redis_client.llen(key) == 6

@@ -17,7 +17,9 @@ EXAMPLES: dict[str, Any] = json.loads((Path(__file__).parent / "fixtures" / "bin
 
 E = 1672515782136  # the event time of most examples
 
-# example name -> (combined stream name it arrives on, table, the rows it must give)
+R = 1672515782200  # the clock mark of the flush the examples arrive in
+# example name -> (combined stream name it arrives on, table, the rows it must give,
+# without the receive time: the flush's clock mark, appended to every row)
 SUPPORTED = {
     "trade": ("bnbbtc@trade", "trades", [("BNBBTC", 12345, 0.001, 100.0, E, True, E)]),
     "aggTrade": (
@@ -113,7 +115,7 @@ SUPPORTED = {
     "bookTicker": (
         "bnbusdt@bookTicker",
         "book_tickers",
-        [("BNBUSDT", 400900217, 25.3519, 31.21, 25.3652, 40.66, None)],  # no clock mark yet
+        [("BNBUSDT", 400900217, 25.3519, 31.21, 25.3652, 40.66)],
     ),
     "avgPrice": (
         "btcusdt@avgPrice",
@@ -206,15 +208,15 @@ def test_every_documentation_example_is_classified() -> None:
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_supported_example_gives_its_rows(name: str, combined: bool) -> None:
     stream, table, rows = SUPPORTED[name]
-    batch = parse_frames([frame(EXAMPLES[name], stream if combined else None)])
-    assert stored_rows(batch) == {table: rows}
+    batch = parse_frames([f"@{R}".encode(), frame(EXAMPLES[name], stream if combined else None)])
+    assert stored_rows(batch) == {table: [(*row, R) for row in rows]}
     assert (batch.frames, batch.control, batch.dead_letters) == (1, 0, [])
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_rows_have_the_columns_of_their_table(name: str) -> None:
     _, table, rows = SUPPORTED[name]
-    assert all(len(row) == len(TABLE_COLUMNS[table]) for row in rows)
+    assert all(len(row) + 1 == len(TABLE_COLUMNS[table]) for row in rows)
 
 
 def test_parsed_examples_fit_the_schema(tmp_path: Path) -> None:
@@ -320,7 +322,7 @@ def test_one_bad_item_drops_its_whole_array_frame_only() -> None:
     assert len(batch.dead_letters) == 1
 
 
-def test_clock_marks_date_the_book_tickers_that_follow() -> None:
+def test_clock_marks_date_every_row_that_follows() -> None:
     book = EXAMPLES["bookTicker"]
     batch = parse_frames(
         [
@@ -328,13 +330,17 @@ def test_clock_marks_date_the_book_tickers_that_follow() -> None:
             b"@1700000000123",
             frame({**book, "u": 2}, "bnbusdt@bookTicker"),
             frame({**book, "u": 3}),
+            frame(EXAMPLES["trade"], "bnbbtc@trade"),
             b"@1700000000456",
             frame({**book, "u": 4}, "bnbusdt@bookTicker"),
+            frame(EXAMPLES["kline"], "bnbbtc@kline_1m"),
         ]
     )
     received = [(row[1], row[-1]) for row in batch.rows["book_tickers"]]
     assert received == [(1, None), (2, 1700000000123), (3, 1700000000123), (4, 1700000000456)]
-    assert (batch.frames, batch.dead_letters) == (4, [])
+    assert [row[-1] for row in batch.rows["trades"] + batch.rows["klines"]] == [1700000000123, 1700000000456]
+    assert batch.last_mark == 1700000000456  # what the rest of a cut flush is dated by
+    assert (batch.frames, batch.dead_letters) == (6, [])
 
 
 def test_garbled_clock_mark_is_dead_lettered_and_the_time_becomes_unknown() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ from worker.store.storage import (
 )
 
 T = 1700000000000
+R = T + 120  # received_at: the clock mark of the frame's flush
 
 # One row per table, in TABLE_COLUMNS order.
 SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
-    "trades": ("BTCUSDT", 1, 30000.5, 0.01, T, True, T + 1),
-    "agg_trades": ("BTCUSDT", 1, 30000.5, 0.01, 10, 12, T, False, T + 1),
+    "trades": ("BTCUSDT", 1, 30000.5, 0.01, T, True, T + 1, R),
+    "agg_trades": ("BTCUSDT", 1, 30000.5, 0.01, 10, 12, T, False, T + 1, R),
     "klines": (
         "BTCUSDT",
         "1m",
@@ -47,6 +49,7 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
         16,
         True,
         T + 60000,
+        R,
     ),  # fmt: skip
     "tickers": (
         "BTCUSDT",
@@ -71,10 +74,11 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
         1,
         100,
         100,
+        R,
     ),  # fmt: skip
-    "mini_tickers": ("BTCUSDT", T, 30000.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0),
-    "book_tickers": ("BTCUSDT", 400900217, 29999.9, 1.0, 30000.1, 2.0, T),
-    "avg_prices": ("BTCUSDT", T, "5m", 30000.25, T - 1000),
+    "mini_tickers": ("BTCUSDT", T, 30000.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0, R),
+    "book_tickers": ("BTCUSDT", 400900217, 29999.9, 1.0, 30000.1, 2.0, R),
+    "avg_prices": ("BTCUSDT", T, "5m", 30000.25, T - 1000, R),
 }
 
 
@@ -216,7 +220,7 @@ def test_an_open_kline_is_replaced_until_it_closes(engine: Engine) -> None:
 def test_market_data_view_has_the_original_shape(engine: Engine) -> None:
     trade = SAMPLE_ROWS["trades"]
     with engine.begin() as conn:
-        store_rows(conn, {"trades": [trade, ("ETHUSDT", 7, 2000.25, 1.0, T + 5, False, None)]})
+        store_rows(conn, {"trades": [trade, ("ETHUSDT", 7, 2000.25, 1.0, T + 5, False, None, None)]})
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT symbol, price, timestamp FROM market_data ORDER BY 1"))
         assert rows.all() == [("BTCUSDT", 30000.5, T), ("ETHUSDT", 2000.25, T + 5)]
@@ -265,3 +269,31 @@ def test_create_schema_adds_indexes_missing_from_an_older_database(tmp_path: Pat
     create_schema(engine)
 
     assert "ix_trades_trade_time" in {ix["name"] for ix in inspect(engine).get_indexes("trades")}
+
+
+def test_every_data_table_records_the_receive_time(engine: Engine) -> None:
+    assert all(TABLE_COLUMNS[table][-1] == "received_at" for table in TABLES)
+    with engine.begin() as conn:
+        store_rows(conn, batch_of_samples())
+        stored = {table: conn.execute(text(f"select received_at from {table}")).scalar_one() for table in TABLES}
+    assert stored == {table: SAMPLE_ROWS[table][-1] for table in TABLES}
+
+
+def test_a_database_of_an_older_version_gets_received_at_on_start(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:  # the trades table as versions before received_at made it
+        old.execute(
+            "CREATE TABLE trades (symbol VARCHAR(32) NOT NULL, trade_id BIGINT NOT NULL, price FLOAT NOT NULL,"
+            " qty FLOAT NOT NULL, trade_time BIGINT NOT NULL, buyer_is_maker BOOLEAN NOT NULL, event_time BIGINT,"
+            " PRIMARY KEY (symbol, trade_id))"
+        )
+        old.execute("INSERT INTO trades VALUES ('BTCUSDT', 1, 1.0, 1.0, 5, 1, 6)")
+    engine = make_engine(f"sqlite:///{path}")
+
+    create_schema(engine)
+    with engine.begin() as conn:
+        store_rows(conn, {"trades": [SAMPLE_ROWS["trades"][:1] + (2,) + SAMPLE_ROWS["trades"][2:]]})
+        stored = conn.execute(text("select trade_id, received_at from trades order by trade_id")).all()
+
+    assert [c["name"] for c in inspect(engine).get_columns("trades")] == list(TABLE_COLUMNS["trades"])
+    assert [tuple(row) for row in stored] == [(1, None), (2, SAMPLE_ROWS["trades"][-1])]

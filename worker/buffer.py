@@ -5,9 +5,16 @@ reader (the drain) claims a batch from the head, stores it, and only then remove
 Each list has a head counter (how many elements were ever removed from its head) so
 that removal stays exact even if something else trimmed the head in between.
 
-A flush is preceded by a clock mark `@<ms>`: the receive time of the frames after it.
-Binance's bookTicker payload has no time of its own; the mark gives it one, for the
-price of one list element per flush instead of any work per frame.
+A flush is preceded by a clock mark `@<ms>`: the receive time of the frames after it,
+stored as every row's `received_at` (and the only time Binance's bookTicker has), for
+the price of one list element per flush instead of any work per frame. A batch that
+ends inside a flush leaves that flush's mark behind it; the acknowledgement puts the
+mark back in front of the rest, so the mark survives batch boundaries, drain runs and
+restarts.
+
+Every flush also rings a doorbell (a list of at most one element) after its frames,
+so an idle drain blocks on it instead of polling: it wakes as a flush lands, and costs
+nothing while nothing comes.
 """
 
 from __future__ import annotations
@@ -23,13 +30,23 @@ from worker.times import now_ms
 CLOCK_MARK_PREFIX = b"@"
 
 # Remove `claimed` elements from the head, minus those already removed by others
-# since the claim (head counter moved), so a frame is never removed unread.
+# since the claim (head counter moved), so a frame is never removed unread. Then, if
+# the new head is a frame (the batch ended inside a flush) and the batch's last clock
+# mark is given, push that mark back in front of it, counted as -1 removed so that the
+# next claim's arithmetic stays exact.
 _ACK_SCRIPT = """
 local head = tonumber(redis.call('HGET', KEYS[2], KEYS[1]) or '0')
 local n = tonumber(ARGV[1]) - (head - tonumber(ARGV[2]))
 if n > 0 then
   redis.call('LTRIM', KEYS[1], n, -1)
   redis.call('HINCRBY', KEYS[2], KEYS[1], n)
+end
+if ARGV[3] ~= '' then
+  local first = redis.call('LINDEX', KEYS[1], 0)
+  if first and string.sub(first, 1, 1) ~= '@' then
+    redis.call('LPUSH', KEYS[1], ARGV[3])
+    redis.call('HINCRBY', KEYS[2], KEYS[1], -1)
+  end
 end
 return n
 """
@@ -83,19 +100,35 @@ class FrameBuffer:
         return int(self.client.llen(key))
 
     def claim(self, key: str, count: int) -> Claim:
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hget(self.keys.buffer_heads, key)
-            pipe.lrange(key, 0, count - 1)
-            head, elements = pipe.execute()
-        return Claim(key=key, elements=elements, head=int(head or 0))
+        return self.claim_many([key], count)[0]
 
-    def ack(self, claim: Claim, pipe: redis.client.Pipeline | None = None) -> None:
-        """Remove a stored claim from its list (queued on `pipe` if given)."""
+    def claim_many(self, keys: list[str], count: int) -> list[Claim]:
+        """Up to `count` elements from the head of each list, in one round trip."""
+        with self.client.pipeline(transaction=True) as pipe:
+            for key in keys:
+                pipe.hget(self.keys.buffer_heads, key)
+                pipe.lrange(key, 0, count - 1)
+            replies = pipe.execute()
+        return [
+            Claim(key=key, elements=replies[2 * i + 1], head=int(replies[2 * i] or 0)) for i, key in enumerate(keys)
+        ]
+
+    def ack(self, claim: Claim, last_mark: int | None = None, pipe: redis.client.Pipeline | None = None) -> None:
+        """Remove a stored claim from its list (queued on `pipe` if given); `last_mark`,
+        the claim's last clock mark, goes back in front of a flush the claim cut in two.
+
+        If the writer trimmed the list past the claim (an overflow), the mark put back is
+        older than the frames now at the head: their rows get an early time, not none."""
         self._ack(
             keys=[claim.key, self.keys.buffer_heads],
-            args=[len(claim.elements), claim.head],
+            args=[len(claim.elements), claim.head, b"" if last_mark is None else clock_mark(last_mark)],
             client=pipe or self.client,
         )
+
+    def wait_for_frames(self, timeout_seconds: float) -> None:
+        """Block until a flush rings the doorbell (it may have rung since the last claim:
+        then at once), or the timeout passes."""
+        self.client.blpop([self.keys.frames_doorbell], timeout=timeout_seconds)
 
     def forget_if_empty(self, key: str) -> None:
         """Stop visiting the list of a group that is no longer wanted, once it is empty."""
@@ -156,6 +189,8 @@ class FrameWriter:
                 pipe.rpush(self.key, clock_mark(received_at), *frames)
                 pipe.hincrby(self.status_key, "messages", count)
                 pipe.hset(self.status_key, "last_message_at", received_at)
+                pipe.lpush(self.keys.frames_doorbell, 1)  # after the frames: a woken drain finds them
+                pipe.ltrim(self.keys.frames_doorbell, 0, 0)
                 length = pipe.execute()[0]
             if length > self.max_list_length:
                 self._trim(

@@ -24,6 +24,11 @@ class RedisKeys:
         return f"{self.prefix}:buffers"
 
     @property
+    def frames_doorbell(self) -> str:
+        """List of at most one element, pushed by every flush: the idle drain blocks on it."""
+        return f"{self.prefix}:frames-doorbell"
+
+    @property
     def buffer_heads(self) -> str:
         """Hash: frame-list key -> how many elements were ever removed from its head."""
         return f"{self.prefix}:buffer-heads"
@@ -56,7 +61,18 @@ class RedisKeys:
 
     @property
     def drain_lock(self) -> str:
+        """Lease of the one drain run storing frames; its value names the process."""
         return f"{self.prefix}:lock:drain"
+
+    @property
+    def drain_relief(self) -> str:
+        """Token of the drain run whose window is over: the next run may ask it to hand over."""
+        return f"{self.prefix}:lock:drain:relief"
+
+    @property
+    def drain_successor(self) -> str:
+        """Token of the drain run waiting for the running one to hand over the lock."""
+        return f"{self.prefix}:lock:drain:successor"
 
     @property
     def backfill_lock(self) -> str:

@@ -73,8 +73,18 @@ class Settings:
         "oldest frames are trimmed and counted (trade gaps are then backfilled).",
         1,
     )
-    drain_interval_seconds: float = _setting(1.0, "How often beat runs the drain task.", _POSITIVE)
-    drain_batch_size: int = _setting(5000, "Frames taken from one Redis list per database transaction.", 1)
+    drain_interval_seconds: float = _setting(
+        1.0,
+        "How often beat sends a drain tick: a run lasts 10 of these, then the next tick's run "
+        "takes over without a gap; a killed run is replaced within about a tick plus its 3 s lease.",
+        _POSITIVE,
+    )
+    drain_batch_size: int = _setting(
+        5000,
+        "Most frames taken from one Redis list per database transaction; the drain takes what "
+        "is there up to this, so batches grow with the backlog.",
+        1,
+    )
     lease_ttl_seconds: float = _setting(
         10.0,
         "Lifetime of a group's connection lease, renewed about every second by the task "

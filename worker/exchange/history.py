@@ -172,18 +172,19 @@ def series_of_streams(streams: list[str]) -> list[Series]:
     return list(found.values())
 
 
-# Binance's REST rows as table rows. REST has no event time (None); REST klines carry
-# no first/last trade id (None) and are closed once their close time has passed on
+# Binance's REST rows as table rows. REST has no event time and no receive time (None,
+# None: `received_at` is only for rows from the websocket); REST klines carry no
+# first/last trade id (None) and are closed once their close time has passed on
 # Binance's clock.
 
 
 def trade_row(symbol: str, t: TradeRow) -> Row:
-    return (symbol, t["id"], float(t["price"]), float(t["qty"]), t["time"], t["isBuyerMaker"], None)
+    return (symbol, t["id"], float(t["price"]), float(t["qty"]), t["time"], t["isBuyerMaker"], None, None)
 
 
 def agg_trade_row(symbol: str, a: AggTradeRow) -> Row:
     return (
-        symbol, a["a"], float(a["p"]), float(a["q"]), a["f"], a["l"], a["T"], a["m"], None,
+        symbol, a["a"], float(a["p"]), float(a["q"]), a["f"], a["l"], a["T"], a["m"], None, None,
     )  # fmt: skip
 
 
@@ -193,5 +194,5 @@ def kline_row(symbol: str, interval: str, k: KlineRow, server_now_ms: int) -> Ro
         symbol, interval, int(k[0]), close_time,
         float(k[1]), float(k[2]), float(k[3]), float(k[4]), float(k[5]), float(k[7]),
         int(k[8]), float(k[9]), float(k[10]),
-        None, None, close_time < server_now_ms, None,
+        None, None, close_time < server_now_ms, None, None,
     )  # fmt: skip

@@ -78,6 +78,9 @@ def _unknown_symbol(symbol: str, binance_msg: str, count: int = 1) -> UnknownSym
 INVALID_SYMBOL = -1121
 SYMBOLS_PER_REQUEST = 100
 """Symbols named in one exchangeInfo request at most (a 100-symbol URL is about 1.5 KiB)."""
+MAX_SYMBOLS_NAMED = 5000
+"""Unknown symbols an error names; past them it counts the rest (5,000 names are about
+60 KiB: a message of every one of 100,000 would be a megabyte on one line)."""
 LISTING_CACHE_SECONDS = 60.0
 # Binance's whole listing per base URL, with when it was fetched (per process).
 _LISTINGS: dict[str, tuple[float, dict[str, str]]] = {}
@@ -237,7 +240,10 @@ class BinanceRest:
         listed = self._listing() if listing is None else listing
         unknown = [symbol for symbol in symbols if symbol not in listed]
         if unknown:
-            raise _unknown_symbol(", ".join(unknown), binance_msg, len(unknown))
+            named = ", ".join(unknown[:MAX_SYMBOLS_NAMED])
+            if len(unknown) > MAX_SYMBOLS_NAMED:
+                named += f" and {len(unknown) - MAX_SYMBOLS_NAMED} more"
+            raise _unknown_symbol(named, binance_msg, len(unknown))
 
     def klines(
         self,

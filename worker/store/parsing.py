@@ -45,6 +45,7 @@ class ParsedBatch:
     dead_letters: list[DeadLetter]
     control: int  # protocol messages (serverShutdown, request answers): not data, not errors
     frames: int  # elements that were not clock marks
+    last_mark: int | None  # the receive time in effect at the batch's end, for what follows it
 
 
 class _FrameError(Exception):
@@ -101,20 +102,20 @@ def _object(payload: Payload, name: str) -> Payload:
 
 
 # Row builders, one per stream kind: Binance's field letters, in the column order of
-# the kind's table (see storage.TABLE_COLUMNS). Only bookTicker needs the receive time.
+# the kind's table (see storage.TABLE_COLUMNS), the receive time last.
 
 
 def _trade_row(d: Payload, received_at: int | None) -> Row:
     return (
         _text(d, "s"), _int(d, "t"), _price(d, "p"), _price(d, "q"),
-        _int(d, "T"), _flag(d, "m"), _int(d, "E"),
+        _int(d, "T"), _flag(d, "m"), _int(d, "E"), received_at,
     )  # fmt: skip
 
 
 def _agg_trade_row(d: Payload, received_at: int | None) -> Row:
     return (
         _text(d, "s"), _int(d, "a"), _price(d, "p"), _price(d, "q"),
-        _int(d, "f"), _int(d, "l"), _int(d, "T"), _flag(d, "m"), _int(d, "E"),
+        _int(d, "f"), _int(d, "l"), _int(d, "T"), _flag(d, "m"), _int(d, "E"), received_at,
     )  # fmt: skip
 
 
@@ -124,7 +125,7 @@ def _kline_row(d: Payload, received_at: int | None) -> Row:
         _text(d, "s"), _text(k, "i"), _int(k, "t"), _int(k, "T"),
         _price(k, "o"), _price(k, "h"), _price(k, "l"), _price(k, "c"),
         _price(k, "v"), _price(k, "q"), _int(k, "n"), _price(k, "V"), _price(k, "Q"),
-        _int(k, "f"), _int(k, "L"), _flag(k, "x"), _int(d, "E"),
+        _int(k, "f"), _int(k, "L"), _flag(k, "x"), _int(d, "E"), received_at,
     )  # fmt: skip
 
 
@@ -135,7 +136,7 @@ def _ticker_row(d: Payload, received_at: int | None) -> Row:
         _price(d, "c"), _price(d, "Q"), _price(d, "b"), _price(d, "B"),
         _price(d, "a"), _price(d, "A"), _price(d, "o"), _price(d, "h"),
         _price(d, "l"), _price(d, "v"), _price(d, "q"),
-        _int(d, "O"), _int(d, "C"), _int(d, "F"), _int(d, "L"), _int(d, "n"),
+        _int(d, "O"), _int(d, "C"), _int(d, "F"), _int(d, "L"), _int(d, "n"), received_at,
     )  # fmt: skip
 
 
@@ -143,7 +144,7 @@ def _mini_ticker_row(d: Payload, received_at: int | None) -> Row:
     return (
         _text(d, "s"), _int(d, "E"),
         _price(d, "c"), _price(d, "o"), _price(d, "h"), _price(d, "l"),
-        _price(d, "v"), _price(d, "q"),
+        _price(d, "v"), _price(d, "q"), received_at,
     )  # fmt: skip
 
 
@@ -156,7 +157,7 @@ def _book_ticker_row(d: Payload, received_at: int | None) -> Row:
 
 
 def _avg_price_row(d: Payload, received_at: int | None) -> Row:
-    return (_text(d, "s"), _int(d, "E"), _text(d, "i"), _price(d, "w"), _int(d, "T"))
+    return (_text(d, "s"), _int(d, "E"), _text(d, "i"), _price(d, "w"), _int(d, "T"), received_at)
 
 
 # Fast builders: the same rows from frames as Binance sends them, with the fields
@@ -172,7 +173,7 @@ def _fast_trade_row(d: Payload, received_at: int | None) -> Row:
     try:
         s, t, trade_time, m, e = d["s"], d["t"], d["T"], d["m"], d["E"]
         if type(s) is str and type(t) is type(trade_time) is type(e) is int and type(m) is bool:
-            return (s, t, float(d["p"]), float(d["q"]), trade_time, m, e)
+            return (s, t, float(d["p"]), float(d["q"]), trade_time, m, e, received_at)
     except (KeyError, TypeError, ValueError):
         pass
     return _trade_row(d, received_at)
@@ -186,7 +187,7 @@ def _fast_agg_trade_row(d: Payload, received_at: int | None) -> Row:
             and type(a) is type(f) is type(last) is type(trade_time) is type(e) is int
             and type(m) is bool
         ):
-            return (s, a, float(d["p"]), float(d["q"]), f, last, trade_time, m, e)
+            return (s, a, float(d["p"]), float(d["q"]), f, last, trade_time, m, e, received_at)
     except (KeyError, TypeError, ValueError):
         pass
     return _agg_trade_row(d, received_at)
@@ -224,7 +225,10 @@ def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
     """Parse a batch of Redis list elements (frames and clock marks) into rows.
 
     A clock mark `b"@<ms>"` is the receive time of the frames after it, up to the next
-    mark; bookTicker rows take it as `received_at` (None before the first mark).
+    mark; every row takes it as `received_at`. A batch starts with a mark, because the
+    drain's acknowledgement puts the last mark back in front of a list whose head is
+    left in the middle of a flush (`FrameBuffer.ack`); rows before any mark (a list
+    written by an older version) get None.
     """
     rows: dict[str, list[Row]] = {table: [] for table, _ in _KINDS.values()}
     sinks = {kind: (build, rows[table]) for kind, (table, build) in _KINDS.items()}
@@ -271,7 +275,7 @@ def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
             dead_letters.append(DeadLetter(element, f"{kind} payload is not a JSON object"))
         except Exception as error:  # noqa: BLE001 - a frame must never stop the drain
             dead_letters.append(DeadLetter(element, f"{kind} frame failed: {error!r}"))
-    return ParsedBatch(rows, dead_letters, control, frames)
+    return ParsedBatch(rows, dead_letters, control, frames, received_at)
 
 
 def _clock_mark(element: bytes, dead_letters: list[DeadLetter]) -> int | None:

@@ -44,6 +44,7 @@ from sqlalchemy import (
     event,
     exc,
     false,
+    inspect,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -75,6 +76,13 @@ def _flag(name: str) -> Column[Any]:
     return Column(name, Boolean, nullable=False)
 
 
+def _received_at() -> Column[Any]:
+    """When the recorder received the row's websocket frame (ms, the clock mark of its
+    flush), last in every table: Binance->recorder latency and the order of events
+    across symbols as received. NULL only for rows from REST backfill."""
+    return Column("received_at", BigInteger, nullable=True)
+
+
 trades = Table(
     "trades",
     metadata,
@@ -84,6 +92,7 @@ trades = Table(
     *_ints("trade_time"),
     _flag("buyer_is_maker"),
     *_ints("event_time", nullable=True),  # REST backfill has no event time
+    _received_at(),
 )
 
 agg_trades = Table(
@@ -95,6 +104,7 @@ agg_trades = Table(
     *_ints("first_trade_id", "last_trade_id", "trade_time"),
     _flag("buyer_is_maker"),
     *_ints("event_time", nullable=True),
+    _received_at(),
 )
 
 klines = Table(
@@ -110,6 +120,7 @@ klines = Table(
     *_ints("first_trade_id", "last_trade_id", nullable=True),  # absent from REST klines
     _flag("is_closed"),
     *_ints("event_time", nullable=True),
+    _received_at(),
 )
 
 tickers = Table(
@@ -135,6 +146,7 @@ tickers = Table(
         "quote_volume",
     ),
     *_ints("open_time", "close_time", "first_trade_id", "last_trade_id", "trade_count"),
+    _received_at(),
 )
 
 mini_tickers = Table(
@@ -143,6 +155,7 @@ mini_tickers = Table(
     _symbol(),
     _key("event_time"),
     *_reals("close_price", "open_price", "high_price", "low_price", "base_volume", "quote_volume"),
+    _received_at(),
 )
 
 book_tickers = Table(
@@ -151,8 +164,7 @@ book_tickers = Table(
     _symbol(),
     _key("update_id"),
     *_reals("bid_price", "bid_qty", "ask_price", "ask_qty"),
-    # bookTicker payloads carry no time: this is when our service received the frame.
-    *_ints("received_at", nullable=True),
+    _received_at(),  # bookTicker payloads carry no time of their own: also its time column
 )
 
 avg_prices = Table(
@@ -163,6 +175,7 @@ avg_prices = Table(
     Column("interval", String(3), nullable=False),
     *_reals("avg_price"),
     *_ints("last_trade_time"),
+    _received_at(),
 )
 
 # Not a data table (not in TABLES): the backfill task's record of missing ids and kline
@@ -203,7 +216,7 @@ TIME_COLUMNS: dict[str, str] = {
     "klines": "open_time",
     "tickers": "event_time",
     "mini_tickers": "event_time",
-    "book_tickers": "received_at",  # NULL for frames drained without a clock mark
+    "book_tickers": "received_at",
     "avg_prices": "event_time",
 }
 """The column (ms since the epoch) that says when a row happened: for status (newest
@@ -230,9 +243,10 @@ _index_time_columns()
 _DIALECT_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 # create_all checks, then creates; another process starting at the same time can create
-# a table in between. Each such collision means a competitor made progress, so one
-# attempt per schema object, plus one, always gets through.
-_SCHEMA_ATTEMPTS = 1 + len(metadata.tables)
+# a table (or add a column) in between. Each such collision means a competitor made
+# progress, so one attempt per schema object and per table that may gain a column, plus
+# one, always gets through.
+_SCHEMA_ATTEMPTS = 1 + len(metadata.tables) + len(TABLES)
 
 
 def make_engine(url: str, busy_timeout_ms: int = 10000) -> Engine:
@@ -289,11 +303,26 @@ def create_schema(engine: Engine) -> None:
     for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
         try:
             metadata.create_all(engine, checkfirst=True)
+            _add_missing_columns(engine)
             _create_missing_indexes(engine)
             return
         except exc.DatabaseError as error:
             if attempt == _SCHEMA_ATTEMPTS or not _lost_creation_race(error):
                 raise
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """create_all leaves an existing table as it is, so a database made by an older
+    version lacks the nullable columns added since (`received_at`); this adds them, NULL
+    in the old rows. Another process starting at the same time may add one first: its
+    "duplicate column" error is a lost race, which `create_schema` retries."""
+    with engine.begin() as conn:
+        present = {name: {c["name"] for c in inspect(conn).get_columns(name)} for name in TABLES}
+        for name, table in TABLES.items():
+            for column in table.columns:
+                if column.name not in present[name]:
+                    column_type = column.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {column.name} {column_type}")
 
 
 def _create_missing_indexes(engine: Engine) -> None:
@@ -306,10 +335,11 @@ def _create_missing_indexes(engine: Engine) -> None:
 
 
 def _lost_creation_race(error: exc.DatabaseError) -> bool:
-    """Another process created the object first: "table trades already exists" on
-    SQLite; on PostgreSQL that, or a unique violation in the catalog when both
-    CREATE statements ran at the same moment."""
-    return isinstance(error, exc.IntegrityError) or "already exists" in str(error.orig)
+    """Another process created the object first: "table trades already exists" (or
+    "duplicate column name" for an added column) on SQLite; on PostgreSQL "already
+    exists", or a unique violation in the catalog when both statements ran at once."""
+    message = str(error.orig)
+    return isinstance(error, exc.IntegrityError) or "already exists" in message or "duplicate column" in message
 
 
 def store_rows(conn: Connection, rows_by_table: Mapping[str, Sequence[tuple]]) -> dict[str, int]:
