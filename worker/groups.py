@@ -70,8 +70,11 @@ def normalize_symbols(symbols: Sequence[str] | str) -> list[str]:
 
 
 def stream_names(symbols: Sequence[str], kinds: Sequence[str]) -> list[str]:
-    """Binance stream names (lowercase symbol) in a stable order: by symbol, then kind."""
-    return [f"{symbol.lower()}@{kind}" for symbol in symbols for kind in kinds]
+    """Binance stream names (lowercase symbol) in a stable order: by symbol, then kind.
+
+    An all-market kind (`!miniTicker@arr`) is a stream of its own, named once."""
+    names = [kind if kind.startswith("!") else f"{symbol.lower()}@{kind}" for symbol in symbols for kind in kinds]
+    return list(dict.fromkeys(names))
 
 
 def plan_groups(streams: Sequence[str], max_per_group: int) -> list[Group]:

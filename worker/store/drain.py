@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from worker.buffer import Claim, FrameBuffer
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
+from worker.store.books import check_book_continuity
 from worker.store.parsing import ParsedBatch, parse_frames
 from worker.store.storage import store_rows
 from worker.times import now_ms
@@ -78,6 +79,8 @@ class Drainer:
         parsed = parse_frames(claim.elements)
         with self.engine.begin() as conn:
             stored = store_rows(conn, parsed.rows)
+            if depth_rows := parsed.rows.get("depth_updates"):
+                check_book_continuity(conn, self.client, self.keys, depth_rows, now_ms())
         self._acknowledge(claim, parsed)
         report.batches += 1
         report.frames += parsed.frames

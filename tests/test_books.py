@@ -1,0 +1,276 @@
+"""Order books in pieces: parsing Binance's documented examples, the drain's continuity
+check (real redis, real SQLite file), and rebuilding books from stored rows.
+
+The whole stack (subscribe, drops, the CLI) is in tests/test_books_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from worker.keys import RedisKeys
+from worker.ops.book import BookUnknown, book_at, book_steps
+from worker.ops.book_export import export_book
+from worker.store.books import RESYNCING, SYNCED, BookState, check_book_continuity
+from worker.store.depth import pack_levels, snapshot_row, unpack_levels
+from worker.store.parsing import parse_frames
+from worker.store.storage import TABLE_COLUMNS, create_schema, gaps, make_engine, store_rows
+from worker.streams import validate_stream_kind
+from worker.times import parse_duration_ms
+
+EXAMPLES: dict[str, Any] = json.loads((Path(__file__).parent / "fixtures" / "binance-doc-examples.json").read_text())
+E = 1672515782136
+AT = 1700000000000  # the clock mark of the examples' batch
+
+# Documented example -> (combined stream it arrives on, table, the rows it must give).
+BOOK_AND_2026_EXAMPLES = {
+    "diff_depth": (
+        "bnbbtc@depth@100ms",
+        "depth_updates",
+        [("BNBBTC", 160, 157, E, pack_levels([["0.0024", "10"]]), pack_levels([["0.0026", "100"]]), AT)],
+    ),
+    "partial_depth": (
+        "bnbbtc@depth5@100ms",
+        "partial_depth",
+        [("BNBBTC", 5, 160, pack_levels([["0.0024", "10"]]), pack_levels([["0.0026", "100"]]), AT)],
+    ),
+    "ticker_window": (
+        "bnbbtc@ticker_1h",
+        "window_tickers",
+        [
+            (
+                "BNBBTC",
+                "1h",
+                E,
+                0.0015,
+                250.0,
+                0.001,
+                0.0025,
+                0.001,
+                0.0025,
+                0.0018,
+                10000.0,
+                18.0,
+                0,
+                1675216573749,
+                0,
+                18150,
+                18151,
+                AT,
+            )
+        ],
+    ),  # fmt: skip
+    "blockTrade": (
+        "bnbbtc@blockTrade",
+        "block_trades",
+        [("BNBBTC", 582, 0.052, 5838.0, 1772506983321, True, 1772506983582, AT)],
+    ),
+    "referencePrice": ("bazusd@referencePrice", "reference_prices", [("BAZUSD", 1770313263917, 1.0, AT)]),
+}
+
+
+def combined(payload: Any, stream: str) -> bytes:
+    return orjson.dumps({"stream": stream, "data": payload})
+
+
+@pytest.mark.parametrize("name", BOOK_AND_2026_EXAMPLES)
+def test_documented_example_gives_its_row(name: str) -> None:
+    stream, table, rows = BOOK_AND_2026_EXAMPLES[name]
+    batch = parse_frames([b"@%d" % AT, combined(EXAMPLES[name], stream)])
+    assert batch.dead_letters == []
+    assert {t: r for t, r in batch.rows.items() if r} == {table: rows}
+    assert all(len(row) == len(TABLE_COLUMNS[table]) for row in rows)
+
+
+def test_bare_payloads_with_an_event_type_parse_as_well() -> None:
+    for name in ("diff_depth", "ticker_window", "blockTrade", "referencePrice"):
+        _, table, rows = BOOK_AND_2026_EXAMPLES[name]
+        batch = parse_frames([b"@%d" % AT, orjson.dumps(EXAMPLES[name])])
+        assert {t: r for t, r in batch.rows.items() if r} == {table: rows}, name
+
+
+def test_bare_partial_depth_is_a_dead_letter_it_names_no_symbol() -> None:
+    batch = parse_frames([orjson.dumps(EXAMPLES["partial_depth"])])
+    assert [d.reason for d in batch.dead_letters] == [
+        "unsupported payload without event type (fields: lastUpdateId, bids, asks)"
+    ]
+
+
+def test_window_ticker_arrays_give_a_row_per_symbol() -> None:
+    item = EXAMPLES["ticker_window"]
+    batch = parse_frames([combined([item, {**item, "s": "ETHBTC"}], "!ticker_1h@arr")])
+    assert [row[:2] for row in batch.rows["window_tickers"]] == [("BNBBTC", "1h"), ("ETHBTC", "1h")]
+
+
+def test_reference_price_null_is_stored_as_null() -> None:
+    batch = parse_frames([combined({**EXAMPLES["referencePrice"], "r": None}, "bazusd@referencePrice")])
+    assert batch.rows["reference_prices"] == [("BAZUSD", 1770313263917, None, None)]
+
+
+def test_bad_levels_are_a_dead_letter_naming_the_field() -> None:
+    payload = {**EXAMPLES["diff_depth"], "b": [["0.0024"]]}
+    [dead] = parse_frames([combined(payload, "bnbbtc@depth")]).dead_letters
+    assert dead.reason.startswith("depth frame has field 'b': levels [['0.0024']] are not [price, quantity]")
+
+
+def test_levels_round_trip_exactly() -> None:
+    levels = [["30000.01000000", "0.12345678"], ["29999.99", "0"], ["0.00000001", "123456789.12345678"]]
+    assert unpack_levels(pack_levels(levels)) == [(float(p), float(q)) for p, q in levels]
+    assert len(pack_levels(levels)) == 16 * len(levels)
+
+
+@pytest.mark.parametrize(
+    ("asked", "canonical"),
+    [("depth@100ms", "depth@100ms"), ("DEPTH20@100ms", "depth20@100ms"), ("blocktrade", "blockTrade"),
+     ("!miniTicker@arr", "!miniTicker@arr"), ("ticker_4h", "ticker_4h")],
+)  # fmt: skip
+def test_new_kinds_validate(asked: str, canonical: str) -> None:
+    assert validate_stream_kind(asked) == canonical
+
+
+def test_durations() -> None:
+    assert [parse_duration_ms(t) for t in ("100ms", "1s", "2m", "1h")] == [100, 1000, 120_000, 3_600_000]
+    with pytest.raises(ValueError, match="cannot read the duration '0s'"):
+        parse_duration_ms("0s")
+
+
+# -- continuity in the drain, and rebuilding ---------------------------------------------
+
+SYMBOL = "BTCUSDT"
+T0 = 1_800_000_000_000
+
+
+def event(first: int, final: int, bids: list[list[str]] | None = None, asks: list[list[str]] | None = None) -> tuple:
+    """A depth_updates row; its event time is T0 + 100 ms per final id."""
+    return (SYMBOL, final, first, T0 + 100 * final, pack_levels(bids or []), pack_levels(asks or []), None)
+
+
+def snapshot(update_id: int, bids: list[list[str]], asks: list[list[str]]) -> tuple:
+    return snapshot_row(SYMBOL, {"lastUpdateId": update_id, "bids": bids, "asks": asks}, T0)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = make_engine(f"sqlite:///{tmp_path / 'books.db'}")
+    create_schema(engine)
+    return engine
+
+
+def drain(engine: Engine, client: redis.Redis, keys: RedisKeys, rows: list[tuple]) -> dict[str, str]:
+    with engine.begin() as conn:
+        store_rows(conn, {"depth_updates": rows})
+        return check_book_continuity(conn, client, keys, rows, T0)
+
+
+def store_snapshot(engine: Engine, row: tuple) -> None:
+    with engine.begin() as conn:
+        store_rows(conn, {"depth_snapshots": [row]})
+
+
+def needing(client: redis.Redis, keys: RedisKeys) -> set[bytes]:
+    return client.smembers(keys.books_needing_snapshot)
+
+
+def test_a_book_syncs_on_a_straddling_snapshot_and_a_break_records_a_gap_until_the_resync(
+    engine: Engine, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    assert drain(engine, redis_client, keys, [event(1, 3), event(4, 6)]) == {SYMBOL: RESYNCING}
+    assert needing(redis_client, keys) == {SYMBOL.encode()}
+    redis_client.delete(keys.books_needing_snapshot)  # as tasks.snapshot_books does
+    store_snapshot(engine, snapshot(5, [["10", "1"]], [["11", "1"]]))  # between U=4 and u=6
+    assert drain(engine, redis_client, keys, [event(7, 8)]) == {SYMBOL: SYNCED}
+    assert drain(engine, redis_client, keys, [event(7, 8), event(9, 9)]) == {SYMBOL: SYNCED}  # an overlap
+    assert drain(engine, redis_client, keys, [event(12, 13)]) == {SYMBOL: RESYNCING}  # 10 and 11 lost
+    with engine.connect() as conn:
+        recorded = conn.execute(select(gaps.c.kind, gaps.c.first_missing, gaps.c.last_missing)).all()
+    assert recorded == [("depth", T0 + 900, T0 + 1300)]
+    store_snapshot(engine, snapshot(8, [["10", "1"]], [["11", "1"]]))  # older than the break
+    assert drain(engine, redis_client, keys, [event(14, 15)]) == {SYMBOL: RESYNCING}
+    assert needing(redis_client, keys) == {SYMBOL.encode()}  # a newer one is needed
+    store_snapshot(engine, snapshot(14, [["10", "2"]], [["11", "1"]]))
+    assert drain(engine, redis_client, keys, [event(16, 16)]) == {SYMBOL: SYNCED}
+    with engine.connect() as conn:
+        assert conn.execute(select(gaps.c.last_missing)).scalar_one() == T0 + 1500  # first event on it
+    state = BookState.load(redis_client, keys, SYMBOL)
+    # The rate is of the last batch with two events or more: the first, 300 ms apart.
+    assert (state.last_update_id, state.gap_since, state.updates_per_second) == (16, None, 3.33)
+
+
+def fill(engine: Engine) -> None:
+    """Snapshot 5, then events 4-6 (straddles), 7-8, 9-9; 10-11 lost; 12-13; snapshot 13; 14-15, 16-17."""
+    store_snapshot(engine, snapshot(5, [["10", "1"], ["9", "2"], ["8", "3"]], [["11", "1"], ["12", "2"]]))
+    rows = [
+        event(1, 3, [["10", "5"]]),  # before the snapshot: skipped
+        event(4, 6, [["10", "0"], ["9.5", "4"]]),
+        event(7, 8, [], [["11", "0"], ["11.5", "7"]]),
+        event(9, 9, [["9", "2.5"]]),
+        event(12, 13, [["9", "9"]]),
+        event(14, 15, [["7", "1"]], [["13", "1"]]),
+        event(16, 17, [], [["13", "0"]]),
+    ]
+    with engine.begin() as conn:
+        store_rows(conn, {"depth_updates": rows})
+    store_snapshot(engine, snapshot(13, [["9.5", "4"], ["9", "1"]], [["11.5", "7"]]))
+
+
+def test_book_at_replays_from_the_snapshot(engine: Engine) -> None:
+    fill(engine)
+    book = book_at(engine, SYMBOL, T0 + 850)  # after update 8
+    assert book.as_json() == {
+        "symbol": SYMBOL, "update_id": 8, "time": T0 + 800,
+        "bids": [[9.5, 4.0], [9.0, 2.0], [8.0, 3.0]], "asks": [[11.5, 7.0], [12.0, 2.0]],
+    }  # fmt: skip
+    assert book_at(engine, SYMBOL, T0 + 850, levels=1).bids == [(9.5, 4.0)]
+    on_snapshot = book_at(engine, SYMBOL, T0 + 1350)  # update 13 is the second snapshot itself
+    assert (on_snapshot.update_id, on_snapshot.time, on_snapshot.bids) == (13, T0 + 1300, [(9.5, 4.0), (9.0, 1.0)])
+    after = book_at(engine, SYMBOL, T0 + 1500)  # on the second snapshot
+    assert (after.update_id, after.bids, after.asks) == (
+        15,
+        [(9.5, 4.0), (9.0, 1.0), (7.0, 1.0)],
+        [(11.5, 7.0), (13.0, 1.0)],
+    )
+
+
+def test_book_at_says_where_the_nearest_books_are(engine: Engine) -> None:
+    fill(engine)
+    with pytest.raises(
+        BookUnknown,
+        match=r"before the first snapshot of BTCUSDT: the first known book is at .*\(update id 6, on the snapshot at 5",
+    ):
+        book_at(engine, SYMBOL, T0 + 300)
+    with pytest.raises(BookUnknown) as inside:
+        book_at(engine, SYMBOL, T0 + 950)  # after update 9, but 10 may have come before
+    assert "inside a gap of BTCUSDT's book: updates from id 10 are missing" in str(inside.value)
+    assert "known up to 2027-01-15T08:00:00.900Z (update id 9)" in str(inside.value)
+    assert "known again from 2027-01-15T08:00:01.500Z (update id 15, on the snapshot at 13)" in str(inside.value)
+    with pytest.raises(BookUnknown, match="updates from id 10 are missing"):
+        book_at(engine, SYMBOL, T0 + 1250)
+    with pytest.raises(BookUnknown, match="no order book of ETHUSDT is recorded"):
+        book_at(engine, "ETHUSDT", T0)
+
+
+def test_book_steps_skip_unknown_instants_and_export_streams_them(engine: Engine, tmp_path: Path) -> None:
+    fill(engine)
+    steps = list(book_steps(engine, SYMBOL, T0, T0 + 2000, 200, 2))
+    # 1000 and 1200 are inside the gap; after 1700 nothing is drained yet.
+    assert [(at - T0, update_id) for at, update_id, _, _ in steps] == [(600, 6), (800, 8), (1400, 13), (1600, 15)]
+    assert steps[0][2:] == ([(9.5, 4.0), (9.0, 2.0)], [(11.0, 1.0), (12.0, 2.0)])
+    path = tmp_path / "book.csv"
+    assert export_book(engine, SYMBOL, T0, T0 + 2000, 200, 3, path) == 4
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("time,update_id,bid_price_1,bid_qty_1,bid_price_2")
+    assert lines[1] == f"{T0 + 600},6,9.5,4.0,9.0,2.0,8.0,3.0,11.0,1.0,12.0,2.0,,"
+    parquet = tmp_path / "book.parquet"
+    assert export_book(engine, SYMBOL, T0, T0 + 2000, 200, 3, parquet, fmt="parquet") == 4
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet)
+    assert table.column("ask_price_3").to_pylist() == [None] * 4

@@ -1,0 +1,165 @@
+"""Order-book continuity, checked where diff-depth events are drained.
+
+A diff-depth event is only useful on top of the book it changes, so one lost event
+corrupts every book after it. The drain, not the socket thread, checks that each
+symbol's events chain (`U` = previous `u` + 1; an event with `u` at or below the last
+one is a rotation overlap or a replayed batch, and is skipped) because it sees the
+events in order and in batches, where the check costs nothing.
+
+A break (reconnect, rotation without overlap, Redis trim, lost frames) makes the
+book unknown: a `gaps` row (kind `depth`, the event times of the last update before
+and the first update after, in ms) records it, and the symbol goes into the
+"needs snapshot" set, from which `tasks.snapshot_books` (worker/exchange/snapshots.py)
+fetches a REST snapshot. Once a stored snapshot sits inside the events that followed
+the break (Binance's rule: `lastUpdateId >= first U - 1`), the book is synced again
+and the gap's end is the first event applied on top of the snapshot. A snapshot that
+is older than the break (REST lags the streams) leaves the symbol in the set, so a
+newer one is fetched.
+
+The state per symbol lives in Redis (`RedisKeys.book`), where `status` reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy import Connection, func, select, update
+
+from worker.keys import RedisKeys, as_text
+from worker.store.storage import depth_snapshots, depth_updates, gaps, insert_or_ignore
+
+SYNCED, RESYNCING = "synced", "resyncing"
+DEPTH_GAP_KIND = "depth"
+UNFILLABLE = "unfillable"  # Binance serves no order-book history: a depth gap stays a gap
+GAP_REASON = "order book unknown: diff-depth updates were lost and REST serves no past books"
+
+# Column positions of a depth_updates row (see storage.depth_updates).
+_SYMBOL, _FINAL, _FIRST, _TIME = 0, 1, 2, 3
+
+
+@dataclass
+class BookState:
+    """What the drain knows of one symbol's book."""
+
+    state: str = RESYNCING
+    last_update_id: int | None = None
+    last_event_time: int | None = None
+    resync_from: int | None = None  # first U after the break: a snapshot must reach it
+    gap_since: int | None = None  # event time of the last update before the break
+    updates_per_second: float = 0.0
+
+    @classmethod
+    def load(cls, client: redis.Redis, keys: RedisKeys, symbol: str) -> BookState:
+        raw = {as_text(k): as_text(v) for k, v in client.hgetall(keys.book(symbol)).items()}
+        ints = {name: int(raw[name]) if raw.get(name) else None for name in _INT_FIELDS}
+        return cls(
+            state=raw.get("state", RESYNCING),
+            updates_per_second=float(raw.get("updates_per_second", 0)),
+            **ints,
+        )
+
+    def as_fields(self) -> dict[str, str]:
+        return {
+            "state": self.state,
+            "updates_per_second": f"{self.updates_per_second:.2f}",
+            **{name: "" if getattr(self, name) is None else str(getattr(self, name)) for name in _INT_FIELDS},
+        }
+
+
+_INT_FIELDS = ("last_update_id", "last_event_time", "resync_from", "gap_since")
+
+
+def check_book_continuity(
+    conn: Connection, client: redis.Redis, keys: RedisKeys, rows: Sequence[tuple[Any, ...]], now_ms: int
+) -> dict[str, str]:
+    """Follow each symbol's events in `rows` (depth_updates rows, as received, already
+    stored in `conn`'s transaction); record breaks and resyncs. Returns symbol -> state."""
+    by_symbol: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        by_symbol.setdefault(row[_SYMBOL], []).append(row)
+    states = {}
+    for symbol, events in by_symbol.items():
+        book = BookState.load(client, keys, symbol)
+        _follow(conn, book, symbol, events, now_ms)
+        needs_snapshot = book.state == RESYNCING and _try_resync(conn, book, symbol)
+        _save(client, keys, symbol, book, needs_snapshot)
+        states[symbol] = book.state
+    return states
+
+
+def _follow(conn: Connection, book: BookState, symbol: str, events: list[tuple[Any, ...]], now_ms: int) -> None:
+    applied_times = []
+    for event in events:
+        final, first, event_time = event[_FINAL], event[_FIRST], event[_TIME]
+        last = book.last_update_id
+        if last is not None and final <= last:
+            continue  # a rotation overlap or a replayed batch: already followed
+        if last is None or first > last + 1:
+            _break(conn, book, symbol, first, event_time, now_ms)
+        book.last_update_id, book.last_event_time = final, event_time
+        applied_times.append(event_time)
+    if len(applied_times) > 1 and applied_times[-1] > applied_times[0]:
+        book.updates_per_second = (len(applied_times) - 1) * 1000 / (applied_times[-1] - applied_times[0])
+
+
+def _break(conn: Connection, book: BookState, symbol: str, first: int, event_time: int, now_ms: int) -> None:
+    """Events are missing before `first` (or this is the first event ever seen)."""
+    if book.state == SYNCED and book.last_event_time is not None:
+        book.gap_since = book.last_event_time
+        row = {
+            "symbol": symbol, "kind": DEPTH_GAP_KIND, "first_missing": book.gap_since,
+            "last_missing": event_time, "found_at": now_ms, "status": UNFILLABLE,
+            "rows_fetched": 0, "reason": GAP_REASON,
+        }  # fmt: skip
+        conn.execute(insert_or_ignore(conn.dialect.name, gaps), row)
+    book.state = RESYNCING
+    book.resync_from = first
+
+
+def _try_resync(conn: Connection, book: BookState, symbol: str) -> bool:
+    """Synced again once a stored snapshot falls inside the events since the break.
+    Returns whether a newer snapshot than the stored ones is needed."""
+    if book.resync_from is None or book.last_update_id is None:
+        return True
+    snapshot_id = conn.scalar(
+        select(func.min(depth_snapshots.c.last_update_id)).where(
+            depth_snapshots.c.symbol == symbol,
+            depth_snapshots.c.last_update_id >= book.resync_from - 1,
+        )
+    )
+    if snapshot_id is None:
+        return True  # none, or all older than the break (REST lags the streams)
+    if snapshot_id > book.last_update_id:
+        return False  # newer than the events drained so far: a later drain syncs
+    known_again = conn.scalar(
+        select(depth_updates.c.event_time)
+        .where(depth_updates.c.symbol == symbol, depth_updates.c.final_update_id > snapshot_id)
+        .order_by(depth_updates.c.final_update_id)
+        .limit(1)
+    )
+    if book.gap_since is not None and known_again is not None:
+        conn.execute(
+            update(gaps)
+            .where(gaps.c.symbol == symbol, gaps.c.kind == DEPTH_GAP_KIND, gaps.c.first_missing == book.gap_since)
+            .values(last_missing=known_again)
+        )
+    book.state, book.resync_from, book.gap_since = SYNCED, None, None
+    return False
+
+
+def _save(client: redis.Redis, keys: RedisKeys, symbol: str, book: BookState, needs_snapshot: bool) -> None:
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.book(symbol), mapping={name: value for name, value in book.as_fields().items()})
+        pipe.sadd(keys.books, symbol)
+        if needs_snapshot:
+            pipe.sadd(keys.books_needing_snapshot, symbol)
+        pipe.execute()
+
+
+def book_states(client: redis.Redis, keys: RedisKeys) -> dict[str, BookState]:
+    """Every followed symbol's book state, by symbol."""
+    symbols = sorted(as_text(s) for s in client.smembers(keys.books))
+    return {symbol: BookState.load(client, keys, symbol) for symbol in symbols}
