@@ -19,6 +19,8 @@ from sqlalchemy.engine import Engine
 from worker.keys import RedisKeys
 from worker.ops.book import BookUnknown, book_at, book_steps
 from worker.ops.book_export import export_book
+from worker.ops.status import problems
+from worker.settings import Settings
 from worker.store.books import RESYNCING, SYNCED, BookState, check_book_continuity
 from worker.store.depth import pack_levels, snapshot_row, unpack_levels
 from worker.store.parsing import parse_frames
@@ -274,3 +276,14 @@ def test_book_steps_skip_unknown_instants_and_export_streams_them(engine: Engine
 
     table = pq.read_table(parquet)
     assert table.column("ask_price_3").to_pylist() == [None] * 4
+
+
+def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
+    book = {"symbol": SYMBOL, "state": RESYNCING, "gap_since": T0, "last_update_id": 9, "last_event_time": T0}
+    snapshot: dict[str, Any] = {"generated_at": T0 + 61_000, "groups": [], "books": [book]}
+    assert problems(snapshot, Settings()) == [
+        "order book of BTCUSDT unknown for 61s: "
+        "is beat running tasks.snapshot_books, and can it reach BINANCE_REST_URL?"
+    ]
+    assert problems({**snapshot, "generated_at": T0 + 30_000}, Settings()) == []
+    assert problems({**snapshot, "books": [{**book, "state": SYNCED, "gap_since": None}]}, Settings()) == []

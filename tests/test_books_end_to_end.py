@@ -114,6 +114,18 @@ def test_subscribed_books_rebuild_equal_to_the_fakes(stack: LocalStack, db: Engi
     assert len(text_form.stdout.strip().splitlines()) == 2 + 3
 
 
+def test_status_shows_each_books_state_last_update_id_and_rate(stack: LocalStack, db: Engine) -> None:
+    done = cli(stack, "status", "--json")
+    books = {book["symbol"]: book for book in json.loads(done.stdout)["books"]}
+    assert set(books) == set(SYMBOLS)
+    newest = rows(db, "select max(final_update_id) from depth_updates where symbol = 'BTCUSDT'")[0][0]
+    assert books["BTCUSDT"]["state"] == "synced" and books["BTCUSDT"]["gap_since"] is None
+    assert books["BTCUSDT"]["last_update_id"] >= newest - 100  # the drain may have moved on
+    assert 5 <= books["BTCUSDT"]["updates_per_second"] <= 15  # depth@100ms: about 10 events a second
+    text_form = cli(stack, "status").stdout
+    assert "BOOK" in text_form and "synced" in text_form
+
+
 def test_a_time_before_the_first_snapshot_exits_1_naming_the_first_known_book(stack: LocalStack, db: Engine) -> None:
     first_event = rows(db, "select min(event_time) from depth_updates where symbol = 'BTCUSDT'")[0][0]
     done = cli(stack, "book", "BTCUSDT", "--at", str(first_event - 60_000))
