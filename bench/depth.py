@@ -226,9 +226,9 @@ def _storage(packed_db: Path, json_db: Path) -> dict[str, Any]:
     packed_bytes = _table_bytes(packed, "depth_updates")
     json_db.unlink(missing_ok=True)
     as_json = sqlite3.connect(json_db)
-    schema = packed.execute("SELECT sql FROM sqlite_master WHERE name = 'depth_updates'").fetchone()[0]
-    as_json.execute(schema.replace("BLOB", "TEXT"))
-    as_json.execute("CREATE INDEX ix_depth_updates_event_time ON depth_updates (event_time)")
+    # The same table and indexes, with TEXT levels.
+    for (sql,) in packed.execute("SELECT sql FROM sqlite_master WHERE tbl_name = 'depth_updates' AND sql IS NOT NULL"):
+        as_json.execute(sql.replace("BLOB", "TEXT"))
     as_json.executemany(
         "INSERT INTO depth_updates VALUES (?, ?, ?, ?, ?, ?, ?)",
         [(*row[:4], _as_json(row[4]), _as_json(row[5]), row[6]) for row in rows],

@@ -14,7 +14,7 @@ from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.streams import validate_stream_kind
+from worker.streams import ALL_MARKET_STREAMS, validate_stream_kind
 
 SUBSCRIPTIONS_LOCK_SECONDS = 30
 
@@ -77,15 +77,18 @@ def subscribe(symbols: list[str], streams: list[str] | None = None) -> dict[str,
 
 @app.task(name="tasks.unsubscribe")
 def unsubscribe(symbols: list[str]) -> dict[str, Any]:
-    """Stop recording `symbols`. Groups that also hold other symbols are replaced by a
-    group of the remaining streams, so those keep being recorded."""
+    """Stop recording `symbols` (an all-market stream such as `!miniTicker@arr` by its
+    name). Groups that also hold other symbols are replaced by a group of the remaining
+    streams, so those keep being recorded."""
     settings = get_settings()
-    lowered = {s.lower() for s in normalize_symbols(symbols)}
+    market_wide = [s for s in symbols if s in ALL_MARKET_STREAMS]
+    named = [s for s in symbols if s not in market_wide]
+    lowered = {s.lower() for s in normalize_symbols(named)} if named or not market_wide else set()
     registry = _registry()
     stopped, replacements = [], []
     with _changing_subscriptions():
         for group in registry.wanted().values():
-            keep = [s for s in group.streams if s.split("@", 1)[0] not in lowered]
+            keep = [s for s in group.streams if s.split("@", 1)[0] not in lowered and s not in market_wide]
             if len(keep) == len(group.streams):
                 continue
             registry.unwant(group.id)

@@ -21,7 +21,7 @@ from worker.ops.book import BookUnknown, book_at, book_steps
 from worker.ops.book_export import export_book
 from worker.ops.status import problems
 from worker.settings import Settings
-from worker.store.books import RESYNCING, SYNCED, BookState, check_book_continuity
+from worker.store.books import RESYNCING, SYNCED, BookState, follow_books
 from worker.store.depth import pack_levels, snapshot_row, unpack_levels
 from worker.store.parsing import parse_frames
 from worker.store.storage import TABLE_COLUMNS, create_schema, gaps, make_engine, store_rows
@@ -169,7 +169,9 @@ def engine(tmp_path: Path) -> Engine:
 def drain(engine: Engine, client: redis.Redis, keys: RedisKeys, rows: list[tuple]) -> dict[str, str]:
     with engine.begin() as conn:
         store_rows(conn, {"depth_updates": rows})
-        return check_book_continuity(conn, client, keys, rows, T0)
+        followed = follow_books(conn, client, keys, rows, T0)
+    followed.save(client, keys)
+    return followed.states
 
 
 def store_snapshot(engine: Engine, row: tuple) -> None:
@@ -204,6 +206,21 @@ def test_a_book_syncs_on_a_straddling_snapshot_and_a_break_records_a_gap_until_t
     state = BookState.load(redis_client, keys, SYMBOL)
     # The rate is of the last batch with two events or more: the first, 300 ms apart.
     assert (state.last_update_id, state.gap_since, state.updates_per_second) == (16, None, 3.33)
+
+
+def test_a_batch_whose_transaction_fails_shows_its_break_again_when_retried(
+    engine: Engine, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    store_snapshot(engine, snapshot(2, [["10", "1"]], [["11", "1"]]))
+    assert drain(engine, redis_client, keys, [event(1, 3), event(4, 5)]) == {SYMBOL: SYNCED}
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        store_rows(conn, {"depth_updates": [event(8, 9)]})
+        follow_books(conn, redis_client, keys, [event(8, 9)], T0)  # 6 and 7 lost
+        raise RuntimeError("the commit fails")
+    assert BookState.load(redis_client, keys, SYMBOL).last_update_id == 5  # nothing saved
+    assert drain(engine, redis_client, keys, [event(8, 9)]) == {SYMBOL: RESYNCING}  # the retry
+    with engine.connect() as conn:
+        assert conn.execute(select(gaps.c.first_missing, gaps.c.last_missing)).all() == [(T0 + 500, T0 + 900)]
 
 
 def fill(engine: Engine) -> None:
@@ -287,3 +304,52 @@ def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
     ]
     assert problems({**snapshot, "generated_at": T0 + 30_000}, Settings()) == []
     assert problems({**snapshot, "books": [{**book, "state": SYNCED, "gap_since": None}]}, Settings()) == []
+
+
+# -- REST snapshots (tasks.snapshot_books' work) against the fake ----------------------------
+
+
+def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
+    engine: Engine, redis_client: redis.Redis, keys: RedisKeys, tmp_path: Path
+) -> None:
+    from tests.test_fake_exchange import running_fake
+    from worker.exchange.rest import BinanceRest
+    from worker.exchange.snapshots import take_snapshots
+    from worker.groups import Group, GroupRegistry
+    from worker.store.storage import depth_snapshots
+
+    GroupRegistry(redis_client, keys).want(Group("g1", ("btcusdt@depth@100ms", "ethusdt@trade")))
+    redis_client.sadd(keys.books_needing_snapshot, "XRPUSDT")  # no longer recorded
+    with running_fake() as fake:
+        settings = Settings(
+            redis_prefix=keys.prefix, binance_rest_url=f"http://127.0.0.1:{fake.port}", depth_snapshot_limit=1000
+        )
+        rest = BinanceRest.from_settings(settings, redis_client)
+        assert take_snapshots(settings, redis_client, engine, rest) == {"stored": ["BTCUSDT"], "failed": {}}
+        assert sum(int(redis_client.get(key)) for key in redis_client.keys(f"{keys.prefix}:rest:weight:*")) == 50
+        assert needing(redis_client, keys) == set()
+        assert take_snapshots(settings, redis_client, engine, rest)["stored"] == []  # not due for an hour
+        redis_client.sadd(keys.books_needing_snapshot, "BTCUSDT")  # the drain found a break
+        assert take_snapshots(settings, redis_client, engine, rest)["stored"] == ["BTCUSDT"]
+        with engine.connect() as conn:
+            update_id, bids = conn.execute(
+                select(depth_snapshots.c.last_update_id, depth_snapshots.c.bids).order_by(
+                    depth_snapshots.c.last_update_id.desc()
+                )
+            ).first()  # type: ignore[misc]
+        book = fake.get(f"/fake/book?symbol=BTCUSDT&update_id={update_id}")[2]
+        assert unpack_levels(bids) == [(float(p), float(q)) for p, q in book["bids"][:1000]]
+
+
+def test_book_states_are_those_of_books_recorded_now(
+    engine: Engine, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    from worker.groups import Group, GroupRegistry
+    from worker.store.books import book_states
+
+    drain(engine, redis_client, keys, [event(1, 3)])
+    registry = GroupRegistry(redis_client, keys)
+    registry.want(Group("g1", ("btcusdt@depth", "btcusdt@trade")))
+    assert {symbol: book.last_update_id for symbol, book in book_states(redis_client, keys).items()} == {SYMBOL: 3}
+    registry.unwant("g1")
+    assert book_states(redis_client, keys) == {}

@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import launch_stack, wait_until
+from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.local_stack import LocalStack
 from worker.store.books import book_states
@@ -202,3 +203,14 @@ def test_partial_depth_and_the_2026_streams_land_in_their_tables(stack: LocalSta
     assert [list(level) for level in unpack_levels(asks)] == expected["asks"]
     assert received_at is not None
     assert rows(db, "select distinct window from window_tickers") == [("1h",)]
+
+
+def test_an_all_market_stream_is_unsubscribed_by_its_name(stack: LocalStack) -> None:
+    import redis
+
+    registry = GroupRegistry(redis.Redis.from_url(stack.env["REDIS_URL"]), RedisKeys("recorder"))
+    before = registry.covered_streams()
+    assert "!miniTicker@arr" in before
+    done = cli(stack, "unsubscribe", "!miniTicker@arr")
+    assert done.returncode == 0, done.stderr
+    assert registry.covered_streams() == before - {"!miniTicker@arr"}

@@ -33,7 +33,10 @@ class Group:
 
     @property
     def symbols(self) -> list[str]:
-        return sorted({stream.split("@", 1)[0].upper() for stream in self.streams})
+        """The symbols of its streams; an all-market stream (`!miniTicker@arr`) by its name."""
+        return sorted(
+            {stream if stream.startswith("!") else stream.split("@", 1)[0].upper() for stream in self.streams}
+        )
 
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "streams": list(self.streams)})

@@ -22,26 +22,14 @@ from sqlalchemy.engine import Engine
 
 from worker.exchange.ratelimit import RestUnavailable
 from worker.exchange.rest import BinanceError, BinanceRest, UnknownSymbol
-from worker.groups import GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
+from worker.store.books import wanted_books
 from worker.store.depth import snapshot_row
 from worker.store.storage import depth_snapshots, store_rows
-from worker.streams import stream_kind
 from worker.times import now_ms
 
 log = logging.getLogger(__name__)
-
-
-def recorded_books(client: redis.Redis, keys: RedisKeys) -> set[str]:
-    """Symbols whose diff-depth stream is wanted now."""
-    groups = GroupRegistry(client, keys).wanted().values()
-    return {
-        stream.partition("@")[0].upper()
-        for group in groups
-        for stream in group.streams
-        if not stream.startswith("!") and stream_kind(stream) == "depth"
-    }
 
 
 def _due_for_refresh(conn: Connection, symbols: set[str], since_ms: int) -> set[str]:
@@ -59,7 +47,7 @@ def _due_for_refresh(conn: Connection, symbols: set[str], since_ms: int) -> set[
 def take_snapshots(settings: Settings, client: redis.Redis, engine: Engine, rest: BinanceRest) -> dict[str, Any]:
     """Fetch and store the snapshots that are needed or due; returns what was done."""
     keys = RedisKeys(settings.redis_prefix)
-    recorded = recorded_books(client, keys)
+    recorded = wanted_books(client, keys)
     needed = {as_text(s) for s in client.smembers(keys.books_needing_snapshot)}
     with engine.connect() as conn:
         due = _due_for_refresh(conn, recorded, now_ms() - int(settings.depth_snapshot_interval_seconds * 1000))

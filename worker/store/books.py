@@ -28,8 +28,10 @@ from typing import Any
 import redis
 from sqlalchemy import Connection, func, select, update
 
+from worker.groups import GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.store.storage import depth_snapshots, depth_updates, gaps, insert_or_ignore
+from worker.streams import stream_kind
 
 SYNCED, RESYNCING = "synced", "resyncing"
 DEPTH_GAP_KIND = "depth"
@@ -76,29 +78,54 @@ class BookState:
 _INT_FIELDS = ("last_update_id", "last_event_time", "resync_from", "gap_since")
 
 
-def check_book_continuity(
+@dataclass
+class FollowedBooks:
+    """The book states after a batch, to be saved once the batch's transaction commits:
+    saved before, a failed commit would leave Redis past events (and a gaps row) that
+    were never stored, and the retried batch would not see the break again."""
+
+    books: dict[str, BookState]
+    needing_snapshot: list[str]
+
+    @property
+    def states(self) -> dict[str, str]:
+        return {symbol: book.state for symbol, book in self.books.items()}
+
+    def save(self, client: redis.Redis, keys: RedisKeys) -> None:
+        with client.pipeline(transaction=True) as pipe:
+            for symbol, book in self.books.items():
+                pipe.hset(keys.book(symbol), mapping={name: value for name, value in book.as_fields().items()})
+            pipe.sadd(keys.books, *self.books)
+            if self.needing_snapshot:
+                pipe.sadd(keys.books_needing_snapshot, *self.needing_snapshot)
+            pipe.execute()
+
+
+def follow_books(
     conn: Connection, client: redis.Redis, keys: RedisKeys, rows: Sequence[tuple[Any, ...]], now_ms: int
-) -> dict[str, str]:
-    """Follow each symbol's events in `rows` (depth_updates rows, as received, already
-    stored in `conn`'s transaction); record breaks and resyncs. Returns symbol -> state."""
+) -> FollowedBooks:
+    """Follow each symbol's events in `rows` (depth_updates rows, as received, stored in
+    `conn`'s transaction): record breaks in `gaps` and resyncs, in that transaction.
+    A replayed batch (the drain died before its ack) is followed again harmlessly: its
+    events are at or below the saved update ids, and a gaps row is keyed by its start."""
     by_symbol: dict[str, list[tuple[Any, ...]]] = {}
     for row in rows:
         by_symbol.setdefault(row[_SYMBOL], []).append(row)
-    # One round trip to read every symbol's state and one to write them: a batch of
+    # One round trip to read every symbol's state (and one to save them): a batch of
     # 200 symbols took 0.19 s with a round trip per symbol, 0.01 s like this.
     with client.pipeline(transaction=False) as pipe:
         for symbol in by_symbol:
             pipe.hgetall(keys.book(symbol))
         stored = pipe.execute()
-    books = {symbol: BookState.from_hash(raw) for symbol, raw in zip(by_symbol, stored, strict=True)}
-    needing_snapshot = []
+    followed = FollowedBooks(
+        {symbol: BookState.from_hash(raw) for symbol, raw in zip(by_symbol, stored, strict=True)}, []
+    )
     for symbol, events in by_symbol.items():
-        book = books[symbol]
+        book = followed.books[symbol]
         _follow(conn, book, symbol, events, now_ms)
         if book.state == RESYNCING and _try_resync(conn, book, symbol):
-            needing_snapshot.append(symbol)
-    _save(client, keys, books, needing_snapshot)
-    return {symbol: book.state for symbol, book in books.items()}
+            followed.needing_snapshot.append(symbol)
+    return followed
 
 
 def _follow(conn: Connection, book: BookState, symbol: str, events: list[tuple[Any, ...]], now_ms: int) -> None:
@@ -161,17 +188,19 @@ def _try_resync(conn: Connection, book: BookState, symbol: str) -> bool:
     return False
 
 
-def _save(client: redis.Redis, keys: RedisKeys, books: dict[str, BookState], needing_snapshot: list[str]) -> None:
-    with client.pipeline(transaction=True) as pipe:
-        for symbol, book in books.items():
-            pipe.hset(keys.book(symbol), mapping={name: value for name, value in book.as_fields().items()})
-        pipe.sadd(keys.books, *books)
-        if needing_snapshot:
-            pipe.sadd(keys.books_needing_snapshot, *needing_snapshot)
-        pipe.execute()
+def wanted_books(client: redis.Redis, keys: RedisKeys) -> set[str]:
+    """Symbols whose diff-depth stream is wanted now."""
+    groups = GroupRegistry(client, keys).wanted().values()
+    return {
+        stream.partition("@")[0].upper()
+        for group in groups
+        for stream in group.streams
+        if not stream.startswith("!") and stream_kind(stream) == "depth"
+    }
 
 
 def book_states(client: redis.Redis, keys: RedisKeys) -> dict[str, BookState]:
-    """Every followed symbol's book state, by symbol."""
-    symbols = sorted(as_text(s) for s in client.smembers(keys.books))
-    return {symbol: BookState.load(client, keys, symbol) for symbol in symbols}
+    """The book state of every symbol whose diff depth is recorded now, by symbol (the
+    drain keeps the state of an unsubscribed book: a new subscription continues it)."""
+    followed = {as_text(s) for s in client.smembers(keys.books)}
+    return {symbol: BookState.load(client, keys, symbol) for symbol in sorted(followed & wanted_books(client, keys))}

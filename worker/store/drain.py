@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from worker.buffer import Claim, FrameBuffer
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
-from worker.store.books import check_book_continuity
+from worker.store.books import follow_books
 from worker.store.parsing import ParsedBatch, parse_frames
 from worker.store.storage import store_rows
 from worker.times import now_ms
@@ -79,8 +79,10 @@ class Drainer:
         parsed = parse_frames(claim.elements)
         with self.engine.begin() as conn:
             stored = store_rows(conn, parsed.rows)
-            if depth_rows := parsed.rows.get("depth_updates"):
-                check_book_continuity(conn, self.client, self.keys, depth_rows, now_ms())
+            depth_rows = parsed.rows.get("depth_updates")
+            books = follow_books(conn, self.client, self.keys, depth_rows, now_ms()) if depth_rows else None
+        if books is not None:
+            books.save(self.client, self.keys)
         self._acknowledge(claim, parsed)
         report.batches += 1
         report.frames += parsed.frames
