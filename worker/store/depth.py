@@ -7,8 +7,10 @@ Price levels are stored as one BLOB per side, packed little-endian float64 pairs
 - a row per level would multiply the rows (a depth@100ms event changes about 20
   levels) and with them the key index and the insert time;
 - the levels' JSON text (`[["30000.01000000","0.12300000"],...]` as Binance sends it)
-  takes about twice the bytes, and turning it back into numbers costs a JSON parse
-  per event when a book is rebuilt, where unpacking floats is one `struct` call;
+  takes 1.7 times the bytes (760 against 449 an event of 20 levels, with the table's
+  indexes), and turning it back into numbers takes twice as long when a book is rebuilt
+  (0.48 against 0.26 s for an hour of events): a JSON parse and a float() per number,
+  where unpacking is one `struct` call per side;
 - float64 holds Binance's decimal strings exactly (at most 15 significant digits), as
   every other price column does.
 """
