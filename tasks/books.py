@@ -26,6 +26,6 @@ def snapshot_books() -> dict[str, Any]:
     if not lock.acquire():
         return {"skipped": "another snapshot run is in progress"}
     try:
-        return take_snapshots(settings, client, engine(), BinanceRest.from_settings(settings, client))
+        return take_snapshots(settings, client, engine, BinanceRest.from_settings(settings, client))
     finally:
         lock.release()

@@ -74,7 +74,10 @@ def test_scale_run_holds_a_1024_stream_connection_and_loses_nothing(results: dic
 
 
 def test_every_target_has_a_verdict(results: dict[str, Any]) -> None:
-    assert set(results["targets"]) == {"ingest", "drain", "end_to_end", "memory", "scale_latency", "scale_ids"}
+    assert set(results["targets"]) == {
+        "ingest", "drain", "end_to_end", "memory", "scale_latency", "scale_ids",
+        "depth_capacity", "depth_latency", "depth_rebuild",
+    }  # fmt: skip
     assert all(isinstance(verdict["met"], bool) for verdict in results["targets"].values())
 
 

@@ -318,19 +318,23 @@ def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
     from worker.groups import Group, GroupRegistry
     from worker.store.storage import depth_snapshots
 
-    GroupRegistry(redis_client, keys).want(Group("g1", ("btcusdt@depth@100ms", "ethusdt@trade")))
     redis_client.sadd(keys.books_needing_snapshot, "XRPUSDT")  # no longer recorded
+    no_database = lambda: pytest.fail("the database was opened without a book to snapshot")  # noqa: E731
+    GroupRegistry(redis_client, keys).want(Group("g0", ("ethusdt@trade",)))
     with running_fake() as fake:
         settings = Settings(
             redis_prefix=keys.prefix, binance_rest_url=f"http://127.0.0.1:{fake.port}", depth_snapshot_limit=1000
         )
         rest = BinanceRest.from_settings(settings, redis_client)
-        assert take_snapshots(settings, redis_client, engine, rest) == {"stored": ["BTCUSDT"], "failed": {}}
+        assert take_snapshots(settings, redis_client, no_database, rest) == {"stored": [], "failed": {}}
+        GroupRegistry(redis_client, keys).want(Group("g1", ("btcusdt@depth@100ms", "ethusdt@trade")))
+        redis_client.sadd(keys.books_needing_snapshot, "XRPUSDT")
+        assert take_snapshots(settings, redis_client, lambda: engine, rest) == {"stored": ["BTCUSDT"], "failed": {}}
         assert sum(int(redis_client.get(key)) for key in redis_client.keys(f"{keys.prefix}:rest:weight:*")) == 50
         assert needing(redis_client, keys) == set()
-        assert take_snapshots(settings, redis_client, engine, rest)["stored"] == []  # not due for an hour
+        assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == []  # not due for an hour
         redis_client.sadd(keys.books_needing_snapshot, "BTCUSDT")  # the drain found a break
-        assert take_snapshots(settings, redis_client, engine, rest)["stored"] == ["BTCUSDT"]
+        assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == ["BTCUSDT"]
         with engine.connect() as conn:
             update_id, bids = conn.execute(
                 select(depth_snapshots.c.last_update_id, depth_snapshots.c.bids).order_by(

@@ -14,6 +14,7 @@ REST): every request spends the shared weight budget (50 per 1000-level snapshot
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -44,11 +45,23 @@ def _due_for_refresh(conn: Connection, symbols: set[str], since_ms: int) -> set[
     return {symbol for symbol in symbols if (newest.get(symbol) or 0) < since_ms}
 
 
-def take_snapshots(settings: Settings, client: redis.Redis, engine: Engine, rest: BinanceRest) -> dict[str, Any]:
-    """Fetch and store the snapshots that are needed or due; returns what was done."""
+def take_snapshots(
+    settings: Settings, client: redis.Redis, database: Callable[[], Engine], rest: BinanceRest
+) -> dict[str, Any]:
+    """Fetch and store the snapshots that are needed or due; returns what was done.
+
+    `database()` gives the engine, and is only called when a book is recorded: beat runs
+    this every drain interval, and on a stack without order books it must not touch the
+    database (a new worker's first tasks would only compete to create the schema).
+    """
     keys = RedisKeys(settings.redis_prefix)
     recorded = wanted_books(client, keys)
     needed = {as_text(s) for s in client.smembers(keys.books_needing_snapshot)}
+    if not recorded:
+        if needed:
+            client.srem(keys.books_needing_snapshot, *needed)
+        return {"stored": [], "failed": {}}
+    engine = database()
     with engine.connect() as conn:
         due = _due_for_refresh(conn, recorded, now_ms() - int(settings.depth_snapshot_interval_seconds * 1000))
     stored, failed = [], {}
