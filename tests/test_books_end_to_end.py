@@ -160,7 +160,7 @@ def test_a_killed_streams_worker_leaves_a_gap_and_the_books_come_back(stack: Loc
     gaps_before = rows(db, "select count(*) from gaps where kind = 'depth'")[0][0]
     stack.stop_process(stack.process("worker-streams"), signal.SIGKILL)
     killed_at = int(time.time() * 1000)
-    stack.start_stream_worker(2, name="worker-streams-2")
+    stack.start_stream_worker(4, name="worker-streams-2")
     wait_until(
         lambda: rows(db, "select count(*) from gaps where kind = 'depth'")[0][0] >= gaps_before + len(SYMBOLS),
         60,
@@ -214,3 +214,21 @@ def test_an_all_market_stream_is_unsubscribed_by_its_name(stack: LocalStack) -> 
     done = cli(stack, "unsubscribe", "!miniTicker@arr")
     assert done.returncode == 0, done.stderr
     assert registry.covered_streams() == before - {"!miniTicker@arr"}
+
+
+def test_dropped_connections_on_the_one_second_stream_leave_a_gap_and_resync(stack: LocalStack, db: Engine) -> None:
+    done = cli(stack, "subscribe", "SOLUSDT", "--streams", "depth")
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: states(stack).get("SOLUSDT") == "synced", 30, "SOLUSDT synced")
+    count_gaps = "select count(*) from gaps where kind = 'depth' and symbol = 'SOLUSDT'"
+    assert rows(db, count_gaps) == [(0,)]
+    control(stack, "drop_all")  # every connection aborted: the ingest reconnects
+    dropped_at = int(time.time() * 1000)
+    wait_until(lambda: rows(db, count_gaps)[0][0] == 1, 30, "a SOLUSDT gap after the drop")
+    wait_until(lambda: states(stack).get("SOLUSDT") == "synced", 30, "SOLUSDT synced again")
+    wait_for_events_after(db, "SOLUSDT", dropped_at + 2000)
+    book = book_json(stack, "SOLUSDT", "-1s")
+    assert book["time"] > dropped_at
+    assert_equals_the_fakes(stack, book)
+    events = rows(db, "select first_update_id, final_update_id from depth_updates where symbol = 'SOLUSDT'")
+    assert sum(final - first + 1 for first, final in events) / len(events) > 3  # 1 s events cover many ids
