@@ -10,6 +10,7 @@ from worker.exchange.rest import BinanceRest
 from worker.exchange.snapshots import take_snapshots
 from worker.keys import RedisKeys
 from worker.lease import Lease
+from worker.ops.status import book_statuses
 from worker.settings import get_settings
 
 # A run fetches at most a few snapshots a second (the weight budget paces it); a run
@@ -19,13 +20,16 @@ LOCK_TTL_SECONDS = 120.0
 
 @app.task(name="tasks.snapshot_books")
 def snapshot_books() -> dict[str, Any]:
-    """Snapshots for books that must be (re)synced or are due; one run at a time."""
+    """Snapshots for books that must be (re)synced or are due; one run at a time. The
+    result also lists every recorded book's state, so Flower shows them every second."""
     settings = get_settings()
     client = redis_client()
-    lock = Lease(client, RedisKeys(settings.redis_prefix).snapshot_lock, LOCK_TTL_SECONDS, owner="snapshot-books")
+    keys = RedisKeys(settings.redis_prefix)
+    lock = Lease(client, keys.snapshot_lock, LOCK_TTL_SECONDS, owner="snapshot-books")
     if not lock.acquire():
         return {"skipped": "another snapshot run is in progress"}
     try:
-        return take_snapshots(settings, client, engine, BinanceRest.from_settings(settings, client))
+        done = take_snapshots(settings, client, engine, BinanceRest.from_settings(settings, client))
+        return {**done, "books": book_statuses(client, keys)}
     finally:
         lock.release()

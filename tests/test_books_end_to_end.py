@@ -22,7 +22,7 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import launch_stack, wait_until
+from tests.conftest import call, launch_stack, wait_until
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.local_stack import LocalStack
@@ -125,6 +125,10 @@ def test_status_shows_each_books_state_last_update_id_and_rate(stack: LocalStack
     assert 5 <= books["BTCUSDT"]["updates_per_second"] <= 15  # depth@100ms: about 10 events a second
     text_form = cli(stack, "status").stdout
     assert "BOOK" in text_form and "synced" in text_form
+    # What Flower shows as the result of each tasks.snapshot_books run (a run that finds
+    # beat's run holding the lock is skipped: ask again).
+    result = wait_until(lambda: (r := call(stack, "tasks.snapshot_books")).get("books") and r, 30, "a snapshot run")
+    assert {(b["symbol"], b["state"]) for b in result["books"]} == {(s, "synced") for s in SYMBOLS}
 
 
 def test_a_time_before_the_first_snapshot_exits_1_naming_the_first_known_book(stack: LocalStack, db: Engine) -> None:
