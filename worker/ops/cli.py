@@ -1,4 +1,4 @@
-"""`binance-recorder`: run the stack locally, subscribe, look at status, backfill, export, chart.
+"""`binance-recorder`: run the stack locally, subscribe, look at status, backfill, export, chart, book.
 
 Exit codes: 0 success, 1 something is unhealthy or a task failed, 2 bad usage or bad
 input (argparse's convention), 3 a part of the stack could not start.

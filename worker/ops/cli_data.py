@@ -1,4 +1,5 @@
-"""The data commands of `binance-recorder`: backfill history, export rows, draw a chart.
+"""The data commands of `binance-recorder`: backfill history, export rows, draw a chart,
+rebuild an order book.
 
 They work on the database and Binance's REST API directly, so they need Redis (for the
 shared REST weight budget) and the database, but no running worker — except
@@ -11,7 +12,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
@@ -19,11 +20,14 @@ from worker.ops.clients import client_app, existing_database, redis_client
 from worker.ops.report import ProgressBar
 from worker.settings import Settings
 
+if TYPE_CHECKING:
+    from worker.ops.book import Book
+
 POLL_SECONDS = 0.5
 
 
 def add_data_commands(commands: Any) -> None:
-    """Register backfill, export and chart on the CLI's sub-command parser."""
+    """Register backfill, export, chart and book on the CLI's sub-command parser."""
     _add_backfill(commands)
     _add_export(commands)
     _add_chart(commands)
@@ -214,7 +218,8 @@ def cmd_book(args: argparse.Namespace) -> int:
     return 0
 
 
-def _book_text(book: Any) -> str:
+def _book_text(book: Book) -> str:
+    """The book as a person reads it: best levels on top, bids left, asks right."""
     from worker.times import iso_ms
 
     lines = [
