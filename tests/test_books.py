@@ -357,3 +357,15 @@ def test_book_states_are_those_of_books_recorded_now(
     assert {symbol: book.last_update_id for symbol, book in book_states(redis_client, keys).items()} == {SYMBOL: 3}
     registry.unwant("g1")
     assert book_states(redis_client, keys) == {}
+
+
+def test_overlapping_events_of_both_speeds_rebuild_the_same_book(engine: Engine) -> None:
+    """depth and depth@100ms of one symbol: the one-second event overlaps the 100 ms ones,
+    with the quantities as of its last id, so applying by final id stays exact."""
+    store_snapshot(engine, snapshot(0, [["10", "1"]], [["11", "1"]]))
+    fast = [event(1, 2, [["10", "2"]]), event(3, 4, [["9", "1"]]), event(5, 6, [["10", "0"]])]
+    slow = [event(1, 5, [["10", "2"], ["9", "1"]])]  # a one-second event cut elsewhere
+    with engine.begin() as conn:
+        store_rows(conn, {"depth_updates": fast + slow})
+    at = book_at(engine, SYMBOL, T0 + 650)
+    assert (at.update_id, at.bids, at.asks) == (6, [(9.0, 1.0)], [(11.0, 1.0)])
