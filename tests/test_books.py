@@ -251,10 +251,11 @@ def test_book_at_replays_from_the_snapshot(engine: Engine) -> None:
     on_snapshot = book_at(engine, SYMBOL, T0 + 1350)  # update 13 is the second snapshot itself
     assert (on_snapshot.update_id, on_snapshot.time, on_snapshot.bids) == (13, T0 + 1300, [(9.5, 4.0), (9.0, 1.0)])
     after = book_at(engine, SYMBOL, T0 + 1500)  # on the second snapshot
+    # Bid 7 and ask 13 are known, but beyond the second snapshot's range, so not reported.
     assert (after.update_id, after.bids, after.asks) == (
         15,
-        [(9.5, 4.0), (9.0, 1.0), (7.0, 1.0)],
-        [(11.5, 7.0), (13.0, 1.0)],
+        [(9.5, 4.0), (9.0, 1.0)],
+        [(11.5, 7.0)],
     )
 
 
@@ -362,10 +363,20 @@ def test_book_states_are_those_of_books_recorded_now(
 def test_overlapping_events_of_both_speeds_rebuild_the_same_book(engine: Engine) -> None:
     """depth and depth@100ms of one symbol: the one-second event overlaps the 100 ms ones,
     with the quantities as of its last id, so applying by final id stays exact."""
-    store_snapshot(engine, snapshot(0, [["10", "1"]], [["11", "1"]]))
+    store_snapshot(engine, snapshot(0, [["10", "1"], ["9", "3"], ["8", "1"]], [["11", "1"]]))
     fast = [event(1, 2, [["10", "2"]]), event(3, 4, [["9", "1"]]), event(5, 6, [["10", "0"]])]
     slow = [event(1, 5, [["10", "2"], ["9", "1"]])]  # a one-second event cut elsewhere
     with engine.begin() as conn:
         store_rows(conn, {"depth_updates": fast + slow})
     at = book_at(engine, SYMBOL, T0 + 650)
-    assert (at.update_id, at.bids, at.asks) == (6, [(9.0, 1.0)], [(11.0, 1.0)])
+    assert (at.update_id, at.bids, at.asks) == (6, [(9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0)])
+
+
+def test_levels_beyond_the_snapshots_range_are_not_reported(engine: Engine) -> None:
+    """Below the snapshot's lowest bid only changed levels are known, not the ones between."""
+    store_snapshot(engine, snapshot(0, [["10", "1"], ["9", "1"]], [["11", "1"], ["12", "1"]]))
+    rows = [event(1, 1, [["10", "0"], ["8", "5"]], [["13", "2"], ["11.5", "3"]])]
+    with engine.begin() as conn:
+        store_rows(conn, {"depth_updates": rows})
+    book = book_at(engine, SYMBOL, T0 + 100)
+    assert (book.bids, book.asks) == ([(9.0, 1.0)], [(11.0, 1.0), (11.5, 3.0), (12.0, 1.0)])

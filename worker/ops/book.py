@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,11 +59,20 @@ class Book:
 
 
 class _Levels:
-    """The mutable book of a replay: price -> quantity per side."""
+    """The mutable book of a replay: price -> quantity per side.
+
+    A snapshot holds the best DEPTH_SNAPSHOT_LIMIT levels of each side, not the whole
+    book, so below its lowest bid (above its highest ask) only the levels that changed
+    since are known, and the unchanged ones in between are not. Binance's docs warn
+    about exactly this; `top` therefore reports no level beyond the snapshot's range,
+    and a price that ran further than it gives fewer levels rather than a wrong book.
+    """
 
     def __init__(self, bids: bytes, asks: bytes) -> None:
         self.bids = dict(unpack_levels(bids))
         self.asks = dict(unpack_levels(asks))
+        self.lowest_known_bid = min(self.bids, default=0.0)
+        self.highest_known_ask = max(self.asks, default=math.inf)
 
     def apply(self, bids: bytes, asks: bytes) -> None:
         for side, packed in ((self.bids, bids), (self.asks, asks)):
@@ -73,10 +83,12 @@ class _Levels:
                     side[price] = qty
 
     def top(self, levels: int | None) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-        """The best `levels` of each side (all when None), best first."""
+        """The best `levels` of each side within the snapshot's range (all when None), best first."""
+        bids = [level for level in self.bids.items() if level[0] >= self.lowest_known_bid]
+        asks = [level for level in self.asks.items() if level[0] <= self.highest_known_ask]
         if levels is None:
-            return sorted(self.bids.items(), reverse=True), sorted(self.asks.items())
-        return heapq.nlargest(levels, self.bids.items()), heapq.nsmallest(levels, self.asks.items())
+            return sorted(bids, reverse=True), sorted(asks)
+        return heapq.nlargest(levels, bids), heapq.nsmallest(levels, asks)
 
 
 @dataclass
