@@ -76,5 +76,7 @@ beat_schedule = {
     "drain": _every("tasks.drain", _settings.drain_interval_seconds),
     "supervise": _every("tasks.supervise", _settings.supervise_interval_seconds),
     "backfill": _every("tasks.backfill", _settings.backfill_interval_seconds),
+    # Checks every drain interval which books need a snapshot; most runs fetch nothing.
+    "snapshot-books": _every("tasks.snapshot_books", _settings.drain_interval_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
 }

@@ -21,13 +21,14 @@ import orjson
 
 from bench import report
 from bench.burst import measure_burst
+from bench.depth import FULL_DEPTH, QUICK_DEPTH, measure_depth
 from bench.drain import measure_drain
 from bench.ingest import measure_ingest
 from bench.legacy import measure_legacy
 from bench.service import measure_service
 from worker.settings import Settings
 
-PARTS = ("ingest", "drain", "service", "burst", "legacy")
+PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth")
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 LATENCY_METHOD = (
     "latency = time a row is first seen by polling the SQLite file every 10 ms (an upper bound of its "
@@ -126,6 +127,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if "legacy" in parts:
         _progress("old design: INSERT and COMMIT per message")
         results["legacy"] = measure_legacy(workdir, sizes.ingest_frames, sizes.legacy_seconds)
+    if "depth" in parts:
+        _progress("depth: 200 symbols x depth@100ms, storage, rebuilding an hour")
+        results["depth"] = measure_depth(
+            workdir, QUICK_DEPTH if args.quick else FULL_DEPTH, args.drain_interval, Settings.drain_batch_size
+        )
     results["targets"] = report.targets(results)
     return results
 

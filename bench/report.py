@@ -11,6 +11,8 @@ DRAIN_RATIO = 0.45
 LATENCY_P99_MS = 250.0
 BURST_RATIO = 2.0
 MEMORY_GROWTH = 0.10
+DEPTH_EVENTS_PER_SECOND = 2000
+REBUILD_SECONDS_PER_HOUR = 10.0
 
 
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -35,6 +37,19 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         }
     if "burst" in results:
         verdicts["burst"] = _at_most(results["burst"]["ratio"], BURST_RATIO, "burst stored / bare receive loop")
+    if "depth" in results:
+        depth = results["depth"]
+        limit = LATENCY_P99_MS
+        verdicts["depth_capacity"] = _at_least(
+            depth["drain_capacity"]["rows_per_second"], DEPTH_EVENTS_PER_SECOND, "depth rows/s the drain takes"
+        )
+        verdicts["depth_latency"] = _at_most(depth["sustained"]["latency"].get("p99_ms"), limit, "p99 latency, ms")
+        rebuild = depth["rebuild"]
+        verdicts["depth_rebuild"] = _at_most(
+            rebuild["book_at_seconds"] / rebuild["replayed_hours"],
+            REBUILD_SECONDS_PER_HOUR,
+            "seconds per hour replayed",
+        )
     return verdicts
 
 
@@ -67,6 +82,8 @@ def table(results: dict[str, Any]) -> str:
         rows.append(_burst_row(results["burst"], verdicts["burst"]))
     if "legacy" in results:
         rows.extend(_legacy_rows(results["legacy"], results.get("ingest")))
+    if "depth" in results:
+        rows.extend(_depth_rows(results["depth"], verdicts))
     return _format(rows)
 
 
@@ -204,6 +221,45 @@ def _legacy_rows(legacy: dict[str, Any], ingest: dict[str, Any] | None) -> list[
             f"{at_target['behind_at_stop_messages'] or 0:,} msgs behind at stop",
             "",
             "",
+        ),
+    ]
+
+
+def _depth_rows(depth: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
+    capacity, sustained, storage, rebuild = (depth[k] for k in ("drain_capacity", "sustained", "storage", "rebuild"))
+    return [
+        (
+            "7 depth",
+            f"drain rows/s, {depth['symbols']} symbols depth@100ms, {depth['levels_per_event']} levels/event",
+            f"{capacity['rows_per_second']:,.0f}",
+            f"{capacity['rows']:,} rows as a backlog",
+            verdicts["depth_capacity"]["target"],
+            _yes(verdicts["depth_capacity"]),
+        ),
+        (
+            "7 depth",
+            f"event->committed at {sustained['offered_events_per_second']:,.0f} events/s, "
+            f"drain every {sustained['drain_interval_seconds']:g} s",
+            _latency_text(sustained["latency"]),
+            f"{sustained['latency'].get('samples', 0):,} rows",
+            f"p99 {verdicts['depth_latency']['target']} ms",
+            _yes(verdicts["depth_latency"]),
+        ),
+        (
+            "7 depth",
+            "bytes per symbol-hour of depth_updates (table + indexes)",
+            f"{storage['packed_bytes_per_symbol_hour'] / 2**20:,.1f} MiB packed float64",
+            f"{storage['json_bytes_per_symbol_hour'] / 2**20:,.1f} MiB as JSON text",
+            "",
+            "",
+        ),
+        (
+            "7 depth",
+            f"book_at after {rebuild['events']:,} events ({rebuild['replayed_hours']:g} h of depth@100ms)",
+            f"{rebuild['book_at_seconds']:.2f} s",
+            f"decode {rebuild['decode_packed_seconds']:.2f} s packed, {rebuild['decode_json_seconds']:.2f} s JSON",
+            f"{verdicts['depth_rebuild']['target']} s/h",
+            _yes(verdicts["depth_rebuild"]),
         ),
     ]
 

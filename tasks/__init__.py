@@ -2,9 +2,20 @@
 other apps call them with `app.send_task(name, ...)` without importing this code."""
 
 from tasks.backfill import backfill
+from tasks.books import snapshot_books
 from tasks.maintenance import drain, status, supervise
 from tasks.retention import enforce_retention
 from tasks.subscriptions import stream_group, subscribe, unsubscribe
 from tasks.workers import stream_processes  # noqa: F401  (connects the worker signals)
 
-__all__ = ["backfill", "drain", "enforce_retention", "status", "stream_group", "subscribe", "supervise", "unsubscribe"]
+__all__ = [
+    "backfill",
+    "drain",
+    "enforce_retention",
+    "snapshot_books",
+    "status",
+    "stream_group",
+    "subscribe",
+    "supervise",
+    "unsubscribe",
+]

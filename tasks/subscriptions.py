@@ -15,6 +15,7 @@ from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
+from worker.streams import ALL_MARKET_STREAMS
 
 SUBSCRIPTIONS_LOCK_SECONDS = 30
 
@@ -76,12 +77,16 @@ def subscribe(symbols: list[str], streams: list[str] | None = None) -> dict[str,
 
 @app.task(name="tasks.unsubscribe")
 def unsubscribe(symbols: list[str]) -> dict[str, Any]:
-    """Stop recording `symbols`. A group that also holds other symbols keeps them: its
-    task unsubscribes the symbols' streams on the open connection, so the others
-    lose nothing; a group left empty stops."""
+    """Stop recording `symbols`, and all-market streams such as `!miniTicker@arr` named
+    among them. A group that also holds other streams keeps them: its task unsubscribes
+    the removed ones on the open connection, so the others lose nothing; a group left
+    empty stops."""
+    market_wide = [s for s in symbols if s in ALL_MARKET_STREAMS] if isinstance(symbols, list) else []
+    named = [s for s in symbols if s not in market_wide] if market_wide else symbols
+    listed = normalize_symbols(named) if named or not market_wide else []
     registry = _registry()
     with _changing_subscriptions():
-        stopped, shrunk = registry.remove_symbols(normalize_symbols(symbols))
+        stopped, shrunk = registry.remove_symbols(listed, market_wide)
     return {"stopped": stopped, "shrunk": shrunk}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-QUICK_TIMEOUT_SECONDS = 240
+QUICK_TIMEOUT_SECONDS = 300
 
 
 @pytest.fixture(scope="module")
@@ -89,5 +89,19 @@ def test_scale_run_holds_a_1024_stream_connection_and_loses_nothing(results: dic
 def test_every_target_has_a_verdict(results: dict[str, Any]) -> None:
     assert set(results["targets"]) == {
         "ingest", "drain", "end_to_end", "memory", "scale_latency", "scale_ids", "burst",
+        "depth_capacity", "depth_latency", "depth_rebuild",
     }  # fmt: skip
     assert all(isinstance(verdict["met"], bool) for verdict in results["targets"].values())
+
+
+def test_depth_part_reports_drain_latency_storage_and_rebuild(results: dict[str, Any]) -> None:
+    depth = results["depth"]
+    assert depth["symbols"] == 200
+    assert depth["drain_capacity"]["rows_per_second"] > 0
+    sustained = depth["sustained"]
+    assert 1000 < sustained["offered_events_per_second"] <= 2100
+    assert 0 < sustained["latency"]["p50_ms"] <= sustained["latency"]["p99_ms"] < 60_000
+    storage = depth["storage"]
+    assert 0 < storage["packed_bytes_per_symbol_hour"] < storage["json_bytes_per_symbol_hour"]
+    assert depth["rebuild"]["book_at_seconds"] > 0 and depth["rebuild"]["events"] == 3600
+    assert {"depth_capacity", "depth_latency", "depth_rebuild"} <= set(results["targets"])

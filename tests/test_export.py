@@ -197,8 +197,8 @@ def test_errors_say_what_was_wrong_and_what_to_do(engine: Engine, tmp_path: Path
     store(engine, {"trades": btc + others, "klines": kline_rows("BTCUSDT", "1m", 10, MINUTE)})
     error = lambda *args, **kwargs: export_error(engine, tmp_path, *args, **kwargs)  # noqa: E731
 
-    message = error("depth", "BTCUSDT", T, T + MINUTE)
-    assert "unknown table or stream kind 'depth'" in message
+    message = error("orderbook", "BTCUSDT", T, T + MINUTE)
+    assert "unknown table or stream kind 'orderbook'" in message
     assert "aggTrade" in message and "kline_<interval>" in message and "book_tickers" in message
     assert "the start 2026-11-24T01:00:00.000Z is not before the end" in error("trade", "BTCUSDT", T, T)
     assert "unknown export format 'xlsx': use one of csv, parquet" in error("trade", "BTCUSDT", T, T + MINUTE, "xlsx")

@@ -79,6 +79,31 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
     "mini_tickers": ("BTCUSDT", T, 30000.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0, R),
     "book_tickers": ("BTCUSDT", 400900217, 29999.9, 1.0, 30000.1, 2.0, R),
     "avg_prices": ("BTCUSDT", T, "5m", 30000.25, T - 1000, R),
+    "depth_updates": ("BTCUSDT", 160, 157, T, b"\x00" * 16, b"", T + 5),
+    "depth_snapshots": ("BTCUSDT", 150, b"\x00" * 32, b"\x00" * 16, T),
+    "partial_depth": ("BTCUSDT", 5, 160, b"\x00" * 80, b"\x00" * 80, T),
+    "window_tickers": (
+        "BTCUSDT",
+        "1h",
+        T,
+        0.5,
+        1.25,
+        1.0,
+        2.0,
+        0.5,
+        1.5,
+        1.2,
+        100.0,
+        150.0,
+        T - 3600000,
+        T,
+        1,
+        100,
+        100,
+        T + 5,
+    ),  # fmt: skip
+    "block_trades": ("BTCUSDT", 582, 0.052, 5838.0, T - 200, True, T, T + 5),
+    "reference_prices": ("BTCUSDT", T, 1.0, T + 5),
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,10 @@ class Group:
 
     @property
     def symbols(self) -> list[str]:
-        return sorted({stream.split("@", 1)[0].upper() for stream in self.streams})
+        """The symbols of its streams; an all-market stream (`!miniTicker@arr`) by its name."""
+        return sorted(
+            {stream if stream.startswith("!") else stream.split("@", 1)[0].upper() for stream in self.streams}
+        )
 
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "streams": list(self.streams)})
@@ -122,8 +125,10 @@ def normalize_stream_kinds(kinds: object) -> list[str]:
 
 def stream_names(symbols: Sequence[str], kinds: Sequence[str]) -> list[str]:
     """Binance stream names (lowercase symbol) in a stable order: by symbol, then kind;
-    each once, so no group ever holds a stream twice."""
-    return list(dict.fromkeys(f"{symbol.lower()}@{kind}" for symbol in symbols for kind in kinds))
+    each once, so no group ever holds a stream twice. An all-market kind
+    (`!miniTicker@arr`) is a stream of its own, named once."""
+    names = [kind if kind.startswith("!") else f"{symbol.lower()}@{kind}" for symbol in symbols for kind in kinds]
+    return list(dict.fromkeys(names))
 
 
 def place_streams(
@@ -226,7 +231,7 @@ class GroupRegistry:
         tasks subscribe them within a second) and to new wanted groups: (grown, new).
         The caller holds the subscriptions lock and starts the new groups."""
         wanted = self.wanted()
-        covered = {stream for group in wanted.values() for stream in group.streams}
+        covered = self.covered_streams(wanted)
         grown, new = place_streams(
             sorted(wanted.values(), key=lambda g: g.id), [s for s in streams if s not in covered], max_per_group
         )
@@ -234,16 +239,23 @@ class GroupRegistry:
             self.want(group)
         return grown, new
 
-    def remove_symbols(self, symbols: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Take the symbols' streams out of their groups: (stopped, shrunk) group ids.
+    def covered_streams(self, wanted: Mapping[str, Group] | None = None) -> set[str]:
+        """Every stream some wanted group records."""
+        groups = self.wanted() if wanted is None else wanted
+        return {stream for group in groups.values() for stream in group.streams}
+
+    def remove_symbols(self, symbols: Sequence[str], streams: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+        """Take the symbols' streams, and the named `streams` (all-market ones such as
+        `!miniTicker@arr`), out of their groups: (stopped, shrunk) group ids.
 
         A group that keeps other streams stays, and its running task unsubscribes the
         removed ones on the open connection; a group left empty is stopped.
         """
         lowered = {symbol.lower() for symbol in symbols}
+        named = set(streams)
         stopped, shrunk = [], []
         for group in self.wanted().values():
-            keep = tuple(s for s in group.streams if s.split("@", 1)[0] not in lowered)
+            keep = tuple(s for s in group.streams if s.split("@", 1)[0] not in lowered and s not in named)
             if len(keep) == len(group.streams):
                 continue
             if keep:

@@ -105,6 +105,26 @@ class RedisKeys:
     def retention_lock(self) -> str:
         return f"{self.prefix}:lock:retention"
 
+    @property
+    def books(self) -> str:
+        """Set of symbols whose diff-depth stream the drain has seen (see `book`)."""
+        return f"{self.prefix}:books"
+
+    def book(self, symbol: str) -> str:
+        """Hash: one symbol's book continuity as the drain sees it (state, last update
+        id and event time, gap since, updates per second); see worker/store/books.py."""
+        return f"{self.prefix}:book:{symbol}"
+
+    @property
+    def books_needing_snapshot(self) -> str:
+        """Set of symbols whose book must be (re)synced from a REST depth snapshot."""
+        return f"{self.prefix}:books:needs-snapshot"
+
+    @property
+    def snapshot_lock(self) -> str:
+        """Lease of the one depth-snapshot run (tasks.snapshot_books) in progress."""
+        return f"{self.prefix}:lock:snapshot-books"
+
     def frames(self, group_id: str) -> str:
         """List of raw frames (and clock marks) received by one group."""
         return f"{self.prefix}:frames:{group_id}"

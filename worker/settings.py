@@ -141,6 +141,20 @@ class Settings:
         "How far back the periodic backfill looks for missing trade ids, aggregate trade ids and kline slots.",
         1,
     )
+    depth_snapshot_limit: int = _setting(
+        1000,
+        "Levels per side of the REST depth snapshots that start and resync order books "
+        "(weight 50 up to 1000, 250 above): 1000 keeps a book deep enough for any --levels "
+        "a user asks while costing a fifth of 5000.",
+        1,
+        5000,
+    )
+    depth_snapshot_interval_seconds: float = _setting(
+        3600.0,
+        "A fresh depth snapshot per recorded book this often, so that rebuilding a book "
+        "replays at most this much of diff-depth (an hour of depth@100ms takes about a second).",
+        _POSITIVE,
+    )
     sqlite_busy_timeout_ms: int = _setting(10000, "How long a SQLite writer waits for a lock before failing.", 0)
     retention_days: int = _setting(30, "Days of data every table keeps (by its time column); 0 keeps everything.", 0)
     retention_overrides: str = _setting(

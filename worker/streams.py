@@ -35,10 +35,27 @@ KIND_TABLES: dict[str, str] = {
     "miniTicker": "mini_tickers",
     "bookTicker": "book_tickers",
     "avgPrice": "avg_prices",
+    "depth": "depth_updates",
+    "depth5": "partial_depth",
+    "depth10": "partial_depth",
+    "depth20": "partial_depth",
+    "ticker_1h": "window_tickers",
+    "ticker_4h": "window_tickers",
+    "ticker_1d": "window_tickers",
+    "blockTrade": "block_trades",
+    "referencePrice": "reference_prices",
 }
 """Stream kind -> the table that records it; `kline` stands for every `kline_<interval>`."""
 
 SUPPORTED_KINDS: tuple[str, ...] = tuple(KIND_TABLES)
+
+DEPTH_KINDS: tuple[str, ...] = ("depth", "depth5", "depth10", "depth20")
+"""The kinds Binance also sends every 100 ms when asked with `@100ms` (default 1 s)."""
+
+FAST_SPEED = "100ms"
+
+ALL_MARKET_STREAMS: tuple[str, ...] = ("!miniTicker@arr", "!ticker_1h@arr", "!ticker_4h@arr", "!ticker_1d@arr")
+"""Streams of every symbol at once (a JSON list per event); subscribed by their full name."""
 
 _CANONICAL_KINDS = {kind.lower(): kind for kind in SUPPORTED_KINDS if kind != "kline"}
 
@@ -61,8 +78,14 @@ def validate_stream_kind(kind: str) -> str:
     """The canonical spelling of a kind a user asked for, e.g. "aggtrade" -> "aggTrade".
 
     Kinds are accepted in any case, intervals only as Binance spells them: "1m" is a
-    minute and "1M" a month. Raises ValueError naming the bad kind and the valid ones.
+    minute and "1M" a month. An all-market stream (`!miniTicker@arr`) is its own
+    stream name, spelled exactly as Binance does. Raises ValueError naming the bad kind and the valid ones.
     """
+    if kind in ALL_MARKET_STREAMS:
+        return kind
+    base, at, speed = kind.partition("@")
+    if at:
+        return _with_speed(base, speed, kind)
     prefix, underscore, interval = kind.partition("_")
     if prefix.lower() == "kline" and underscore:
         if interval in KLINE_INTERVALS:
@@ -74,7 +97,18 @@ def validate_stream_kind(kind: str) -> str:
     return canonical
 
 
+def _with_speed(base: str, speed: str, kind: str) -> str:
+    """`depth@100ms`, `depth20@100ms`: only the depth kinds have a faster variant."""
+    canonical = validate_stream_kind(base)
+    if canonical not in DEPTH_KINDS or speed != FAST_SPEED:
+        raise ValueError(
+            f"unknown stream kind {kind!r}: only {', '.join(DEPTH_KINDS)} take a speed, and it is @{FAST_SPEED}"
+        )
+    return f"{canonical}@{speed}"
+
+
 def valid_kinds_text(separator: str = ", ") -> str:
     """The kinds a user may ask for, with the kline intervals spelled out, for messages."""
     kline = f"kline_<interval> ({separator.join(KLINE_INTERVALS)})"
-    return ", ".join(kline if kind == "kline" else kind for kind in SUPPORTED_KINDS)
+    kinds = ", ".join(kline if kind == "kline" else kind for kind in SUPPORTED_KINDS)
+    return f"{kinds} (depth kinds also as <kind>@{FAST_SPEED}), or all-market {', '.join(ALL_MARKET_STREAMS)}"

@@ -81,6 +81,17 @@ def iso_ms(ms: int) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_DURATION = re.compile(r"(\d+)(ms|[smhdw])")
+
+
+def parse_duration_ms(text: str) -> int:
+    """'100ms', '1s', '5m', '1h' -> milliseconds (a step or a window, always > 0)."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"cannot read the duration {text!r}: use a positive number with ms, s, m, h, d or w, e.g. 1s")
+    return int(match[1]) * (1 if match[2] == "ms" else _UNIT_MS[match[2]])
+
+
 def check_range(start_ms: int, end_ms: int) -> None:
     if start_ms >= end_ms:
         raise ValueError(

@@ -44,6 +44,11 @@ REQUEST_WEIGHTS: dict[str, int] = {
 }
 """Binance's request weight per endpoint (the forms this client sends)."""
 
+DEPTH_WEIGHTS: tuple[tuple[int, int], ...] = ((100, 5), (500, 25), (1000, 50), (5000, 250))
+"""GET /api/v3/depth costs by its limit: up to 100 levels 5, 500 25, 1000 50, 5000 250."""
+
+MAX_DEPTH_LIMIT = 5000
+
 MAX_LIMIT = 1000
 """Most rows Binance returns per page of klines, aggTrades and historicalTrades."""
 
@@ -146,13 +151,14 @@ class BinanceRest:
         )
         return cls(settings.binance_rest_url, settings.rest_timeout_seconds, pacer)
 
-    def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
-        """GET /api/v3/<path>; returns the decoded JSON answer.
+    def get(self, path: str, params: Mapping[str, Any] | None = None, weight: int | None = None) -> Any:
+        """GET /api/v3/<path>; returns the decoded JSON answer. `weight` for endpoints
+        whose weight depends on the parameters (default: REQUEST_WEIGHTS[path]).
 
         Raises BinanceError for an answer Binance refused (4xx other than 429/418),
         RestUnavailable when a ban lasts too long or every attempt failed.
         """
-        weight = _weight(path)
+        weight = _weight(path) if weight is None else weight
         url = f"{self.base_url}/api/v3/{path}"
         failure = ""
         for attempt in range(1, ATTEMPTS + 1):
@@ -274,15 +280,27 @@ class BinanceRest:
         """Trades from `from_id` on, ascending; without it the most recent ones."""
         return self._symbol_get(symbol, "historicalTrades", {"fromId": from_id, "limit": limit})
 
-    def _symbol_get(self, symbol: str, path: str, params: Mapping[str, Any]) -> Any:
+    def depth(self, symbol: str, limit: int) -> dict[str, Any]:
+        """The order book now: {"lastUpdateId", "bids", "asks"}, best levels first."""
+        return self._symbol_get(symbol, "depth", {"limit": limit}, depth_weight(limit))
+
+    def _symbol_get(self, symbol: str, path: str, params: Mapping[str, Any], weight: int | None = None) -> Any:
         """GET an endpoint about one symbol; Binance's -1121 becomes UnknownSymbol."""
         sent = {"symbol": symbol, **{k: v for k, v in params.items() if v is not None}}
         try:
-            return self.get(path, sent)
+            return self.get(path, sent, weight)
         except BinanceError as error:
             if error.code == INVALID_SYMBOL:
                 raise _unknown_symbol(symbol, error.msg) from None
             raise
+
+
+def depth_weight(limit: int) -> int:
+    """The weight of a depth request; a limit Binance refuses raises ValueError."""
+    for most, weight in DEPTH_WEIGHTS:
+        if 1 <= limit <= most:
+            return weight
+    raise ValueError(f"depth limit {limit} is out of range: Binance accepts 1 to {MAX_DEPTH_LIMIT}")
 
 
 def _weight(path: str) -> int:

@@ -1,4 +1,4 @@
-"""`binance-recorder`: run the stack locally, subscribe, look at status, backfill, export, chart.
+"""`binance-recorder`: run the stack locally, subscribe, look at status, backfill, export, chart, book.
 
 Exit codes: 0 success, 1 something is unhealthy or a task failed, 2 bad usage or bad
 input (argparse's convention) or a bad setting, 3 a part of the stack could not start,
@@ -214,10 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _attach_relative_times(argv: Sequence[str]) -> list[str]:
-    """`--start -2h` reads as two options to argparse; make it `--start=-2h`."""
+    """`--start -2h` (or `--at -10s`) reads as two options to argparse; make it `--start=-2h`."""
     result: list[str] = []
     for arg in argv:
-        if result and result[-1] in ("--start", "--end") and re.fullmatch(r"-\d+(\.\d+)?[smhdw]", arg):
+        if result and result[-1] in ("--start", "--end", "--at") and re.fullmatch(r"-\d+(\.\d+)?[smhdw]", arg):
             result[-1] = f"{result[-1]}={arg}"
         else:
             result.append(arg)

@@ -1,4 +1,5 @@
-"""The data commands of `binance-recorder`: backfill history, export rows, draw a chart.
+"""The data commands of `binance-recorder`: backfill history, export rows, draw a chart,
+rebuild an order book.
 
 They work on the database and Binance's REST API directly, so they need Redis (for the
 shared REST weight budget) and the database, but no running worker — except
@@ -11,21 +12,25 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
 from worker.ops.clients import client_app, existing_database, redis_client
 from worker.ops.report import ProgressBar
 
+if TYPE_CHECKING:
+    from worker.ops.book import Book
+
 POLL_SECONDS = 0.5
 
 
 def add_data_commands(commands: Any) -> None:
-    """Register backfill, export and chart on the CLI's sub-command parser."""
+    """Register backfill, export, chart and book on the CLI's sub-command parser."""
     _add_backfill(commands)
     _add_export(commands)
     _add_chart(commands)
+    _add_book(commands)
 
 
 def _time_range(parser: argparse.ArgumentParser) -> None:
@@ -120,11 +125,15 @@ def _add_export(commands: Any) -> None:
     )
     parser.add_argument("symbol", help="e.g. BTCUSDT")
     parser.add_argument(
-        "kind", help="trade, aggTrade, kline_<interval>, ticker, miniTicker, bookTicker, avgPrice (or a table name)"
+        "kind",
+        help="trade, aggTrade, kline_<interval>, ticker, miniTicker, bookTicker, avgPrice, depth, ... "
+        "(or a table name); `book` writes the rebuilt order book every --step",
     )
     _time_range(parser)
     parser.add_argument("--format", choices=["csv", "parquet"], default="csv", help="(default: %(default)s)")
     parser.add_argument("-o", "--output", help="file to write (default: SYMBOL-KIND.FORMAT here)")
+    parser.add_argument("--step", default="1s", help="book only: time between rows, e.g. 100ms, 1s, 1m (default: 1s)")
+    parser.add_argument("--levels", type=int, default=10, help="book only: levels per side (default: 10)")
     parser.set_defaults(func=cmd_export)
 
 
@@ -143,10 +152,84 @@ def cmd_export(args: argparse.Namespace) -> int:
     def progress(rows: int) -> None:
         print(f"\r{rows} rows written", end="", file=sys.stderr, flush=True)
 
+    if args.kind.lower() == "book":
+        return _export_book(args, engine, start, end, path, progress)
     rows = export_rows(engine, args.kind, args.symbol, start, end, path, fmt=args.format, progress=progress)
     print(file=sys.stderr)
     print(f"{rows} rows -> {path}")
     return 0
+
+
+def _export_book(args: argparse.Namespace, engine: Engine, start: int, end: int, path: Path, progress: Any) -> int:
+    from worker.ops.book import BookUnknown
+    from worker.ops.book_export import export_book
+    from worker.times import parse_duration_ms
+
+    step = parse_duration_ms(args.step)
+    try:
+        rows = export_book(engine, args.symbol, start, end, step, args.levels, path, args.format, progress)
+    except BookUnknown as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(file=sys.stderr)
+    print(f"{rows} books -> {path}")
+    return 0
+
+
+# -- book -------------------------------------------------------------------------------
+
+
+def _add_book(commands: Any) -> None:
+    parser = commands.add_parser(
+        "book",
+        help="rebuild a symbol's order book at a past instant from the recorded depth",
+        description="Rebuild the order book from the stored snapshot and diff-depth updates. Exit 0 with "
+        "the book; 1 when the instant is before the first snapshot or inside a gap (the message says "
+        "where the nearest known books are); 2 bad input.",
+    )
+    parser.add_argument("symbol", help="e.g. BTCUSDT")
+    parser.add_argument(
+        "--at",
+        required=True,
+        help="ISO time (UTC unless a zone is given), ms since the epoch, 'now' or relative like -10s, -2h",
+    )
+    parser.add_argument("--levels", type=int, default=20, help="levels per side; 0 for all (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help='print {"symbol", "update_id", "time", "bids", "asks"}')
+    parser.set_defaults(func=cmd_book)
+
+
+def cmd_book(args: argparse.Namespace) -> int:
+    import json
+
+    from worker.ops.book import BookUnknown, book_at
+    from worker.times import parse_time
+
+    if args.levels < 0:
+        raise ValueError(f"--levels {args.levels}: give a number of levels per side, or 0 for all")
+    at = parse_time(args.at)
+    engine = existing_database(args.settings)
+    try:
+        book = book_at(engine, args.symbol, at, args.levels or None)
+    except BookUnknown as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(book.as_json()) if args.json else _book_text(book))
+    return 0
+
+
+def _book_text(book: Book) -> str:
+    """The book as a person reads it: best levels on top, bids left, asks right."""
+    from worker.times import iso_ms
+
+    lines = [
+        f"{book.symbol} at {iso_ms(book.time)}, update id {book.update_id}",
+        f"{'bid qty':>16} {'bid':>16} | {'ask':<16} {'ask qty':<16}",
+    ]
+    for index in range(max(len(book.bids), len(book.asks))):
+        bid = book.bids[index] if index < len(book.bids) else ("", "")
+        ask = book.asks[index] if index < len(book.asks) else ("", "")
+        lines.append(f"{bid[1]:>16} {bid[0]:>16} | {ask[0]:<16} {ask[1]:<16}")
+    return "\n".join(lines)
 
 
 # -- chart ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
+    LargeBinary,
     Select,
     String,
     Table,
@@ -311,6 +312,7 @@ def _arrow_type(sql_type: Any) -> pa.DataType:
         (BigInteger, pa.int64()),
         (Float, pa.float64()),
         (String, pa.string()),
+        (LargeBinary, pa.binary()),  # packed book levels (worker/store/depth.py)
     ):
         if isinstance(sql_type, sql_class):
             return arrow_type

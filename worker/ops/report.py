@@ -71,8 +71,24 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
         f"frames trimmed: {snapshot['frames_trimmed']}   backlog: {snapshot['backlog']}",
         f"redis memory: {_memory_text(snapshot['redis_memory'])}",
     ]
+    if snapshot.get("books"):
+        parts[2:2] = [_books_table(snapshot["books"], now), ""]
     parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(parts)
+
+
+def _books_table(books: Sequence[dict[str, Any]], now: int) -> str:
+    rows = [
+        (
+            b["symbol"],
+            b["state"] if b["gap_since"] is None else f"{b['state']} (gap since {utc_text(b['gap_since'])})",
+            b["last_update_id"] if b["last_update_id"] is not None else "-",
+            b["updates_per_second"],
+            age(b["last_event_time"], now),
+        )
+        for b in books
+    ]
+    return table(["BOOK", "STATE", "LAST UPDATE ID", "UPD/S", "LAST UPDATE"], rows)
 
 
 class ProgressBar:

@@ -17,6 +17,7 @@ from worker.buffer import FrameBuffer
 from worker.groups import MORE_STREAM_PROCESSES, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
+from worker.store.books import RESYNCING, book_states
 from worker.store.failures import storage_advice, storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS
 from worker.times import now_ms
@@ -73,6 +74,26 @@ def redis_memory(client: redis.Redis) -> dict[str, int]:
     return {"used": int(info["used_memory"]), "max": int(info.get("maxmemory", 0))}
 
 
+BOOK_RESYNC_PATIENCE_MS = 60_000
+"""A book unknown for longer than this is a problem: resyncing takes a drain or two plus
+one snapshot request, a few seconds, unless snapshots fail or the stream is stuck."""
+
+
+def book_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]:
+    """Per symbol with a diff-depth stream: the book's state as the drain follows it."""
+    return [
+        {
+            "symbol": symbol,
+            "state": book.state,
+            "gap_since": book.gap_since,
+            "last_update_id": book.last_update_id,
+            "last_event_time": book.last_event_time,
+            "updates_per_second": book.updates_per_second,
+        }
+        for symbol, book in book_states(client, keys).items()
+    ]
+
+
 def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> dict[str, Any]:
     keys = RedisKeys(settings.redis_prefix)
     counters = {as_text(k): int(v) for k, v in client.hgetall(keys.counters).items()}
@@ -84,6 +105,7 @@ def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> d
         "backlog": sum(buffer.backlog(key) for key in buffer.list_keys()),
         "storage_error": storage_error(client, keys),
         "redis_memory": redis_memory(client),
+        "books": book_statuses(client, keys),
         "dead_letters": counters.get("dead_letters", 0),
         "frames_drained": counters.get("frames_drained", 0),
         "frames_trimmed": counters.get("frames_trimmed", 0),
@@ -112,6 +134,13 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
             found.append(f"{name} received nothing for {(now - last) / 1000:.0f}s")
         if group["backlog"] > behind:
             found.append(f"{name} has {group['backlog']} frames waiting in Redis: is the drain running?")
+    for book in snapshot.get("books", []):
+        unknown_since = book["gap_since"]
+        if book["state"] == RESYNCING and unknown_since is not None and now - unknown_since > BOOK_RESYNC_PATIENCE_MS:
+            found.append(
+                f"order book of {book['symbol']} unknown for {(now - unknown_since) / 1000:.0f}s: is beat running "
+                "tasks.snapshot_books, and can it reach BINANCE_REST_URL?"
+            )
     found.extend(_storage_problems(snapshot))
     return found
 

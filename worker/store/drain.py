@@ -38,6 +38,7 @@ from worker.buffer import Claim, FrameBuffer
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.lease import Lease
+from worker.store.books import follow_books
 from worker.store.parsing import ParsedBatch, Row, parse_frames
 from worker.store.storage import store_rows
 from worker.times import now_ms
@@ -172,8 +173,15 @@ class Drainer:
         if not claims:
             return 0
         parsed = [parse_frames(claim.elements) for claim in claims]
+        rows = _merged_rows(parsed)
         with self.engine.begin() as conn:
-            stored = store_rows(conn, _merged_rows(parsed))
+            stored = store_rows(conn, rows)
+            # Order-book continuity is checked here, where the events are stored (see
+            # worker/store/books.py); the states are saved once the rows are committed.
+            depth_rows = rows.get("depth_updates")
+            books = follow_books(conn, self.client, self.keys, depth_rows, now_ms()) if depth_rows else None
+        if books is not None:
+            books.save(self.client, self.keys)
         self._acknowledge(claims, parsed)
         report.batches += len(claims)
         report.rows.update(stored)

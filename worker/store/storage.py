@@ -35,6 +35,7 @@ from sqlalchemy import (
     Index,
     Insert,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -74,6 +75,11 @@ def _ints(*names: str, nullable: bool = False) -> list[Column[Any]]:
 
 def _flag(name: str) -> Column[Any]:
     return Column(name, Boolean, nullable=False)
+
+
+def _levels(*names: str) -> list[Column[Any]]:
+    """Price levels of one book side, packed float64 pairs (see worker/store/depth.py)."""
+    return [Column(name, LargeBinary, nullable=False) for name in names]
 
 
 def _received_at() -> Column[Any]:
@@ -178,6 +184,83 @@ avg_prices = Table(
     _received_at(),
 )
 
+# Order books. A diff event covers the update ids first_update_id..final_update_id, and
+# final_update_id is its natural key; its levels carry absolute quantities (0 removes).
+depth_updates = Table(
+    "depth_updates",
+    metadata,
+    _symbol(),
+    _key("final_update_id"),
+    *_ints("first_update_id", "event_time"),
+    *_levels("bids", "asks"),
+    _received_at(),
+)
+
+# `GET /api/v3/depth` answers: the book at update id last_update_id, best levels first.
+depth_snapshots = Table(
+    "depth_snapshots",
+    metadata,
+    _symbol(),
+    _key("last_update_id"),
+    *_levels("bids", "asks"),
+    _received_at(),
+)
+
+# Top-N books of `<s>@depth<N>`. depth5 and depth20 of one symbol carry the same
+# lastUpdateId, so the number of levels is part of the key.
+partial_depth = Table(
+    "partial_depth",
+    metadata,
+    _symbol(),
+    Column("levels", Integer, primary_key=True),
+    _key("last_update_id"),
+    *_levels("bids", "asks"),
+    _received_at(),
+)
+
+# Rolling-window tickers `<s>@ticker_<1h|4h|1d>` and `!ticker_<w>@arr`.
+window_tickers = Table(
+    "window_tickers",
+    metadata,
+    _symbol(),
+    Column("window", String(3), primary_key=True),
+    _key("event_time"),
+    *_reals(
+        "price_change",
+        "price_change_percent",
+        "open_price",
+        "high_price",
+        "low_price",
+        "last_price",
+        "weighted_avg_price",
+        "base_volume",
+        "quote_volume",
+    ),
+    *_ints("open_time", "close_time", "first_trade_id", "last_trade_id", "trade_count"),
+    _received_at(),
+)
+
+block_trades = Table(
+    "block_trades",
+    metadata,
+    _symbol(),
+    _key("block_trade_id"),
+    *_reals("price", "qty"),
+    *_ints("trade_time"),
+    _flag("buyer_is_maker"),
+    *_ints("event_time"),
+    _received_at(),
+)
+
+reference_prices = Table(
+    "reference_prices",
+    metadata,
+    _symbol(),
+    _key("time"),
+    Column("reference_price", Float, nullable=True),  # Binance sends null when there is none
+    _received_at(),
+)
+
 # Not a data table (not in TABLES): the backfill task's record of missing ids and kline
 # slots. Unique on where a gap starts, so finding the same hole again adds no row.
 gaps = Table(
@@ -185,8 +268,9 @@ gaps = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("symbol", String(32), nullable=False),
-    Column("kind", String(16), nullable=False),  # trade, aggTrade, kline_<interval>
-    # Ids, or open times (ms) for klines; both ends missing.
+    Column("kind", String(16), nullable=False),  # trade, aggTrade, kline_<interval>, depth
+    # Ids, or open times (ms) for klines; both ends missing. For depth: the event times
+    # (ms) of the last update before the book became unknown and the first after.
     *_ints("first_missing", "last_missing", "found_at"),
     *_ints("filled_at", nullable=True),
     Column("status", String(16), nullable=False),  # open, filled, unfillable
@@ -203,8 +287,12 @@ market_data = CreateView(
 )
 
 TABLES: dict[str, Table] = {
-    table.name: table for table in (trades, agg_trades, klines, tickers, mini_tickers, book_tickers, avg_prices)
-}
+    table.name: table
+    for table in (
+        trades, agg_trades, klines, tickers, mini_tickers, book_tickers, avg_prices,
+        depth_updates, depth_snapshots, partial_depth, window_tickers, block_trades, reference_prices,
+    )
+}  # fmt: skip
 """The data tables by name (the view is not one of them: nothing inserts into it)."""
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {name: tuple(table.columns.keys()) for name, table in TABLES.items()}
@@ -218,6 +306,12 @@ TIME_COLUMNS: dict[str, str] = {
     "mini_tickers": "event_time",
     "book_tickers": "received_at",
     "avg_prices": "event_time",
+    "depth_updates": "event_time",
+    "depth_snapshots": "received_at",
+    "partial_depth": "received_at",
+    "window_tickers": "event_time",
+    "block_trades": "trade_time",
+    "reference_prices": "time",
 }
 """The column (ms since the epoch) that says when a row happened: for status (newest
 row), retention (rows past their age) and exports."""
@@ -239,6 +333,11 @@ def _index_time_columns() -> None:
 
 
 _index_time_columns()
+
+# A book at an instant starts from the symbol's last update at or before it. Without
+# this index SQLite reads every stored update of the symbol (36,000 an hour at 100 ms)
+# and sorts them; with it, one seek. Its cost on the drain: see README "Order books".
+Index("ix_depth_updates_symbol_event_time", depth_updates.c.symbol, depth_updates.c.event_time)
 
 _DIALECT_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 

@@ -1,0 +1,289 @@
+"""Part 7, order books: diff depth at 2,000 events/s, its storage, and rebuilding a book.
+
+- drain capacity: the real Drainer (parse, store, continuity check per symbol) on a
+  backlog of depth@100ms frames of 200 interleaved symbols in a real redis-server;
+- sustained: 200 symbols x depth@100ms = 2,000 events/s pushed into Redis as a
+  subscription task does (a flush with its clock mark every 50 ms, event time = push
+  time) while the Drainer runs every DRAIN_INTERVAL_SECONDS; latency = when a reader
+  of the SQLite file first sees a row (polled every 10 ms) - its event time;
+- storage: bytes per symbol-hour of `depth_updates` (table and indexes, SQLite's
+  dbstat), against the same rows with the levels kept as Binance's JSON text;
+- rebuild: `book_at` at the end of one hour of depth@100ms (36,000 events on a
+  1,000-level snapshot), and the levels' decoding alone, packed against JSON.
+
+Events change LEVELS_PER_EVENT levels (half bids, half asks; one in five removed),
+about what a liquid symbol's depth@100ms event carries; the generator is seeded.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from bench.figures import latency_summary
+from bench.procs import service_env
+from worker.buffer import FrameBuffer, clock_mark
+from worker.groups import Group, GroupRegistry
+from worker.keys import RedisKeys
+from worker.ops.book import book_at
+from worker.ops.local_stack import LocalStack
+from worker.store.depth import pack_levels, snapshot_row, unpack_levels
+from worker.store.drain import Drainer
+from worker.store.storage import create_schema, make_engine, store_rows
+from worker.times import now_ms
+
+SYMBOLS = 200
+EVENTS_PER_SECOND_PER_SYMBOL = 10  # depth@100ms
+LEVELS_PER_EVENT = 20
+SNAPSHOT_LEVELS = 1000
+FLUSH_MS = 50
+POLL_SECONDS = 0.01
+HOUR_EVENTS = 3600 * EVENTS_PER_SECOND_PER_SYMBOL
+GROUP = Group("bench-depth", ("btcusdt@depth@100ms",))
+
+
+@dataclass(frozen=True)
+class DepthSizes:
+    backlog_seconds: int  # of 2,000 events/s, drained as a backlog
+    sustained_seconds: float
+    rebuild_events: int
+
+
+QUICK_DEPTH = DepthSizes(backlog_seconds=2, sustained_seconds=3, rebuild_events=3_600)
+FULL_DEPTH = DepthSizes(backlog_seconds=15, sustained_seconds=60, rebuild_events=HOUR_EVENTS)
+
+
+class DepthFeed:
+    """Chained depth@100ms events of many symbols, around a price of 100."""
+
+    def __init__(self, symbols: list[str], seed: int = 7) -> None:
+        self.symbols = symbols
+        self.rng = random.Random(seed)
+        self.next_id = dict.fromkeys(symbols, 1)
+
+    def levels(self, side: str) -> list[list[str]]:
+        base = 100.0 if side == "a" else 99.99
+        sign = 1 if side == "a" else -1
+        chosen = []
+        for _ in range(LEVELS_PER_EVENT // 2):
+            price = base + sign * self.rng.randrange(SNAPSHOT_LEVELS) * 0.01
+            qty = 0.0 if self.rng.random() < 0.2 else self.rng.randrange(1, 10**6) / 1000
+            chosen.append([f"{price:.8f}", f"{qty:.8f}"])
+        return chosen
+
+    def event(self, symbol: str, event_time: int) -> dict[str, Any]:
+        first = self.next_id[symbol]
+        final = first + self.rng.randrange(1, 6)  # one event covers several update ids
+        self.next_id[symbol] = final + 1
+        return {"e": "depthUpdate", "E": event_time, "s": symbol, "U": first, "u": final,
+                "b": self.levels("b"), "a": self.levels("a")}  # fmt: skip
+
+    def frames(self, event_time: int) -> list[bytes]:
+        """One 100 ms tick: an event of every symbol, as combined-stream frames."""
+        return [
+            orjson.dumps({"stream": f"{s.lower()}@depth@100ms", "data": self.event(s, event_time)})
+            for s in self.symbols
+        ]
+
+    def snapshot(self, symbol: str, last_update_id: int) -> tuple[Any, ...]:
+        bids = [[f"{99.99 - i * 0.01:.8f}", "1.00000000"] for i in range(SNAPSHOT_LEVELS)]
+        asks = [[f"{100 + i * 0.01:.8f}", "1.00000000"] for i in range(SNAPSHOT_LEVELS)]
+        return snapshot_row(symbol, {"lastUpdateId": last_update_id, "bids": bids, "asks": asks}, 0)
+
+
+def measure_depth(workdir: Path, sizes: DepthSizes, drain_interval: float, batch_size: int) -> dict[str, Any]:
+    directory = workdir / "depth"
+    symbols = [f"SYM{i:04d}USDT" for i in range(1, SYMBOLS + 1)]
+    with LocalStack(directory, env=service_env()) as stack:
+        client = redis.Redis.from_url(stack.start_redis())
+        capacity = _drain_capacity(client, directory / "capacity.db", symbols, sizes, batch_size)
+        sustained = _sustained(client, directory / "sustained.db", symbols, sizes, drain_interval, batch_size)
+    return {
+        "symbols": SYMBOLS,
+        "levels_per_event": LEVELS_PER_EVENT,
+        "drain_capacity": capacity,
+        "sustained": sustained,
+        "storage": _storage(directory / "sustained.db", directory / "json.db"),
+        "rebuild": _rebuild(directory / "rebuild.db", sizes.rebuild_events),
+    }
+
+
+def _prepared(client: redis.Redis, db: Path, symbols: list[str], batch_size: int) -> tuple[Drainer, str]:
+    """A fresh database whose books start on a snapshot at id 0, and a registered list."""
+    client.flushdb()
+    keys = RedisKeys("bench")
+    GroupRegistry(client, keys).want(GROUP)
+    engine = make_engine(f"sqlite:///{db}")
+    create_schema(engine)
+    feed = DepthFeed(symbols)
+    with engine.begin() as conn:
+        store_rows(conn, {"depth_snapshots": [feed.snapshot(s, 0) for s in symbols]})
+    return Drainer(client, keys, engine, batch_size), FrameBuffer(client, keys).register(GROUP.id)
+
+
+def _drain_capacity(
+    client: redis.Redis, db: Path, symbols: list[str], sizes: DepthSizes, batch_size: int
+) -> dict[str, Any]:
+    drainer, key = _prepared(client, db, symbols, batch_size)
+    feed = DepthFeed(symbols)
+    ticks = sizes.backlog_seconds * EVENTS_PER_SECOND_PER_SYMBOL
+    for tick in range(ticks):
+        event_time = 1_700_000_000_000 + tick * 100
+        client.rpush(key, clock_mark(event_time), *feed.frames(event_time))
+    started = time.perf_counter()
+    report = drainer.drain(time_budget=600)
+    seconds = time.perf_counter() - started
+    rows = report.rows["depth_updates"]
+    if rows != ticks * len(symbols) or client.llen(key):
+        raise RuntimeError(f"the drainer stored {dict(report.rows)}, expected {ticks * len(symbols)} depth rows")
+    return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds, "batch_size": batch_size}
+
+
+def _sustained(
+    client: redis.Redis, db: Path, symbols: list[str], sizes: DepthSizes, drain_interval: float, batch_size: int
+) -> dict[str, Any]:
+    drainer, key = _prepared(client, db, symbols, batch_size)
+    feed = DepthFeed(symbols)
+    # Built before the clock starts, with the event time filled in when pushed, so that
+    # making the frames does not compete with the drain for the interpreter.
+    ticks = [feed.frames(0) for _ in range(int(sizes.sustained_seconds * EVENTS_PER_SECOND_PER_SYMBOL))]
+    stop = threading.Event()
+    pushed: dict[str, float] = {}
+    producer = threading.Thread(target=_produce, args=(client, key, ticks, pushed), daemon=True)
+    latencies: list[int] = []
+    watcher = threading.Thread(target=_watch, args=(db, stop, latencies), daemon=True)
+    watcher.start()
+    producer.start()
+    drain_seconds = []
+    while producer.is_alive():
+        tick = time.monotonic()
+        drainer.drain(time_budget=drain_interval * 10)
+        drain_seconds.append(time.monotonic() - tick)
+        time.sleep(max(0.0, drain_interval - (time.monotonic() - tick)))
+    drainer.drain(time_budget=60)
+    time.sleep(0.1)
+    stop.set()
+    watcher.join()
+    return {
+        "seconds": sizes.sustained_seconds,
+        "offered_events_per_second": pushed["events"] / pushed["seconds"],
+        "drain_interval_seconds": drain_interval,
+        "busiest_drain_seconds": max(drain_seconds),
+        "latency": latency_summary(latencies),
+    }
+
+
+def _produce(client: redis.Redis, key: str, ticks: list[list[bytes]], pushed: dict[str, float]) -> None:
+    """Every 100 ms one event per symbol, flushed in two halves 50 ms apart, like FrameWriter."""
+    started = next_at = time.monotonic()
+    events = 0
+    for frames in ticks:
+        stamp = f'"E":{now_ms()},'.encode()
+        frames = [frame.replace(b'"E":0,', stamp, 1) for frame in frames]
+        half = len(frames) // 2
+        for part in (frames[:half], frames[half:]):
+            client.rpush(key, clock_mark(now_ms()), *part)
+            events += len(part)
+            next_at += FLUSH_MS / 1000
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    pushed.update(events=events, seconds=time.monotonic() - started)
+
+
+def _watch(db: Path, stop: threading.Event, latencies: list[int]) -> None:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+    last = 0
+    while not stop.is_set():
+        rows = conn.execute(
+            "SELECT rowid, event_time FROM depth_updates WHERE rowid > ? ORDER BY rowid", (last,)
+        ).fetchall()
+        seen = now_ms()
+        if rows:
+            last = rows[-1][0]
+            latencies.extend(seen - event_time for _, event_time in rows)
+        time.sleep(POLL_SECONDS)
+    conn.close()
+
+
+def _table_bytes(conn: sqlite3.Connection, table: str) -> int:
+    """The pages of a table and of its indexes (dbstat counts each B-tree by name)."""
+    names = [table] + [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = ?", (table,))]
+    marks = ",".join("?" * len(names))
+    return int(conn.execute(f"SELECT sum(pgsize) FROM dbstat WHERE name IN ({marks})", names).fetchone()[0])
+
+
+def _storage(packed_db: Path, json_db: Path) -> dict[str, Any]:
+    """Bytes per symbol-hour of depth_updates as stored, and with the levels as JSON text."""
+    packed = sqlite3.connect(packed_db)
+    rows = packed.execute("SELECT * FROM depth_updates").fetchall()
+    packed_bytes = _table_bytes(packed, "depth_updates")
+    json_db.unlink(missing_ok=True)
+    as_json = sqlite3.connect(json_db)
+    # The same table and indexes, with TEXT levels.
+    for (sql,) in packed.execute("SELECT sql FROM sqlite_master WHERE tbl_name = 'depth_updates' AND sql IS NOT NULL"):
+        as_json.execute(sql.replace("BLOB", "TEXT"))
+    as_json.executemany(
+        "INSERT INTO depth_updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(*row[:4], _as_json(row[4]), _as_json(row[5]), row[6]) for row in rows],
+    )
+    as_json.commit()
+    json_bytes = _table_bytes(as_json, "depth_updates")
+    packed.close()
+    as_json.close()
+    per_hour = HOUR_EVENTS / len(rows)
+    return {
+        "rows": len(rows),
+        "packed_bytes_per_symbol_hour": packed_bytes * per_hour,
+        "json_bytes_per_symbol_hour": json_bytes * per_hour,
+        "packed_bytes_per_event": packed_bytes / len(rows),
+        "json_bytes_per_event": json_bytes / len(rows),
+    }
+
+
+def _as_json(packed: bytes) -> str:
+    """The levels as Binance sends them: [["price", "qty"], ...] with 8 decimals."""
+    return orjson.dumps([[f"{p:.8f}", f"{q:.8f}"] for p, q in unpack_levels(packed)]).decode()
+
+
+def _rebuild(db: Path, events: int) -> dict[str, Any]:
+    """One symbol: a 1,000-level snapshot, then `events` depth@100ms events."""
+    db.unlink(missing_ok=True)
+    engine = make_engine(f"sqlite:///{db}")
+    create_schema(engine)
+    feed = DepthFeed(["BTCUSDT"])
+    start = 1_700_000_000_000
+    rows, json_levels = [], []
+    for n in range(events):
+        e = feed.event("BTCUSDT", start + n * 100)
+        rows.append(("BTCUSDT", e["u"], e["U"], e["E"], pack_levels(e["b"]), pack_levels(e["a"]), None))
+        json_levels.append((orjson.dumps(e["b"]), orjson.dumps(e["a"])))
+    with engine.begin() as conn:
+        store_rows(conn, {"depth_snapshots": [feed.snapshot("BTCUSDT", 0)], "depth_updates": rows})
+    started = time.perf_counter()
+    book = book_at(engine, "BTCUSDT", start + events * 100, levels=20)
+    rebuild_seconds = time.perf_counter() - started
+    engine.dispose()
+    if book.update_id != rows[-1][1]:
+        raise RuntimeError(f"rebuilt to update {book.update_id}, expected {rows[-1][1]}")
+    started = time.perf_counter()
+    for bids, asks in ((row[4], row[5]) for row in rows):
+        unpack_levels(bids), unpack_levels(asks)
+    packed_decode = time.perf_counter() - started
+    started = time.perf_counter()
+    for bids, asks in json_levels:
+        [(float(p), float(q)) for p, q in orjson.loads(bids)], [(float(p), float(q)) for p, q in orjson.loads(asks)]
+    json_decode = time.perf_counter() - started
+    return {
+        "events": events,
+        "replayed_hours": events / HOUR_EVENTS,
+        "book_at_seconds": rebuild_seconds,
+        "decode_packed_seconds": packed_decode,
+        "decode_json_seconds": json_decode,
+    }

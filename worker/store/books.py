@@ -1,0 +1,206 @@
+"""Order-book continuity, checked where diff-depth events are drained.
+
+A diff-depth event is only useful on top of the book it changes, so one lost event
+corrupts every book after it. The drain, not the socket thread, checks that each
+symbol's events chain (`U` = previous `u` + 1; an event with `u` at or below the last
+one is a rotation overlap or a replayed batch, and is skipped) because it sees the
+events in order and in batches, where the check costs nothing.
+
+A break (reconnect, rotation without overlap, Redis trim, lost frames) makes the
+book unknown: a `gaps` row (kind `depth`, the event times of the last update before
+and the first update after, in ms) records it, and the symbol goes into the
+"needs snapshot" set, from which `tasks.snapshot_books` (worker/exchange/snapshots.py)
+fetches a REST snapshot. Once a stored snapshot sits inside the events that followed
+the break (Binance's rule: `lastUpdateId >= first U - 1`), the book is synced again
+and the gap's end is the first event applied on top of the snapshot. A snapshot that
+is older than the break (REST lags the streams) leaves the symbol in the set, so a
+newer one is fetched.
+
+The state per symbol lives in Redis (`RedisKeys.book`), where `status` reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy import Connection, func, select, update
+
+from worker.groups import GroupRegistry
+from worker.keys import RedisKeys, as_text
+from worker.store.storage import depth_snapshots, depth_updates, gaps, insert_or_ignore
+from worker.streams import stream_kind
+
+SYNCED, RESYNCING = "synced", "resyncing"
+DEPTH_GAP_KIND = "depth"
+UNFILLABLE = "unfillable"  # Binance serves no order-book history: a depth gap stays a gap
+GAP_REASON = "order book unknown: diff-depth updates were lost and REST serves no past books"
+
+# Column positions of a depth_updates row (see storage.depth_updates).
+_SYMBOL, _FINAL, _FIRST, _TIME = 0, 1, 2, 3
+
+
+@dataclass
+class BookState:
+    """What the drain knows of one symbol's book."""
+
+    state: str = RESYNCING
+    last_update_id: int | None = None
+    last_event_time: int | None = None
+    resync_from: int | None = None  # first U after the break: a snapshot must reach it
+    gap_since: int | None = None  # event time of the last update before the break
+    updates_per_second: float = 0.0
+
+    @classmethod
+    def load(cls, client: redis.Redis, keys: RedisKeys, symbol: str) -> BookState:
+        return cls.from_hash(client.hgetall(keys.book(symbol)))
+
+    @classmethod
+    def from_hash(cls, stored: dict[Any, Any]) -> BookState:
+        raw = {as_text(k): as_text(v) for k, v in stored.items()}
+        ints = {name: int(raw[name]) if raw.get(name) else None for name in _INT_FIELDS}
+        return cls(
+            state=raw.get("state", RESYNCING),
+            updates_per_second=float(raw.get("updates_per_second", 0)),
+            **ints,
+        )
+
+    def as_fields(self) -> dict[str, str]:
+        return {
+            "state": self.state,
+            "updates_per_second": f"{self.updates_per_second:.2f}",
+            **{name: "" if getattr(self, name) is None else str(getattr(self, name)) for name in _INT_FIELDS},
+        }
+
+
+_INT_FIELDS = ("last_update_id", "last_event_time", "resync_from", "gap_since")
+
+
+@dataclass
+class FollowedBooks:
+    """The book states after a batch, to be saved once the batch's transaction commits:
+    saved before, a failed commit would leave Redis past events (and a gaps row) that
+    were never stored, and the retried batch would not see the break again."""
+
+    books: dict[str, BookState]
+    needing_snapshot: list[str]
+
+    @property
+    def states(self) -> dict[str, str]:
+        return {symbol: book.state for symbol, book in self.books.items()}
+
+    def save(self, client: redis.Redis, keys: RedisKeys) -> None:
+        with client.pipeline(transaction=True) as pipe:
+            for symbol, book in self.books.items():
+                pipe.hset(keys.book(symbol), mapping={name: value for name, value in book.as_fields().items()})
+            pipe.sadd(keys.books, *self.books)
+            if self.needing_snapshot:
+                pipe.sadd(keys.books_needing_snapshot, *self.needing_snapshot)
+            pipe.execute()
+
+
+def follow_books(
+    conn: Connection, client: redis.Redis, keys: RedisKeys, rows: Sequence[tuple[Any, ...]], now_ms: int
+) -> FollowedBooks:
+    """Follow each symbol's events in `rows` (depth_updates rows, as received, stored in
+    `conn`'s transaction): record breaks in `gaps` and resyncs, in that transaction.
+    A replayed batch (the drain died before its ack) is followed again harmlessly: its
+    events are at or below the saved update ids, and a gaps row is keyed by its start."""
+    by_symbol: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        by_symbol.setdefault(row[_SYMBOL], []).append(row)
+    # One round trip to read every symbol's state (and one to save them): a batch of
+    # 200 symbols took 0.19 s with a round trip per symbol, 0.01 s like this.
+    with client.pipeline(transaction=False) as pipe:
+        for symbol in by_symbol:
+            pipe.hgetall(keys.book(symbol))
+        stored = pipe.execute()
+    followed = FollowedBooks(
+        {symbol: BookState.from_hash(raw) for symbol, raw in zip(by_symbol, stored, strict=True)}, []
+    )
+    for symbol, events in by_symbol.items():
+        book = followed.books[symbol]
+        _follow(conn, book, symbol, events, now_ms)
+        if book.state == RESYNCING and _try_resync(conn, book, symbol):
+            followed.needing_snapshot.append(symbol)
+    return followed
+
+
+def _follow(conn: Connection, book: BookState, symbol: str, events: list[tuple[Any, ...]], now_ms: int) -> None:
+    applied_times = []
+    for event in events:
+        final, first, event_time = event[_FINAL], event[_FIRST], event[_TIME]
+        last = book.last_update_id
+        if last is not None and final <= last:
+            continue  # a rotation overlap or a replayed batch: already followed
+        if last is None or first > last + 1:
+            _break(conn, book, symbol, first, event_time, now_ms)
+        book.last_update_id, book.last_event_time = final, event_time
+        applied_times.append(event_time)
+    if len(applied_times) > 1 and applied_times[-1] > applied_times[0]:
+        book.updates_per_second = (len(applied_times) - 1) * 1000 / (applied_times[-1] - applied_times[0])
+
+
+def _break(conn: Connection, book: BookState, symbol: str, first: int, event_time: int, now_ms: int) -> None:
+    """Events are missing before `first` (or this is the first event ever seen)."""
+    if book.state == SYNCED and book.last_event_time is not None:
+        book.gap_since = book.last_event_time
+        row = {
+            "symbol": symbol, "kind": DEPTH_GAP_KIND, "first_missing": book.gap_since,
+            "last_missing": event_time, "found_at": now_ms, "status": UNFILLABLE,
+            "rows_fetched": 0, "reason": GAP_REASON,
+        }  # fmt: skip
+        conn.execute(insert_or_ignore(conn.dialect.name, gaps), row)
+    book.state = RESYNCING
+    book.resync_from = first
+
+
+def _try_resync(conn: Connection, book: BookState, symbol: str) -> bool:
+    """Synced again once a stored snapshot falls inside the events since the break.
+    Returns whether a newer snapshot than the stored ones is needed."""
+    if book.resync_from is None or book.last_update_id is None:
+        return True
+    snapshot_id = conn.scalar(
+        select(func.min(depth_snapshots.c.last_update_id)).where(
+            depth_snapshots.c.symbol == symbol,
+            depth_snapshots.c.last_update_id >= book.resync_from - 1,
+        )
+    )
+    if snapshot_id is None:
+        return True  # none, or all older than the break (REST lags the streams)
+    if snapshot_id > book.last_update_id:
+        return False  # newer than the events drained so far: a later drain syncs
+    known_again = conn.scalar(
+        select(depth_updates.c.event_time)
+        .where(depth_updates.c.symbol == symbol, depth_updates.c.final_update_id > snapshot_id)
+        .order_by(depth_updates.c.final_update_id)
+        .limit(1)
+    )
+    if book.gap_since is not None and known_again is not None:
+        conn.execute(
+            update(gaps)
+            .where(gaps.c.symbol == symbol, gaps.c.kind == DEPTH_GAP_KIND, gaps.c.first_missing == book.gap_since)
+            .values(last_missing=known_again)
+        )
+    book.state, book.resync_from, book.gap_since = SYNCED, None, None
+    return False
+
+
+def wanted_books(client: redis.Redis, keys: RedisKeys) -> set[str]:
+    """Symbols whose diff-depth stream is wanted now."""
+    groups = GroupRegistry(client, keys).wanted().values()
+    return {
+        stream.partition("@")[0].upper()
+        for group in groups
+        for stream in group.streams
+        if not stream.startswith("!") and stream_kind(stream) == "depth"
+    }
+
+
+def book_states(client: redis.Redis, keys: RedisKeys) -> dict[str, BookState]:
+    """The book state of every symbol whose diff depth is recorded now, by symbol (the
+    drain keeps the state of an unsubscribed book: a new subscription continues it)."""
+    followed = {as_text(s) for s in client.smembers(keys.books)}
+    return {symbol: BookState.load(client, keys, symbol) for symbol in sorted(followed & wanted_books(client, keys))}
