@@ -21,7 +21,9 @@ LOCK_TTL_SECONDS = 120.0
 @app.task(name="tasks.snapshot_books", send_events=False)  # a tick a second: no rows in Flower; states in status
 def snapshot_books() -> dict[str, Any]:
     """Snapshots for books that must be (re)synced or are due; one run at a time. The
-    result also lists every recorded book's state, so Flower shows them every second."""
+    result also lists every recorded book's state for a caller; beat's ticks keep no
+    result and send no events (a row a second would bury the recording tasks in Flower),
+    so the states are read in `status`."""
     settings = get_settings()
     client = redis_client()
     keys = RedisKeys(settings.redis_prefix)

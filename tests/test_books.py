@@ -204,8 +204,10 @@ def test_a_book_syncs_on_a_straddling_snapshot_and_a_break_records_a_gap_until_t
     with engine.connect() as conn:
         assert conn.execute(select(gaps.c.last_missing)).scalar_one() == T0 + 1500  # first event on it
     state = BookState.load(redis_client, keys, SYMBOL)
-    # The rate is of the last batch with two events or more: the first, 300 ms apart.
-    assert (state.last_update_id, state.gap_since, state.updates_per_second) == (16, None, 3.33)
+    # The rate starts at 1 event in the 200 ms after the first round (5/s), then follows
+    # each round with a 10 s time constant: 10/s over 100 ms, 2.5/s over 400 ms, 5/s,
+    # 10/s move it by 1%, 4%, 2% and 1% of the difference: 4.9995, stored as 5.00.
+    assert (state.last_update_id, state.gap_since, state.updates_per_second) == (16, None, 5.0)
 
 
 def test_a_batch_whose_transaction_fails_shows_its_break_again_when_retried(
@@ -298,7 +300,14 @@ def test_book_steps_skip_unknown_instants_and_export_streams_them(engine: Engine
 
 def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
     book = {"symbol": SYMBOL, "state": RESYNCING, "gap_since": T0, "last_update_id": 9, "last_event_time": T0}
-    snapshot: dict[str, Any] = {"generated_at": T0 + 61_000, "groups": [], "books": [book]}
+    snapshot: dict[str, Any] = {
+        "generated_at": T0 + 61_000,
+        "groups": [],
+        "books": [book],
+        "storage_error": None,
+        "redis_memory": {"used": 1, "max": 0},
+        "backlog": 0,
+    }
     assert problems(snapshot, Settings()) == [
         "order book of BTCUSDT unknown for 61s: "
         "is beat running tasks.snapshot_books, and can it reach BINANCE_REST_URL?"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -176,7 +177,24 @@ def test_a_killed_streams_worker_leaves_a_gap_and_the_books_come_back(stack: Loc
         assert_equals_the_fakes(stack, book_json(stack, symbol, "-1s", levels=50), levels=50)
 
 
+def book_known_since(stack: LocalStack, db: Engine, symbol: str) -> int | None:
+    """When the symbol's book was last resynced (ms), 0 if never broken since its start,
+    None while it is unknown."""
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    if book_states(client, RedisKeys("recorder"))[symbol].state != "synced":
+        return None
+    query = f"select max(last_missing) from gaps where kind = 'depth' and symbol = '{symbol}'"
+    return int(rows(db, query)[0][0] or 0)
+
+
 def test_book_export_every_second_matches_the_fakes_books(stack: LocalStack, db: Engine, tmp_path: Path) -> None:
+    # The tests before this one break the books on purpose: export a window the book
+    # covers whole, one that starts after the last resync.
+    wait_until(
+        lambda: (known := book_known_since(stack, db, "BTCUSDT")) is not None and known < time.time() * 1000 - 9000,
+        60,
+        "BTCUSDT's book known for the last 9 s",
+    )
     path = tmp_path / "btc-book.csv"
     done = cli(stack, "export", "BTCUSDT", "book", "--start", "-8s", "--end", "-1s", "--step", "1s", "--levels", "10",
                "-o", str(path))  # fmt: skip
@@ -210,8 +228,6 @@ def test_partial_depth_and_the_2026_streams_land_in_their_tables(stack: LocalSta
 
 
 def test_an_all_market_stream_is_unsubscribed_by_its_name(stack: LocalStack) -> None:
-    import redis
-
     registry = GroupRegistry(redis.Redis.from_url(stack.env["REDIS_URL"]), RedisKeys("recorder"))
     before = registry.covered_streams()
     assert "!miniTicker@arr" in before

@@ -128,7 +128,13 @@ def follow_books(
     return followed
 
 
+RATE_SMOOTHING_MS = 10_000
+"""The updates-per-second figure follows the event times with this time constant: a
+drain round (one every flush, 50 ms) holds about one event of a depth@100ms book."""
+
+
 def _follow(conn: Connection, book: BookState, symbol: str, events: list[tuple[Any, ...]], now_ms: int) -> None:
+    previous_time = book.last_event_time
     applied_times = []
     for event in events:
         final, first, event_time = event[_FINAL], event[_FIRST], event[_TIME]
@@ -139,8 +145,15 @@ def _follow(conn: Connection, book: BookState, symbol: str, events: list[tuple[A
             _break(conn, book, symbol, first, event_time, now_ms)
         book.last_update_id, book.last_event_time = final, event_time
         applied_times.append(event_time)
-    if len(applied_times) > 1 and applied_times[-1] > applied_times[0]:
-        book.updates_per_second = (len(applied_times) - 1) * 1000 / (applied_times[-1] - applied_times[0])
+    if applied_times and previous_time is not None and applied_times[-1] > previous_time:
+        _update_rate(book, len(applied_times), applied_times[-1] - previous_time)
+
+
+def _update_rate(book: BookState, events: int, elapsed_ms: int) -> None:
+    """An exponential average over time of the events per second since the last round."""
+    rate = events * 1000 / elapsed_ms
+    weight = 1.0 if book.updates_per_second == 0 else min(1.0, elapsed_ms / RATE_SMOOTHING_MS)
+    book.updates_per_second += weight * (rate - book.updates_per_second)
 
 
 def _break(conn: Connection, book: BookState, symbol: str, first: int, event_time: int, now_ms: int) -> None:

@@ -483,7 +483,9 @@ def _copy_then_insert(conn: Connection, table_name: str, rows: Sequence[tuple]) 
     COPY); COPY first, as here, see the README's PostgreSQL figures. Klines do not
     come here: their upsert may meet the same key twice in one batch.
     """
-    columns = ", ".join(TABLE_COLUMNS[table_name])
+    # Quoted: some column names (window) are reserved words in PostgreSQL.
+    quote = conn.dialect.identifier_preparer.quote
+    columns = ", ".join(quote(column) for column in TABLE_COLUMNS[table_name])
     driver_error = conn.dialect.loaded_dbapi.Error
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
