@@ -129,9 +129,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         results["legacy"] = measure_legacy(workdir, sizes.ingest_frames, sizes.legacy_seconds)
     if "depth" in parts:
         _progress("depth: 200 symbols x depth@100ms, storage, rebuilding an hour")
-        results["depth"] = measure_depth(
-            workdir, QUICK_DEPTH if args.quick else FULL_DEPTH, args.drain_interval, Settings.drain_batch_size
-        )
+        results["depth"] = measure_depth(workdir, QUICK_DEPTH if args.quick else FULL_DEPTH, Settings.drain_batch_size)
     results["targets"] = report.targets(results)
     return results
 

@@ -4,7 +4,8 @@
   backlog of depth@100ms frames of 200 interleaved symbols in a real redis-server;
 - sustained: 200 symbols x depth@100ms = 2,000 events/s pushed into Redis as a
   subscription task does (a flush with its clock mark every 50 ms, event time = push
-  time) while the Drainer runs every DRAIN_INTERVAL_SECONDS; latency = when a reader
+  time, each flush ringing the drain's doorbell) while the Drainer stores them as they
+  arrive, as a tasks.drain run does (`drain_window`); latency = when a reader
   of the SQLite file first sees a row (polled every 10 ms) - its event time;
 - storage: bytes per symbol-hour of `depth_updates` (table and indexes, SQLite's
   dbstat), against the same rows with the levels kept as Binance's JSON text;
@@ -30,7 +31,7 @@ import redis
 
 from bench.figures import latency_summary
 from bench.procs import service_env
-from worker.buffer import FrameBuffer, clock_mark
+from worker.buffer import FrameBuffer, clock_mark, ring_doorbell
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.book import book_at
@@ -48,6 +49,7 @@ FLUSH_MS = 50
 POLL_SECONDS = 0.01
 HOUR_EVENTS = 3600 * EVENTS_PER_SECOND_PER_SYMBOL
 GROUP = Group("bench-depth", ("btcusdt@depth@100ms",))
+KEYS = RedisKeys("bench")
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,13 @@ class DepthFeed:
         return snapshot_row(symbol, {"lastUpdateId": last_update_id, "bids": bids, "asks": asks}, 0)
 
 
-def measure_depth(workdir: Path, sizes: DepthSizes, drain_interval: float, batch_size: int) -> dict[str, Any]:
+def measure_depth(workdir: Path, sizes: DepthSizes, batch_size: int) -> dict[str, Any]:
     directory = workdir / "depth"
     symbols = [f"SYM{i:04d}USDT" for i in range(1, SYMBOLS + 1)]
     with LocalStack(directory, env=service_env()) as stack:
         client = redis.Redis.from_url(stack.start_redis())
         capacity = _drain_capacity(client, directory / "capacity.db", symbols, sizes, batch_size)
-        sustained = _sustained(client, directory / "sustained.db", symbols, sizes, drain_interval, batch_size)
+        sustained = _sustained(client, directory / "sustained.db", symbols, sizes, batch_size)
     return {
         "symbols": SYMBOLS,
         "levels_per_event": LEVELS_PER_EVENT,
@@ -119,7 +121,7 @@ def measure_depth(workdir: Path, sizes: DepthSizes, drain_interval: float, batch
 def _prepared(client: redis.Redis, db: Path, symbols: list[str], batch_size: int) -> tuple[Drainer, str]:
     """A fresh database whose books start on a snapshot at id 0, and a registered list."""
     client.flushdb()
-    keys = RedisKeys("bench")
+    keys = KEYS
     GroupRegistry(client, keys).want(GROUP)
     engine = make_engine(f"sqlite:///{db}")
     create_schema(engine)
@@ -147,9 +149,7 @@ def _drain_capacity(
     return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds, "batch_size": batch_size}
 
 
-def _sustained(
-    client: redis.Redis, db: Path, symbols: list[str], sizes: DepthSizes, drain_interval: float, batch_size: int
-) -> dict[str, Any]:
+def _sustained(client: redis.Redis, db: Path, symbols: list[str], sizes: DepthSizes, batch_size: int) -> dict[str, Any]:
     drainer, key = _prepared(client, db, symbols, batch_size)
     feed = DepthFeed(symbols)
     # Built before the clock starts, with the event time filled in when pushed, so that
@@ -162,12 +162,8 @@ def _sustained(
     watcher = threading.Thread(target=_watch, args=(db, stop, latencies), daemon=True)
     watcher.start()
     producer.start()
-    drain_seconds = []
-    while producer.is_alive():
-        tick = time.monotonic()
-        drainer.drain(time_budget=drain_interval * 10)
-        drain_seconds.append(time.monotonic() - tick)
-        time.sleep(max(0.0, drain_interval - (time.monotonic() - tick)))
+    # As tasks.drain runs it: a window that stores what arrives, woken by each flush.
+    drainer.drain_window(keep_going=producer.is_alive)
     drainer.drain(time_budget=60)
     time.sleep(0.1)
     stop.set()
@@ -175,8 +171,6 @@ def _sustained(
     return {
         "seconds": sizes.sustained_seconds,
         "offered_events_per_second": pushed["events"] / pushed["seconds"],
-        "drain_interval_seconds": drain_interval,
-        "busiest_drain_seconds": max(drain_seconds),
         "latency": latency_summary(latencies),
     }
 
@@ -190,7 +184,10 @@ def _produce(client: redis.Redis, key: str, ticks: list[list[bytes]], pushed: di
         frames = [frame.replace(b'"E":0,', stamp, 1) for frame in frames]
         half = len(frames) // 2
         for part in (frames[:half], frames[half:]):
-            client.rpush(key, clock_mark(now_ms()), *part)
+            with client.pipeline(transaction=False) as pipe:
+                pipe.rpush(key, clock_mark(now_ms()), *part)
+                ring_doorbell(pipe, KEYS)
+                pipe.execute()
             events += len(part)
             next_at += FLUSH_MS / 1000
             time.sleep(max(0.0, next_at - time.monotonic()))

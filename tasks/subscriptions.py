@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from redis.lock import Lock
 
 from tasks.resources import redis_client
@@ -13,9 +14,10 @@ from worker.exchange.rest import BinanceRest
 from worker.groups import Group, GroupRegistry, normalize_stream_kinds, normalize_symbols, stream_names
 from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
+from worker.ops.status import book_statuses
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.streams import ALL_MARKET_STREAMS
+from worker.streams import ALL_MARKET_STREAMS, stream_kind
 
 SUBSCRIPTIONS_LOCK_SECONDS = 30
 
@@ -100,10 +102,14 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
     if group is None:
         return {"group": group_id, "ended": "not wanted"}
 
+    follows_books = any(stream_kind(stream) == "depth" for stream in group.streams)
+
     def report_progress(progress: dict[str, object]) -> None:
         # The PROGRESS state is what `AsyncResult.info` returns. Flower knows a task
         # only from events, and shows and serves (/api/tasks) a fixed set of a task's
         # fields: the figures go in `result`, the one of them meant for a task's output.
+        if follows_books:
+            progress = {**progress, "books": _books_of(client, settings.redis_prefix, group.streams)}
         self.update_state(state="PROGRESS", meta=progress)
         # retry=False: a report during a Redis outage fails at once and is skipped.
         self.send_event("task-progress", retry=False, result=progress, **progress)
@@ -113,3 +119,10 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
         # Hand the group to the next streams worker now rather than at the next supervise.
         start_group(group)
     return {"group": group_id, "ended": reason}
+
+
+def _books_of(client: redis.Redis, prefix: str, streams: tuple[str, ...]) -> dict[str, dict[str, object]]:
+    """The order books this group's diff-depth streams feed, as the drain follows them:
+    Flower shows them beside the connection's figures (the drain itself sends no events)."""
+    symbols = {stream.split("@", 1)[0].upper() for stream in streams if stream_kind(stream) == "depth"}
+    return {book.pop("symbol"): book for book in book_statuses(client, RedisKeys(prefix)) if book["symbol"] in symbols}

@@ -20,12 +20,14 @@ from typing import Any
 import pytest
 import redis
 import requests
+from celery.result import AsyncResult
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import call, launch_stack, wait_until
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
+from worker.ops.clients import client_app
 from worker.ops.local_stack import LocalStack
 from worker.store.books import book_states
 from worker.store.storage import make_engine
@@ -126,10 +128,29 @@ def test_status_shows_each_books_state_last_update_id_and_rate(stack: LocalStack
     assert 5 <= books["BTCUSDT"]["updates_per_second"] <= 15  # depth@100ms: about 10 events a second
     text_form = cli(stack, "status").stdout
     assert "BOOK" in text_form and "synced" in text_form
-    # What Flower shows as the result of each tasks.snapshot_books run (a run that finds
-    # beat's run holding the lock is skipped: ask again).
+    # What a caller of tasks.snapshot_books gets (a run that finds beat's run holding the
+    # lock is skipped: ask again).
     result = wait_until(lambda: (r := call(stack, "tasks.snapshot_books")).get("books") and r, 30, "a snapshot run")
     assert {(b["symbol"], b["state"]) for b in result["books"]} == {(s, "synced") for s in SYMBOLS}
+    # What Flower shows: the recording tasks' progress carries the books their streams feed.
+    shown = wait_until(lambda: recording_tasks_books(stack), 20, "books in the recording tasks' progress")
+    assert {symbol: book["state"] for symbol, book in shown.items()} == dict.fromkeys(SYMBOLS, "synced")
+    # Reported every 5 s, so older than status's figures, but an update the drain stored.
+    shown_id = shown["BTCUSDT"]["last_update_id"]
+    query = "select count(*) from depth_updates where symbol = 'BTCUSDT' and final_update_id = :u"
+    assert rows(db, query, u=shown_id) == [(1,)]
+
+
+def recording_tasks_books(stack: LocalStack) -> dict[str, Any]:
+    """The `books` of every recording task's PROGRESS figures (AsyncResult.info, which is
+    the `result` Flower shows, see tests/test_flower.py), by symbol."""
+    registry = GroupRegistry(redis.Redis.from_url(stack.env["REDIS_URL"]), RedisKeys("recorder"))
+    app = client_app(stack.env["REDIS_URL"])
+    shown: dict[str, Any] = {}
+    for gid in registry.wanted():
+        info = AsyncResult(registry.status(gid).get("task_id", ""), app=app).info
+        shown.update(info.get("books", {}) if isinstance(info, dict) else {})
+    return shown
 
 
 def test_a_time_before_the_first_snapshot_exits_1_naming_the_first_known_book(stack: LocalStack, db: Engine) -> None:

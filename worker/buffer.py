@@ -70,6 +70,13 @@ def clock_mark(now_ms: int) -> bytes:
     return CLOCK_MARK_PREFIX + str(now_ms).encode()
 
 
+def ring_doorbell(pipe: redis.client.Pipeline, keys: RedisKeys) -> None:
+    """Wake a drain waiting in `FrameBuffer.wait_for_frames`; one ring is kept, however
+    many flushes come before it wakes."""
+    pipe.lpush(keys.frames_doorbell, 1)
+    pipe.ltrim(keys.frames_doorbell, 0, 0)
+
+
 @dataclass(frozen=True)
 class Claim:
     """A batch read from the head of one list, not yet removed from it."""
@@ -189,8 +196,7 @@ class FrameWriter:
                 pipe.rpush(self.key, clock_mark(received_at), *frames)
                 pipe.hincrby(self.status_key, "messages", count)
                 pipe.hset(self.status_key, "last_message_at", received_at)
-                pipe.lpush(self.keys.frames_doorbell, 1)  # after the frames: a woken drain finds them
-                pipe.ltrim(self.keys.frames_doorbell, 0, 0)
+                ring_doorbell(pipe, self.keys)  # after the frames: a woken drain finds them
                 length = pipe.execute()[0]
             if length > self.max_list_length:
                 self._trim(
