@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from celery.signals import worker_ready
@@ -25,8 +26,8 @@ from worker.store.failures import clear_storage_error, record_storage_error
 DRAIN_RUN_INTERVALS = 10
 
 
-@app.task(name="tasks.drain", send_events=False)  # one a second would bury the recording tasks in Flower
-def drain() -> dict[str, Any]:
+@app.task(name="tasks.drain", bind=True, send_events=False)  # one a second would bury the recording tasks in Flower
+def drain(self: Any) -> dict[str, Any]:
     """Store buffered frames as they arrive for a window, until the next run takes over
     (see `worker.store.drain`): one run at a time, relayed without a gap."""
     settings = get_settings()
@@ -41,12 +42,21 @@ def drain() -> dict[str, Any]:
         with shift.held():
             report = drainer.drain_window(shift.keep_going(shutting_down))
     except SQLAlchemyError as error:
-        # Recorded for `status`, and re-raised so the run also shows as failed in Flower
-        # and the log; the next run that stores clears it.
+        # Recorded for `status`, shown in Flower, and re-raised for the log; the next run
+        # that stores clears it.
         record_storage_error(redis_client(), keys, error)
+        _show_failure_in_flower(self, error)
         raise
     clear_storage_error(redis_client(), keys)
     return report.as_dict()
+
+
+def _show_failure_in_flower(task: Any, error: Exception) -> None:
+    """The drain sends no task events (a row a second would bury the recording tasks),
+    so a run that cannot store sends its own task-failed event: the failures, and only
+    they, show in Flower. Informative: an event that cannot be sent is skipped."""
+    with contextlib.suppress(Exception):
+        task.send_event("task-failed", retry=False, name=task.name, exception=f"{type(error).__name__}: {error}")
 
 
 @app.task(name="tasks.supervise")

@@ -3,11 +3,13 @@ and the drain, which runs every second, does not bury them."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
+from sqlalchemy.engine import make_url
 
 from tests.conftest import call, launch_stack, wait_until
 from worker.ops.local_stack import LocalStack, free_port
@@ -17,7 +19,9 @@ FIGURES = {"group", "symbols", "messages", "messages_per_second", "reconnects"}
 
 @pytest.fixture(scope="module")
 def flower(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, str]]:
-    stack = launch_stack(tmp_path_factory.mktemp("flower"), env={"FLOWER_UNAUTHENTICATED_API": "true"})
+    # A short busy timeout: the last test locks the database and wants the drain to fail soon.
+    env = {"FLOWER_UNAUTHENTICATED_API": "true", "SQLITE_BUSY_TIMEOUT_MS": "300"}
+    stack = launch_stack(tmp_path_factory.mktemp("flower"), env=env)
     try:
         url = stack.start_flower(free_port())
         wait_until(lambda: _get(url, "/api/workers"), 60, "Flower's API to answer")
@@ -64,3 +68,22 @@ def test_the_drain_sends_no_task_events_so_flower_lists_none(flower: tuple[Local
     assert _get(url, "/api/tasks", taskname="tasks.drain") == {}
     assert _get(url, "/api/tasks", taskname="tasks.snapshot_books") == {}
     assert _get(url, "/api/tasks", taskname="tasks.supervise")  # other tasks still show
+
+
+def test_a_drain_run_that_cannot_store_shows_in_flower_as_failed(flower: tuple[LocalStack, str]) -> None:
+    """The drain's runs send no events, but a failed one does: Flower lists it, with the
+    database's error, while the successful runs stay out of sight (the test above)."""
+    stack, url = flower
+    path = make_url(stack.env["DATABASE_URL"]).database
+    assert path is not None
+    blocker = sqlite3.connect(path, timeout=10)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
+        failed = wait_until(
+            lambda: _get(url, "/api/tasks", taskname="tasks.drain", state="FAILURE"), 30, "a failed drain run in Flower"
+        )
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert all("database is locked" in task["exception"] for task in failed.values())
+    assert _get(url, "/api/tasks", taskname="tasks.drain", state="SUCCESS") == {}
