@@ -121,14 +121,13 @@ def measure_depth(workdir: Path, sizes: DepthSizes, batch_size: int) -> dict[str
 def _prepared(client: redis.Redis, db: Path, symbols: list[str], batch_size: int) -> tuple[Drainer, str]:
     """A fresh database whose books start on a snapshot at id 0, and a registered list."""
     client.flushdb()
-    keys = KEYS
-    GroupRegistry(client, keys).want(GROUP)
+    GroupRegistry(client, KEYS).want(GROUP)
     engine = make_engine(f"sqlite:///{db}")
     create_schema(engine)
     feed = DepthFeed(symbols)
     with engine.begin() as conn:
         store_rows(conn, {"depth_snapshots": [feed.snapshot(s, 0) for s in symbols]})
-    return Drainer(client, keys, engine, batch_size), FrameBuffer(client, keys).register(GROUP.id)
+    return Drainer(client, KEYS, engine, batch_size), FrameBuffer(client, KEYS).register(GROUP.id)
 
 
 def _drain_capacity(

@@ -91,6 +91,16 @@ LISTING_CACHE_SECONDS = 60.0
 _LISTINGS: dict[str, tuple[float, dict[str, str]]] = {}
 
 
+def _raise_for_unknown(symbols: Sequence[str], binance_msg: str, listing: Mapping[str, str]) -> None:
+    """UnknownSymbol naming the symbols Binance does not list (the first 5,000 of them)."""
+    unknown = [symbol for symbol in symbols if symbol not in listing]
+    if unknown:
+        named = ", ".join(unknown[:MAX_SYMBOLS_NAMED])
+        if len(unknown) > MAX_SYMBOLS_NAMED:
+            named += f" and {len(unknown) - MAX_SYMBOLS_NAMED} more"
+        raise _unknown_symbol(named, binance_msg, len(unknown))
+
+
 class TradeRow(TypedDict):
     """A row of /api/v3/historicalTrades."""
 
@@ -223,13 +233,13 @@ class BinanceRest:
         except BinanceError as error:
             if error.code != INVALID_SYMBOL:
                 raise
-            self._raise_for_unknown(symbols, error.msg)
+            _raise_for_unknown(symbols, error.msg, self._listing())
             raise
         return {entry["symbol"]: entry["status"] for entry in info["symbols"]}
 
     def _statuses_from_listing(self, symbols: Sequence[str]) -> dict[str, str]:
         listing = self._listing()
-        self._raise_for_unknown(symbols, "Invalid symbol.", listing)
+        _raise_for_unknown(symbols, "Invalid symbol.", listing)
         return {symbol: listing[symbol] for symbol in symbols}
 
     def _listing(self) -> dict[str, str]:
@@ -239,17 +249,6 @@ class BinanceRest:
             listing = {entry["symbol"]: entry["status"] for entry in self.get("exchangeInfo", {})["symbols"]}
             cached = _LISTINGS[self.base_url] = (time.monotonic(), listing)
         return cached[1]
-
-    def _raise_for_unknown(
-        self, symbols: Sequence[str], binance_msg: str, listing: Mapping[str, str] | None = None
-    ) -> None:
-        listed = self._listing() if listing is None else listing
-        unknown = [symbol for symbol in symbols if symbol not in listed]
-        if unknown:
-            named = ", ".join(unknown[:MAX_SYMBOLS_NAMED])
-            if len(unknown) > MAX_SYMBOLS_NAMED:
-                named += f" and {len(unknown) - MAX_SYMBOLS_NAMED} more"
-            raise _unknown_symbol(named, binance_msg, len(unknown))
 
     def klines(
         self,
