@@ -22,7 +22,7 @@ from worker.buffer import FrameBuffer, FrameWriter
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.ops.local_stack import LocalStack
-from worker.store.drain import Drainer, DrainReport, DrainShift
+from worker.store.drain import Drainer, DrainReport, DrainShift, drain_holders
 from worker.store.storage import create_schema, make_engine
 
 GROUP = Group(id="g1", streams=("btcusdt@trade",))
@@ -216,9 +216,9 @@ def test_a_tick_within_the_running_window_returns_at_once(
 
 
 def drain_holder_pid(client: redis.Redis) -> int | None:
-    """The drain lock's value is `drain-<pid>:<uuid>`."""
-    value = client.get(RedisKeys("recorder").drain_lock())
-    return int(as_text(value).split(":")[0].removeprefix("drain-")) if value else None
+    """The drain lock's value is `drain-<pid>@<host>:<uuid>`."""
+    holder = drain_holders(client, RedisKeys("recorder"), 1).get(0)
+    return int(holder.split("@")[0]) if holder else None
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ head counter), and the natural primary keys make the second copy of a row a no-o
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -47,7 +48,7 @@ from sqlalchemy.engine import Engine
 
 from worker.buffer import Claim, FrameBuffer
 from worker.groups import GroupRegistry
-from worker.keys import RedisKeys
+from worker.keys import RedisKeys, as_text
 from worker.lease import Lease
 from worker.store.books import follow_books
 from worker.store.parsing import ParsedBatch, Row, parse_frames
@@ -281,6 +282,16 @@ class DrainLanes:
         return [key for index, key in enumerate(all_lists) if index % dealt in mine]
 
 
+def drain_holders(client: redis.Redis, keys: RedisKeys, lanes: int) -> dict[int, str]:
+    """Lane -> the process storing it (`pid@host`), for the lanes a run holds."""
+    values = client.mget([keys.drain_lock(lane) for lane in range(lanes)])
+    return {
+        lane: as_text(value).split(":", 1)[0].removeprefix("drain-")
+        for lane, value in enumerate(values)
+        if value is not None
+    }
+
+
 def take_a_lane(client: redis.Redis, keys: RedisKeys, window_seconds: float, lanes: int) -> DrainShift | None:
     """The shift of the first lane this run can hold (lanes beyond the number of lists
     have nothing to store: not tried), or None when every lane has a run storing."""
@@ -311,8 +322,9 @@ class DrainShift:
     ) -> None:
         self.client = client
         self.lane = lane
-        # The pid in the token tells operators (and tests) which process drains.
-        self.lease = Lease(client, keys.drain_lock(lane), ttl_seconds, owner=f"drain-{os.getpid()}")
+        # The token tells operators (`status`) and tests which process on which host drains.
+        owner = f"drain-{os.getpid()}@{socket.gethostname()}"
+        self.lease = Lease(client, keys.drain_lock(lane), ttl_seconds, owner=owner)
         self.successor_key = keys.drain_successor(lane)
         self.relief_key = keys.drain_relief(lane)
         self.window_seconds = window_seconds
