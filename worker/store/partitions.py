@@ -216,20 +216,21 @@ def drop_partition(engine: Engine, partition: Partition) -> int:
     return rows
 
 
-def chunk_delete_sql(table: str, partition: str, limit: int) -> str:
-    """DELETE of at most `limit` rows of one partition timed before `:cutoff`, by the
-    partition's own primary key (which includes the time column)."""
-    key = ", ".join(_quoted_key(table))
+def chunk_delete_sql(table: str, relation: str, limit: int) -> str:
+    """PostgreSQL's DELETE of at most `limit` rows of `relation` (a plain table, or one
+    partition of `table`) timed before `%(cutoff)s`.
+
+    By `ctid = ANY(ARRAY(subquery))`, which PostgreSQL runs as a TID scan: a lookup per
+    row. Both `ctid IN (subquery)` and `(primary key) IN (subquery)` are planned as a
+    hash semi-join over a scan of the whole table, every chunk: measured on 400,000
+    trades, 425 ms for a chunk of 10,000 rows by primary key, 34 ms by ctid. A ctid
+    names a row within one table, and a leaf partition is one.
+    """
     time_column = TIME_COLUMNS[table]
     return (
-        f"DELETE FROM {partition} WHERE ({key}) IN "
-        f"(SELECT {key} FROM {partition} WHERE {time_column} < %(cutoff)s LIMIT {int(limit)})"
+        f"DELETE FROM {relation} WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM {relation} WHERE {time_column} < %(cutoff)s LIMIT {int(limit)}))"
     )
-
-
-def _quoted_key(table: str) -> list[str]:
-    partitioned = partitioned_table(TABLES[table])
-    return [f'"{column.name}"' for column in partitioned.primary_key.columns]
 
 
 def _lock(conn: Connection) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Delete, Engine, Table, delete, exc, literal_column, select, tuple_
+from sqlalchemy import ColumnClause, Delete, Engine, Table, delete, exc, literal_column, select
 
 from worker.settings import Settings
 from worker.store import partitions
@@ -156,6 +156,8 @@ def _delete_in_chunks(
 
 
 def _delete_chunk(engine: Engine, table: Table, cutoff: int, limit: int) -> int:
+    if engine.dialect.name == "postgresql":
+        return _delete_partition_chunk(engine, partitions.chunk_delete_sql(table.name, table.name, limit), cutoff)
     with engine.begin() as conn:
         return conn.execute(chunk_delete(conn.dialect.name, table, cutoff, limit)).rowcount
 
@@ -194,23 +196,18 @@ def _delete_partition_chunk(engine: Engine, sql: str, cutoff: int) -> int:
 
 
 def chunk_delete(dialect_name: str, table: Table, cutoff: int, limit: int) -> Delete:
-    """DELETE of at most `limit` rows timed before `cutoff`.
+    """SQLite's DELETE of at most `limit` rows timed before `cutoff`, by rowid (the
+    table's own B-tree key, so each deletion is one lookup). PostgreSQL's is
+    `partitions.chunk_delete_sql`, by ctid.
 
-    A subquery with LIMIT, because neither SQLite (as usually built) nor PostgreSQL
-    accepts DELETE ... LIMIT. `time < cutoff` is never true for a NULL time.
+    A subquery with LIMIT, because SQLite (as usually built) does not accept
+    DELETE ... LIMIT. `time < cutoff` is never true for a NULL time.
     """
-    key = _row_key(dialect_name, table)
-    doomed = select(*key).select_from(table).where(table.c[TIME_COLUMNS[table.name]] < cutoff).limit(limit)
-    return delete(table).where(tuple_(*key).in_(doomed))
-
-
-def _row_key(dialect_name: str, table: Table) -> list[ColumnElement[Any]]:
-    """SQLite: the rowid, the table's own B-tree key, so each deletion is one lookup.
-    Elsewhere the primary key: PostgreSQL plans `ctid IN (subquery)` as a scan of the
-    whole table, while the primary key's index finds each row directly."""
-    if dialect_name == "sqlite":
-        return [literal_column("rowid")]
-    return list(table.primary_key.columns)
+    if dialect_name != "sqlite":
+        raise ValueError(f"chunk_delete is SQLite's; {dialect_name} uses partitions.chunk_delete_sql")
+    rowid: ColumnClause[Any] = literal_column("rowid")
+    doomed = select(rowid).select_from(table).where(table.c[TIME_COLUMNS[table.name]] < cutoff).limit(limit)
+    return delete(table).where(rowid.in_(doomed))
 
 
 def checkpoint_wal(engine: Engine) -> bool | None:
