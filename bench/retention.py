@@ -10,7 +10,7 @@ Then `delete_expired_rows` removes the first day from each (the plain table in c
 the partitioned one by dropping a partition), then half of the second day (chunks in
 both: the partition holding the cutoff is deleted from as the plain table is).
 
-    python -c 'from bench.retention import main; main()' postgresql+psycopg://... [rows]
+    python -m bench.retention postgresql+psycopg://... [rows]
 """
 
 from __future__ import annotations
