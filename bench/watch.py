@@ -111,48 +111,97 @@ class PostgresRowWatcher:
             self.conn = connect(database_url, autocommit=True)
         except PostgresError as error:
             raise NotReady(str(error)) from error
+        # The polls read a few rows through an index, always. Without statistics (a new
+        # table autovacuum has not analyzed yet), or with a generic plan (psycopg
+        # prepares a query after a few runs), the planner guesses that `trade_time >= $n`
+        # is a third of the table and reads all of it; so: plans for this poll's values,
+        # no sequential scans, and no JIT (thousands of symbols look expensive enough to
+        # compile the query, which takes longer than running it). This session only.
+        for setting in ("plan_cache_mode = force_custom_plan", "enable_seqscan = off", "jit = off"):
+            self.conn.execute(f"SET {setting}")
         self.symbols = list(symbols)
         self.receive_lags: list[int] = []
-        self.queries = {table: self._new_rows_sql(table) for table in TABLES}
         try:
-            self.last_id = {table: self._max_ids(table) for table in TABLES}
+            self.last = {table: self._last_rows(table) for table in TABLES}
         except psycopg.errors.UndefinedTable as error:
             self.conn.close()
             raise NotReady(str(error)) from error
 
-    def _max_ids(self, table: str) -> list[int]:
+    def _last_rows(self, table: str) -> list[tuple[int, int | None]]:
+        """(id, trade_time) of each symbol's last stored row; (-1, None) for none yet."""
         column = ID_COLUMNS[table]
         rows = self.conn.execute(
-            f"SELECT coalesce((SELECT max({column}) FROM {table} t WHERE t.symbol = w.symbol), -1) "
-            "FROM unnest(%s::text[]) WITH ORDINALITY AS w(symbol, n) ORDER BY n",
+            f"SELECT coalesce(t.{column}, -1), t.trade_time "
+            "FROM unnest(%s::text[]) WITH ORDINALITY AS w(symbol, n) "
+            f"LEFT JOIN LATERAL (SELECT {column}, trade_time FROM {table} "
+            f"WHERE symbol = w.symbol ORDER BY {column} DESC LIMIT 1) t ON true ORDER BY w.n",
             (self.symbols,),
         ).fetchall()
-        return [int(row[0]) for row in rows]
-
-    @staticmethod
-    def _new_rows_sql(table: str) -> str:
-        column = ID_COLUMNS[table]
-        return (
-            f"SELECT w.n, t.{column}, t.event_time, t.received_at "
-            "FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS w(symbol, last_id, n) "
-            f"CROSS JOIN LATERAL (SELECT {column}, event_time, received_at FROM {table} "
-            f"WHERE symbol = w.symbol AND {column} > w.last_id) t"
-        )
+        return [(int(row_id), trade_time) for row_id, trade_time in rows]
 
     def new_latencies(self) -> list[int]:
         latencies: list[int] = []
         for table in TABLES:
-            last = self.last_id[table]
-            rows: list[Any] = self.conn.execute(self.queries[table], (self.symbols, last)).fetchall()
-            seen = now_ms()
-            for n, row_id, event_time, received_at in rows:
-                last[n - 1] = max(last[n - 1], row_id)
-                latencies.append(seen - event_time)
+            last = self.last[table]
+            seen = [i for i, (_, trade_time) in enumerate(last) if trade_time is not None]
+            unseen = [i for i, (_, trade_time) in enumerate(last) if trade_time is None]
+            rows: list[Any] = []
+            if seen:
+                rows += self._query(table, _after_time_sql(table), seen, min(last[i][1] or 0 for i in seen))
+            if unseen:
+                rows += self._query(table, _probe_sql(table), unseen)
+            now = now_ms()
+            for i, row_id, event_time, received_at, trade_time in rows:
+                if row_id > last[i][0]:
+                    last[i] = (row_id, trade_time)
+                latencies.append(now - event_time)
                 self.receive_lags.append(received_at - event_time)
         return latencies
 
+    def _query(self, table: str, sql: str, indexes: list[int], *extra: int) -> list[Any]:
+        """`sql` over the symbols at `indexes`: (index, id, event_time, received_at, trade_time)."""
+        last = self.last[table]
+        # As comma-separated text: psycopg adapts a list element by element, which costs
+        # more than the query when there are thousands.
+        symbols = ",".join(self.symbols[i] for i in indexes)
+        last_ids = ",".join(str(last[i][0]) for i in indexes)
+        numbers = ",".join(map(str, indexes))
+        return list(self.conn.execute(sql, (symbols, last_ids, numbers, *extra)).fetchall())
+
     def close(self) -> None:
         self.conn.close()
+
+
+_WATERMARKS = (
+    "unnest(string_to_array(%s, ','), string_to_array(%s, ',')::bigint[], string_to_array(%s, ',')::int[]) "
+    "AS w(symbol, last_id, i)"
+)
+"""Each symbol with the last id seen and its index in the watcher's list."""
+
+
+def _after_time_sql(table: str) -> str:
+    """New rows of symbols already seen. A symbol's trade times grow with its ids, so its
+    unseen rows lie after its last seen trade time, and all of them after the smallest:
+    one range of the trade-time index, joined to the last ids, instead of one probe per
+    symbol."""
+    column = ID_COLUMNS[table]
+    return (
+        f"SELECT w.i, t.{column}, t.event_time, t.received_at, t.trade_time FROM {table} t "
+        f"JOIN {_WATERMARKS} "
+        f"ON t.symbol = w.symbol AND t.{column} > w.last_id WHERE t.trade_time >= %s"
+    )
+
+
+def _probe_sql(table: str) -> str:
+    """New rows of symbols not seen yet: one probe of the primary key per symbol (OFFSET 0
+    keeps the subquery from being flattened into a join that reads the whole table)."""
+    column = ID_COLUMNS[table]
+    return (
+        f"SELECT w.i, t.{column}, t.event_time, t.received_at, t.trade_time "
+        f"FROM {_WATERMARKS} "
+        f"CROSS JOIN LATERAL (SELECT {column}, event_time, received_at, trade_time FROM {table} "
+        f"WHERE symbol = w.symbol AND {column} > w.last_id OFFSET 0) t"
+    )
 
 
 @dataclass
