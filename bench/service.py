@@ -192,7 +192,10 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
     ]
     cpu = DrainCpu(service)
     watcher.receive_lags.clear()
-    latencies = poll_until(time.monotonic() + seconds, watcher, tracks, MEMORY_SAMPLE_SECONDS)
+    polls: list[int] = []
+    started = time.monotonic()
+    latencies = poll_until(started + seconds, watcher, tracks, MEMORY_SAMPLE_SECONDS, polls)
+    poll_ms = (time.monotonic() - started) / max(1, polls[0]) * 1000
     drain_cpu = cpu.since_start()
     for track in tracks:
         track.sample()
@@ -202,7 +205,11 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
     _settle(service)
     return {
         "rate": per_symbol * len(symbols) * len(KINDS),
-        "latency": {**latency_summary(latencies), "event_to_receive": latency_summary(watcher.receive_lags)},
+        "latency": {
+            **latency_summary(latencies),
+            "event_to_receive": latency_summary(watcher.receive_lags),
+            "mean_poll_interval_ms": poll_ms,
+        },
         "memory": [track.as_dict() for track in tracks],
         "group_sizes": group_sizes,
         "drain_cpu": drain_cpu,

@@ -254,15 +254,22 @@ def drain_processes(default_worker_pid: int, holds_database: Callable[[int], boo
     return [pid for pid in pool if holds_database(pid)] or pool
 
 
-def poll_until(deadline: float, watcher: Watcher, tracks: list[MemoryTrack], sample_every: float) -> list[int]:
-    """Collect latencies until `deadline` (monotonic), sampling memory as it goes."""
+def poll_until(
+    deadline: float, watcher: Watcher, tracks: list[MemoryTrack], sample_every: float, polls: list[int] | None = None
+) -> list[int]:
+    """Collect latencies until `deadline` (monotonic), sampling memory as it goes;
+    appends to `polls` how many polls it made (their mean interval bounds the error)."""
     latencies: list[int] = []
     next_sample = time.monotonic()
+    count = 0
     while (now := time.monotonic()) < deadline:
         latencies.extend(watcher.new_latencies())
+        count += 1
         if now >= next_sample:
             for track in tracks:
                 track.sample()
             next_sample = now + sample_every
         time.sleep(max(0.0, now + POLL_SECONDS - time.monotonic()))
+    if polls is not None:
+        polls.append(count)
     return latencies
