@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import redis
+from redis.utils import HIREDIS_AVAILABLE
 
 from worker.buffer import FrameBuffer, FrameWriter, clock_mark
 from worker.keys import RedisKeys
@@ -84,6 +85,12 @@ def test_ack_never_removes_unread_elements_when_the_head_moved_since_the_claim(
     buffer.ack(claim)
 
     assert redis_client.lrange(key, 0, -1) == [str(i).encode() for i in range(4, 10)]
+
+
+def test_replies_are_parsed_by_hiredis() -> None:
+    """A claim is one LRANGE of up to 5,000 frames: redis-py's Python parser took 2.2 us a
+    frame of the drain's 11, hiredis's C parser 0.3 us (see pyproject.toml)."""
+    assert HIREDIS_AVAILABLE
 
 
 def test_clock_mark_format() -> None:

@@ -114,7 +114,8 @@ class FrameBuffer:
         return self.claim_many([key], count)[0]
 
     def claim_many(self, keys: list[str], count: int) -> list[Claim]:
-        """Up to `count` elements from the head of each list, in one round trip."""
+        """Up to `count` elements from the head of each list, in one round trip (its reply
+        parsed by hiredis: see pyproject.toml)."""
         with self.client.pipeline(transaction=True) as pipe:
             for key in keys:
                 pipe.hget(self.keys.buffer_heads, key)
