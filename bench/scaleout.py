@@ -1,0 +1,422 @@
+"""Scale-out on one machine: separate Celery nodes, as if on several hosts, sharing one
+Redis and one PostgreSQL; storage throughput with one drain worker and with two.
+
+What runs, each a process of its own (LocalStack): a private PostgreSQL cluster (a
+fresh database), one redis-server, the fake exchange with 1,536 generated symbols,
+beat, two streams worker nodes (`-Q streams -n streams1@%h`, `streams2@%h`, two
+processes each) and one or two default worker nodes (`-Q celery -n default1@%h`,
+`default2@%h`, two processes each). Every one gets DATABASE_URL (the PostgreSQL URL)
+and REDIS_URL, as it would on another host.
+
+The symbols' trade and aggTrade streams (3,072) are cut by `subscribe` into three
+groups of 1,024 streams, one connection each, spread over the two streams nodes.
+
+A drain on this machine stores faster than the fake exchange can send, so storage
+throughput is measured on a backlog: with no default worker running, the streams
+nodes record for a while and the frames pile up in the Redis lists; then the drain
+node(s) start, and the rows stored in PostgreSQL per second are timed from the first
+commit until the backlog is gone (frames keep arriving meanwhile). Twice, with equal
+backlogs: one default node with DRAIN_LANES=1, then two default nodes with
+DRAIN_LANES=2 (up to that many drain runs store at once on PostgreSQL; a service that
+does not know the setting ignores it and stores with one run at a time).
+
+Afterwards every trade and aggregate-trade id the fake sent (GET /fake/stats) must be
+in PostgreSQL exactly once. The periodic backfill is off, so nothing is repaired from
+REST behind the measurement's back.
+
+    .venv/bin/python -m bench.scaleout            # about 3 minutes
+    .venv/bin/python -m bench.scaleout --quick    # under a minute, what tests/test_scaleout.py runs
+
+or from Python: `measure_scaleout(Path(workdir), quick=True)` returns the figures
+(`scaleout_table(figures)` prints them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import redis
+import requests
+
+from bench.frames import KINDS
+from bench.procs import service_env
+from fake_binance.config import FakeExchangeConfig
+
+# The one place that knows where the private PostgreSQL cluster comes from.
+from tests.postgres_server import INSTALL_HINT, PostgresServer, find_postgres_bin
+from worker.keys import RedisKeys, as_text
+from worker.ops.clients import client_app
+from worker.ops.local_stack import CELERY, LocalStack, ManagedProcess, StackError
+from worker.ops.status import group_statuses
+
+SYMBOLS = 1536
+"""× trade and aggTrade = 3,072 streams: three groups of 1,024, one connection each."""
+STREAM_NODES = ("streams1", "streams2")
+DEFAULT_NODES = ("default1", "default2")
+PROCESSES_PER_NODE = 2
+NO_BACKFILL_SECONDS = 86400 * 365
+TASK_TIMEOUT_SECONDS = 120.0
+CONNECT_TIMEOUT_SECONDS = 90.0
+CATCH_UP_TIMEOUT_SECONDS = 120.0
+SETTLE_TIMEOUT_SECONDS = 90.0
+POLL_SECONDS = 0.1
+ID_COLUMNS = {"trade": ("trades", "trade_id"), "aggTrade": ("agg_trades", "agg_id")}
+
+
+@dataclass(frozen=True)
+class ScaleoutSize:
+    rate: float
+    """Messages per second the fake offers over all 3,072 streams."""
+    warmup_seconds: float
+    """Recording with a drain running, before the first backlog is built."""
+    pile_seconds: float
+    """Recording with no drain: the backlog each configuration starts from is rate × this."""
+
+
+QUICK_SCALEOUT = ScaleoutSize(rate=5000, warmup_seconds=2, pile_seconds=6)
+FULL_SCALEOUT = ScaleoutSize(rate=5000, warmup_seconds=5, pile_seconds=45)
+
+
+class Scaleout:
+    """The running nodes, seen from outside as an operator (or another host) sees them."""
+
+    def __init__(self, stack: LocalStack, database_url: str) -> None:
+        self.stack = stack
+        self.redis = redis.Redis.from_url(stack.env["REDIS_URL"])
+        self.keys = RedisKeys("recorder")
+        self.rest_url = stack.env["BINANCE_REST_URL"]
+        self.pg_url = database_url.replace("+psycopg", "")
+
+    # -- nodes ------------------------------------------------------------------------
+
+    def start_default_nodes(self, names: tuple[str, ...], lanes: int) -> list[ManagedProcess]:
+        """Default-queue worker nodes (the drain and the rest), each with DRAIN_LANES=lanes."""
+        self.stack.env["DRAIN_LANES"] = str(lanes)  # read by spawn: the nodes started now
+        nodes = [
+            self.stack.spawn(
+                name,
+                [*CELERY, "worker", "-Q", "celery", "-c", str(PROCESSES_PER_NODE), "-n", f"{name}@%h", "-l", "INFO"],
+            )
+            for name in names
+        ]
+        return nodes
+
+    def stop_nodes(self, nodes: list[ManagedProcess]) -> None:
+        """Warm shutdown (SIGTERM), as `docker stop`: a drain run finishes its round."""
+        for node in nodes:
+            self.stack.stop_process(node)
+            self.stack.processes.remove(node)
+
+    def ping(self) -> list[str]:
+        """The nodes that answer `celery inspect ping`."""
+        replies = client_app(self.stack.env["REDIS_URL"]).control.ping(timeout=2.0)
+        return sorted(name for reply in replies for name in reply)
+
+    def recording_tasks_per_node(self) -> dict[str, int]:
+        """`celery inspect active`: how many tasks.stream_group each node runs."""
+        active = client_app(self.stack.env["REDIS_URL"]).control.inspect(timeout=2.0).active() or {}
+        return {
+            node: sum(1 for task in tasks if task.get("name") == "tasks.stream_group")
+            for node, tasks in sorted(active.items())
+        }
+
+    # -- the service's state ---------------------------------------------------------
+
+    def call(self, task: str, *args: object, **kwargs: object) -> Any:
+        result = client_app(self.stack.env["REDIS_URL"]).send_task(task, args=args, kwargs=kwargs)
+        return result.get(timeout=TASK_TIMEOUT_SECONDS)
+
+    def set_rate(self, trades_per_second: float) -> None:
+        body = {"action": "set_rate", "trades_per_second": trades_per_second}
+        requests.post(f"{self.rest_url}/fake/control", json=body, timeout=10).raise_for_status()
+
+    def fake_stats(self) -> dict[str, Any]:
+        return requests.get(f"{self.rest_url}/fake/stats", timeout=30).json()
+
+    def groups(self) -> list[dict[str, Any]]:
+        return group_statuses(self.redis, self.keys)
+
+    def backlog(self) -> int:
+        keys = [as_text(key) for key in self.redis.smembers(self.keys.buffers)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.llen(key)
+            return sum(int(n) for n in pipe.execute())
+
+    def received(self) -> int:
+        """Frames the subscription tasks have pushed to Redis so far (all groups)."""
+        gids = list(self.groups_wanted())
+        with self.redis.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                pipe.hget(self.keys.status(gid), "messages")
+            return sum(int(n or 0) for n in pipe.execute())
+
+    def groups_wanted(self) -> list[str]:
+        return [group["id"] for group in self.groups()]
+
+    def frames_drained(self) -> int:
+        return int(self.redis.hget(self.keys.counters, "frames_drained") or 0)
+
+    def rows(self) -> int:
+        """Rows in PostgreSQL's trade tables, counted (both tables in one snapshot)."""
+        with psycopg.connect(self.pg_url) as conn:
+            row = conn.execute("SELECT (SELECT count(*) FROM trades) + (SELECT count(*) FROM agg_trades)").fetchone()
+        return int(row[0]) if row else 0
+
+
+def measure_scaleout(
+    workdir: Path, quick: bool = False, size: ScaleoutSize | None = None, drain_interval: float = 1.0
+) -> dict[str, Any]:
+    """Start everything under `workdir`, measure, stop everything; returns the figures."""
+    size = size or (QUICK_SCALEOUT if quick else FULL_SCALEOUT)
+    started = time.monotonic()
+    _progress("scaleout: PostgreSQL, Redis, the fake exchange, beat, 2 streams nodes, 1 default node")
+    with _postgres() as database_url:
+        env = service_env(
+            database_url=database_url,
+            drain_interval_seconds=drain_interval,
+            backfill_interval_seconds=NO_BACKFILL_SECONDS,
+            stream_worker_concurrency=PROCESSES_PER_NODE,
+        )
+        with LocalStack(workdir / "scaleout", env=env) as stack:
+            stack.start_redis()
+            stack.start_fake_exchange(["--extra-symbols", str(SYMBOLS)])
+            stack.start_beat()
+            for name in STREAM_NODES:
+                stack.start_stream_worker(PROCESSES_PER_NODE, name=name)
+            nodes = Scaleout(stack, database_url)
+            defaults = nodes.start_default_nodes(DEFAULT_NODES[:1], lanes=1)
+            stack.wait_for_workers([*STREAM_NODES, DEFAULT_NODES[0]])
+            _progress(f"scaleout: subscribing {SYMBOLS} symbols x {', '.join(KINDS)} at {size.rate:g} msg/s")
+            recording = _subscribe(nodes, size)
+            time.sleep(size.warmup_seconds)
+            nodes.stop_nodes(defaults)
+            target = int(size.rate * size.pile_seconds)
+            _progress(f"scaleout: backlog of {target:,} frames, then 1 default node, DRAIN_LANES=1")
+            one = _drain_phase(nodes, DEFAULT_NODES[:1], lanes=1, target_backlog=target)
+            nodes.stop_nodes(one.pop("nodes"))
+            _progress(f"scaleout: backlog of {target:,} frames, then 2 default nodes, DRAIN_LANES=2")
+            two = _drain_phase(nodes, DEFAULT_NODES, lanes=2, target_backlog=target)
+            two.pop("nodes")
+            all_nodes = nodes.ping()
+            nodes.call("tasks.unsubscribe", _symbols())
+            _settle(nodes)
+            ids = _compare_with_sent(nodes)
+    one_rate, two_rate = one["rows_per_second"], two["rows_per_second"]
+    return {
+        "symbols": SYMBOLS,
+        "streams": SYMBOLS * len(KINDS),
+        "streams_per_group": recording["streams_per_group"],
+        "offered_messages_per_second": size.rate,
+        "pile_seconds": size.pile_seconds,
+        "drain_interval_seconds": drain_interval,
+        "recording": recording,
+        "nodes_answering_ping": all_nodes,
+        "one_drain": one,
+        "two_drains": two,
+        "ratio": two_rate / one_rate if one_rate else None,
+        "ids": ids,
+        "seconds": time.monotonic() - started,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+
+
+@contextlib.contextmanager
+def _postgres() -> Iterator[str]:
+    """A private PostgreSQL cluster with a fresh database; yields its SQLAlchemy URL."""
+    bin_dir = find_postgres_bin()
+    if bin_dir is None:
+        raise StackError(INSTALL_HINT)
+    server = PostgresServer(bin_dir)
+    server.start()
+    try:
+        yield server.create_database()
+    finally:
+        server.stop()
+
+
+def _symbols() -> list[str]:
+    return [s for s in FakeExchangeConfig(extra_symbols=SYMBOLS).all_symbols() if s.startswith("SYM")]
+
+
+def _subscribe(nodes: Scaleout, size: ScaleoutSize) -> dict[str, Any]:
+    """Subscribe every stream; wait until the three groups are connected and stored."""
+    nodes.set_rate(size.rate / SYMBOLS / len(KINDS))
+    subscribed = nodes.call("tasks.subscribe", _symbols(), streams=list(KINDS))
+    deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
+    while True:
+        groups = nodes.groups()
+        connected = [g for g in groups if g["state"] == "connected" and g["live"] and g["messages"]]
+        if len(connected) == len(subscribed["groups"]) and nodes.frames_drained():
+            break
+        if time.monotonic() > deadline:
+            states = {g["id"]: g["state"] for g in groups}
+            raise RuntimeError(f"the groups did not all record within {CONNECT_TIMEOUT_SECONDS:.0f}s: {states}")
+        time.sleep(0.25)
+    return {
+        "groups": len(groups),
+        "streams_per_group": sorted(g["streams"] for g in groups),
+        "recording_tasks_per_node": nodes.recording_tasks_per_node(),
+    }
+
+
+def _drain_phase(nodes: Scaleout, names: tuple[str, ...], lanes: int, target_backlog: int) -> dict[str, Any]:
+    """Let the backlog grow to `target_backlog` with no drain running, start the default
+    nodes, and time the rows they store until the backlog is gone."""
+    received_at_start, pile_started = nodes.received(), time.monotonic()
+    deadline = pile_started + CATCH_UP_TIMEOUT_SECONDS
+    while nodes.backlog() < target_backlog:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the backlog did not reach {target_backlog:,} frames: is anything recording?")
+        time.sleep(POLL_SECONDS)
+    incoming = (nodes.received() - received_at_start) / (time.monotonic() - pile_started)
+    backlog_at_start, drained_before = nodes.backlog(), nodes.frames_drained()
+    started = time.monotonic()
+    started_nodes = nodes.start_default_nodes(names, lanes)
+    # Storing starts with the first commit: timed from there (a node's start-up is not
+    # storage), with the backlog left then and the rows PostgreSQL holds then.
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT_SECONDS
+    while nodes.frames_drained() == drained_before:
+        if time.monotonic() > deadline or not all(node.alive() for node in started_nodes):
+            tails = "\n".join(f"{node.name}:\n{node.log_tail()}" for node in started_nodes)
+            raise RuntimeError(f"no drain stored anything within {CATCH_UP_TIMEOUT_SECONDS:.0f}s:\n{tails}")
+        time.sleep(POLL_SECONDS / 2)
+    first_commit = time.monotonic()
+    rows_then = nodes.rows()
+    backlog_then = nodes.backlog()
+    # Caught up: the lists hold no more than frames arriving in about one flush round.
+    caught_up_below = max(1000, int(incoming * 0.2))
+    peak = backlog_then
+    while True:
+        backlog = nodes.backlog()
+        now = time.monotonic()
+        peak = max(peak, backlog)
+        if backlog <= caught_up_below:
+            break
+        if now > deadline:
+            raise RuntimeError(f"the drain did not catch up within {CATCH_UP_TIMEOUT_SECONDS:.0f}s: {backlog:,} left")
+        time.sleep(POLL_SECONDS)
+    rows_now = nodes.rows()
+    seconds = now - first_commit
+    ping = nodes.ping()
+    return {
+        "nodes": started_nodes,
+        "default_nodes": len(names),
+        "drain_lanes": lanes,
+        "incoming_messages_per_second": incoming,
+        "backlog_frames": backlog_at_start,
+        "backlog_at_first_commit": backlog_then,
+        "caught_up_below_frames": caught_up_below,
+        "rows_stored": rows_now - rows_then,
+        "seconds": seconds,
+        "rows_per_second": (rows_now - rows_then) / seconds if seconds > 0 else 0.0,
+        "seconds_from_node_start": now - started,
+        "nodes_answering_ping": ping,
+    }
+
+
+def _settle(nodes: Scaleout) -> None:
+    """Wait until every connection is closed and every buffered frame is stored."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
+    while nodes.fake_stats()["connections"]["open"] or nodes.backlog():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the service did not settle: connections still open or frames left in Redis")
+        time.sleep(0.5)
+
+
+def _compare_with_sent(nodes: Scaleout) -> dict[str, Any]:
+    """Every trade and aggregate-trade id the fake sent, against PostgreSQL: per symbol
+    and kind, the ids first..last (the fake's ids are consecutive) each stored once."""
+    sent = nodes.fake_stats()["sent"]
+    summary = {"streams_checked": 0, "ids_sent": 0, "rows_stored": 0, "missing": 0, "extra": 0, "duplicates": 0}
+    with psycopg.connect(nodes.pg_url) as conn:
+        for kind, (table, column) in ID_COLUMNS.items():
+            ranges = [(s, kinds[kind]["first"], kinds[kind]["last"]) for s, kinds in sent.items() if kind in kinds]
+            if not ranges:
+                continue
+            symbols, firsts, lasts = (list(column_values) for column_values in zip(*ranges, strict=True))
+            in_range, distinct = conn.execute(
+                f"SELECT count(t.{column}), count(DISTINCT (t.symbol, t.{column})) "
+                f"FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS s(symbol, first_id, last_id) "
+                f"JOIN {table} t ON t.symbol = s.symbol AND t.{column} BETWEEN s.first_id AND s.last_id",
+                (symbols, firsts, lasts),
+            ).fetchone() or (0, 0)
+            total, total_distinct = conn.execute(
+                f"SELECT count(*), count(DISTINCT (symbol, {column})) FROM {table}"
+            ).fetchone() or (0, 0)
+            expected = sum(last - first + 1 for _, first, last in ranges)
+            summary["streams_checked"] += len(ranges)
+            summary["ids_sent"] += expected
+            summary["rows_stored"] += total
+            summary["missing"] += expected - distinct
+            summary["extra"] += total - in_range
+            summary["duplicates"] += total - total_distinct
+    summary["lost_nothing"] = bool(summary["ids_sent"]) and summary["missing"] == summary["extra"] == 0
+    summary["stored_once"] = summary["duplicates"] == 0
+    return summary
+
+
+def scaleout_table(figures: dict[str, Any]) -> str:
+    """The figures as a few lines of text."""
+    lines = [
+        f"{figures['streams']:,} streams in {figures['recording']['groups']} groups "
+        f"({'+'.join(str(n) for n in figures['streams_per_group'])}), "
+        f"recording tasks per node {figures['recording']['recording_tasks_per_node']}",
+        f"offered {figures['offered_messages_per_second']:,.0f} msg/s; "
+        f"machine: {figures['machine']['cpus']} cpus, everything on it",
+    ]
+    labels = {"one_drain": "1 default node, DRAIN_LANES=1", "two_drains": "2 default nodes, DRAIN_LANES=2"}
+    for key, label in labels.items():
+        phase = figures[key]
+        lines.append(
+            f"{label}: {phase['rows_per_second']:,.0f} rows/s stored into PostgreSQL "
+            f"({phase['rows_stored']:,} rows in {phase['seconds']:.2f} s from the first commit; "
+            f"backlog {phase['backlog_frames']:,} frames, {phase['backlog_at_first_commit']:,} at the first commit; "
+            f"incoming {phase['incoming_messages_per_second']:,.0f} msg/s; "
+            f"caught up {phase['seconds_from_node_start']:.1f} s after the node start)"
+        )
+    ratio = figures["ratio"]
+    lines.append(f"two / one: {ratio:.2f}" if ratio else "two / one: -")
+    ids = figures["ids"]
+    lines.append(
+        f"ids: {ids['ids_sent']:,} sent over {ids['streams_checked']:,} streams, {ids['rows_stored']:,} rows: "
+        f"{ids['missing']} missing, {ids['extra']} extra, {ids['duplicates']} twice"
+    )
+    lines.append(f"nodes answering ping: {', '.join(figures['nodes_answering_ping'])}")
+    lines.append(f"{figures['seconds']:.0f} s in all")
+    return "\n".join(lines)
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short backlogs (under a minute in all)")
+    parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="binance-recorder-scaleout-") as workdir:
+        figures = measure_scaleout(Path(workdir), quick=args.quick)
+    figures["size"] = asdict(QUICK_SCALEOUT if args.quick else FULL_SCALEOUT)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+    print(scaleout_table(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
