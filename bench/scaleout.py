@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import os
 import platform
+import socket
 import sys
 import tempfile
 import time
@@ -51,7 +52,7 @@ import redis
 import requests
 
 from bench.frames import KINDS
-from bench.procs import service_env
+from bench.procs import children, cpu_seconds, service_env
 from fake_binance.config import FakeExchangeConfig
 
 # The one place that knows where the private PostgreSQL cluster comes from.
@@ -72,6 +73,8 @@ CONNECT_TIMEOUT_SECONDS = 90.0
 CATCH_UP_TIMEOUT_SECONDS = 120.0
 SETTLE_TIMEOUT_SECONDS = 90.0
 POLL_SECONDS = 0.1
+STANDBY_QUEUE = "scaleout-standby"
+"""What default nodes consume while they start: nothing is ever sent to it."""
 ID_COLUMNS = {"trade": ("trades", "trade_id"), "aggTrade": ("agg_trades", "agg_id")}
 
 
@@ -81,19 +84,28 @@ class ScaleoutSize:
     """Messages per second the fake offers over all 3,072 streams."""
     warmup_seconds: float
     """Recording with a drain running, before the first backlog is built."""
-    pile_seconds: float
-    """Recording with no drain: the backlog each configuration starts from is rate × this."""
+    pile_rate: float
+    """Messages per second offered while the backlog builds up (no drain running)."""
+    backlog_frames: int
+    """The backlog each configuration starts from (at least: more if its nodes take longer to start)."""
+    rounds: int
+    """Each configuration measured this many times: one drain node first, then the other
+    order in the next round, and so on."""
 
 
-QUICK_SCALEOUT = ScaleoutSize(rate=5000, warmup_seconds=2, pile_seconds=6)
-FULL_SCALEOUT = ScaleoutSize(rate=5000, warmup_seconds=5, pile_seconds=45)
+QUICK_SCALEOUT = ScaleoutSize(rate=5000, warmup_seconds=2, pile_rate=5000, backlog_frames=30_000, rounds=1)
+# A drain stores a batch of 5,000 frames per group per round: 300,000 frames is about 20
+# rounds, so that where the timed window starts and ends within a round matters little.
+# Built at 15,000 msg/s (the machine is free of the drain meanwhile), stored at 5,000.
+FULL_SCALEOUT = ScaleoutSize(rate=5000, warmup_seconds=5, pile_rate=15000, backlog_frames=300_000, rounds=2)
 
 
 class Scaleout:
     """The running nodes, seen from outside as an operator (or another host) sees them."""
 
-    def __init__(self, stack: LocalStack, database_url: str) -> None:
+    def __init__(self, stack: LocalStack, database_url: str, postgres_pid: int) -> None:
         self.stack = stack
+        self.postgres_pid = postgres_pid
         self.redis = redis.Redis.from_url(stack.env["REDIS_URL"])
         self.keys = RedisKeys("recorder")
         self.rest_url = stack.env["BINANCE_REST_URL"]
@@ -101,17 +113,27 @@ class Scaleout:
 
     # -- nodes ------------------------------------------------------------------------
 
-    def start_default_nodes(self, names: tuple[str, ...], lanes: int) -> list[ManagedProcess]:
-        """Default-queue worker nodes (the drain and the rest), each with DRAIN_LANES=lanes."""
+    def start_default_nodes(self, names: tuple[str, ...], lanes: int, queue: str = "celery") -> list[ManagedProcess]:
+        """Default-queue worker nodes (the drain and the rest), each with DRAIN_LANES=lanes,
+        consuming `queue` (STANDBY_QUEUE: nothing, until `consume`)."""
         self.stack.env["DRAIN_LANES"] = str(lanes)  # read by spawn: the nodes started now
         nodes = [
             self.stack.spawn(
                 name,
-                [*CELERY, "worker", "-Q", "celery", "-c", str(PROCESSES_PER_NODE), "-n", f"{name}@%h", "-l", "INFO"],
+                [*CELERY, "worker", "-Q", queue, "-c", str(PROCESSES_PER_NODE), "-n", f"{name}@%h", "-l", "INFO"],
             )
             for name in names
         ]
+        self.stack.wait_for_workers(names)
         return nodes
+
+    def consume(self, names: tuple[str, ...], queue: str = "celery") -> None:
+        """`celery control add_consumer`: the ready nodes start taking `queue`'s tasks."""
+        destination = [f"{name}@{socket.gethostname()}" for name in names]  # what %h stands for
+        app = client_app(self.stack.env["REDIS_URL"])
+        replies = app.control.add_consumer(queue, destination=destination, reply=True, timeout=5.0)
+        if len(replies) != len(destination):
+            raise RuntimeError(f"add_consumer {queue}: {destination} asked, {replies} answered")
 
     def stop_nodes(self, nodes: list[ManagedProcess]) -> None:
         """Warm shutdown (SIGTERM), as `docker stop`: a drain run finishes its round."""
@@ -138,8 +160,9 @@ class Scaleout:
         result = client_app(self.stack.env["REDIS_URL"]).send_task(task, args=args, kwargs=kwargs)
         return result.get(timeout=TASK_TIMEOUT_SECONDS)
 
-    def set_rate(self, trades_per_second: float) -> None:
-        body = {"action": "set_rate", "trades_per_second": trades_per_second}
+    def set_rate(self, messages_per_second: float) -> None:
+        """The fake's rate over every stream: per symbol, half of it trades, half aggTrades."""
+        body = {"action": "set_rate", "trades_per_second": messages_per_second / SYMBOLS / len(KINDS)}
         requests.post(f"{self.rest_url}/fake/control", json=body, timeout=10).raise_for_status()
 
     def fake_stats(self) -> dict[str, Any]:
@@ -183,7 +206,7 @@ def measure_scaleout(
     size = size or (QUICK_SCALEOUT if quick else FULL_SCALEOUT)
     started = time.monotonic()
     _progress("scaleout: PostgreSQL, Redis, the fake exchange, beat, 2 streams nodes, 1 default node")
-    with _postgres() as database_url:
+    with _postgres() as (database_url, postgres_pid):
         env = service_env(
             database_url=database_url,
             drain_interval_seconds=drain_interval,
@@ -196,37 +219,50 @@ def measure_scaleout(
             stack.start_beat()
             for name in STREAM_NODES:
                 stack.start_stream_worker(PROCESSES_PER_NODE, name=name)
-            nodes = Scaleout(stack, database_url)
+            nodes = Scaleout(stack, database_url, postgres_pid)
             defaults = nodes.start_default_nodes(DEFAULT_NODES[:1], lanes=1)
-            stack.wait_for_workers([*STREAM_NODES, DEFAULT_NODES[0]])
+            stack.wait_for_workers(STREAM_NODES)
             _progress(f"scaleout: subscribing {SYMBOLS} symbols x {', '.join(KINDS)} at {size.rate:g} msg/s")
             recording = _subscribe(nodes, size)
             time.sleep(size.warmup_seconds)
             nodes.stop_nodes(defaults)
-            target = int(size.rate * size.pile_seconds)
-            _progress(f"scaleout: backlog of {target:,} frames, then 1 default node, DRAIN_LANES=1")
-            one = _drain_phase(nodes, DEFAULT_NODES[:1], lanes=1, target_backlog=target)
-            nodes.stop_nodes(one.pop("nodes"))
-            _progress(f"scaleout: backlog of {target:,} frames, then 2 default nodes, DRAIN_LANES=2")
-            two = _drain_phase(nodes, DEFAULT_NODES, lanes=2, target_backlog=target)
-            two.pop("nodes")
+            target = size.backlog_frames
+            rounds: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+            for number in range(1, size.rounds + 1):
+                order = (1, 2) if number % 2 else (2, 1)  # one, two, two, one: a drift in time cancels
+                for count in order:
+                    _progress(
+                        f"scaleout: round {number}/{size.rounds}: backlog of {target:,} frames, "
+                        f"then {count} default node(s), DRAIN_LANES={count}"
+                    )
+                    defaults, figures = _drain_phase(nodes, DEFAULT_NODES[:count], count, size)
+                    rounds[count].append(figures)
+                    if (number, count) != (size.rounds, order[-1]):
+                        nodes.stop_nodes(defaults)
             all_nodes = nodes.ping()
             nodes.call("tasks.unsubscribe", _symbols())
             _settle(nodes)
             ids = _compare_with_sent(nodes)
+    one, two = _combined(rounds[1]), _combined(rounds[2])
     one_rate, two_rate = one["rows_per_second"], two["rows_per_second"]
     return {
         "symbols": SYMBOLS,
         "streams": SYMBOLS * len(KINDS),
         "streams_per_group": recording["streams_per_group"],
         "offered_messages_per_second": size.rate,
-        "pile_seconds": size.pile_seconds,
+        "pile_messages_per_second": size.pile_rate,
+        "target_backlog_frames": size.backlog_frames,
+        "rounds": size.rounds,
         "drain_interval_seconds": drain_interval,
         "recording": recording,
         "nodes_answering_ping": all_nodes,
         "one_drain": one,
         "two_drains": two,
         "ratio": two_rate / one_rate if one_rate else None,
+        "round_ratios": [
+            b["rows_per_second"] / a["rows_per_second"] if a["rows_per_second"] else None
+            for a, b in zip(rounds[1], rounds[2], strict=True)
+        ],
         "ids": ids,
         "seconds": time.monotonic() - started,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -234,15 +270,16 @@ def measure_scaleout(
 
 
 @contextlib.contextmanager
-def _postgres() -> Iterator[str]:
-    """A private PostgreSQL cluster with a fresh database; yields its SQLAlchemy URL."""
+def _postgres() -> Iterator[tuple[str, int]]:
+    """A private PostgreSQL cluster with a fresh database; yields its SQLAlchemy URL and
+    the server's process id."""
     bin_dir = find_postgres_bin()
     if bin_dir is None:
         raise StackError(INSTALL_HINT)
     server = PostgresServer(bin_dir)
     server.start()
     try:
-        yield server.create_database()
+        yield server.create_database(), int((server.data / "postmaster.pid").read_text().split()[0])
     finally:
         server.stop()
 
@@ -253,7 +290,7 @@ def _symbols() -> list[str]:
 
 def _subscribe(nodes: Scaleout, size: ScaleoutSize) -> dict[str, Any]:
     """Subscribe every stream; wait until the three groups are connected and stored."""
-    nodes.set_rate(size.rate / SYMBOLS / len(KINDS))
+    nodes.set_rate(size.rate)
     subscribed = nodes.call("tasks.subscribe", _symbols(), streams=list(KINDS))
     deadline = time.monotonic() + CONNECT_TIMEOUT_SECONDS
     while True:
@@ -272,21 +309,31 @@ def _subscribe(nodes: Scaleout, size: ScaleoutSize) -> dict[str, Any]:
     }
 
 
-def _drain_phase(nodes: Scaleout, names: tuple[str, ...], lanes: int, target_backlog: int) -> dict[str, Any]:
-    """Let the backlog grow to `target_backlog` with no drain running, start the default
-    nodes, and time the rows they store until the backlog is gone."""
+def _drain_phase(
+    nodes: Scaleout, names: tuple[str, ...], lanes: int, size: ScaleoutSize
+) -> tuple[list[ManagedProcess], dict[str, Any]]:
+    """Let the backlog grow to `size.backlog_frames` with no drain running (at
+    `size.pile_rate`), then have the default nodes `names` consume, and time the rows
+    they store until it is gone, while frames go on arriving at `size.rate`.
+
+    The nodes start meanwhile on a queue nothing is sent to, and all take the default
+    queue at once when they are ready: a node's start-up (a few seconds of CPU) is
+    neither storage nor allowed to slow the other node's drain in the timed window."""
+    nodes.set_rate(size.pile_rate)
     received_at_start, pile_started = nodes.received(), time.monotonic()
+    started_nodes = nodes.start_default_nodes(names, lanes, queue=STANDBY_QUEUE)
     deadline = pile_started + CATCH_UP_TIMEOUT_SECONDS
-    while nodes.backlog() < target_backlog:
+    while nodes.backlog() < size.backlog_frames:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the backlog did not reach {target_backlog:,} frames: is anything recording?")
+            raise RuntimeError(f"the backlog did not reach {size.backlog_frames:,} frames: is anything recording?")
         time.sleep(POLL_SECONDS)
-    incoming = (nodes.received() - received_at_start) / (time.monotonic() - pile_started)
+    nodes.set_rate(size.rate)
+    pile_incoming = (nodes.received() - received_at_start) / (time.monotonic() - pile_started)
     backlog_at_start, drained_before = nodes.backlog(), nodes.frames_drained()
     started = time.monotonic()
-    started_nodes = nodes.start_default_nodes(names, lanes)
-    # Storing starts with the first commit: timed from there (a node's start-up is not
-    # storage), with the backlog left then and the rows PostgreSQL holds then.
+    nodes.consume(names)
+    # Storing starts with the first commit: timed from there, with the backlog left
+    # then and the rows PostgreSQL holds then.
     deadline = time.monotonic() + CATCH_UP_TIMEOUT_SECONDS
     while nodes.frames_drained() == drained_before:
         if time.monotonic() > deadline or not all(node.alive() for node in started_nodes):
@@ -294,36 +341,108 @@ def _drain_phase(nodes: Scaleout, names: tuple[str, ...], lanes: int, target_bac
             raise RuntimeError(f"no drain stored anything within {CATCH_UP_TIMEOUT_SECONDS:.0f}s:\n{tails}")
         time.sleep(POLL_SECONDS / 2)
     first_commit = time.monotonic()
-    rows_then = nodes.rows()
+    cpu = _CpuWindow(started_nodes, [p.popen.pid for p in nodes.stack.processes] + [nodes.postgres_pid])
+    rows_then, received_then = nodes.rows(), nodes.received()
     backlog_then = nodes.backlog()
-    # Caught up: the lists hold no more than frames arriving in about one flush round.
-    caught_up_below = max(1000, int(incoming * 0.2))
-    peak = backlog_then
+    # Caught up: the lists hold no more than what arrives in about a fifth of a second
+    # (a few flushes of the three groups).
+    caught_up_below = max(1000, int(size.rate * 0.2))
     while True:
         backlog = nodes.backlog()
         now = time.monotonic()
-        peak = max(peak, backlog)
         if backlog <= caught_up_below:
             break
         if now > deadline:
             raise RuntimeError(f"the drain did not catch up within {CATCH_UP_TIMEOUT_SECONDS:.0f}s: {backlog:,} left")
         time.sleep(POLL_SECONDS)
-    rows_now = nodes.rows()
+    rows_now, received_now = nodes.rows(), nodes.received()
     seconds = now - first_commit
-    ping = nodes.ping()
-    return {
-        "nodes": started_nodes,
+    cpu_used = cpu.shares()
+    return started_nodes, {
         "default_nodes": len(names),
         "drain_lanes": lanes,
-        "incoming_messages_per_second": incoming,
+        "incoming_messages_per_second": (received_now - received_then) / seconds if seconds > 0 else 0.0,
+        "pile_incoming_messages_per_second": pile_incoming,
         "backlog_frames": backlog_at_start,
         "backlog_at_first_commit": backlog_then,
         "caught_up_below_frames": caught_up_below,
         "rows_stored": rows_now - rows_then,
         "seconds": seconds,
         "rows_per_second": (rows_now - rows_then) / seconds if seconds > 0 else 0.0,
-        "seconds_from_node_start": now - started,
-        "nodes_answering_ping": ping,
+        "seconds_from_consume": now - started,
+        "nodes_answering_ping": nodes.ping(),
+        **cpu_used,
+    }
+
+
+class _CpuWindow:
+    """CPU used from now on, in cores: by each default node (its main process and pool
+    processes), by everything the measurement started (every process of the stack and
+    PostgreSQL's), and by the whole machine (/proc/stat): the difference is what other
+    programs of a shared machine took."""
+
+    def __init__(self, started_nodes: list[ManagedProcess], roots: list[int]) -> None:
+        self.trees = {node.name: [node.popen.pid, *children(node.popen.pid)] for node in started_nodes}
+        self.ours = [pid for root in roots for pid in _process_tree(root)]
+        self.started = time.monotonic()
+        self.node_cpu = {name: cpu_seconds(pids) for name, pids in self.trees.items()}
+        self.our_cpu = cpu_seconds(self.ours)
+        self.machine = _machine_ticks()
+
+    def shares(self) -> dict[str, Any]:
+        seconds = time.monotonic() - self.started
+        busy, total = (now - then for now, then in zip(_machine_ticks(), self.machine, strict=True))
+        machine_cores = (busy / total if total else 0.0) * (os.cpu_count() or 1)
+        ours = (cpu_seconds(self.ours) - self.our_cpu) / seconds
+        return {
+            "node_cpu_cores": {
+                name: (cpu_seconds(pids) - self.node_cpu[name]) / seconds for name, pids in self.trees.items()
+            },
+            "stack_cpu_cores": ours,
+            "machine_busy_cores": machine_cores,
+            "other_programs_cpu_cores": max(0.0, machine_cores - ours),
+        }
+
+
+def _process_tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children(current))
+    return found
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot: the first line of /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
+
+
+def _combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's rounds: rows over seconds of all of them, the rest averaged."""
+    rows, seconds = sum(r["rows_stored"] for r in rounds), sum(r["seconds"] for r in rounds)
+
+    def mean(name: str) -> float:
+        return sum(r[name] for r in rounds) / len(rounds)
+
+    return {
+        "default_nodes": rounds[0]["default_nodes"],
+        "drain_lanes": rounds[0]["drain_lanes"],
+        "rows_stored": rows,
+        "seconds": seconds,
+        "rows_per_second": rows / seconds if seconds > 0 else 0.0,
+        "incoming_messages_per_second": mean("incoming_messages_per_second"),
+        "pile_incoming_messages_per_second": mean("pile_incoming_messages_per_second"),
+        "backlog_frames": min(r["backlog_frames"] for r in rounds),
+        "backlog_at_first_commit": round(mean("backlog_at_first_commit")),
+        "caught_up_below_frames": max(r["caught_up_below_frames"] for r in rounds),
+        "seconds_from_consume": mean("seconds_from_consume"),
+        "stack_cpu_cores": mean("stack_cpu_cores"),
+        "other_programs_cpu_cores": mean("other_programs_cpu_cores"),
+        "nodes_answering_ping": rounds[-1]["nodes_answering_ping"],
+        "rounds": rounds,
     }
 
 
@@ -374,21 +493,27 @@ def scaleout_table(figures: dict[str, Any]) -> str:
         f"{figures['streams']:,} streams in {figures['recording']['groups']} groups "
         f"({'+'.join(str(n) for n in figures['streams_per_group'])}), "
         f"recording tasks per node {figures['recording']['recording_tasks_per_node']}",
-        f"offered {figures['offered_messages_per_second']:,.0f} msg/s; "
+        f"offered {figures['offered_messages_per_second']:,.0f} msg/s "
+        f"({figures['pile_messages_per_second']:,.0f} while a backlog builds up); "
         f"machine: {figures['machine']['cpus']} cpus, everything on it",
     ]
     labels = {"one_drain": "1 default node, DRAIN_LANES=1", "two_drains": "2 default nodes, DRAIN_LANES=2"}
     for key, label in labels.items():
         phase = figures[key]
+        per_round = ", ".join(f"{r['rows_per_second']:,.0f}" for r in phase["rounds"])
         lines.append(
             f"{label}: {phase['rows_per_second']:,.0f} rows/s stored into PostgreSQL "
-            f"({phase['rows_stored']:,} rows in {phase['seconds']:.2f} s from the first commit; "
-            f"backlog {phase['backlog_frames']:,} frames, {phase['backlog_at_first_commit']:,} at the first commit; "
-            f"incoming {phase['incoming_messages_per_second']:,.0f} msg/s; "
-            f"caught up {phase['seconds_from_node_start']:.1f} s after the node start)"
+            f"(rounds: {per_round}; "
+            f"{phase['rows_stored']:,} rows in {phase['seconds']:.2f} s from the first commit; "
+            f"backlog >= {phase['backlog_frames']:,} frames, {phase['backlog_at_first_commit']:,} at the first commit; "
+            f"incoming {phase['incoming_messages_per_second']:,.0f} msg/s meanwhile "
+            f"({phase['pile_incoming_messages_per_second']:,.0f} while it built up); "
+            f"caught up {phase['seconds_from_consume']:.1f} s after add_consumer; CPU in cores: "
+            f"{phase['stack_cpu_cores']:.2f} this stack, {phase['other_programs_cpu_cores']:.2f} other programs)"
         )
     ratio = figures["ratio"]
-    lines.append(f"two / one: {ratio:.2f}" if ratio else "two / one: -")
+    rounds = ", ".join(f"{r:.2f}" if r else "-" for r in figures["round_ratios"])
+    lines.append(f"two / one: {ratio:.2f} (rounds: {rounds})" if ratio else "two / one: -")
     ids = figures["ids"]
     lines.append(
         f"ids: {ids['ids_sent']:,} sent over {ids['streams_checked']:,} streams, {ids['rows_stored']:,} rows: "
