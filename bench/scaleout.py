@@ -12,23 +12,29 @@ The symbols' trade and aggTrade streams (3,072) are cut by `subscribe` into thre
 groups of 1,024 streams, one connection each, spread over the two streams nodes.
 
 A drain on this machine stores faster than the fake exchange can send, so storage
-throughput is measured on a backlog: with no default worker running, the streams
-nodes record for a while and the frames pile up in the Redis lists; then the drain
-node(s) start, and the rows stored in PostgreSQL per second are timed from the first
-commit until the backlog is gone (frames keep arriving meanwhile). Twice, with equal
-backlogs: one default node with DRAIN_LANES=1, then two default nodes with
-DRAIN_LANES=2 (up to that many drain runs store at once on PostgreSQL; a service that
-does not know the setting ignores it and stores with one run at a time).
+throughput is measured on a backlog: with no default node consuming, the streams nodes
+record (at `pile_rate`) until `backlog_frames` wait in the Redis lists. The default
+node(s) start meanwhile on a queue nothing is sent to (STANDBY_QUEUE) and, once all are
+ready, take the default queue together (`celery control add_consumer`), so no node's
+start-up falls into the timed window. The rows stored in PostgreSQL per second are
+timed from the first commit until the backlog is gone, while frames keep arriving (at
+`rate`). One default node with DRAIN_LANES=1, and two default nodes with DRAIN_LANES=2
+(up to that many drain runs store at once on PostgreSQL; a service that does not know
+the setting ignores it and stores with one run at a time), `rounds` times each, in the
+order one, two, two, one, ... so that a drift of the machine's load cancels. The CPU
+the stack's processes and other programs used in each window is reported with it: on
+a shared machine the second figure explains most of the spread.
 
 Afterwards every trade and aggregate-trade id the fake sent (GET /fake/stats) must be
 in PostgreSQL exactly once. The periodic backfill is off, so nothing is repaired from
 REST behind the measurement's back.
 
-    .venv/bin/python -m bench.scaleout            # about 3 minutes
+    .venv/bin/python -m bench.scaleout            # about 3 minutes; --output FILE for the JSON
     .venv/bin/python -m bench.scaleout --quick    # under a minute, what tests/test_scaleout.py runs
 
-or from Python: `measure_scaleout(Path(workdir), quick=True)` returns the figures
-(`scaleout_table(figures)` prints them).
+or from Python (what `python -m bench` can call as a part): `measure_scaleout(workdir,
+quick=...)` starts and stops everything under `workdir` and returns the figures as a
+dict; `scaleout_table(figures)` renders them as text.
 """
 
 from __future__ import annotations
@@ -501,6 +507,9 @@ def scaleout_table(figures: dict[str, Any]) -> str:
     for key, label in labels.items():
         phase = figures[key]
         per_round = ", ".join(f"{r['rows_per_second']:,.0f}" for r in phase["rounds"])
+        node_cpu = "; ".join(
+            " ".join(f"{name} {cores:.2f}" for name, cores in r["node_cpu_cores"].items()) for r in phase["rounds"]
+        )
         lines.append(
             f"{label}: {phase['rows_per_second']:,.0f} rows/s stored into PostgreSQL "
             f"(rounds: {per_round}; "
@@ -509,7 +518,8 @@ def scaleout_table(figures: dict[str, Any]) -> str:
             f"incoming {phase['incoming_messages_per_second']:,.0f} msg/s meanwhile "
             f"({phase['pile_incoming_messages_per_second']:,.0f} while it built up); "
             f"caught up {phase['seconds_from_consume']:.1f} s after add_consumer; CPU in cores: "
-            f"{phase['stack_cpu_cores']:.2f} this stack, {phase['other_programs_cpu_cores']:.2f} other programs)"
+            f"{phase['stack_cpu_cores']:.2f} this stack, {phase['other_programs_cpu_cores']:.2f} other programs, "
+            f"per round the default nodes' {node_cpu})"
         )
     ratio = figures["ratio"]
     rounds = ", ".join(f"{r:.2f}" if r else "-" for r in figures["round_ratios"])
@@ -519,7 +529,9 @@ def scaleout_table(figures: dict[str, Any]) -> str:
         f"ids: {ids['ids_sent']:,} sent over {ids['streams_checked']:,} streams, {ids['rows_stored']:,} rows: "
         f"{ids['missing']} missing, {ids['extra']} extra, {ids['duplicates']} twice"
     )
-    lines.append(f"nodes answering ping: {', '.join(figures['nodes_answering_ping'])}")
+    lines.append(
+        f"nodes answering ping with two default nodes: {', '.join(figures['two_drains']['nodes_answering_ping'])}"
+    )
     lines.append(f"{figures['seconds']:.0f} s in all")
     return "\n".join(lines)
 
