@@ -185,7 +185,7 @@ def _produce(client: redis.Redis, key: str, ticks: list[list[bytes]], pushed: di
         for part in (frames[:half], frames[half:]):
             with client.pipeline(transaction=False) as pipe:
                 pipe.rpush(key, clock_mark(now_ms()), *part)
-                ring_doorbell(pipe, KEYS)
+                ring_doorbell(pipe, KEYS, key)
                 pipe.execute()
             events += len(part)
             next_at += FLUSH_MS / 1000

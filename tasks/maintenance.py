@@ -16,7 +16,7 @@ from worker.keys import RedisKeys
 from worker.ops.status import collect_status
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.store.drain import Drainer, DrainShift
+from worker.store.drain import Drainer, DrainLanes, drain_lanes, take_a_lane
 from worker.store.failures import clear_storage_error, record_storage_error
 
 # A drain run's window, in drain intervals: it asks for relief after it, and the next
@@ -29,16 +29,21 @@ DRAIN_RUN_INTERVALS = 10
 @app.task(name="tasks.drain", bind=True, send_events=False)  # one a second would bury the recording tasks in Flower
 def drain(self: Any) -> dict[str, Any]:
     """Store buffered frames as they arrive for a window, until the next run takes over
-    (see `worker.store.drain`): one run at a time, relayed without a gap."""
+    (see `worker.store.drain`): one run per lane at a time, relayed without a gap."""
     settings = get_settings()
     keys = RedisKeys(settings.redis_prefix)
+    client = redis_client()
     try:
         # The engine first: opening it the first time makes the schema, which may wait for
         # a locked database for longer than the lease lives before `held` starts renewing it.
-        drainer = Drainer(redis_client(), keys, engine(), settings.drain_batch_size)
-        shift = DrainShift(redis_client(), keys, window_seconds=settings.drain_interval_seconds * DRAIN_RUN_INTERVALS)
-        if not shift.take_over():
-            return {"skipped": "another drain run is storing"}
+        database = engine()
+        lanes = drain_lanes(database, settings.drain_lanes)
+        window = settings.drain_interval_seconds * DRAIN_RUN_INTERVALS
+        shift = take_a_lane(client, keys, window, lanes)
+        if shift is None:
+            return {"skipped": "another drain run is storing" if lanes == 1 else "every drain lane has a run storing"}
+        share = DrainLanes(client, keys, lanes, shift.lane)
+        drainer = Drainer(client, keys, database, settings.drain_batch_size, share)
         with shift.held():
             report = drainer.drain_window(shift.keep_going(shutting_down))
     except SQLAlchemyError as error:
@@ -47,8 +52,8 @@ def drain(self: Any) -> dict[str, Any]:
         record_storage_error(redis_client(), keys, error)
         _show_failure_in_flower(self, error)
         raise
-    clear_storage_error(redis_client(), keys)
-    return report.as_dict()
+    clear_storage_error(client, keys)
+    return {**report.as_dict(), "lane": shift.lane}
 
 
 def _show_failure_in_flower(task: Any, error: Exception) -> None:

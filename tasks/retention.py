@@ -12,6 +12,7 @@ from worker import app
 from worker.keys import RedisKeys
 from worker.lease import Lease
 from worker.settings import get_settings
+from worker.store.partitions import ensure_partitions
 from worker.store.retention import RetentionPolicy, delete_expired_rows
 from worker.times import now_ms
 
@@ -41,15 +42,27 @@ def enforce_retention() -> dict[str, Any]:
         return {"skipped": "another retention run is in progress"}
     started = time.monotonic()
     try:
+        # PostgreSQL's partitioned tables: the coming days' partitions, before their rows.
+        ensured = ensure_partitions(engine(), now_ms())
         run = delete_expired_rows(engine(), policy, now_ms(), keep_going=lock.renew)
     finally:
         lock.release()
-    result = {**run.as_dict(), "seconds": round(time.monotonic() - started, 3)}
+    result = {
+        **run.as_dict(),
+        "partitions_created": ensured.created,
+        "partitions_skipped": ensured.skipped,
+        "seconds": round(time.monotonic() - started, 3),
+    }
     log.info(
-        "retention deleted %s in %d chunks (%.1f s)%s",
+        "retention deleted %s in %d chunks, dropped partitions %s (%.1f s)%s%s",
         run.deleted,
         run.chunks,
+        run.dropped,
         result["seconds"],
         "; lock lost, stopped early" if run.interrupted else "",
+        f"; partitions not created (their day's rows are in the default partition, or the lock was busy): "
+        f"{ensured.skipped}"
+        if ensured.skipped
+        else "",
     )
     return result

@@ -22,7 +22,7 @@ from worker.buffer import FrameBuffer, FrameWriter
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.ops.local_stack import LocalStack
-from worker.store.drain import Drainer, DrainReport, DrainShift
+from worker.store.drain import Drainer, DrainReport, DrainShift, drain_holders
 from worker.store.storage import create_schema, make_engine
 
 GROUP = Group(id="g1", streams=("btcusdt@trade",))
@@ -46,12 +46,12 @@ class RecordingDrainer(Drainer):
         super().__init__(*args)  # type: ignore[arg-type]
         self.name = name
 
-    def store_round(self, report: DrainReport) -> int:
+    def store_round(self, report: DrainReport, lists: list[str] | None = None) -> int:
         cls = RecordingDrainer
         cls.active += 1
         cls.overlaps += cls.active > 1
         started = time.monotonic()
-        claimed = super().store_round(report)
+        claimed = super().store_round(report, lists)
         if claimed:
             cls.rounds.append((self.name, started, time.monotonic()))
         cls.active -= 1
@@ -103,7 +103,7 @@ def group(redis_client: redis.Redis, keys: RedisKeys) -> Iterator[str]:
 def watch_lock(client: redis.Redis, keys: RedisKeys, stop: threading.Event, holders: list[str | None]) -> None:
     """Every value the drain lock takes, including None when it is free."""
     while not stop.is_set():
-        value = client.get(keys.drain_lock)
+        value = client.get(keys.drain_lock())
         holder = as_text(value) if value is not None else None
         if not holders or holders[-1] != holder:
             holders.append(holder)
@@ -112,8 +112,8 @@ def watch_lock(client: redis.Redis, keys: RedisKeys, stop: threading.Event, hold
 
 def relief_wanted(client: redis.Redis, keys: RedisKeys) -> bool:
     """No run holds the lock, or the one that does has asked for relief."""
-    holder = client.get(keys.drain_lock)
-    return holder is None or client.get(keys.drain_relief) == holder
+    holder = client.get(keys.drain_lock())
+    return holder is None or client.get(keys.drain_relief()) == holder
 
 
 def test_runs_hand_over_without_a_gap_and_never_drain_together(
@@ -166,16 +166,16 @@ def test_a_lost_beat_tick_leaves_the_running_drain_storing(
     writer.pending.extend(trade_frame("BTCUSDT", i) for i in range(1, 11))
     writer.flush()
     wait_until(lambda: trade_ids(engine) == list(range(1, 11)), 10, "the first frames stored")
-    wait_until(lambda: redis_client.get(keys.drain_relief) is not None, 10, "the run to ask for relief")
+    wait_until(lambda: redis_client.get(keys.drain_relief()) is not None, 10, "the run to ask for relief")
     writer.pending.extend(trade_frame("BTCUSDT", i) for i in range(11, 21))
     writer.flush()
 
     wait_until(lambda: trade_ids(engine) == list(range(1, 21)), 10, "the frames after the lost tick stored")
     assert run.is_alive() and {name for name, _, _ in RecordingDrainer.rounds} == {"run"}
-    assert as_text(redis_client.get(keys.drain_lock) or b"") == run.shift.token
+    assert as_text(redis_client.get(keys.drain_lock()) or b"") == run.shift.token
     run.stop.set()
     run.join(10)
-    assert redis_client.get(keys.drain_lock) is None
+    assert redis_client.get(keys.drain_lock()) is None
 
 
 def test_a_run_that_waits_in_vain_gives_up_to_a_newer_one(
@@ -185,10 +185,10 @@ def test_a_run_that_waits_in_vain_gives_up_to_a_newer_one(
     there is never more than one successor, and that one gets the lock."""
     holder = DrainShift(redis_client, keys, window_seconds=60)
     assert holder.take_over()
-    redis_client.set(keys.drain_relief, holder.token, px=10_000)  # as its keep_going does after its window
+    redis_client.set(keys.drain_relief(), holder.token, px=10_000)  # as its keep_going does after its window
     older, newer = (Run(name, redis_client, keys, engine) for name in ("older", "newer"))
     older.start()
-    wait_until(lambda: redis_client.get(keys.drain_successor) is not None, 10, "the older run to ask")
+    wait_until(lambda: redis_client.get(keys.drain_successor()) is not None, 10, "the older run to ask")
     newer.start()
     older.join(10)
     with holder.held():
@@ -208,17 +208,17 @@ def test_a_tick_within_the_running_window_returns_at_once(
     tick = DrainShift(redis_client, keys, window_seconds=60)
 
     assert tick.take_over() is False
-    assert redis_client.get(keys.drain_successor) is None  # it did not ask for a hand-over
-    assert as_text(redis_client.get(keys.drain_lock) or b"") == holder.token
+    assert redis_client.get(keys.drain_successor()) is None  # it did not ask for a hand-over
+    assert as_text(redis_client.get(keys.drain_lock()) or b"") == holder.token
     with holder.held():
         pass
-    assert redis_client.get(keys.drain_lock) is None  # no successor waited: released
+    assert redis_client.get(keys.drain_lock()) is None  # no successor waited: released
 
 
 def drain_holder_pid(client: redis.Redis) -> int | None:
-    """The drain lock's value is `drain-<pid>:<uuid>`."""
-    value = client.get(RedisKeys("recorder").drain_lock)
-    return int(as_text(value).split(":")[0].removeprefix("drain-")) if value else None
+    """The drain lock's value is `drain-<pid>@<host>:<uuid>`."""
+    holder = drain_holders(client, RedisKeys("recorder"), 1).get(0)
+    return int(holder.split("@")[0]) if holder else None
 
 
 @pytest.fixture

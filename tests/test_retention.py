@@ -8,13 +8,15 @@ from typing import Any
 import pytest
 from celery import Celery
 from sqlalchemy import Engine, event, func, inspect, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
 from tests.conftest import clean_env
+from tests.postgres_server import PostgresServer
 from tests.test_storage import SAMPLE_ROWS
 from worker.keys import RedisKeys
 from worker.ops.local_stack import CELERY, LocalStack
 from worker.settings import Settings
+from worker.store.partitions import chunk_delete_sql
 from worker.store.retention import (
     DAY_MS,
     RetentionPolicy,
@@ -163,17 +165,28 @@ def test_every_time_column_is_indexed(engine: Engine) -> None:
         assert [column] in [index["column_names"] for index in inspector.get_indexes(table)]
 
 
-def test_sqlite_deletes_by_rowid_postgresql_by_primary_key() -> None:
-    """No PostgreSQL server here: check the SQL a chunk would send it."""
+def test_sqlite_deletes_by_rowid_postgresql_by_ctid() -> None:
+    """Each deletion one lookup: check the SQL a chunk sends (PostgreSQL's plan too)."""
     table = TABLES["trades"]
     lite = str(chunk_delete("sqlite", table, NOW, 10).compile(dialect=sqlite.dialect()))
-    pg = str(chunk_delete("postgresql", table, NOW, 10).compile(dialect=postgresql.dialect()))
-    assert lite.startswith("DELETE FROM trades WHERE (rowid) IN (SELECT rowid \nFROM trades")
-    assert pg.startswith(
-        "DELETE FROM trades WHERE (trades.symbol, trades.trade_id) IN "
-        "(SELECT trades.symbol, trades.trade_id \nFROM trades"
+    assert lite.startswith("DELETE FROM trades WHERE rowid IN (SELECT rowid \nFROM trades")
+    assert chunk_delete_sql("trades", "trades_p20260101", 10) == (
+        "DELETE FROM trades_p20260101 WHERE ctid = ANY(ARRAY("
+        "SELECT ctid FROM trades_p20260101 WHERE trade_time < %(cutoff)s LIMIT 10))"
     )
-    assert "trades.trade_time <" in pg and "LIMIT" in pg
+
+
+def test_a_postgresql_chunk_finds_its_rows_by_tid_not_by_scanning_the_table(
+    postgres_server: PostgresServer,
+) -> None:
+    engine = make_engine(postgres_server.create_database())
+    create_schema(engine, partitioned=False)
+    store(engine, "trades", 2000, OLD)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE trades")
+        plan = conn.exec_driver_sql("EXPLAIN " + chunk_delete_sql("trades", "trades", 10), {"cutoff": NOW}).all()
+    engine.dispose()
+    assert "Tid Scan on trades" in "\n".join(line for (line,) in plan)
 
 
 def test_overrides_are_parsed() -> None:

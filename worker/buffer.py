@@ -12,13 +12,16 @@ ends inside a flush leaves that flush's mark behind it; the acknowledgement puts
 mark back in front of the rest, so the mark survives batch boundaries, drain runs and
 restarts.
 
-Every flush also rings a doorbell (a list of at most one element) after its frames,
-so an idle drain blocks on it instead of polling: it wakes as a flush lands, and costs
-nothing while nothing comes.
+Every flush also rings its list's doorbell (a list of at most one element) after its
+frames, so an idle drain blocks on the doorbells of the lists it drains instead of
+polling: it wakes as a flush lands, and costs nothing while nothing comes. One doorbell
+per list, not one for all: drains running side by side (PostgreSQL's lanes) each wake
+for their own lists, where a shared one would wake whichever drain popped it first.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -70,11 +73,12 @@ def clock_mark(now_ms: int) -> bytes:
     return CLOCK_MARK_PREFIX + str(now_ms).encode()
 
 
-def ring_doorbell(pipe: redis.client.Pipeline, keys: RedisKeys) -> None:
-    """Wake a drain waiting in `FrameBuffer.wait_for_frames`; one ring is kept, however
-    many flushes come before it wakes."""
-    pipe.lpush(keys.frames_doorbell, 1)
-    pipe.ltrim(keys.frames_doorbell, 0, 0)
+def ring_doorbell(pipe: redis.client.Pipeline, keys: RedisKeys, list_key: str) -> None:
+    """Wake a drain waiting in `FrameBuffer.wait_for_frames` for `list_key`; one ring is
+    kept, however many flushes come before it wakes."""
+    doorbell = keys.doorbell(list_key)
+    pipe.lpush(doorbell, 1)
+    pipe.ltrim(doorbell, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -132,16 +136,20 @@ class FrameBuffer:
             client=pipe or self.client,
         )
 
-    def wait_for_frames(self, timeout_seconds: float) -> None:
-        """Block until a flush rings the doorbell (it may have rung since the last claim:
-        then at once), or the timeout passes."""
-        self.client.blpop([self.keys.frames_doorbell], timeout=timeout_seconds)
+    def wait_for_frames(self, list_keys: list[str], timeout_seconds: float) -> None:
+        """Block until a flush into one of `list_keys` rings its doorbell (it may have
+        rung since the last claim: then at once), or the timeout passes."""
+        if not list_keys:
+            time.sleep(timeout_seconds)
+            return
+        self.client.blpop([self.keys.doorbell(key) for key in list_keys], timeout=timeout_seconds)
 
     def forget_if_empty(self, key: str) -> None:
         """Stop visiting the list of a group that is no longer wanted, once it is empty."""
         if self.client.llen(key) == 0:
             self.client.srem(self.keys.buffers, key)
             self.client.hdel(self.keys.buffer_heads, key)
+            self.client.delete(self.keys.doorbell(key))
 
 
 class FrameWriter:
@@ -196,7 +204,7 @@ class FrameWriter:
                 pipe.rpush(self.key, clock_mark(received_at), *frames)
                 pipe.hincrby(self.status_key, "messages", count)
                 pipe.hset(self.status_key, "last_message_at", received_at)
-                ring_doorbell(pipe, self.keys)  # after the frames: a woken drain finds them
+                ring_doorbell(pipe, self.keys, self.key)  # after the frames: a woken drain finds them
                 length = pipe.execute()[0]
             if length > self.max_list_length:
                 self._trim(

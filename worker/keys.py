@@ -23,10 +23,10 @@ class RedisKeys:
         """Set of frame-list keys the drain must visit (also of stopped groups)."""
         return f"{self.prefix}:buffers"
 
-    @property
-    def frames_doorbell(self) -> str:
-        """List of at most one element, pushed by every flush: the idle drain blocks on it."""
-        return f"{self.prefix}:frames-doorbell"
+    def doorbell(self, list_key: str) -> str:
+        """List of at most one element, pushed by every flush into `list_key`: an idle
+        drain blocks on the doorbells of the lists it drains."""
+        return f"{list_key}:doorbell"
 
     @property
     def buffer_heads(self) -> str:
@@ -59,20 +59,18 @@ class RedisKeys:
         """Hash {error, since, last_at, failed_runs} while drain runs fail to store; absent when storing works."""
         return f"{self.prefix}:storage-error"
 
-    @property
-    def drain_lock(self) -> str:
-        """Lease of the one drain run storing frames; its value names the process."""
-        return f"{self.prefix}:lock:drain"
+    def drain_lock(self, lane: int = 0) -> str:
+        """Lease of the drain run storing a lane's lists (see `worker.store.drain`); its
+        value names the process. SQLite has one lane, the whole buffer."""
+        return f"{self.prefix}:lock:drain" if lane == 0 else f"{self.prefix}:lock:drain:{lane}"
 
-    @property
-    def drain_relief(self) -> str:
-        """Token of the drain run whose window is over: the next run may ask it to hand over."""
-        return f"{self.prefix}:lock:drain:relief"
+    def drain_relief(self, lane: int = 0) -> str:
+        """Token of the lane's drain run whose window is over: the next run may ask it to hand over."""
+        return f"{self.drain_lock(lane)}:relief"
 
-    @property
-    def drain_successor(self) -> str:
-        """Token of the drain run waiting for the running one to hand over the lock."""
-        return f"{self.prefix}:lock:drain:successor"
+    def drain_successor(self, lane: int = 0) -> str:
+        """Token of the drain run waiting for the lane's running one to hand over the lock."""
+        return f"{self.drain_lock(lane)}:successor"
 
     @property
     def backfill_lock(self) -> str:

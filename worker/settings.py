@@ -85,6 +85,13 @@ class Settings:
         "is there up to this, so batches grow with the backlog.",
         1,
     )
+    drain_lanes: int = _setting(
+        2,
+        "PostgreSQL only (SQLite has one writer): how many drain runs store side by side, each "
+        "its share of the groups' lists. Each holds a default-worker process; two leave room "
+        "for the other periodic tasks on the default worker's 4 processes.",
+        1,
+    )
     lease_ttl_seconds: float = _setting(
         10.0,
         "Lifetime of a group's connection lease, renewed about every second by the task "

@@ -70,11 +70,19 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
         f"dead letters: {snapshot['dead_letters']}   frames drained: {snapshot['frames_drained']}   "
         f"frames trimmed: {snapshot['frames_trimmed']}   backlog: {snapshot['backlog']}",
         f"redis memory: {_memory_text(snapshot['redis_memory'])}",
+        f"drains: {_drains_text(snapshot['drains'])}",
     ]
     if snapshot.get("books"):
         parts[2:2] = [_books_table(snapshot["books"], now), ""]
     parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(parts)
+
+
+def _drains_text(drains: Sequence[dict[str, Any]]) -> str:
+    """Which process stores which lane (on SQLite, one lane: the whole buffer)."""
+    if not drains:
+        return "no run storing"
+    return ", ".join(f"lane {drain['lane']} by {drain['holder']}" for drain in drains)
 
 
 def _books_table(books: Sequence[dict[str, Any]], now: int) -> str:

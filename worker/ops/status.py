@@ -18,6 +18,7 @@ from worker.groups import MORE_STREAM_PROCESSES, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
 from worker.store.books import RESYNCING, book_states
+from worker.store.drain import drain_holders
 from worker.store.failures import storage_advice, storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS
 from worker.times import now_ms
@@ -98,11 +99,13 @@ def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> d
     keys = RedisKeys(settings.redis_prefix)
     counters = {as_text(k): int(v) for k, v in client.hgetall(keys.counters).items()}
     buffer = FrameBuffer(client, keys)
+    drains = drain_holders(client, keys, settings.drain_lanes)
     return {
         "generated_at": now_ms(),
         "groups": group_statuses(client, keys),
         "tables": table_statuses(engine),
         "backlog": sum(buffer.backlog(key) for key in buffer.list_keys()),
+        "drains": [{"lane": lane, "holder": holder} for lane, holder in drains.items()],
         "storage_error": storage_error(client, keys),
         "redis_memory": redis_memory(client),
         "books": book_statuses(client, keys),

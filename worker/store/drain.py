@@ -18,11 +18,23 @@ run running, and a killed run's successor starts once the lease lapses
 (`DRAIN_LEASE_TTL_SECONDS`). Relief every window, not every tick: a hand-over per second
 took an idle drain from 0.9% to 2.5% of a core (Celery's task start and end, the
 thread, the polls), against 0.9% for the old run-per-tick sweep.
+
+Lanes: SQLite has one writer, so one run stores at a time, for every list. PostgreSQL
+takes many, so there the lists are dealt out to `DRAIN_LANES` lanes (list i of the
+sorted lists to lane i mod the lane count), each with its own relay: up to that many
+runs store side by side, on any workers or machines, each in its own transaction. A
+run takes the first lane it can (`take_a_lane`) and also stores, round by round, the
+lists of lanes nobody holds (`DrainLanes`): lanes never wait for a free worker process,
+and one run alone stores everything. Two runs may meet on a list for a round (a lane is
+taken, the lists are dealt anew as groups come and go); that costs work, not data: the
+acknowledgement removes only what no other run removed since the claim (the buffer's
+head counter), and the natural primary keys make the second copy of a row a no-op.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -36,7 +48,7 @@ from sqlalchemy.engine import Engine
 
 from worker.buffer import Claim, FrameBuffer
 from worker.groups import GroupRegistry
-from worker.keys import RedisKeys
+from worker.keys import RedisKeys, as_text
 from worker.lease import Lease
 from worker.store.books import follow_books
 from worker.store.parsing import ParsedBatch, Row, parse_frames
@@ -137,11 +149,19 @@ class DrainReport:
 
 
 class Drainer:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, engine: Engine, batch_size: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RedisKeys,
+        engine: Engine,
+        batch_size: int,
+        lanes: DrainLanes | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.engine = engine
         self.batch_size = batch_size
+        self.lanes = lanes or DrainLanes(client, keys, lanes=1, lane=0)
         self.buffer = FrameBuffer(client, keys)
         self.registry = GroupRegistry(client, keys)
 
@@ -161,15 +181,18 @@ class Drainer:
         before every round) says so; wait for the next flush while nothing comes."""
         report = DrainReport()
         while keep_going():
-            if not self.store_round(report):
-                self.buffer.wait_for_frames(IDLE_WAIT_SECONDS)
+            lists = self.lanes.lists(self.buffer.list_keys())
+            if not self.store_round(report, lists):
+                self.buffer.wait_for_frames(lists, IDLE_WAIT_SECONDS)
         self.forget_unwanted_empty_lists()
         return report
 
-    def store_round(self, report: DrainReport) -> int:
-        """Claim up to a batch from every list, store it all in one transaction, remove
-        it from Redis; returns how many elements were claimed (0: every list was empty)."""
-        claims = [claim for claim in self.buffer.claim_many(self.buffer.list_keys(), self.batch_size) if claim.elements]
+    def store_round(self, report: DrainReport, lists: list[str] | None = None) -> int:
+        """Claim up to a batch from every list (or those given), store it all in one
+        transaction, remove it from Redis; returns how many elements were claimed (0:
+        every list was empty)."""
+        lists = self.buffer.list_keys() if lists is None else lists
+        claims = [claim for claim in self.buffer.claim_many(lists, self.batch_size) if claim.elements]
         if not claims:
             return 0
         parsed = [parse_frames(claim.elements) for claim in claims]
@@ -234,8 +257,54 @@ def _merged_rows(parsed: list[ParsedBatch]) -> dict[str, list[Row]]:
     return merged
 
 
+def drain_lanes(engine: Engine, configured: int) -> int:
+    """How many drain runs may store side by side: `DRAIN_LANES` on PostgreSQL, one on
+    SQLite (one writer: a second would only wait for the database lock)."""
+    return configured if engine.dialect.name == "postgresql" else 1
+
+
+@dataclass(frozen=True)
+class DrainLanes:
+    """Which lists a run holding `lane` stores: its lane's, and those of lanes nobody holds."""
+
+    client: redis.Redis
+    keys: RedisKeys
+    lanes: int
+    lane: int
+
+    def lists(self, all_lists: list[str]) -> list[str]:
+        """A round's share of `all_lists` (sorted): one Redis call per round, none with one lane."""
+        if self.lanes == 1:
+            return all_lists
+        dealt = min(self.lanes, len(all_lists))
+        holders = self.client.mget([self.keys.drain_lock(lane) for lane in range(dealt)]) if dealt else []
+        mine = {lane for lane, holder in enumerate(holders) if lane == self.lane or holder is None}
+        return [key for index, key in enumerate(all_lists) if index % dealt in mine]
+
+
+def drain_holders(client: redis.Redis, keys: RedisKeys, lanes: int) -> dict[int, str]:
+    """Lane -> the process storing it (`pid@host`), for the lanes a run holds."""
+    values = client.mget([keys.drain_lock(lane) for lane in range(lanes)])
+    return {
+        lane: as_text(value).split(":", 1)[0].removeprefix("drain-")
+        for lane, value in enumerate(values)
+        if value is not None
+    }
+
+
+def take_a_lane(client: redis.Redis, keys: RedisKeys, window_seconds: float, lanes: int) -> DrainShift | None:
+    """The shift of the first lane this run can hold (lanes beyond the number of lists
+    have nothing to store: not tried), or None when every lane has a run storing."""
+    lists = len(FrameBuffer(client, keys).list_keys())
+    for lane in range(min(lanes, max(1, lists))):
+        shift = DrainShift(client, keys, window_seconds, lane=lane)
+        if shift.take_over():
+            return shift
+    return None
+
+
 class DrainShift:
-    """The drain lock as a relay: one run holds it at a time and hands it on with no gap.
+    """The drain lock (of one lane) as a relay: one run holds it at a time and hands it on with no gap.
 
     `take_over` takes the lock, or, if the holder has asked for relief, asks it to hand
     the lock over and waits; `held` keeps the lease renewed by a thread while the run
@@ -249,12 +318,15 @@ class DrainShift:
         keys: RedisKeys,
         window_seconds: float,
         ttl_seconds: float = DRAIN_LEASE_TTL_SECONDS,
+        lane: int = 0,
     ) -> None:
         self.client = client
-        # The pid in the token tells operators (and tests) which process drains.
-        self.lease = Lease(client, keys.drain_lock, ttl_seconds, owner=f"drain-{os.getpid()}")
-        self.successor_key = keys.drain_successor
-        self.relief_key = keys.drain_relief
+        self.lane = lane
+        # The token tells operators (`status`) and tests which process on which host drains.
+        owner = f"drain-{os.getpid()}@{socket.gethostname()}"
+        self.lease = Lease(client, keys.drain_lock(lane), ttl_seconds, owner=owner)
+        self.successor_key = keys.drain_successor(lane)
+        self.relief_key = keys.drain_relief(lane)
         self.window_seconds = window_seconds
         self.handed_over_by_holder = False  # how this run got the lock: from a live holder
         self._lost = threading.Event()

@@ -6,19 +6,27 @@ one short transaction each, and the drain's inserts slip in between the chunks. 
 whose time is NULL (a `book_tickers` row drained without a clock mark) have no age and
 are kept.
 
+On PostgreSQL, a table created partitioned by day (worker/store/partitions.py) loses
+its days that are entirely older than the cutoff with one `DROP TABLE` each; only the
+partition holding the cutoff and the default partition are deleted from in chunks.
+Tables of databases made by older versions are plain and keep the chunked deletes;
+the run says per table which it used (`methods`).
+
 This module knows tables and SQL, nothing about Redis or Celery: the task in
 `tasks/retention.py` adds the lock and the schedule.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Delete, Engine, Table, delete, literal_column, select, tuple_
+from sqlalchemy import ColumnClause, Delete, Engine, Table, delete, exc, literal_column, select
 
 from worker.settings import Settings
+from worker.store import partitions
 from worker.store.storage import TABLES, TIME_COLUMNS
 
 DAY_MS = 86_400_000
@@ -83,13 +91,20 @@ def _override(part: str) -> tuple[str, int]:
 
 @dataclass
 class RetentionRun:
-    """What one run did: the cutoffs it applied, rows deleted per table, chunks used."""
+    """What one run did: the cutoffs it applied, rows deleted per table, chunks used;
+    per table whether it dropped partitions or deleted in chunks only (`methods`), the
+    partitions dropped and their rows (PostgreSQL's estimate: `reltuples`), and the
+    partitions it could not drop this time (their lock was not granted in time)."""
 
     cutoffs: dict[str, int]
     deleted: dict[str, int] = field(default_factory=dict)
     chunks: int = 0
     interrupted: bool = False
     wal_truncated: bool | None = None
+    methods: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    dropped_rows: dict[str, int] = field(default_factory=dict)
+    not_dropped: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,43 +122,92 @@ def delete_expired_rows(
     stops the run, and the next run carries on where this one stopped.
     """
     run = RetentionRun(cutoffs=policy.cutoffs(now_ms))
+    with engine.connect() as conn:
+        partitioned = set(partitions.partitioned_tables(conn))
     for table, cutoff in run.cutoffs.items():
         run.deleted[table] = 0
-        while not run.interrupted:
-            deleted = _delete_chunk(engine, TABLES[table], cutoff, policy.chunk_rows)
-            run.deleted[table] += deleted
-            run.chunks += 1
-            run.interrupted = not keep_going()
-            if deleted < policy.chunk_rows:
-                break
+        if table in partitioned:
+            run.methods[table] = "partitions"
+            _expire_partitions(engine, table, cutoff, policy.chunk_rows, run, keep_going)
+        else:
+            run.methods[table] = "chunks"
+            _delete_in_chunks(
+                run,
+                table,
+                policy.chunk_rows,
+                keep_going,
+                functools.partial(_delete_chunk, engine, TABLES[table], cutoff, policy.chunk_rows),
+            )
     if any(run.deleted.values()):
         run.wal_truncated = checkpoint_wal(engine)
     return run
 
 
+def _delete_in_chunks(
+    run: RetentionRun, table: str, chunk_rows: int, keep_going: Callable[[], bool], delete_chunk: Callable[[], int]
+) -> None:
+    while not run.interrupted:
+        deleted = delete_chunk()
+        run.deleted[table] += deleted
+        run.chunks += 1
+        run.interrupted = not keep_going()
+        if deleted < chunk_rows:
+            break
+
+
 def _delete_chunk(engine: Engine, table: Table, cutoff: int, limit: int) -> int:
+    if engine.dialect.name == "postgresql":
+        return _delete_partition_chunk(engine, partitions.chunk_delete_sql(table.name, table.name, limit), cutoff)
     with engine.begin() as conn:
         return conn.execute(chunk_delete(conn.dialect.name, table, cutoff, limit)).rowcount
 
 
+def _expire_partitions(
+    engine: Engine, table: str, cutoff: int, chunk_rows: int, run: RetentionRun, keep_going: Callable[[], bool]
+) -> None:
+    """Drop the partitions entirely before `cutoff`; delete in chunks from the one that
+    holds it and from the default partition."""
+    with engine.connect() as conn:
+        found = partitions.list_partitions(conn, table)
+    for partition in found:
+        if run.interrupted:
+            return
+        if partition.upper is not None and partition.upper <= cutoff:
+            try:
+                rows = partitions.drop_partition(engine, partition)
+            except exc.DBAPIError as error:
+                if getattr(error.orig, "sqlstate", None) != partitions.LOCK_NOT_AVAILABLE:
+                    raise
+                run.not_dropped[partition.name] = str(error.orig).splitlines()[0]
+            else:
+                run.dropped.setdefault(table, []).append(partition.name)
+                run.dropped_rows[table] = run.dropped_rows.get(table, 0) + rows
+            run.interrupted = not keep_going()
+        elif partition.lower is None or partition.lower < cutoff:
+            sql = partitions.chunk_delete_sql(table, partition.name, chunk_rows)
+            _delete_in_chunks(
+                run, table, chunk_rows, keep_going, functools.partial(_delete_partition_chunk, engine, sql, cutoff)
+            )
+
+
+def _delete_partition_chunk(engine: Engine, sql: str, cutoff: int) -> int:
+    with engine.begin() as conn:
+        return conn.exec_driver_sql(sql, {"cutoff": cutoff}).rowcount
+
+
 def chunk_delete(dialect_name: str, table: Table, cutoff: int, limit: int) -> Delete:
-    """DELETE of at most `limit` rows timed before `cutoff`.
+    """SQLite's DELETE of at most `limit` rows timed before `cutoff`, by rowid (the
+    table's own B-tree key, so each deletion is one lookup). PostgreSQL's is
+    `partitions.chunk_delete_sql`, by ctid.
 
-    A subquery with LIMIT, because neither SQLite (as usually built) nor PostgreSQL
-    accepts DELETE ... LIMIT. `time < cutoff` is never true for a NULL time.
+    A subquery with LIMIT, because SQLite (as usually built) does not accept
+    DELETE ... LIMIT. `time < cutoff` is never true for a NULL time.
     """
-    key = _row_key(dialect_name, table)
-    doomed = select(*key).select_from(table).where(table.c[TIME_COLUMNS[table.name]] < cutoff).limit(limit)
-    return delete(table).where(tuple_(*key).in_(doomed))
-
-
-def _row_key(dialect_name: str, table: Table) -> list[ColumnElement[Any]]:
-    """SQLite: the rowid, the table's own B-tree key, so each deletion is one lookup.
-    Elsewhere the primary key: PostgreSQL plans `ctid IN (subquery)` as a scan of the
-    whole table, while the primary key's index finds each row directly."""
-    if dialect_name == "sqlite":
-        return [literal_column("rowid")]
-    return list(table.primary_key.columns)
+    if dialect_name != "sqlite":
+        raise ValueError(f"chunk_delete is SQLite's; {dialect_name} uses partitions.chunk_delete_sql")
+    rowid: ColumnClause[Any] = literal_column("rowid")
+    doomed = select(rowid).select_from(table).where(table.c[TIME_COLUMNS[table.name]] < cutoff).limit(limit)
+    return delete(table).where(rowid.in_(doomed))
 
 
 def checkpoint_wal(engine: Engine) -> bool | None:

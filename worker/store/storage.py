@@ -397,17 +397,28 @@ def _switch_to_wal(cursor: Any, patience_seconds: float) -> None:
             time.sleep(0.05)
 
 
-def create_schema(engine: Engine) -> None:
-    """Create the missing tables and the view; run it on every start, from any process."""
+def create_schema(engine: Engine, partitioned: bool = True, now_ms: int | None = None) -> None:
+    """Create the missing tables and the view; run it on every start, from any process.
+
+    On PostgreSQL the big event tables of a new database are created partitioned by day
+    (worker/store/partitions.py; `partitioned=False` makes them plain, as older versions
+    did), and the daily partitions from `now_ms`'s day (default: now) on are created.
+    """
+    from worker.store import partitions
+
     for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
         try:
+            if partitioned and engine.dialect.name == "postgresql":
+                with engine.begin() as conn:
+                    partitions.create_partitioned_tables(conn)
             metadata.create_all(engine, checkfirst=True)
             _add_missing_columns(engine)
             _create_missing_indexes(engine)
-            return
+            break
         except exc.DatabaseError as error:
             if attempt == _SCHEMA_ATTEMPTS or not _lost_creation_race(error):
                 raise
+    partitions.ensure_partitions(engine, int(time.time() * 1000) if now_ms is None else now_ms)
 
 
 def _add_missing_columns(engine: Engine) -> None:

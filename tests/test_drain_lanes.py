@@ -1,0 +1,225 @@
+"""Drain lanes on PostgreSQL: runs store side by side, each its share of the lists, and
+nothing is lost or stored twice, also when two runs meet on a list or one dies (real
+Redis, real PostgreSQL server, real SQLite file for the one-writer rule)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from tests.conftest import wait_until
+from tests.postgres_server import PostgresServer
+from tests.test_drain import trade_frame
+from worker.buffer import FrameBuffer, FrameWriter
+from worker.groups import Group, GroupRegistry
+from worker.keys import RedisKeys
+from worker.store.drain import (
+    Drainer,
+    DrainLanes,
+    DrainReport,
+    DrainShift,
+    _merged_rows,
+    drain_lanes,
+    take_a_lane,
+)
+from worker.store.parsing import parse_frames
+from worker.store.storage import create_schema, make_engine, store_rows
+
+SYMBOLS = ("AAAUSDT", "BBBUSDT", "CCCUSDT")
+
+
+@pytest.fixture
+def pg_engine(postgres_server: PostgresServer) -> Iterator[Engine]:
+    engine = make_engine(postgres_server.create_database())
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def lists(redis_client: redis.Redis, keys: RedisKeys) -> list[str]:
+    """Three wanted groups' lists, one symbol each, in the sorted order lanes deal them."""
+    registry, buffer = GroupRegistry(redis_client, keys), FrameBuffer(redis_client, keys)
+    for symbol in SYMBOLS:
+        registry.want(Group(id=symbol.lower(), streams=(f"{symbol.lower()}@trade",)))
+        buffer.register(symbol.lower())
+    return buffer.list_keys()
+
+
+def test_lanes_deal_the_lists_and_a_run_also_stores_the_lanes_nobody_holds(
+    redis_client: redis.Redis, keys: RedisKeys, lists: list[str]
+) -> None:
+    first, second = DrainLanes(redis_client, keys, 2, lane=0), DrainLanes(redis_client, keys, 2, lane=1)
+    assert first.lists(lists) == lists  # lane 1 has no run: lane 0's stores its list too
+
+    redis_client.set(keys.drain_lock(1), "drain-2:x")
+    assert first.lists(lists) == [lists[0], lists[2]]
+    redis_client.set(keys.drain_lock(0), "drain-1:y")
+    assert second.lists(lists) == [lists[1]]
+    # More lanes than lists: every list is a lane of its own.
+    assert DrainLanes(redis_client, keys, 8, lane=2).lists(lists) == [lists[2]]
+
+
+def test_each_run_takes_the_next_free_lane_up_to_the_lists_there_are(
+    redis_client: redis.Redis, keys: RedisKeys, lists: list[str]
+) -> None:
+    runs = [take_a_lane(redis_client, keys, 60, lanes=4) for _ in range(4)]
+
+    assert [run.lane if run else None for run in runs] == [0, 1, 2, None]  # three lists: three lanes
+    assert take_a_lane(redis_client, keys, 60, lanes=1) is None
+
+
+def test_sqlite_keeps_one_writer_and_postgresql_gets_the_configured_lanes(tmp_path: Path, pg_engine: Engine) -> None:
+    assert drain_lanes(make_engine(f"sqlite:///{tmp_path / 'one.db'}"), 4) == 1
+    assert drain_lanes(pg_engine, 4) == 4
+
+
+class Writers(threading.Thread):
+    """One subscription task's writer per list: consecutive trade ids, 50 per flush every 5 ms."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        super().__init__(daemon=True)
+        self.writers = {
+            symbol: FrameWriter(client, keys, symbol.lower(), max_pending=100_000, max_list_length=1_000_000)
+            for symbol in SYMBOLS
+        }
+        self.stop = threading.Event()
+        self.written = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for symbol, writer in self.writers.items():
+                writer.pending.extend(trade_frame(symbol, self.written + i) for i in range(1, 51))
+                writer.flush()
+            self.written += 50
+            time.sleep(0.005)
+
+
+class LaneRun(threading.Thread):
+    """A drain run as tasks.drain makes it on PostgreSQL, noting when it stored a round."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, engine: Engine, lanes: int) -> None:
+        super().__init__(daemon=True)
+        self.client, self.keys, self.engine, self.lanes = client, keys, engine, lanes
+        self.shift: DrainShift | None = None
+        self.stop = threading.Event()
+        self.rounds: list[tuple[float, float]] = []
+
+    def run(self) -> None:
+        self.shift = take_a_lane(self.client, self.keys, 60, self.lanes)
+        assert self.shift is not None
+        share = DrainLanes(self.client, self.keys, self.lanes, self.shift.lane)
+        drainer = Drainer(self.client, self.keys, self.engine, 1000, share)
+        store_round = drainer.store_round
+
+        def timed_round(report: DrainReport, lists: list[str] | None = None) -> int:
+            started = time.monotonic()
+            claimed = store_round(report, lists)
+            if claimed:
+                self.rounds.append((started, time.monotonic()))
+            return claimed
+
+        drainer.store_round = timed_round  # type: ignore[method-assign]
+        with self.shift.held():
+            drainer.drain_window(self.shift.keep_going(self.stop.is_set))
+
+
+def stored_trades(engine: Engine) -> dict[str, tuple[int, int, int, int]]:
+    """Per symbol: rows, distinct ids, smallest and largest id."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "select symbol, count(*), count(distinct trade_id), min(trade_id), max(trade_id) "
+                "from trades group by symbol"
+            )
+        )
+        return {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
+
+
+def overlapping(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> int:
+    return sum(1 for a in first for b in second if a[0] < b[1] and b[0] < a[1])
+
+
+def test_two_lanes_store_side_by_side_and_every_trade_lands_once(
+    redis_client: redis.Redis, keys: RedisKeys, pg_engine: Engine, lists: list[str]
+) -> None:
+    writers = Writers(redis_client, keys)
+    writers.start()
+    runs = [LaneRun(redis_client, keys, pg_engine, lanes=2) for _ in range(2)]
+    for run in runs:
+        run.start()
+        wait_until(lambda run=run: run.rounds, 20, "the run to store")
+    time.sleep(2)
+    writers.stop.set()
+    writers.join()
+    wait_until(lambda: all(redis_client.llen(key) == 0 for key in lists), 30, "the lists to be drained")
+    for run in runs:
+        run.stop.set()
+        run.join(10)
+
+    assert sorted(run.shift.lane for run in runs if run.shift) == [0, 1]
+    assert overlapping(*(run.rounds for run in runs)) > 0  # the two lanes' transactions ran at once
+    expected = (writers.written, writers.written, 1, writers.written)
+    assert stored_trades(pg_engine) == {symbol: expected for symbol in SYMBOLS}
+
+
+def test_two_drains_on_the_same_lists_lose_nothing_and_store_nothing_twice(
+    redis_client: redis.Redis, keys: RedisKeys, pg_engine: Engine, lists: list[str]
+) -> None:
+    """The worst meeting: two drains claim the same heads of the same lists (as for a
+    round when a lane changes hands), the smaller claim commits and acknowledges first.
+    The larger one's acknowledgement removes only what the first did not, and its copy of
+    the shared rows is a no-op; then both drain the rest side by side."""
+    writers = Writers(redis_client, keys)
+    for symbol, writer in writers.writers.items():
+        writer.pending.extend(trade_frame(symbol, i) for i in range(1, 20_001))
+        writer.flush()
+    small, large = Drainer(redis_client, keys, pg_engine, 700), Drainer(redis_client, keys, pg_engine, 1000)
+    small_claims, large_claims = small.buffer.claim_many(lists, 700), large.buffer.claim_many(lists, 1000)
+    for drainer, claims in ((small, small_claims), (large, large_claims)):
+        parsed = [parse_frames(claim.elements) for claim in claims]
+        with pg_engine.begin() as conn:
+            store_rows(conn, _merged_rows(parsed))
+        drainer._acknowledge(claims, parsed)
+    # Removed: the clock mark and 999 frames, once; the flush's mark is back in front of the rest.
+    assert [redis_client.llen(key) for key in lists] == [20_001 - 1000 + 1] * 3
+
+    threads = [threading.Thread(target=drainer.drain, args=(60,)) for drainer in (small, large)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(redis_client.llen(key) == 0 for key in lists)
+    assert stored_trades(pg_engine) == {symbol: (20_000, 20_000, 1, 20_000) for symbol in SYMBOLS}
+
+
+def test_the_lists_of_a_dead_lane_are_stored_once_its_lease_lapses(
+    redis_client: redis.Redis, keys: RedisKeys, pg_engine: Engine, lists: list[str]
+) -> None:
+    """Lane 1's run died holding its lane (no hand-over, no release): the live run of
+    lane 0 stores lane 1's list as soon as the lease lapses, without waiting for a tick."""
+    dead = DrainShift(redis_client, keys, 60, ttl_seconds=1.0, lane=1)
+    assert dead.take_over()
+    live = LaneRun(redis_client, keys, pg_engine, lanes=2)
+    live.start()
+    writers = Writers(redis_client, keys)
+    writers.start()
+    time.sleep(0.5)
+    assert redis_client.llen(lists[1]) > 0 and redis_client.llen(lists[0]) < 500  # lane 1 waits
+    wait_until(lambda: redis_client.get(keys.drain_lock(1)) is None, 5, "the dead run's lease to lapse")
+    writers.stop.set()
+    writers.join()
+    wait_until(lambda: all(redis_client.llen(key) == 0 for key in lists), 20, "every list to be drained")
+    live.stop.set()
+    live.join(10)
+
+    assert live.shift is not None and live.shift.lane == 0
+    expected = (writers.written, writers.written, 1, writers.written)
+    assert stored_trades(pg_engine) == {symbol: expected for symbol in SYMBOLS}
