@@ -3,6 +3,10 @@
 Every part runs in this one command so that each figure sits next to its reference,
 measured minutes apart on the same machine: on a noisy machine the absolute numbers
 move, the ratios hold. Prints a table and writes every figure to a JSON file.
+
+With --database-url postgresql+psycopg://... (or --postgres, a private cluster started
+for the run) the drain and service parts store into fresh databases of that PostgreSQL
+server, with plain COPY as the drain's reference; the other parts keep SQLite files.
 """
 
 from __future__ import annotations
@@ -18,21 +22,31 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from bench import report
 from bench.burst import measure_burst
+from bench.database import SQLITE, Databases
 from bench.depth import FULL_DEPTH, QUICK_DEPTH, measure_depth
 from bench.drain import measure_drain
 from bench.ingest import measure_ingest
 from bench.legacy import measure_legacy
 from bench.service import measure_service
+from worker.ops.local_postgres import PostgresError, PostgresServer, check_server, start_private_server
 from worker.settings import Settings
 
 PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth")
+DATABASE_PARTS = ("drain", "service")
+"""The parts that follow --database-url; the others always store into SQLite files."""
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
+POLLED = {
+    "sqlite": "polling the SQLite file every 10 ms (new rows by rowid)",
+    "postgresql": "polling the PostgreSQL database every 10 ms or as fast as a poll returns (new ids per symbol)",
+}
 LATENCY_METHOD = (
-    "latency = time a row is first seen by polling the SQLite file every 10 ms (an upper bound of its "
-    "commit) - the row's event_time, stamped by the fake exchange when it emits the event (same clock)"
+    "latency = time a row is first seen by {polled} (an upper bound of its commit) - the row's "
+    "event_time, stamped by the fake exchange when it emits the event (same clock)"
 )
 
 
@@ -87,6 +101,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of %(default)s")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file (default %(default)s)")
+    database = parser.add_mutually_exclusive_group()
+    database.add_argument(
+        "--database-url",
+        help=(
+            f"a PostgreSQL server (postgresql+psycopg://user@host:port/db) for the {' and '.join(DATABASE_PARTS)} "
+            "parts: each round creates a fresh database there (CREATE DATABASE; the user needs CREATEDB) and drops "
+            "it afterwards. Default: SQLite files"
+        ),
+    )
+    database.add_argument(
+        "--postgres",
+        action="store_true",
+        help="start a private PostgreSQL cluster (initdb, default settings) for the run and use it as --database-url",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
@@ -98,18 +126,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, workdir: Path, databases: Databases | None = None) -> dict[str, Any]:
     sizes = QUICK if args.quick else FULL
     parts = args.parts.split(",")
-    results: dict[str, Any] = {"meta": _meta(args)}
+    databases = databases or Databases()
+    results: dict[str, Any] = {"meta": {**_meta(args), "database": databases.backend}}
     if "ingest" in parts:
         _progress("ingest: recorder vs bare receive loop against the blast server")
         results["ingest"] = measure_ingest(workdir, sizes.ingest_frames, sizes.ingest_rounds)
     if "drain" in parts:
-        _progress("drain: Drainer vs plain executemany")
-        results["drain"] = measure_drain(workdir, sizes.drain_frames, sizes.drain_rounds, Settings.drain_batch_size)
+        reference = "executemany" if databases.backend == SQLITE else "COPY"
+        _progress(f"drain: Drainer vs plain {reference} ({databases.label})")
+        results["drain"] = measure_drain(
+            workdir, sizes.drain_frames, sizes.drain_rounds, Settings.drain_batch_size, databases
+        )
     if "service" in parts:
-        _progress(f"service: end to end, memory ({args.duration:g} s) and scale ({args.scale_duration:g} s)")
+        _progress(
+            f"service: end to end, memory ({args.duration:g} s) and scale ({args.scale_duration:g} s)"
+            f" ({databases.label})"
+        )
         results.update(
             measure_service(
                 workdir,
@@ -118,9 +153,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 args.scale_duration,
                 sizes.scale_symbols,
                 args.drain_interval,
+                databases,
             )
         )
-        results["end_to_end"]["method"] = LATENCY_METHOD
+        results["end_to_end"]["method"] = LATENCY_METHOD.format(polled=POLLED[databases.backend])
     if "burst" in parts:
         _progress(f"burst: {sizes.burst_frames:,} frames at once on one subscription vs the bare receive loop")
         results["burst"] = measure_burst(workdir, sizes.burst_frames)
@@ -135,14 +171,24 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
+    # A password in --database-url stays out of the results file.
+    hidden = {args.database_url: _without_password(args.database_url)} if args.database_url else {}
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench", *(hidden.get(arg, arg) for arg in sys.argv[1:])]),
+        "database_url": hidden.get(args.database_url),
         "quick": args.quick,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "machine": platform.platform(),
     }
+
+
+def _without_password(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def _progress(message: str) -> None:
@@ -151,8 +197,25 @@ def _progress(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="binance-recorder-bench-") as workdir:
-        results = run(args, Path(workdir))
+    server: PostgresServer | None = None
+    try:
+        if args.postgres:
+            _progress("starting a private PostgreSQL cluster")
+            server = start_private_server(durable=True)
+            args.database_url = server.url()
+        server_url = check_server(args.database_url) if args.database_url else None
+        databases = Databases(server_url)
+        try:
+            with tempfile.TemporaryDirectory(prefix="binance-recorder-bench-") as workdir:
+                results = run(args, Path(workdir), databases)
+        finally:
+            databases.close()
+    except PostgresError as error:
+        print(f"python -m bench: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.stop()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     print(report.table(results))

@@ -7,7 +7,10 @@ from typing import Any
 Row = tuple[str, ...]
 
 INGEST_RATIO = 0.8
-DRAIN_RATIO = 0.45
+DRAIN_RATIO = {"sqlite": 0.45, "postgresql": 0.5}
+"""The drain against its backend's plain bulk path: executemany (SQLite), COPY (PostgreSQL)."""
+REFERENCE_NAMES = {"executemany": "executemany", "copy": "COPY"}
+DATABASE_LABELS = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 LATENCY_P99_MS = 250.0
 BURST_RATIO = 2.0
 MEMORY_GROWTH = 0.10
@@ -21,7 +24,12 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "ingest" in results:
         verdicts["ingest"] = _at_least(results["ingest"]["ratio"], INGEST_RATIO, "recorder / bare receive loop")
     if "drain" in results:
-        verdicts["drain"] = _at_least(results["drain"]["ratio"], DRAIN_RATIO, "drainer / plain executemany")
+        drain = results["drain"]
+        backend = _backend(drain)
+        reference = REFERENCE_NAMES[drain.get("reference", "executemany")]
+        verdicts["drain"] = _at_least(
+            drain["ratio"], DRAIN_RATIO[backend], f"drainer / plain {reference} ({DATABASE_LABELS[backend]})"
+        )
     if "end_to_end" in results:
         verdicts["end_to_end"] = _at_most(results["end_to_end"].get("p99_ms"), LATENCY_P99_MS, "p99 latency, ms")
         memory = results["memory"]
@@ -53,6 +61,11 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return verdicts
 
 
+def _backend(section: dict[str, Any]) -> str:
+    """The database a part stored into (results written before there was a choice: SQLite)."""
+    return str(section.get("database", "sqlite"))
+
+
 def _growth(track: dict[str, Any]) -> float:
     return track["max_growth"] if track["max_growth"] is not None else float("inf")
 
@@ -66,24 +79,31 @@ def _at_most(value: float | None, target: float, what: str) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    rows: list[Row] = [("part", "measure", "value", "reference", "target", "met")]
+    """One row per figure; the `db` column says which database the figure is for."""
+    rows: list[Row] = [("part", "db", "measure", "value", "reference", "target", "met")]
     verdicts = results.get("targets", {})
+    sqlite = DATABASE_LABELS["sqlite"]
+
+    def add(database: str, *part_rows: Row) -> None:
+        rows.extend((row[0], database, *row[1:]) for row in part_rows)
+
     if "ingest" in results:
-        rows.append(_ingest_row(results["ingest"], verdicts["ingest"]))
+        add("-", _ingest_row(results["ingest"], verdicts["ingest"]))
     if "drain" in results:
-        rows.append(_drain_row(results["drain"], verdicts["drain"]))
+        add(DATABASE_LABELS[_backend(results["drain"])], _drain_row(results["drain"], verdicts["drain"]))
     if "end_to_end" in results:
-        rows.append(_latency_row("end to end", results["end_to_end"], verdicts["end_to_end"]))
-        rows.extend(_memory_rows(results["memory"], verdicts["memory"]))
-        rows.extend(_cpu_rows(results["drain_cpu"]))
+        service = DATABASE_LABELS[_backend(results["end_to_end"])]
+        add(service, _latency_row("end to end", results["end_to_end"], verdicts["end_to_end"]))
+        add(service, *_memory_rows(results["memory"], verdicts["memory"]))
+        add(service, *_cpu_rows(results["drain_cpu"]))
     if "scale" in results:
-        rows.extend(_scale_rows(results["scale"], verdicts))
+        add(DATABASE_LABELS[_backend(results["scale"])], *_scale_rows(results["scale"], verdicts))
     if "burst" in results:
-        rows.append(_burst_row(results["burst"], verdicts["burst"]))
+        add(sqlite, _burst_row(results["burst"], verdicts["burst"]))
     if "legacy" in results:
-        rows.extend(_legacy_rows(results["legacy"], results.get("ingest")))
+        add(sqlite, *_legacy_rows(results["legacy"], results.get("ingest")))
     if "depth" in results:
-        rows.extend(_depth_rows(results["depth"], verdicts))
+        add(sqlite, *_depth_rows(results["depth"], verdicts))
     return _format(rows)
 
 
@@ -98,11 +118,12 @@ def _ingest_row(ingest: dict[str, Any], verdict: dict[str, Any]) -> Row:
 
 
 def _drain_row(drain: dict[str, Any], verdict: dict[str, Any]) -> Row:
+    reference = drain.get("reference", "executemany")
     return _ratio_row(
         "2 drain",
-        f"rows/s Redis->SQLite, batches of {drain['batch_size']:,}",
+        f"rows/s Redis->{DATABASE_LABELS[_backend(drain)]}, batches of {drain['batch_size']:,}",
         f"{drain['drainer_rows_per_second']:,.0f}",
-        f"executemany {drain['executemany_rows_per_second']:,.0f}",
+        f"{REFERENCE_NAMES[reference]} {drain[f'{reference}_rows_per_second']:,.0f}",
         verdict,
     )
 

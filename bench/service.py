@@ -4,7 +4,9 @@ LocalStack runs what `binance-recorder run` runs, each a process of its own: a
 redis-server, the fake exchange, `celery -A worker worker` for the `streams` queue
 and for the default queue, and `celery -A worker beat` (which starts the drain every
 DRAIN_INTERVAL_SECONDS). The benchmark is only a client: it subscribes through
-Celery, steers the fake's rate, watches the SQLite file and reads /proc.
+Celery, steers the fake's rate, watches the database (a SQLite file, or a fresh
+PostgreSQL database with --database-url) and reads /proc. `start_stack` starts that
+shape against any DATABASE_URL, for other parts to reuse.
 
 Two phases on the same stack:
 - steady: 10 symbols x trade and aggTrade at 250 trades/s each: 5,000 msg/s on one
@@ -20,7 +22,6 @@ that a loss cannot be repaired from REST behind the benchmark's back.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,11 +29,14 @@ from typing import Any
 
 import redis
 import requests
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
+from bench.database import Databases
 from bench.figures import latency_summary
 from bench.frames import KINDS, TARGET_RATE
-from bench.procs import children, cpu_seconds, service_env
-from bench.watch import MemoryTrack, RowWatcher, drain_processes, poll_until, stream_processes
+from bench.procs import children, cpu_seconds, holds_connection_to, holds_file_open, service_env
+from bench.watch import MemoryTrack, NotReady, Watcher, drain_processes, open_row_watcher, poll_until, stream_processes
 from fake_binance.config import DEFAULT_SYMBOLS, FakeExchangeConfig
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
@@ -54,7 +58,7 @@ class Service:
         self.stack = stack
         self.rest_url = stack.env["BINANCE_REST_URL"]
         self.exchange_port = int(self.rest_url.rsplit(":", 1)[1])
-        self.db = stack.data_dir / "binance.db"
+        self.database_url = stack.env["DATABASE_URL"]
         self.redis = redis.Redis.from_url(stack.env["REDIS_URL"])
         self.keys = RedisKeys("recorder")
 
@@ -69,6 +73,14 @@ class Service:
     def fake_stats(self) -> dict[str, Any]:
         return requests.get(f"{self.rest_url}/fake/stats", timeout=10).json()
 
+    def holds_database(self, pid: int) -> bool:
+        """Whether the process has the database open: the SQLite file, or a connection
+        to the PostgreSQL server."""
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "sqlite":
+            return holds_file_open(pid, Path(url.database or ""))
+        return holds_connection_to(pid, url.port or 5432)
+
     def pid(self, name: str) -> int:
         return self.stack.process(name).popen.pid
 
@@ -80,24 +92,61 @@ class Service:
         return [len(wanted[gid].streams) for gid in group_ids if gid in wanted]
 
 
-def measure_service(
-    workdir: Path, duration: float, warmup: float, scale_duration: float, scale_symbols: int, drain_interval: float
-) -> dict[str, Any]:
-    env = service_env(drain_interval_seconds=drain_interval, backfill_interval_seconds=NO_BACKFILL_SECONDS)
-    with LocalStack(workdir / "service", env=env) as stack:
+def start_stack(
+    directory: Path,
+    env: dict[str, str],
+    database_url: str | None = None,
+    stream_processes: int = STREAM_PROCESSES,
+    fake_args: Sequence[str] = (),
+) -> LocalStack:
+    """The deployed shape, started: a redis-server, the fake exchange (`fake_args`), the
+    `streams` worker with `stream_processes` processes, the default worker and beat,
+    all storing into `database_url` (default: the SQLite file `directory/binance.db`).
+    Stop it when done (it is a context manager)."""
+    env = dict(env)
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    stack = LocalStack(directory, env=env)
+    try:
         stack.start_redis()
-        stack.start_fake_exchange(["--extra-symbols", str(scale_symbols)])
-        stack.start_workers(STREAM_PROCESSES)
+        stack.start_fake_exchange(fake_args)
+        stack.start_workers(stream_processes)
         stack.start_beat()
         stack.wait_for_workers(["worker-streams", "worker"])
-        service = Service(stack)
-        idle = _idle_cpu(service, warmup)
-        steady = _phase(service, list(DEFAULT_SYMBOLS), warmup, duration)
-        generated = [s for s in FakeExchangeConfig(extra_symbols=scale_symbols).all_symbols() if s.startswith("SYM")]
-        scale = _phase(service, generated, warmup, scale_duration)
-        ids = _compare_with_sent(service)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def measure_service(
+    workdir: Path,
+    duration: float,
+    warmup: float,
+    scale_duration: float,
+    scale_symbols: int,
+    drain_interval: float,
+    databases: Databases | None = None,
+) -> dict[str, Any]:
+    databases = databases or Databases()
+    env = service_env(drain_interval_seconds=drain_interval, backfill_interval_seconds=NO_BACKFILL_SECONDS)
+    directory = workdir / "service"
+    database_url = databases.fresh(directory / "binance.db", "service")
+    try:
+        with start_stack(directory, env, database_url, fake_args=["--extra-symbols", str(scale_symbols)]) as stack:
+            service = Service(stack)
+            idle = _idle_cpu(service, warmup)
+            steady = _phase(service, list(DEFAULT_SYMBOLS), warmup, duration)
+            generated = [
+                s for s in FakeExchangeConfig(extra_symbols=scale_symbols).all_symbols() if s.startswith("SYM")
+            ]
+            scale = _phase(service, generated, warmup, scale_duration)
+            ids = _compare_with_sent(service)
+    finally:
+        databases.drop(database_url)
     return {
         "end_to_end": {
+            "database": databases.backend,
             **steady["latency"],
             "offered_messages_per_second": steady["rate"],
             "symbols": len(DEFAULT_SYMBOLS),
@@ -105,12 +154,19 @@ def measure_service(
             "seconds": duration,
             "warmup_seconds": warmup,
         },
-        "memory": {"seconds": duration, "subscription_task": steady["memory"][0], "drain": steady["memory"][1]},
+        "memory": {
+            "database": databases.backend,
+            "seconds": duration,
+            "subscription_task": steady["memory"][0],
+            "drain": steady["memory"][1],
+        },
         "drain_cpu": {
+            "database": databases.backend,
             "idle": idle,
             "loaded": {**steady["drain_cpu"], "offered_messages_per_second": steady["rate"]},
         },
         "scale": {
+            "database": databases.backend,
             "symbols": scale_symbols,
             "streams_per_group": scale["group_sizes"],
             "offered_messages_per_second": scale["rate"],
@@ -128,15 +184,18 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
     per_symbol = TARGET_RATE / len(symbols) / len(KINDS)
     service.set_rate(per_symbol)
     subscribed = service.call("tasks.subscribe", symbols, streams=list(KINDS))
-    watcher = _first_rows(service)
+    watcher = _first_rows(service, symbols)
     poll_until(time.monotonic() + warmup, watcher, [], MEMORY_SAMPLE_SECONDS)
     tracks = [
         MemoryTrack("subscription task", stream_processes(service.pid("worker-streams"), service.exchange_port)),
-        MemoryTrack("drain", drain_processes(service.pid("worker"), service.db)),
+        MemoryTrack("drain", drain_processes(service.pid("worker"), service.holds_database)),
     ]
     cpu = DrainCpu(service)
     watcher.receive_lags.clear()
-    latencies = poll_until(time.monotonic() + seconds, watcher, tracks, MEMORY_SAMPLE_SECONDS)
+    polls: list[int] = []
+    started = time.monotonic()
+    latencies = poll_until(started + seconds, watcher, tracks, MEMORY_SAMPLE_SECONDS, polls)
+    poll_ms = (time.monotonic() - started) / max(1, polls[0]) * 1000
     drain_cpu = cpu.since_start()
     for track in tracks:
         track.sample()
@@ -146,7 +205,11 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
     _settle(service)
     return {
         "rate": per_symbol * len(symbols) * len(KINDS),
-        "latency": {**latency_summary(latencies), "event_to_receive": latency_summary(watcher.receive_lags)},
+        "latency": {
+            **latency_summary(latencies),
+            "event_to_receive": latency_summary(watcher.receive_lags),
+            "mean_poll_interval_ms": poll_ms,
+        },
         "memory": [track.as_dict() for track in tracks],
         "group_sizes": group_sizes,
         "drain_cpu": drain_cpu,
@@ -175,22 +238,22 @@ def _idle_cpu(service: Service, seconds: float) -> dict[str, float]:
     return cpu.since_start()
 
 
-def _first_rows(service: Service) -> RowWatcher:
+def _first_rows(service: Service, symbols: Sequence[str]) -> Watcher:
     """A watcher, once the drain has created the schema and stored the phase's first rows."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
-    watcher = _open_watcher(service.db, deadline)
+    watcher = _open_watcher(service.database_url, symbols, deadline)
     while not watcher.new_latencies():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no rows reached {service.db} within {SETTLE_TIMEOUT_SECONDS:.0f}s")
+            raise RuntimeError(f"no rows reached {service.database_url} within {SETTLE_TIMEOUT_SECONDS:.0f}s")
         time.sleep(0.05)
     return watcher
 
 
-def _open_watcher(db: Path, deadline: float) -> RowWatcher:
+def _open_watcher(database_url: str, symbols: Sequence[str], deadline: float) -> Watcher:
     while True:
         try:
-            return RowWatcher(db)
-        except sqlite3.OperationalError:  # no file or no tables yet: the first drain makes them
+            return open_row_watcher(database_url, symbols)
+        except NotReady:  # no file or no tables yet: the first drain makes them
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
@@ -214,7 +277,7 @@ def _compare_with_sent(service: Service) -> dict[str, Any]:
     ranges = _sent_ranges(service.fake_stats()["sent"])
     deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
     while True:
-        summary = _id_summary(service.db, ranges)
+        summary = _id_summary(service.database_url, ranges)
         if summary["lost_nothing"] or time.monotonic() > deadline:
             return summary
         time.sleep(0.5)
@@ -230,23 +293,30 @@ def _sent_ranges(sent: dict[str, dict[str, dict[str, int]]]) -> list[tuple[str, 
     ]
 
 
-def _id_summary(db: Path, ranges: list[tuple[str, str, int, int, int]]) -> dict[str, Any]:
+def _id_summary(database_url: str, ranges: list[tuple[str, str, int, int, int]]) -> dict[str, Any]:
     """Ids missing from the sent ranges, and rows outside them or stored twice."""
     missing = extra = duplicates = stored_rows = expected_ids = sent_messages = 0
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        for symbol, kind, first, last, count in ranges:
-            table, column = _ID_COLUMNS[kind]
-            rows, distinct, in_range = conn.execute(
-                f"SELECT count(*), count(DISTINCT {column}), "
-                f"coalesce(sum({column} BETWEEN ? AND ?), 0) FROM {table} WHERE symbol = ?",
-                (first, last, symbol),
-            ).fetchone()
-            expected_ids += last - first + 1
-            sent_messages += count
-            stored_rows += rows
-            missing += last - first + 1 - in_range
-            extra += rows - in_range
-            duplicates += rows - distinct
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            for symbol, kind, first, last, count in ranges:
+                table, column = _ID_COLUMNS[kind]
+                rows, distinct, in_range = conn.execute(
+                    text(
+                        f"SELECT count(*), count(DISTINCT {column}), "
+                        f"coalesce(sum(CASE WHEN {column} BETWEEN :first AND :last THEN 1 ELSE 0 END), 0) "
+                        f"FROM {table} WHERE symbol = :symbol"
+                    ),
+                    {"first": first, "last": last, "symbol": symbol},
+                ).one()
+                expected_ids += last - first + 1
+                sent_messages += count
+                stored_rows += rows
+                missing += last - first + 1 - in_range
+                extra += rows - in_range
+                duplicates += rows - distinct
+    finally:
+        engine.dispose()
     return {
         "streams_checked": len(ranges),
         "ids_sent": expected_ids,

@@ -18,9 +18,9 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.postgres_server import INSTALL_HINT, PostgresServer, find_postgres_bin
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
+from worker.ops.local_postgres import INSTALL_HINT, PostgresServer, find_postgres_bin
 from worker.ops.local_stack import LocalStack
 from worker.store.storage import create_schema, make_engine
 

@@ -14,24 +14,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
+
+from bench import report
+from bench.watch import NotReady, open_row_watcher
+from worker.ops.local_postgres import PostgresServer, connect
+from worker.ops.local_stack import free_port
+from worker.store.storage import create_schema, make_engine
 
 QUICK_TIMEOUT_SECONDS = 300
+PROJECT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output = tmp_path_factory.mktemp("bench") / "latest.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
-        cwd=Path(__file__).parent.parent,
+    done = run_bench("--quick", "--output", str(output))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "part" in done.stdout and str(output) in done.stdout  # the table and where the figures are
+    return json.loads(output.read_text())
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=PROJECT,
         capture_output=True,
         text=True,
         timeout=QUICK_TIMEOUT_SECONDS,
         check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "part" in done.stdout and str(output) in done.stdout  # the table and where the figures are
-    return json.loads(output.read_text())
 
 
 def test_every_part_reports_positive_figures(results: dict[str, Any]) -> None:
@@ -40,8 +52,10 @@ def test_every_part_reports_positive_figures(results: dict[str, Any]) -> None:
     assert ingest["recorder_frames_per_second"] > 0 and ingest["bare_loop_frames_per_second"] > 0
     assert 0 < ingest["ratio"] < 2
     drain = results["drain"]
+    assert drain["database"] == "sqlite" and drain["reference"] == "executemany"
     assert drain["drainer_rows_per_second"] > 0 and drain["executemany_rows_per_second"] > 0
     assert 0 < drain["ratio"] < 2
+    assert "executemany (SQLite)" in results["targets"]["drain"]["what"]
     legacy = results["legacy"]
     assert legacy["sustainable_messages_per_second"] > 0
     assert legacy["at_target"]["stored_messages_per_second"] > 0
@@ -105,3 +119,92 @@ def test_depth_part_reports_drain_latency_storage_and_rebuild(results: dict[str,
     assert 0 < storage["packed_bytes_per_symbol_hour"] < storage["json_bytes_per_symbol_hour"]
     assert depth["rebuild"]["book_at_seconds"] > 0 and depth["rebuild"]["events"] == 3600
     assert {"depth_capacity", "depth_latency", "depth_rebuild"} <= set(results["targets"])
+
+
+@pytest.fixture(scope="module")
+def postgres_drain(
+    tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer
+) -> tuple[dict[str, Any], str]:
+    """`--parts drain` against the session's PostgreSQL server: (the figures, the table)."""
+    output = tmp_path_factory.mktemp("bench-pg") / "latest.json"
+    done = run_bench("--quick", "--parts", "drain", "--database-url", postgres_server.url(), "--output", str(output))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(output.read_text()), done.stdout
+
+
+def test_the_drain_on_postgresql_is_measured_against_plain_copy(postgres_drain: tuple[dict[str, Any], str]) -> None:
+    results, table = postgres_drain
+    assert results["meta"]["database"] == "postgresql"
+    drain = results["drain"]
+    assert drain["database"] == "postgresql" and drain["reference"] == "copy"
+    assert drain["rows_per_round"] == 20_000 and drain["rounds"] == 2
+    assert len(drain["per_round"]["drainer"]) == len(drain["per_round"]["copy"]) == 2
+    assert drain["drainer_rows_per_second"] > 0 and drain["copy_rows_per_second"] > 0
+    assert 0 < drain["ratio"] < 2
+    verdict = results["targets"]["drain"]
+    assert verdict["target"] == ">= 0.5" and "COPY (PostgreSQL)" in verdict["what"]
+    assert set(results) == {"meta", "drain", "targets"}
+    drain_row = next(line for line in table.splitlines() if line.startswith("2 drain"))
+    assert "PostgreSQL" in drain_row and "COPY" in drain_row and "executemany" not in drain_row
+
+
+def test_the_postgresql_run_drops_the_databases_it_made(
+    postgres_drain: tuple[dict[str, Any], str], postgres_server: PostgresServer
+) -> None:
+    with connect(postgres_server.url()) as conn:
+        names = [row[0] for row in conn.execute("SELECT datname FROM pg_database").fetchall()]
+    assert not [name for name in names if name.startswith("bench_")], names
+
+
+def test_an_unreachable_database_url_is_one_line_not_a_traceback() -> None:
+    done = run_bench("--parts", "drain", "--database-url", f"postgresql+psycopg://recorder@127.0.0.1:{free_port()}/x")
+    assert done.returncode == 2
+    assert done.stderr.startswith("python -m bench: cannot connect to PostgreSQL at 127.0.0.1:")
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    not_postgres = run_bench("--parts", "drain", "--database-url", "sqlite:///elsewhere.db")
+    assert not_postgres.returncode == 2 and "not a PostgreSQL URL" in not_postgres.stderr
+
+
+def test_the_drain_target_depends_on_the_database() -> None:
+    def verdict(database: str, reference: str, ratio: float) -> dict[str, Any]:
+        return report.targets({"drain": {"database": database, "reference": reference, "ratio": ratio}})["drain"]
+
+    assert verdict("sqlite", "executemany", 0.47)["met"] is True
+    assert verdict("postgresql", "copy", 0.47)["met"] is False
+    assert verdict("postgresql", "copy", 0.52)["met"] is True
+    assert verdict("sqlite", "executemany", 0.44)["met"] is False
+
+
+def test_the_postgresql_watcher_sees_each_new_row_of_its_symbols_once(postgres_server: PostgresServer) -> None:
+    url = postgres_server.create_database()
+    with pytest.raises(NotReady):  # no tables yet
+        open_row_watcher(url, ["AAAUSDT"])
+    engine = make_engine(url)
+    create_schema(engine)
+
+    def add(symbol: str, first: int, last: int, event_time: int) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO trades SELECT :s, i, 1.0, 1.0, CAST(:t AS bigint), false, CAST(:t AS bigint), "
+                    "CAST(:t AS bigint) + 5 FROM generate_series(CAST(:a AS bigint), CAST(:b AS bigint)) AS i"
+                ),
+                {"s": symbol, "a": first, "b": last, "t": event_time},
+            )
+
+    add("AAAUSDT", 1, 10, 1_000)  # before the watcher: not new
+    watcher = open_row_watcher(url, ["AAAUSDT", "BBBUSDT"])
+    try:
+        assert watcher.new_latencies() == []
+        add("AAAUSDT", 11, 13, 2_000)
+        add("BBBUSDT", 1, 2, 3_000)
+        add("CCCUSDT", 1, 4, 3_000)  # not watched
+        latencies = watcher.new_latencies()
+        assert len(latencies) == 5 and all(latency > 0 for latency in latencies)
+        assert sorted(watcher.receive_lags) == [5] * 5
+        assert watcher.new_latencies() == []
+        add("BBBUSDT", 3, 3, 4_000)
+        assert len(watcher.new_latencies()) == 1
+    finally:
+        watcher.close()
+        engine.dispose()

@@ -15,11 +15,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import wait_until
-from tests.postgres_server import PostgresServer
 from tests.test_drain import trade_frame
 from worker.buffer import FrameBuffer, FrameWriter
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
+from worker.ops.local_postgres import PostgresServer
 from worker.store.drain import (
     Drainer,
     DrainLanes,

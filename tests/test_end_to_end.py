@@ -20,10 +20,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import call, clean_env, fake_stats, launch_stack, status_command, wait_until
-from tests.postgres_server import PostgresServer
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
+from worker.ops.local_postgres import PostgresServer
 from worker.ops.local_stack import CELERY, LocalStack
 from worker.store.storage import TABLES, make_engine
 

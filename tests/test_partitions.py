@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.postgres_server import PostgresServer
 from tests.test_retention import row
 from tests.test_storage import SAMPLE_ROWS, batch_of_samples
+from worker.ops.local_postgres import PostgresServer
 from worker.store import partitions
 from worker.store.partitions import (
     DAY_MS,

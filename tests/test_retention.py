@@ -11,9 +11,9 @@ from sqlalchemy import Engine, event, func, inspect, select
 from sqlalchemy.dialects import sqlite
 
 from tests.conftest import clean_env
-from tests.postgres_server import PostgresServer
 from tests.test_storage import SAMPLE_ROWS
 from worker.keys import RedisKeys
+from worker.ops.local_postgres import PostgresServer
 from worker.ops.local_stack import CELERY, LocalStack
 from worker.settings import Settings
 from worker.store.partitions import chunk_delete_sql
