@@ -60,12 +60,10 @@ import requests
 from bench.frames import KINDS
 from bench.procs import children, cpu_seconds, service_env
 from fake_binance.config import FakeExchangeConfig
-
-# The one place that knows where the private PostgreSQL cluster comes from.
-from tests.postgres_server import INSTALL_HINT, PostgresServer, find_postgres_bin
 from worker.keys import RedisKeys, as_text
 from worker.ops.clients import client_app
-from worker.ops.local_stack import CELERY, LocalStack, ManagedProcess, StackError
+from worker.ops.local_postgres import start_private_server
+from worker.ops.local_stack import CELERY, LocalStack, ManagedProcess
 from worker.ops.status import group_statuses
 
 SYMBOLS = 1536
@@ -277,13 +275,10 @@ def measure_scaleout(
 
 @contextlib.contextmanager
 def _postgres() -> Iterator[tuple[str, int]]:
-    """A private PostgreSQL cluster with a fresh database; yields its SQLAlchemy URL and
-    the server's process id."""
-    bin_dir = find_postgres_bin()
-    if bin_dir is None:
-        raise StackError(INSTALL_HINT)
-    server = PostgresServer(bin_dir)
-    server.start()
+    """A private PostgreSQL cluster with a fresh database, durable as in production (as
+    `python -m bench --postgres` runs it); yields its SQLAlchemy URL and the server's
+    process id."""
+    server = start_private_server(durable=True)
     try:
         yield server.create_database(), int((server.data / "postmaster.pid").read_text().split()[0])
     finally:
