@@ -97,7 +97,7 @@ class ScaleoutSize:
     order in the next round, and so on."""
 
 
-QUICK_SCALEOUT = ScaleoutSize(rate=5000, warmup_seconds=2, pile_rate=5000, backlog_frames=30_000, rounds=1)
+QUICK_SCALEOUT = ScaleoutSize(rate=5000, warmup_seconds=2, pile_rate=15000, backlog_frames=60_000, rounds=1)
 # A drain stores a batch of 5,000 frames per group per round: 300,000 frames is about 20
 # rounds, so that where the timed window starts and ends within a round matters little.
 # Built at 15,000 msg/s (the machine is free of the drain meanwhile), stored at 5,000.
@@ -331,7 +331,7 @@ def _drain_phase(
     nodes.set_rate(size.rate)
     pile_incoming = (nodes.received() - received_at_start) / (time.monotonic() - pile_started)
     backlog_at_start, drained_before = nodes.backlog(), nodes.frames_drained()
-    started = time.monotonic()
+    started, received_then = time.monotonic(), nodes.received()
     nodes.consume(names)
     # Storing starts with the first commit: timed from there, with the backlog left
     # then and the rows PostgreSQL holds then.
@@ -343,7 +343,7 @@ def _drain_phase(
         time.sleep(POLL_SECONDS / 2)
     first_commit = time.monotonic()
     cpu = _CpuWindow(started_nodes, [p.popen.pid for p in nodes.stack.processes] + [nodes.postgres_pid])
-    rows_then, received_then = nodes.rows(), nodes.received()
+    rows_then = nodes.rows()
     backlog_then = nodes.backlog()
     # Caught up: the lists hold no more than what arrives in about a fifth of a second
     # (a few flushes of the three groups).
@@ -362,7 +362,8 @@ def _drain_phase(
     return started_nodes, {
         "default_nodes": len(names),
         "drain_lanes": lanes,
-        "incoming_messages_per_second": (received_now - received_then) / seconds if seconds > 0 else 0.0,
+        # From add_consumer on: longer than the timed window, so it spans many flushes.
+        "incoming_messages_per_second": (received_now - received_then) / (now - started),
         "pile_incoming_messages_per_second": pile_incoming,
         "backlog_frames": backlog_at_start,
         "backlog_at_first_commit": backlog_then,
