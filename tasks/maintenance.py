@@ -39,7 +39,7 @@ def drain(self: Any) -> dict[str, Any]:
         database = engine()
         lanes = drain_lanes(database, settings.drain_lanes)
         window = settings.drain_interval_seconds * DRAIN_RUN_INTERVALS
-        shift = take_a_lane(client, keys, window, lanes)
+        shift = take_a_lane(client, keys, window, lanes, node=self.request.hostname)
         if shift is None:
             return {"skipped": "another drain run is storing" if lanes == 1 else "every drain lane has a run storing"}
         share = DrainLanes(client, keys, lanes, shift.lane)

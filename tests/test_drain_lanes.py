@@ -21,11 +21,13 @@ from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.local_postgres import PostgresServer
 from worker.store.drain import (
+    SPREAD_PASSES,
     Drainer,
     DrainLanes,
     DrainReport,
     DrainShift,
     _merged_rows,
+    drain_holders,
     drain_lanes,
     take_a_lane,
 )
@@ -70,10 +72,34 @@ def test_lanes_deal_the_lists_and_a_run_also_stores_the_lanes_nobody_holds(
 def test_each_run_takes_the_next_free_lane_up_to_the_lists_there_are(
     redis_client: redis.Redis, keys: RedisKeys, lists: list[str]
 ) -> None:
-    runs = [take_a_lane(redis_client, keys, 60, lanes=4) for _ in range(4)]
+    runs = [take_a_lane(redis_client, keys, 60, lanes=4, node=f"default{i}@host") for i in range(4)]
 
     assert [run.lane if run else None for run in runs] == [0, 1, 2, None]  # three lists: three lanes
-    assert take_a_lane(redis_client, keys, 60, lanes=1) is None
+    assert take_a_lane(redis_client, keys, 60, lanes=1, node="default9@host") is None
+
+
+def test_lanes_spread_over_the_worker_nodes_and_one_node_alone_takes_them_all(
+    redis_client: redis.Redis, keys: RedisKeys, lists: list[str]
+) -> None:
+    first = take_a_lane(redis_client, keys, 60, lanes=2, node="default1@host-a")
+    assert first is not None and first.lane == 0
+    # The node storing lane 0 leaves lane 1 to other nodes for SPREAD_PASSES ticks...
+    passes = [take_a_lane(redis_client, keys, 60, lanes=2, node="default1@host-a") for _ in range(SPREAD_PASSES)]
+    assert passes == [None] * SPREAD_PASSES
+    # ...and another node's run takes it at once.
+    other = take_a_lane(redis_client, keys, 60, lanes=2, node="default2@host-b")
+    assert other is not None and other.lane == 1
+    assert {holder.split("@", 1)[1] for holder in drain_holders(redis_client, keys, 2).values()} == {
+        "default1@host-a",
+        "default2@host-b",
+    }
+
+    # With no other node, the one node takes the second lane after SPREAD_PASSES ticks.
+    with other.held():
+        pass  # lane 1 released
+    late = [take_a_lane(redis_client, keys, 60, lanes=2, node="default1@host-a") for _ in range(SPREAD_PASSES + 1)]
+    assert late[:SPREAD_PASSES] == [None] * SPREAD_PASSES
+    assert late[-1] is not None and late[-1].lane == 1
 
 
 def test_sqlite_keeps_one_writer_and_postgresql_gets_the_configured_lanes(tmp_path: Path, pg_engine: Engine) -> None:
@@ -105,15 +131,15 @@ class Writers(threading.Thread):
 class LaneRun(threading.Thread):
     """A drain run as tasks.drain makes it on PostgreSQL, noting when it stored a round."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, engine: Engine, lanes: int) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, engine: Engine, lanes: int, node: str) -> None:
         super().__init__(daemon=True)
-        self.client, self.keys, self.engine, self.lanes = client, keys, engine, lanes
+        self.client, self.keys, self.engine, self.lanes, self.node = client, keys, engine, lanes, node
         self.shift: DrainShift | None = None
         self.stop = threading.Event()
         self.rounds: list[tuple[float, float]] = []
 
     def run(self) -> None:
-        self.shift = take_a_lane(self.client, self.keys, 60, self.lanes)
+        self.shift = take_a_lane(self.client, self.keys, 60, self.lanes, self.node)
         assert self.shift is not None
         share = DrainLanes(self.client, self.keys, self.lanes, self.shift.lane)
         drainer = Drainer(self.client, self.keys, self.engine, 1000, share)
@@ -152,7 +178,7 @@ def test_two_lanes_store_side_by_side_and_every_trade_lands_once(
 ) -> None:
     writers = Writers(redis_client, keys)
     writers.start()
-    runs = [LaneRun(redis_client, keys, pg_engine, lanes=2) for _ in range(2)]
+    runs = [LaneRun(redis_client, keys, pg_engine, lanes=2, node=f"default{i}@host") for i in range(2)]
     for run in runs:
         run.start()
         wait_until(lambda run=run: run.rounds, 20, "the run to store")
@@ -205,9 +231,9 @@ def test_the_lists_of_a_dead_lane_are_stored_once_its_lease_lapses(
 ) -> None:
     """Lane 1's run died holding its lane (no hand-over, no release): the live run of
     lane 0 stores lane 1's list as soon as the lease lapses, without waiting for a tick."""
-    dead = DrainShift(redis_client, keys, 60, ttl_seconds=1.0, lane=1)
+    dead = DrainShift(redis_client, keys, 60, ttl_seconds=1.0, lane=1, node="default1@host")
     assert dead.take_over()
-    live = LaneRun(redis_client, keys, pg_engine, lanes=2)
+    live = LaneRun(redis_client, keys, pg_engine, lanes=2, node="default0@host")
     live.start()
     writers = Writers(redis_client, keys)
     writers.start()

@@ -68,6 +68,10 @@ class RedisKeys:
         """Token of the lane's drain run whose window is over: the next run may ask it to hand over."""
         return f"{self.drain_lock(lane)}:relief"
 
+    def drain_passes(self, lane: int) -> str:
+        """How many runs in a row passed on the lane, leaving it to another worker node."""
+        return f"{self.drain_lock(lane)}:passes"
+
     def drain_successor(self, lane: int = 0) -> str:
         """Token of the drain run waiting for the lane's running one to hand over the lock."""
         return f"{self.drain_lock(lane)}:successor"
