@@ -138,7 +138,7 @@ def assert_status_command_says_healthy(stack: LocalStack, gid: str) -> None:
     assert shown.stdout.rstrip().endswith("status: healthy")
     group_line = next(line for line in shown.stdout.splitlines() if line.startswith(gid))
     assert "BTCUSDT,ETHUSDT" in group_line and "connected" in group_line
-    assert re.search(r"^drains: lane 0 by \d+@", shown.stdout, re.MULTILINE)  # one group: one lane
+    assert re.search(r"^drains: lane 0 by \d+@default@", shown.stdout, re.MULTILINE)  # one group: one lane
     snapshot = json.loads(status_command(stack, "--json").stdout)
     assert snapshot["healthy"] is True and snapshot["problems"] == []
     assert [drain["lane"] for drain in snapshot["drains"]] == [0]
