@@ -65,6 +65,7 @@ from worker.ops.clients import client_app
 from worker.ops.local_postgres import start_private_server
 from worker.ops.local_stack import CELERY, LocalStack, ManagedProcess
 from worker.ops.status import group_statuses
+from worker.store.drain import drain_holders
 
 SYMBOLS = 1536
 """× trade and aggTrade = 3,072 streams: three groups of 1,024, one connection each."""
@@ -192,6 +193,12 @@ class Scaleout:
 
     def groups_wanted(self) -> list[str]:
         return [group["id"] for group in self.groups()]
+
+    def lane_nodes(self, lanes: int) -> set[str]:
+        """The worker nodes whose drain runs hold a lane now (`status` shows the same)."""
+        return {
+            holder.split("@", 1)[-1].split("@")[0] for holder in drain_holders(self.redis, self.keys, lanes).values()
+        }
 
     def frames_drained(self) -> int:
         return int(self.redis.hget(self.keys.counters, "frames_drained") or 0)
@@ -348,7 +355,9 @@ def _drain_phase(
     # Caught up: the lists hold no more than what arrives in about a fifth of a second
     # (a few flushes of the three groups).
     caught_up_below = max(1000, int(size.rate * 0.2))
+    lane_nodes: set[str] = set()
     while True:
+        lane_nodes |= nodes.lane_nodes(lanes)
         backlog = nodes.backlog()
         now = time.monotonic()
         if backlog <= caught_up_below:
@@ -373,6 +382,7 @@ def _drain_phase(
         "rows_per_second": (rows_now - rows_then) / seconds if seconds > 0 else 0.0,
         "seconds_from_consume": now - started,
         "nodes_answering_ping": nodes.ping(),
+        "nodes_holding_lanes": sorted(lane_nodes),
         **cpu_used,
     }
 
@@ -504,7 +514,9 @@ def scaleout_table(figures: dict[str, Any]) -> str:
         phase = figures[key]
         per_round = ", ".join(f"{r['rows_per_second']:,.0f}" for r in phase["rounds"])
         node_cpu = "; ".join(
-            " ".join(f"{name} {cores:.2f}" for name, cores in r["node_cpu_cores"].items()) for r in phase["rounds"]
+            " ".join(f"{name} {cores:.2f}" for name, cores in r["node_cpu_cores"].items())
+            + f" (lanes held by {', '.join(r['nodes_holding_lanes']) or 'none seen'})"
+            for r in phase["rounds"]
         )
         lines.append(
             f"{label}: {phase['rows_per_second']:,.0f} rows/s stored into PostgreSQL "
