@@ -59,6 +59,7 @@ import requests
 
 from bench.frames import KINDS
 from bench.procs import children, cpu_seconds, service_env
+from bench.service import settle
 from fake_binance.config import FakeExchangeConfig
 from worker.keys import RedisKeys, as_text
 from worker.ops.clients import client_app
@@ -252,7 +253,7 @@ def measure_scaleout(
                         nodes.stop_nodes(defaults)
             all_nodes = nodes.ping()
             nodes.call("tasks.unsubscribe", _symbols())
-            _settle(nodes)
+            settle(nodes, SETTLE_TIMEOUT_SECONDS)
             ids = _compare_with_sent(nodes)
     one, two = _combined(rounds[1]), _combined(rounds[2])
     one_rate, two_rate = one["rows_per_second"], two["rows_per_second"]
@@ -456,15 +457,6 @@ def _combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "nodes_answering_ping": rounds[-1]["nodes_answering_ping"],
         "rounds": rounds,
     }
-
-
-def _settle(nodes: Scaleout) -> None:
-    """Wait until every connection is closed and every buffered frame is stored."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
-    while nodes.fake_stats()["connections"]["open"] or nodes.backlog():
-        if time.monotonic() > deadline:
-            raise RuntimeError("the service did not settle: connections still open or frames left in Redis")
-        time.sleep(0.5)
 
 
 def _compare_with_sent(nodes: Scaleout) -> dict[str, Any]:

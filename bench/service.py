@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 import requests
@@ -202,7 +202,7 @@ def _phase(service: Service, symbols: list[str], warmup: float, seconds: float) 
     group_sizes = service.group_sizes(subscribed["groups"])
     watcher.close()
     service.call("tasks.unsubscribe", symbols)
-    _settle(service)
+    settle(service)
     return {
         "rate": per_symbol * len(symbols) * len(KINDS),
         "latency": {
@@ -259,9 +259,17 @@ def _open_watcher(database_url: str, symbols: Sequence[str], deadline: float) ->
             time.sleep(0.1)
 
 
-def _settle(service: Service) -> None:
+class Settling(Protocol):
+    """A running stack seen from outside: the fake exchange's figures and Redis's backlog."""
+
+    def fake_stats(self) -> dict[str, Any]: ...
+
+    def backlog(self) -> int: ...
+
+
+def settle(service: Settling, timeout: float = SETTLE_TIMEOUT_SECONDS) -> None:
     """Wait until every connection is closed and every buffered frame is drained."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
+    deadline = time.monotonic() + timeout
     while service.fake_stats()["connections"]["open"] or service.backlog():
         if time.monotonic() > deadline:
             raise RuntimeError("the service did not settle: connections still open or frames left in Redis")
