@@ -52,6 +52,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.schema import CreateView
 
+from worker import times
+
 metadata = MetaData()
 
 
@@ -404,7 +406,7 @@ def create_schema(engine: Engine, partitioned: bool = True, now_ms: int | None =
     (worker/store/partitions.py; `partitioned=False` makes them plain, as older versions
     did), and the daily partitions from `now_ms`'s day (default: now) on are created.
     """
-    from worker.store import partitions
+    from worker.store import partitions  # here: partitions builds on this module's tables
 
     for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
         try:
@@ -418,7 +420,7 @@ def create_schema(engine: Engine, partitioned: bool = True, now_ms: int | None =
         except exc.DatabaseError as error:
             if attempt == _SCHEMA_ATTEMPTS or not _lost_creation_race(error):
                 raise
-    partitions.ensure_partitions(engine, int(time.time() * 1000) if now_ms is None else now_ms)
+    partitions.ensure_partitions(engine, times.now_ms() if now_ms is None else now_ms)
 
 
 def _add_missing_columns(engine: Engine) -> None:
