@@ -281,8 +281,10 @@ class DrainLanes:
         if self.lanes == 1:
             return all_lists
         dealt = min(self.lanes, len(all_lists))
-        holders = self.client.mget([self.keys.drain_lock(lane) for lane in range(dealt)]) if dealt else []
-        mine = {lane for lane, holder in enumerate(holders) if lane == self.lane or holder is None}
+        if not dealt:
+            return all_lists
+        held = drain_holders(self.client, self.keys, dealt)
+        mine = {lane for lane in range(dealt) if lane == self.lane or lane not in held}
         return [key for index, key in enumerate(all_lists) if index % dealt in mine]
 
 
