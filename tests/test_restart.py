@@ -20,16 +20,30 @@ from worker.ops.local_stack import free_port
 SYMBOLS = "BTCUSDT,ETHUSDT"
 
 
-class Run:
-    """One `binance-recorder run` in `directory`, its output collected line by line."""
+BINANCE_RECORDER = str(Path(sys.executable).with_name("binance-recorder"))  # what scripts/run execs
 
-    def __init__(self, directory: Path, redis_port: int) -> None:
+
+class Run:
+    """One `binance-recorder run` in `directory`, its output collected line by line.
+
+    After `close_output()` the reader closes the output at the next line, as `| head`
+    does once it has its lines.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        redis_port: int,
+        flower_port: int = 0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.lines: list[str] = []
+        self._close = threading.Event()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "worker.ops.cli", "run", "--exchange", "fake", "--symbols", SYMBOLS,
-             "--redis-port", str(redis_port), "--flower-port", "0", "--report-every", "1"],
+            [BINANCE_RECORDER, "run", "--exchange", "fake", "--symbols", SYMBOLS,
+             "--redis-port", str(redis_port), "--flower-port", str(flower_port), "--report-every", "1"],
             cwd=directory,
-            env=clean_env(),
+            env=clean_env(env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -40,12 +54,18 @@ class Run:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             self.lines.append(line.rstrip("\n"))
+            if self._close.is_set():
+                self.popen.stdout.close()
+                return
+
+    def close_output(self) -> None:
+        self._close.set()
 
     def line(self, pattern: str) -> re.Match[str] | None:
         return next((m for m in map(re.compile(pattern).search, self.lines) if m), None)
 
-    def stop(self) -> int:
-        self.popen.send_signal(signal.SIGINT)
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        self.popen.send_signal(sig)
         return self.popen.wait(60)
 
     def output(self) -> str:

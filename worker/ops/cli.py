@@ -1,9 +1,11 @@
 """`binance-recorder`: run the stack locally, subscribe, look at status, backfill, export, chart, book.
 
-Exit codes: 0 success, 1 something is unhealthy or a task failed, 2 bad usage or bad
-input (argparse's convention) or a bad setting, 3 a part of the stack could not start,
-141 the reader of the output went away (`| head`), as for any command killed by SIGPIPE.
-Every error is one line on stderr, `error: ...`, never a traceback.
+Exit codes: 0 success, 1 something is unhealthy or a task failed (for `stop`: a process
+would not die), 2 bad usage or bad input (argparse's convention) or a bad setting, 3 a
+part of the stack could not start (or another `run` uses the data directory), 141 the
+reader of the output went away (`| head`), as for any command killed by SIGPIPE; `run`
+stops its whole stack first. Every error is one line on stderr, `error: ...`, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import argparse
 import json
 import os
 import re
+import select
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import redis
 import requests
@@ -25,7 +28,8 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from worker.ops.cli_data import add_data_commands
 from worker.ops.clients import TaskFailed, call_task, existing_database, redis_client
-from worker.ops.local_stack import LocalStack, StackError, recorded_stack_env, wait_for_redis
+from worker.ops.local_stack import LocalStack, StackError, wait_for_redis
+from worker.ops.stack_record import StackRecord, recorded_stack_env, stop_stack
 from worker.settings import Settings, split_list
 
 DEFAULT_LOCAL_SYMBOLS = "BTCUSDT,ETHUSDT,BNBUSDT"
@@ -45,63 +49,112 @@ def binance_reachable(rest_url: str) -> bool:
 # -- run -------------------------------------------------------------------------------
 
 
+class RunOutput:
+    """Where `run` writes its lines: stdout, which may go away while the stack runs.
+
+    `| head` exits, `| tee` dies of the Ctrl-C first, the terminal closes: the next
+    write fails (EPIPE, or EIO on a hung-up terminal). That must not cut the cleanup
+    short, so a failed write is swallowed, later lines go to /dev/null, and `gone`
+    tells the run to stop its stack.
+    """
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    def say(self, line: str, stream: TextIO | None = None) -> None:
+        stream = stream or sys.stdout
+        try:
+            print(line, file=stream, flush=True)
+        except OSError:
+            self.gone = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+    def closed(self) -> bool:
+        """Whether stdout's reader went away, before anything is written to it (pipes, terminals)."""
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        self.gone = self.gone or any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+        return self.gone
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = args.settings
     symbols = split_list(args.symbols or settings.startup_symbols or DEFAULT_LOCAL_SYMBOLS)
+    output = RunOutput()
+    stop_signal: list[int] = []
+    for sig in STOP_SIGNALS:  # Ctrl-C, `kill`, `binance-recorder stop`, a closed terminal
+        signal.signal(sig, lambda received, _: stop_signal.append(received))
     stack = LocalStack(Path(args.data_dir))
-    stop_requested = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    code = 0
     try:
-        redis_url = _start_services(stack, settings, args)
+        _stop_leftovers(stack.data_dir, output)
+        redis_url = _start_services(stack, settings, args, output)
         result = call_task(redis_url, "tasks.subscribe", [symbols, split_list(args.streams) or None], 60)
-        print(
+        output.say(
             f"recording {', '.join(result['symbols'])} in {len(result['groups'])} group(s): "
-            f"{', '.join(result['streams'])}",
-            flush=True,
+            f"{', '.join(result['streams'])}"
         )
-        _watch(stack, args, lambda: stop_requested)
+        _watch(stack, args, output, lambda: bool(stop_signal) or output.closed())
     except StackError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_STACK
+        output.say(f"error: {error}", sys.stderr)
+        code = EXIT_STACK
     finally:
-        print("stopping ...", flush=True)
+        if stack.processes:
+            output.say("stopping ...")
         stack.stop()
-    return 0
+    return EXIT_BROKEN_PIPE if output.gone else code
 
 
-def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namespace) -> str:
+def _stop_leftovers(data_dir: Path, output: RunOutput) -> None:
+    """Stop what a killed run left in data_dir, saying so in one line; refuse to start beside a live run."""
+    record = StackRecord.load(data_dir)
+    if record is None:
+        return
+    if record.owner.running():
+        raise StackError(
+            f"a binance-recorder run (pid {record.owner.pid}) already uses {data_dir}: "
+            f"stop it first (Ctrl-C there, or `binance-recorder stop --data-dir {data_dir}`)"
+        )
+    stopped, stuck = stop_stack(record, data_dir)
+    if stopped:
+        output.say(stopped)
+    if stuck:
+        raise StackError(f"{', '.join(stuck)} of the earlier run would not stop: kill them, then run again")
+
+
+def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namespace, output: RunOutput) -> str:
     if "REDIS_URL" in os.environ:
         redis_url = os.environ["REDIS_URL"]
         wait_for_redis(redis_url, timeout=10)
     else:
         redis_url = stack.start_redis(args.redis_port)
-    print(f"redis:    {redis_url}", flush=True)
+    output.say(f"redis:    {redis_url}")
     if args.exchange == "fake" or (args.exchange == "auto" and not binance_reachable(settings.binance_rest_url)):
         base = stack.start_fake_exchange()
-        print(f"exchange: bundled fake exchange at {base} (Binance is not reachable or --exchange fake)")
+        output.say(f"exchange: bundled fake exchange at {base} (Binance is not reachable or --exchange fake)")
     else:
-        print(f"exchange: {settings.binance_ws_url} and {settings.binance_rest_url}")
+        output.say(f"exchange: {settings.binance_ws_url} and {settings.binance_rest_url}")
         stack.env.setdefault("BINANCE_REST_URL", settings.binance_rest_url)
         stack.env.setdefault("BINANCE_WS_URL", settings.binance_ws_url)
     stack.start_workers(settings.stream_worker_concurrency)
     stack.start_beat()
     names = ["worker-streams", "worker"]
     if args.flower_port:
-        print(f"flower:   {stack.start_flower(args.flower_port)}")
+        output.say(f"flower:   {stack.start_flower(args.flower_port)}")
     stack.wait_for_workers(names)
-    print(f"database: {stack.env['DATABASE_URL']}\nlogs:     {stack.log_dir}/", flush=True)
-    print(f"shells:   binance-recorder in {Path.cwd()} uses this stack (URLs in {stack.record()})", flush=True)
+    output.say(f"database: {stack.env['DATABASE_URL']}\nlogs:     {stack.log_dir}/")
+    output.say(f"shells:   binance-recorder in {Path.cwd()} uses this stack (URLs in {stack.record()})")
     return redis_url
 
 
-def _watch(stack: LocalStack, args: argparse.Namespace, stopping: Any) -> None:
-    """Print row counts every few seconds until stopped, or until --duration passed."""
+def _watch(stack: LocalStack, args: argparse.Namespace, output: RunOutput, stopping: Any) -> None:
+    """Print row counts every few seconds until stopped, or until --duration passed.
+
+    Meanwhile a worker, beat or Flower that dies is started again (`LocalStack.supervise`).
+    """
     from worker.ops.status import table_statuses
     from worker.store.storage import make_engine
 
@@ -109,16 +162,27 @@ def _watch(stack: LocalStack, args: argparse.Namespace, stopping: Any) -> None:
     started = time.monotonic()
     next_report = started + args.report_every
     while not stopping():
-        dead = stack.dead_processes()
-        if dead:
-            raise StackError(f"{dead[0].name} exited; its log says:\n{dead[0].log_tail()}")
+        for line in stack.supervise():
+            output.say(line)
         if args.duration and time.monotonic() - started >= args.duration:
             return
         if time.monotonic() >= next_report:
             next_report += args.report_every
             counts = {name: t["rows"] for name, t in table_statuses(engine).items() if t["rows"]}
-            print("rows: " + (", ".join(f"{k}={v}" for k, v in counts.items()) or "none yet"), flush=True)
+            output.say("rows: " + (", ".join(f"{k}={v}" for k, v in counts.items()) or "none yet"))
         time.sleep(0.2)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the stack recorded in the data directory, whether its `run` still runs or was killed."""
+    data_dir = Path(args.data_dir).resolve()
+    record = StackRecord.load(data_dir)
+    stopped, stuck = stop_stack(record, data_dir) if record is not None else ("", [])
+    if stuck:
+        print(f"error: {', '.join(stuck)} would not stop: kill them by hand", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    print(stopped or f"no stack running in {data_dir}")
+    return 0
 
 
 # -- subscribe / unsubscribe / status ------------------------------------------------------
@@ -188,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: never)")
     run.add_argument("--report-every", type=float, default=10, help="seconds between row-count lines")
     run.set_defaults(func=cmd_run)
+
+    stop = commands.add_parser(
+        "stop",
+        help="stop the stack a `run` started (or left behind when it was killed)",
+        description="Stop the stack recorded in DATA_DIR/stack.json: its `run`, or what a killed run left. "
+        "Exit 0 stopped (or nothing was running), 1 a process would not stop.",
+    )
+    stop.add_argument("--data-dir", default="data", help="the data directory of the run (default: ./data)")
+    stop.set_defaults(func=cmd_stop)
 
     for name, func, text in (
         ("subscribe", cmd_subscribe, "start recording symbols"),

@@ -3,12 +3,16 @@
 Redis (unless REDIS_URL points at one), optionally the bundled fake exchange, the two
 Celery workers (`streams` and `celery` queues), beat and Flower. The test suite starts
 its stack with this same code, so the README's command is exercised by every test run.
+
+The stack owns its processes: it keeps them in `data_dir/stack.json` (see
+worker.ops.stack_record), restarts a worker, beat or Flower that dies (`supervise`), and
+on Linux each child is sent SIGTERM by the kernel should the process that started it die
+without stopping it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -23,12 +27,14 @@ from pathlib import Path
 
 import redis
 
+from worker.ops.stack_record import STOP_TIMEOUT_SECONDS, RecordedProcess, StackRecord
+
 CELERY = (sys.executable, "-m", "celery", "-A", "worker")
-# Where a running `binance-recorder run` leaves its URLs for the commands of other shells.
-STACK_RECORD = "stack.json"
-RECORDED_VARIABLES = ("REDIS_URL", "DATABASE_URL", "BINANCE_REST_URL", "BINANCE_WS_URL")
 READY_TIMEOUT_SECONDS = 60.0
-STOP_TIMEOUT_SECONDS = 15.0
+# What the others point at: when one of these dies the stack stops rather than restart it
+# (a new fake exchange listens on a new port, which the workers would not know).
+ESSENTIAL = ("redis", "fake-exchange")
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class StackError(RuntimeError):
@@ -76,31 +82,6 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recorded_stack_env(data_dir: Path) -> dict[str, str]:
-    """The URLs of the stack a live `binance-recorder run` started in data_dir, if any.
-
-    The fake exchange listens on a port chosen at start-up, so a second shell cannot
-    know it from the defaults; a record left by a launcher that died is ignored.
-    """
-    try:
-        record = json.loads((data_dir / STACK_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(record, dict) or not process_alive(int(record.get("pid", 0)) or -1):
-        return {}
-    return {name: str(value) for name, value in record.get("env", {}).items() if name in RECORDED_VARIABLES}
-
-
 def wait_for_redis(url: str, timeout: float = READY_TIMEOUT_SECONDS) -> None:
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + timeout
@@ -114,21 +95,78 @@ def wait_for_redis(url: str, timeout: float = READY_TIMEOUT_SECONDS) -> None:
             time.sleep(0.1)
 
 
+def _dying_with_us(command: tuple[str, ...]) -> tuple[str, ...]:
+    """The command, on Linux started so that it gets SIGTERM when this process dies.
+
+    PR_SET_PDEATHSIG: if this process is killed outright (SIGKILL, the OOM killer),
+    the kernel sends each of its children SIGTERM, and they shut down as on `stop`.
+    It is not inherited across fork, so a Celery worker's pool processes are left to
+    the worker, which stops them. A fresh interpreter sets it and then becomes the
+    command (exec keeps the pid); a preexec_fn would run our code in the forked
+    child, which can deadlock while other threads run. Elsewhere stack.json is the net.
+    """
+    if sys.platform != "linux":
+        return command
+    return (sys.executable, "-I", "-S", "-c", _SET_PDEATHSIG_AND_EXEC, str(os.getpid()), *command)
+
+
+_SET_PDEATHSIG_AND_EXEC = f"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):  # the parent died before the call above: no signal will come
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+@dataclass
+class RestartPolicy:
+    """When to start a dead process again, as compose's `unless-stopped` policy does.
+
+    At once the first time; a process that dies again within `healthy_after`
+    seconds of starting waits twice as long as the last time (1 s, 2 s, 4 s, ... up
+    to a minute), so one that cannot start does not spin.
+    """
+
+    first_delay: float = 1.0
+    max_delay: float = 60.0
+    healthy_after: float = 10.0
+    last_delay: dict[str, float] = field(default_factory=dict)
+
+    def delay(self, name: str, lived: float) -> float:
+        previous = self.last_delay.get(name) if lived < self.healthy_after else None
+        delay = 0.0 if previous is None else min(max(2 * previous, self.first_delay), self.max_delay)
+        self.last_delay[name] = delay
+        return delay
+
+
 @dataclass
 class ManagedProcess:
     """A child process and its log file, which it appends to from `log_offset` on.
 
     Logs of earlier runs stay in the file for reading; what this process wrote is
     `log_text()`, so waiting for its "ready" line never finds an earlier run's.
+    `command` is kept to start it again.
     """
 
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
     log_offset: int = 0
+    command: tuple[str, ...] = ()
+    started_at: float = field(default_factory=time.monotonic)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def recorded(self) -> RecordedProcess:
+        return RecordedProcess.of(self.name, self.popen.pid)
 
     def log_text(self) -> str:
         try:
@@ -149,12 +187,15 @@ class LocalStack:
     data_dir: Path
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     processes: list[ManagedProcess] = field(default_factory=list)
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.resolve()
         self.log_dir = self.data_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env.setdefault("DATABASE_URL", f"sqlite:///{self.data_dir / 'binance.db'}")
+        self.owner = RecordedProcess.of("run", os.getpid())
+        self._restart_due: dict[str, float] = {}
 
     # -- the parts -------------------------------------------------------------------
 
@@ -232,17 +273,11 @@ class LocalStack:
         )
 
     def record(self) -> Path:
-        """Leave this stack's URLs under data_dir for the CLI in other shells (see recorded_stack_env)."""
-        path = self.data_dir / STACK_RECORD
-        env = {name: self.env[name] for name in RECORDED_VARIABLES if name in self.env}
-        path.write_text(json.dumps({"pid": os.getpid(), "env": env}, indent=2))
-        return path
+        """Write data_dir/stack.json: this stack's URLs and processes, as they are now."""
+        return self._as_record().save(self.data_dir)
 
-    def _forget_record(self) -> None:
-        path = self.data_dir / STACK_RECORD
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("pid") == os.getpid():
-                path.unlink()
+    def _as_record(self) -> StackRecord:
+        return StackRecord(self.owner, dict(self.env), [process.recorded() for process in self.processes])
 
     def start_flower(self, port: int) -> str:
         if not port_is_free(port):
@@ -256,20 +291,65 @@ class LocalStack:
     # -- process handling ------------------------------------------------------------
 
     def spawn(self, name: str, command: Sequence[str]) -> ManagedProcess:
+        """Start a process of the stack and record it.
+
+        Each runs in a session of its own: Ctrl-C in the terminal reaches only `run`,
+        which then stops the parts in order, and the process group of each one (a
+        worker and its pool) can be killed whole.
+        """
+        process = self._launch(name, tuple(command))
+        self.processes.append(process)
+        self.record()
+        return process
+
+    def _launch(self, name: str, command: tuple[str, ...]) -> ManagedProcess:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             offset = log.tell()
             popen = subprocess.Popen(
-                list(command),
+                _dying_with_us(command),
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        process = ManagedProcess(name, popen, log_path, offset)
-        self.processes.append(process)
-        return process
+        return ManagedProcess(name, popen, log_path, offset, command)
+
+    def restart(self, process: ManagedProcess) -> ManagedProcess:
+        """Start a dead process again in its place (the stop order stays the start order)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.popen.pid, signal.SIGKILL)  # what is left of its pool
+        fresh = self._launch(process.name, process.command)
+        self.processes[self.processes.index(process)] = fresh
+        self.record()
+        return fresh
+
+    def supervise(self) -> list[str]:
+        """Restart the processes that died, after the policy's delay; returns a line for each death.
+
+        Raises StackError when Redis or the fake exchange died: the others point at them.
+        """
+        lines = []
+        now = time.monotonic()
+        for process in self.dead_processes():
+            if process.name in ESSENTIAL:
+                raise StackError(f"{process.name} exited; its log says:\n{process.log_tail()}")
+            if process.name in self._restart_due:
+                continue
+            lived = now - process.started_at
+            delay = self.restart_policy.delay(process.name, lived)
+            self._restart_due[process.name] = now + delay
+            when = f"in {delay:.0f}s (it keeps exiting; see {process.log_path})" if delay else "now"
+            lines.append(
+                f"{process.name} exited ({describe_exit(process.popen.returncode)}) after {lived:.0f}s; "
+                f"restarting it {when}"
+            )
+        for name, due in list(self._restart_due.items()):
+            if now >= due:
+                del self._restart_due[name]
+                self.restart(self.process(name))
+        return lines
 
     def process(self, name: str) -> ManagedProcess:
         return next(p for p in self.processes if p.name == name)
@@ -317,10 +397,10 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop everything, newest first, so Redis outlives the workers that flush to it."""
-        self._forget_record()
         for process in reversed(self.processes):
             self.stop_process(process)
         self.processes.clear()
+        self._as_record().forget(self.data_dir)
 
     def __enter__(self) -> LocalStack:
         return self
