@@ -27,7 +27,7 @@ class Run:
     """One `binance-recorder run` in `directory`, its output collected line by line.
 
     After `close_output()` the reader closes the output at the next line, as `| head`
-    does once it has its lines.
+    does once it has its lines. `nohup` starts it with SIGHUP ignored.
     """
 
     def __init__(
@@ -36,11 +36,12 @@ class Run:
         redis_port: int,
         flower_port: int = 0,
         env: dict[str, str] | None = None,
+        nohup: bool = False,
     ) -> None:
         self.lines: list[str] = []
         self._close = threading.Event()
         self.popen = subprocess.Popen(
-            [BINANCE_RECORDER, "run", "--exchange", "fake", "--symbols", SYMBOLS,
+            [*(["nohup"] if nohup else []), BINANCE_RECORDER, "run", "--exchange", "fake", "--symbols", SYMBOLS,
              "--redis-port", str(redis_port), "--flower-port", str(flower_port), "--report-every", "1"],
             cwd=directory,
             env=clean_env(env),

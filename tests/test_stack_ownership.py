@@ -90,7 +90,8 @@ def test_every_stop_signal_a_closed_output_and_kill_9_leave_no_process_behind(tm
 
 def test_what_a_killed_run_left_is_stopped_by_the_next_run_which_restarts_a_dead_beat(tmp_path: Path) -> None:
     """The stack of a killed run that outlived it (stopped processes here, which cannot act on
-    the kernel's SIGTERM; on systems without PR_SET_PDEATHSIG, any) is found from stack.json."""
+    the kernel's SIGTERM; on systems without PR_SET_PDEATHSIG, any) is found from stack.json.
+    The next run, under nohup, does not stop on SIGHUP; `binance-recorder stop` stops it."""
     redis_port, flower_port = free_port(), free_port()
     killed = Run(tmp_path, redis_port, flower_port, SMALL)
     try:
@@ -105,7 +106,7 @@ def test_what_a_killed_run_left_is_stopped_by_the_next_run_which_restarts_a_dead
     assert killed.popen.wait(30) == -signal.SIGKILL
     assert len(still_running(left)) == len(left)  # the whole stack is left, holding both ports
 
-    again = Run(tmp_path, redis_port, flower_port, SMALL)  # the same ports
+    again = Run(tmp_path, redis_port, flower_port, SMALL, nohup=True)  # the same ports
     try:
         wait_recording(again)
         assert again.lines[0] == (
@@ -121,6 +122,7 @@ def test_what_a_killed_run_left_is_stopped_by_the_next_run_which_restarts_a_dead
             f"(Ctrl-C there, or `binance-recorder stop --data-dir {tmp_path / 'data'}`)"
         ]
 
+        again.popen.send_signal(signal.SIGHUP)  # ignored under nohup: it runs on and restarts beat below
         beat = recorded(tmp_path, "beat")
         os.kill(beat.pid, signal.SIGKILL)
         said = r"^beat exited \(killed by SIGKILL\) after \d+s; restarting it now$"

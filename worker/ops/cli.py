@@ -86,7 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     output = RunOutput()
     stop_signal: list[int] = []
     for sig in STOP_SIGNALS:  # Ctrl-C, `kill`, `binance-recorder stop`, a closed terminal
-        signal.signal(sig, lambda received, _: stop_signal.append(received))
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` ignores SIGHUP: so do we
+            signal.signal(sig, lambda received, _: stop_signal.append(received))
     stack = LocalStack(Path(args.data_dir))
     code = 0
     try:
