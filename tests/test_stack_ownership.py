@@ -65,6 +65,7 @@ ENDINGS = {
 }
 
 
+@pytest.mark.slow
 def test_every_stop_signal_a_closed_output_and_kill_9_leave_no_process_behind(tmp_path: Path) -> None:
     """Five runs at once, one for each way a run ends."""
     runs: dict[str, Run] = {}
@@ -88,6 +89,7 @@ def test_every_stop_signal_a_closed_output_and_kill_9_leave_no_process_behind(tm
     assert "stopping ..." in runs["SIGHUP"].output()
 
 
+@pytest.mark.slow
 def test_what_a_killed_run_left_is_stopped_by_the_next_run_which_restarts_a_dead_beat(tmp_path: Path) -> None:
     """The stack of a killed run that outlived it (stopped processes here, which cannot act on
     the kernel's SIGTERM; on systems without PR_SET_PDEATHSIG, any) is found from stack.json.
