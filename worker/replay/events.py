@@ -6,7 +6,10 @@ payload rebuilt as Binance sent it (see `frames`).
 
 Rows stream from the database: one query per table, each ordered by `received_at`
 and read in chunks of `CHUNK_ROWS`, merged with `heapq.merge`. Memory holds a chunk
-per table and the rows of one receive time, never the window.
+per table and the rows of one receive time, never the window. `received_at` is
+indexed only where it is the table's time column (book tickers, partial depth):
+elsewhere the database scans the table and sorts the window's rows itself (SQLite
+in its temporary store) before the first row comes.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def events(
     """
     check_range(start_ms, end_ms)
     wanted, fast = _wanted_kinds(streams)
-    tables = [table for table in STREAM_TABLES if wanted is None or table in {frames.kind_table(k) for k in wanted}]
+    tables = list(STREAM_TABLES) if wanted is None else [t for t in STREAM_TABLES if t in _tables_of(wanted)]
     names = _checked_symbols(engine, tables, start_ms, end_ms, symbols)
     return _merged(engine, tables, start_ms, end_ms, names, wanted, fast)
 
@@ -88,6 +91,12 @@ def _wanted_kinds(streams: Iterable[str] | None) -> tuple[set[str] | None, set[s
         if speed:
             fast.add(kind)
     return wanted, fast
+
+
+def _tables_of(kinds: set[str]) -> set[str]:
+    """The tables that hold these kinds; a kind a table shares (kline_1m) is picked
+    from its rows as they come."""
+    return {frames.kind_table(kind) for kind in kinds}
 
 
 def _checked_symbols(
