@@ -40,7 +40,7 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class ParsedBatch:
-    """The rows of a batch by table (every table present, maybe empty), and the rest."""
+    """The rows of a batch by table (every table of the list's market present, maybe empty), and the rest."""
 
     rows: dict[str, list[Row]]
     dead_letters: list[DeadLetter]
