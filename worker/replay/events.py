@@ -24,7 +24,14 @@ from sqlalchemy import Connection, Engine, Select, select
 from worker.replay import frames
 from worker.store.parsing import Payload, Row
 from worker.store.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
-from worker.streams import ALL_MARKET_STREAMS, DEPTH_KINDS, FAST_SPEED, KIND_TABLES, validate_stream_kind
+from worker.streams import (
+    ALL_MARKET_STREAMS,
+    DEPTH_KINDS,
+    FAST_SPEED,
+    KIND_TABLES,
+    kind_family,
+    validate_stream_kind,
+)
 from worker.times import check_range, iso_ms
 
 Event = tuple[int, str, Payload]
@@ -96,7 +103,7 @@ def _wanted_kinds(streams: Iterable[str] | None) -> tuple[set[str] | None, set[s
 def _tables_of(kinds: set[str]) -> set[str]:
     """The tables that hold these kinds; a kind a table shares (kline_1m) is picked
     from its rows as they come."""
-    return {frames.kind_table(kind) for kind in kinds}
+    return {KIND_TABLES[kind_family(kind)] for kind in kinds}
 
 
 def _checked_symbols(

@@ -37,7 +37,7 @@ from typing import Any
 from worker.store.depth import unpack_levels
 from worker.store.parsing import EVENT_KINDS, FIELDS, FieldType, Payload, Row
 from worker.store.storage import TABLE_COLUMNS
-from worker.streams import DEPTH_KINDS, FAST_SPEED, KIND_TABLES
+from worker.streams import DEPTH_KINDS, FAST_SPEED, KIND_TABLES, kind_family
 
 BINANCE_DECIMALS = 8
 """Decimal places of the prices and quantities in Binance's spot streams."""
@@ -47,8 +47,12 @@ PERCENT_DECIMALS = 3
 
 _PERCENT_FIELD = "P"
 
-_KIND_EVENTS = {kind: event for event, kind in EVENT_KINDS.items() if kind in FIELDS}
-"""Stream kind -> its event type `e`; bookTicker and partial depth have none."""
+_SHAPE_KINDS = frozenset({"bookTicker"})
+"""Spot kinds known by their shape: spot's bookTicker has no `e` (futures' has, whence
+its entry in EVENT_KINDS)."""
+
+_KIND_EVENTS = {kind: event for event, kind in EVENT_KINDS.items() if kind in FIELDS and kind not in _SHAPE_KINDS}
+"""Spot's stream kind -> its event type `e`; bookTicker and partial depth have none."""
 
 _SINGLE_KIND_TABLES = {
     table: kind for kind, table in KIND_TABLES.items() if list(KIND_TABLES.values()).count(table) == 1
@@ -110,16 +114,6 @@ def _column(table: str, row: Row, column: str) -> Any:
     return row[TABLE_COLUMNS[table].index(column)]
 
 
-def _fields_kind(kind: str) -> str:
-    """The key of `FIELDS` and `KIND_TABLES` for a kind: "kline_1m" -> "kline"."""
-    return "kline" if kind.startswith("kline_") else kind
-
-
-def kind_table(kind: str) -> str:
-    """The table of a kind as `row_kind` names it: "kline_1m" -> "klines"."""
-    return KIND_TABLES[_fields_kind(kind)]
-
-
 def stream_name(table: str, row: Row, fast_depth: bool = True) -> str:
     """The stream a row is replayed on, e.g. "btcusdt@trade", "btcusdt@kline_1m".
 
@@ -139,7 +133,7 @@ def payload(table: str, row: Row) -> Payload:
     begin with the symbol and the number of levels, which their payload lacks: they
     go to the stream name.
     """
-    kind = _fields_kind(row_kind(table, row))
+    kind = kind_family(row_kind(table, row))
     fields = FIELDS[kind]
     from_stream = len(TABLE_COLUMNS[table]) - 1 - len(fields)  # columns the payload lacks
     rebuilt: Payload = {"e": _KIND_EVENTS[kind]} if kind in _KIND_EVENTS else {}
