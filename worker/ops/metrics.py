@@ -11,9 +11,11 @@ multiprocess mode needs them for prefork workers).
 A scrape is cheap at any database size: the database is asked only for the newest row
 of each table (an index lookup: every time column is indexed) and for the `gaps` table
 grouped by kind and status (a few rows per hole found), never for a COUNT(*) of a data
-table; rows stored come from counters the drain keeps (`rows_stored:<table>`). Measured
-on a stack recording 3 symbols (4 groups, 13 tables): 6-9 ms a scrape; see
-docs/monitoring.md.
+table; rows stored come from counters the drain keeps (`rows_stored:<table>`).
+Measured: on `binance-recorder run` recording 3 symbols (trade, depth, ticker), 20
+scrapes took 3.5-11 ms (median 6 ms, `binance_recorder_scrape_duration_seconds`); the
+database part on a SQLite file of 5 million trades 0.7 ms (12 ms cold), where the
+COUNT(*) of `status` took 321-584 ms.
 """
 
 from __future__ import annotations
