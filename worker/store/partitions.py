@@ -1,8 +1,8 @@
 """PostgreSQL only: the big event tables partitioned by day on their time column.
 
 Retention then drops a whole day with one `DROP TABLE` (milliseconds, whatever its
-size) instead of deleting its rows a chunk at a time (see README "Retention" for the
-figures, and `bench/retention.py`).
+size) instead of deleting its rows a chunk at a time (see "Retention on PostgreSQL" in
+docs/postgresql.md for the figures, and `bench/retention.py`).
 
 Which tables: those that grow with the market's activity and whose time column is
 Binance's own, so that it is the same every time the same event arrives. A primary key

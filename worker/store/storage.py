@@ -338,7 +338,7 @@ _index_time_columns()
 
 # A book at an instant starts from the symbol's last update at or before it. Without
 # this index SQLite reads every stored update of the symbol (36,000 an hour at 100 ms)
-# and sorts them; with it, one seek. Its cost on the drain: see README "Order books".
+# and sorts them; with it, one seek. Its cost on the drain: see docs/order-books.md.
 Index("ix_depth_updates_symbol_event_time", depth_updates.c.symbol, depth_updates.c.event_time)
 
 _DIALECT_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
@@ -493,7 +493,7 @@ def _copy_then_insert(conn: Connection, table_name: str, rows: Sequence[tuple]) 
     statement per row. Measured on 200,000 trade rows in 5,000-row transactions on a
     loaded 2-core machine: executemany 18,700 rows/s; staging then insert-or-ignore
     0.35-0.43 of plain COPY for the whole drain (the INSERT ... SELECT took twice the
-    COPY); COPY first, as here, see the README's PostgreSQL figures. Klines do not
+    COPY); COPY first, as here, see the PostgreSQL figures in docs/postgresql.md. Klines do not
     come here: their upsert may meet the same key twice in one batch.
     """
     # Quoted: some column names (window) are reserved words in PostgreSQL.
