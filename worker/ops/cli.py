@@ -24,7 +24,7 @@ import requests
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from worker.ops.cli_data import add_data_commands
-from worker.ops.clients import TaskFailed, call_task, existing_database, redis_client
+from worker.ops.clients import TaskFailed, call_task, database, existing_database, redis_client
 from worker.ops.local_stack import LocalStack, StackError, recorded_stack_env, wait_for_redis
 from worker.settings import Settings, split_list
 
@@ -164,12 +164,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     """Serve /metrics until SIGINT or SIGTERM (see worker/ops/metrics.py)."""
     from worker.ops.metrics import serve
-    from worker.store.storage import make_engine
 
     settings = args.settings
     client = redis_client(settings)
     client.ping()  # an unreachable Redis is one line now, not an empty page at every scrape
-    engine = make_engine(settings.database_url, settings.sqlite_busy_timeout_ms)
+    engine = database(settings)
     # Blocked before the server's thread starts, which inherits the mask: sigwait gets them all.
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
@@ -252,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve /metrics for Prometheus: each scrape reads the service's state from Redis and the "
         "database (no worker needed). Runs until Ctrl-C or SIGTERM.",
     )
-    metrics.add_argument("--port", type=int, default=DEFAULT_METRICS_PORT, help=f"(default: {DEFAULT_METRICS_PORT})")
+    metrics.add_argument(
+        "--port", type=int, default=DEFAULT_METRICS_PORT, help=f"port to listen on (default: {DEFAULT_METRICS_PORT})"
+    )
     metrics.add_argument(
         "--address", default="127.0.0.1", help="address to listen on; 0.0.0.0 in a container (default: 127.0.0.1)"
     )

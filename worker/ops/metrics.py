@@ -13,9 +13,9 @@ of each table (an index lookup: every time column is indexed) and for the `gaps`
 grouped by kind and status (a few rows per hole found), never for a COUNT(*) of a data
 table; rows stored come from counters the drain keeps (`rows_stored:<table>`).
 Measured: on `binance-recorder run` recording 3 symbols (trade, depth, ticker), 20
-scrapes took 3.5-11 ms (median 6 ms, `binance_recorder_scrape_duration_seconds`); the
-database part on a SQLite file of 5 million trades 0.7 ms (12 ms cold), where the
-COUNT(*) of `status` took 321-584 ms.
+scrapes took 3.5-11 ms (median 6 ms, `binance_recorder_scrape_duration_seconds`), 2.5-20
+ms at a load average of 12; the database part on a SQLite file of 5 million trades
+0.7 ms (12 ms cold), where the COUNT(*) of `status` took 321-584 ms.
 """
 
 from __future__ import annotations
