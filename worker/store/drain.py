@@ -55,6 +55,9 @@ from worker.store.parsing import ParsedBatch, Row, parse_frames
 from worker.store.storage import store_rows
 from worker.times import now_ms
 
+# Prefix of the service counters (RedisKeys.counters) of rows stored, one per table.
+ROWS_STORED_COUNTER = "rows_stored:"
+
 # Dead letters kept for inspection; older ones are trimmed (the counter keeps counting).
 DEAD_LETTERS_KEPT = 10_000
 
@@ -199,7 +202,7 @@ class Drainer:
         claims = [claim for claim in self.buffer.claim_many(lists, self.batch_size) if claim.elements]
         if not claims:
             return 0
-        parsed = [parse_frames(claim.elements) for claim in claims]
+        parsed = [parse_frames(claim.elements, self.keys.frames_market(claim.key)) for claim in claims]
         rows = _merged_rows(parsed)
         with self.engine.begin() as conn:
             stored = store_rows(conn, rows)
@@ -209,7 +212,7 @@ class Drainer:
             books = follow_books(conn, self.client, self.keys, depth_rows, now_ms()) if depth_rows else None
         if books is not None:
             books.save(self.client, self.keys)
-        self._acknowledge(claims, parsed)
+        self._acknowledge(claims, parsed, stored)
         report.batches += len(claims)
         report.rows.update(stored)
         for batch in parsed:
@@ -225,14 +228,20 @@ class Drainer:
             if gid not in wanted and not self.registry.has_live_lease(gid):
                 self.buffer.forget_if_empty(key)
 
-    def _acknowledge(self, claims: list[Claim], parsed: list[ParsedBatch]) -> None:
-        """Record dead letters and counters and remove the batches, all in one transaction."""
+    def _acknowledge(self, claims: list[Claim], parsed: list[ParsedBatch], stored: dict[str, int]) -> None:
+        """Record dead letters and counters and remove the batches, all in one transaction.
+
+        The rows stored per table are counted for the metrics exporter's rows/s
+        (worker/ops/metrics.py): counting the tables themselves costs a full scan."""
         with self.client.pipeline(transaction=True) as pipe:
             for claim, batch in zip(claims, parsed, strict=True):
                 if batch.dead_letters:
                     self._record_dead_letters(pipe, claim, batch)
                 self.buffer.ack(claim, batch.last_mark, pipe)
             pipe.hincrby(self.keys.counters, "frames_drained", sum(batch.frames for batch in parsed))
+            for table, rows in stored.items():
+                if rows > 0:  # a driver that cannot count says -1
+                    pipe.hincrby(self.keys.counters, f"{ROWS_STORED_COUNTER}{table}", rows)
             pipe.execute()
 
     def _record_dead_letters(self, pipe: redis.client.Pipeline, claim: Claim, batch: ParsedBatch) -> None:
@@ -251,13 +260,14 @@ class Drainer:
 
 
 def _merged_rows(parsed: list[ParsedBatch]) -> dict[str, list[Row]]:
-    """The rows of every list's batch by table, for one transaction."""
+    """The rows of every list's batch by table (lists of several markets: their
+    tables), for one transaction."""
     if len(parsed) == 1:
         return parsed[0].rows
-    merged: dict[str, list[Row]] = {table: [] for table in parsed[0].rows}
+    merged: dict[str, list[Row]] = {}
     for batch in parsed:
         for table, rows in batch.rows.items():
-            merged[table].extend(rows)
+            merged.setdefault(table, []).extend(rows)
     return merged
 
 
