@@ -35,6 +35,7 @@ class Run:
         directory: Path,
         redis_port: int,
         flower_port: int = 0,
+        metrics_port: int = 0,
         env: dict[str, str] | None = None,
         nohup: bool = False,
     ) -> None:
@@ -42,7 +43,8 @@ class Run:
         self._close = threading.Event()
         self.popen = subprocess.Popen(
             [*(["nohup"] if nohup else []), BINANCE_RECORDER, "run", "--exchange", "fake", "--symbols", SYMBOLS,
-             "--redis-port", str(redis_port), "--flower-port", str(flower_port), "--report-every", "1"],
+             "--redis-port", str(redis_port), "--flower-port", str(flower_port), "--metrics-port", str(metrics_port),
+             "--report-every", "1"],
             cwd=directory,
             env=clean_env(env),
             stdout=subprocess.PIPE,

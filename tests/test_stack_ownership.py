@@ -73,7 +73,7 @@ def test_every_stop_signal_a_closed_output_and_kill_9_leave_no_process_behind(tm
     try:
         for ending in ENDINGS:
             (tmp_path / ending).mkdir()
-            runs[ending] = Run(tmp_path / ending, free_port(), free_port(), SMALL)
+            runs[ending] = Run(tmp_path / ending, free_port(), free_port(), free_port(), SMALL)
         for ending, run in runs.items():
             wait_recording(run)
             stacks[ending] = stack_processes(tmp_path / ending)
@@ -84,7 +84,7 @@ def test_every_stop_signal_a_closed_output_and_kill_9_leave_no_process_behind(tm
         assert run.popen.wait(60) == ENDINGS[ending][1], (ending, run.output())
     for ending, processes in stacks.items():
         names = {process.name for process in processes}
-        assert "redis-server" in names and len(processes) >= 10, (ending, processes)  # the whole stack was seen
+        assert "redis-server" in names and len(processes) >= 11, (ending, processes)  # the whole stack was seen
         wait_until(lambda left=processes: not still_running(left), 30, f"the stack to go after {ending}")
     assert "stopping ..." in runs["SIGHUP"].output()
 
@@ -94,12 +94,12 @@ def test_what_a_killed_run_left_is_stopped_by_the_next_run_which_restarts_a_dead
     """The stack of a killed run that outlived it (stopped processes here, which cannot act on
     the kernel's SIGTERM; on systems without PR_SET_PDEATHSIG, any) is found from stack.json.
     The next run, under nohup, does not stop on SIGHUP; `binance-recorder stop` stops it."""
-    redis_port, flower_port = free_port(), free_port()
-    killed = Run(tmp_path, redis_port, flower_port, SMALL)
+    ports = free_port(), free_port(), free_port()  # Redis, Flower, metrics
+    killed = Run(tmp_path, *ports, SMALL)
     try:
         wait_recording(killed)
         leftovers = StackRecord.load(tmp_path / "data")
-        assert leftovers is not None and len(leftovers.processes) == 6
+        assert leftovers is not None and len(leftovers.processes) == 7
         left = stack_processes(tmp_path)
         for process in leftovers.processes:
             os.kill(process.pid, signal.SIGSTOP)
@@ -108,16 +108,16 @@ def test_what_a_killed_run_left_is_stopped_by_the_next_run_which_restarts_a_dead
     assert killed.popen.wait(30) == -signal.SIGKILL
     assert len(still_running(left)) == len(left)  # the whole stack is left, holding both ports
 
-    again = Run(tmp_path, redis_port, flower_port, SMALL, nohup=True)  # the same ports
+    again = Run(tmp_path, *ports, SMALL, nohup=True)  # the same ports
     try:
         wait_recording(again)
         assert again.lines[0] == (
             f"stopped the stack that run {leftovers.owner.pid} left when it was killed in {tmp_path / 'data'}: "
-            "redis, fake-exchange, worker-streams, worker, beat, flower"
+            "redis, fake-exchange, worker-streams, worker, beat, flower, metrics"
         ), again.output()
         assert still_running(left) == []
 
-        beside = Run(tmp_path, free_port(), free_port(), SMALL)
+        beside = Run(tmp_path, free_port(), free_port(), free_port(), SMALL)
         assert beside.popen.wait(60) == 3
         assert beside.lines == [
             f"error: a binance-recorder run (pid {again.popen.pid}) already uses {tmp_path / 'data'}: stop it first "
@@ -140,7 +140,7 @@ def test_what_a_killed_run_left_is_stopped_by_the_next_run_which_restarts_a_dead
     assert (stopped.returncode, stopped.stderr) == (0, ""), stopped.stdout
     assert stopped.stdout == (
         f"stopped the stack of run {again.popen.pid} in {tmp_path / 'data'}: "
-        "redis, fake-exchange, worker-streams, worker, beat, flower\n"
+        "redis, fake-exchange, worker-streams, worker, beat, flower, metrics\n"
     )
     assert again.popen.wait(30) == 0 and again.lines[-1] == "stopping ...", again.output()
     assert still_running(stack) == []
