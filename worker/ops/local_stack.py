@@ -5,7 +5,8 @@ Celery workers (`streams` and `celery` queues), beat, Flower and the metrics exp
 its stack with this same code, so the README's command is exercised by every test run.
 
 The stack owns its processes: it keeps them in `data_dir/stack.json` (see
-worker.ops.stack_record), restarts a worker, beat or Flower that dies (`supervise`), and
+worker.ops.stack_record), restarts a process that dies unless it is Redis or the fake
+exchange (`supervise`), and
 on Linux each child is sent SIGTERM by the kernel should the process that started it die
 without stopping it.
 """
