@@ -6,9 +6,8 @@ its stack with this same code, so the README's command is exercised by every tes
 
 The stack owns its processes: it keeps them in `data_dir/stack.json` (see
 worker.ops.stack_record), restarts a process that dies unless it is Redis or the fake
-exchange (`supervise`), and
-on Linux each child is sent SIGTERM by the kernel should the process that started it die
-without stopping it.
+exchange (`supervise`), and on Linux each child is sent SIGTERM by the kernel should the
+process that started it die without stopping it.
 """
 
 from __future__ import annotations
