@@ -104,6 +104,8 @@ def _dying_with_us(command: tuple[str, ...]) -> tuple[str, ...]:
     the worker, which stops them. A fresh interpreter sets it and then becomes the
     command (exec keeps the pid); a preexec_fn would run our code in the forked
     child, which can deadlock while other threads run. Elsewhere stack.json is the net.
+    The kernel ties the signal to the thread that forked, not the process: spawn from
+    the thread that lives as long as the stack (run's main thread does).
     """
     if sys.platform != "linux":
         return command
