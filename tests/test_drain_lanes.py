@@ -213,7 +213,7 @@ def test_two_drains_on_the_same_lists_lose_nothing_and_store_nothing_twice(
         parsed = [parse_frames(claim.elements) for claim in claims]
         with pg_engine.begin() as conn:
             store_rows(conn, _merged_rows(parsed))
-        drainer._acknowledge(claims, parsed)
+        drainer._acknowledge(claims, parsed, {})
     # Removed: the clock mark and 999 frames, once; the flush's mark is back in front of the rest.
     assert [redis_client.llen(key) for key in lists] == [20_001 - 1000 + 1] * 3
 

@@ -124,6 +124,13 @@ class Settings:
         "A connection that delivers no frame for this long is replaced, although pings may still flow.",
         _POSITIVE,
     )
+    stale_stream_seconds: float = _setting(
+        300.0,
+        "`status` warns (exit 1) when a subscribed trade, aggTrade or diff-depth stream stores nothing "
+        "for this long while its group's connection is up (other streams of the group may flow); "
+        "raise it for illiquid symbols, 0 turns the check off.",
+        0,
+    )
     rest_timeout_seconds: float = _setting(10.0, "Timeout of one REST request to Binance.", _POSITIVE)
     rest_weight_budget_per_minute: int = _setting(
         3000,

@@ -120,6 +120,7 @@ class GroupRunner:
             worker=self.owner,
             task_id=task_id,
             streams=len(self.group.streams),
+            streams_changed_at="",
             started_at=now_ms(),
             reconnects=0,
             rotations=0,
@@ -299,7 +300,8 @@ class GroupRunner:
                 session.change(added, removed)
         self.group = wanted
         log.info("group %s: +%d -%d streams on the open connection", self.group.id, len(added), len(removed))
-        self._status(streams=len(wanted.streams))
+        # `status` counts a new stream's silence from here, not from the connection's start.
+        self._status(streams=len(wanted.streams), streams_changed_at=now_ms())
 
     def _publish_progress(self, now: float) -> None:
         """Messages per second since the last report, to Redis and to the task's observers."""

@@ -209,7 +209,7 @@ class Drainer:
             books = follow_books(conn, self.client, self.keys, depth_rows, now_ms()) if depth_rows else None
         if books is not None:
             books.save(self.client, self.keys)
-        self._acknowledge(claims, parsed)
+        self._acknowledge(claims, parsed, stored_marks(rows, now_ms()))
         report.batches += len(claims)
         report.rows.update(stored)
         for batch in parsed:
@@ -225,14 +225,17 @@ class Drainer:
             if gid not in wanted and not self.registry.has_live_lease(gid):
                 self.buffer.forget_if_empty(key)
 
-    def _acknowledge(self, claims: list[Claim], parsed: list[ParsedBatch]) -> None:
-        """Record dead letters and counters and remove the batches, all in one transaction."""
+    def _acknowledge(self, claims: list[Claim], parsed: list[ParsedBatch], marks: dict[str, int]) -> None:
+        """Record dead letters, counters and what was stored when (`marks`), and remove
+        the batches, all in one transaction."""
         with self.client.pipeline(transaction=True) as pipe:
             for claim, batch in zip(claims, parsed, strict=True):
                 if batch.dead_letters:
                     self._record_dead_letters(pipe, claim, batch)
                 self.buffer.ack(claim, batch.last_mark, pipe)
             pipe.hincrby(self.keys.counters, "frames_drained", sum(batch.frames for batch in parsed))
+            if marks:
+                pipe.hset(self.keys.stored_at, mapping={field: ms for field, ms in marks.items()})
             pipe.execute()
 
     def _record_dead_letters(self, pipe: redis.client.Pipeline, claim: Claim, batch: ParsedBatch) -> None:
@@ -248,6 +251,29 @@ class Drainer:
         )
         pipe.ltrim(self.keys.dead_letters, -DEAD_LETTERS_KEPT, -1)
         pipe.hincrby(self.keys.counters, "dead_letters", len(batch.dead_letters))
+
+
+WATCHED_TABLES = ("trades", "agg_trades", "depth_updates")
+"""Tables of the streams whose silence `status` reports (`STALE_STREAM_SECONDS`): a
+trade or book stream that stores nothing while its connection is up is one Binance
+stopped sending, or a symbol that stopped trading. Their rows start with the symbol."""
+
+
+def stored_at_field(table: str, symbol: str) -> str:
+    """The field of `RedisKeys.stored_at` that says when `symbol`'s rows last went into `table`."""
+    return f"{table}:{symbol}"
+
+
+def stored_marks(rows: dict[str, list[Row]], now: int) -> dict[str, int]:
+    """`stored_at` fields -> `now` for every symbol the round stored in a watched table.
+    One set per table over the round's rows, written with the acknowledgement: noting
+    costs no Redis round trip, and per symbol, not per group, so that one silent stream
+    shows among flowing ones."""
+    return {
+        stored_at_field(table, symbol): now
+        for table in WATCHED_TABLES
+        for symbol in {row[0] for row in rows.get(table, ())}
+    }
 
 
 def _merged_rows(parsed: list[ParsedBatch]) -> dict[str, list[Row]]:
