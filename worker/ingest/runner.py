@@ -77,7 +77,7 @@ class GroupRunner:
         settings: Settings,
         client: redis.Redis,
         shutting_down: Callable[[], bool] = lambda: False,
-        report_progress: Callable[[dict[str, object]], None] = lambda progress: None,
+        report_progress: Callable[[Group, dict[str, object]], None] = lambda group, progress: None,
     ) -> None:
         self.group = group
         self.report_progress = report_progress
@@ -319,7 +319,7 @@ class GroupRunner:
             "rotations": self.rotations,
         }
         try:
-            self.report_progress(progress)
+            self.report_progress(self.group, progress)
         except Exception as error:
             # The report goes through Celery's result backend and event dispatcher, which
             # raise their own (kombu, redis, socket) errors; a lost report is replaced in
