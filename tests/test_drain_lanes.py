@@ -14,12 +14,13 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import wait_until
+from tests.conftest import clean_env, wait_until
 from tests.test_drain import trade_frame
 from worker.buffer import FrameBuffer, FrameWriter
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.local_postgres import PostgresServer
+from worker.ops.local_stack import CELERY, LocalStack
 from worker.store.drain import (
     SPREAD_PASSES,
     Drainer,
@@ -47,8 +48,12 @@ def pg_engine(postgres_server: PostgresServer) -> Iterator[Engine]:
 
 @pytest.fixture
 def lists(redis_client: redis.Redis, keys: RedisKeys) -> list[str]:
+    return want_lists(redis_client, keys)
+
+
+def want_lists(client: redis.Redis, keys: RedisKeys) -> list[str]:
     """Three wanted groups' lists, one symbol each, in the sorted order lanes deal them."""
-    registry, buffer = GroupRegistry(redis_client, keys), FrameBuffer(redis_client, keys)
+    registry, buffer = GroupRegistry(client, keys), FrameBuffer(client, keys)
     for symbol in SYMBOLS:
         registry.want(Group(id=symbol.lower(), streams=(f"{symbol.lower()}@trade",)))
         buffer.register(symbol.lower())
@@ -100,6 +105,61 @@ def test_lanes_spread_over_the_worker_nodes_and_one_node_alone_takes_them_all(
     late = [take_a_lane(redis_client, keys, 60, lanes=2, node="default1@host-a") for _ in range(SPREAD_PASSES + 1)]
     assert late[:SPREAD_PASSES] == [None] * SPREAD_PASSES
     assert late[-1] is not None and late[-1].lane == 1
+
+
+def test_a_node_holds_at_most_all_its_processes_but_one_lanes(
+    redis_client: redis.Redis, keys: RedisKeys, lists: list[str]
+) -> None:
+    first = take_a_lane(redis_client, keys, 60, lanes=3, node="default@host-a", node_processes=2)
+    assert first is not None and first.lane == 0
+    # However often it passes, a node of two processes never takes a second lane...
+    ticks = [take_a_lane(redis_client, keys, 60, lanes=3, node="default@host-a", node_processes=2) for _ in range(20)]
+    assert ticks == [None] * 20 and drain_holders(redis_client, keys, 3).keys() == {0}
+    # ...but hands its own lane over between its runs, and other nodes take the rest.
+    redis_client.set(keys.drain_relief(0), first.token)
+    handed = take_a_lane(redis_client, keys, 60, lanes=3, node="default@host-a", node_processes=2)
+    assert handed is not None and handed.lane == 0  # once the old run's lease lapses: nobody runs it here
+    other = take_a_lane(redis_client, keys, 60, lanes=3, node="default@host-b", node_processes=2)
+    assert other is not None and other.lane == 1
+    # A node of three processes takes a second lane once other nodes had their chance.
+    late = [take_a_lane(redis_client, keys, 60, lanes=3, node="big@host-c", node_processes=3) for _ in range(2)]
+    assert late[0] is not None and late[0].lane == 2
+    assert late[1] is None  # every lane held
+
+
+def test_a_single_default_node_with_two_lanes_keeps_a_process_for_the_other_periodic_tasks(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """A real default worker of two processes and beat, DRAIN_LANES=2, frames flowing into
+    three lists: the node holds one lane for good, its run also stores the other lane's
+    lists, and supervise (and the other beat tasks) go on running in the second process."""
+    stack = LocalStack(tmp_path, env=clean_env({"DATABASE_URL": postgres_server.create_database(), "DRAIN_LANES": "2"}))
+    writers: Writers | None = None
+    try:
+        client, keys = redis.Redis.from_url(stack.start_redis()), RedisKeys("recorder")
+        lists = want_lists(client, keys)
+        writers = Writers(client, keys)
+        writers.start()
+        worker = stack.spawn("worker", [*CELERY, "worker", "-Q", "celery", "-c", "2", "-n", "default@%h", "-l", "INFO"])
+        stack.start_beat()
+        held: list[int] = []
+
+        def many_ticks_later() -> bool:
+            held.append(len(drain_holders(client, keys, 2)))
+            log = worker.log_text()
+            ticks, supervised = log.count("Task tasks.drain["), log.count(" succeeded in ")
+            return ticks >= 2 * 4 * SPREAD_PASSES and supervised >= 2 * 6  # ticks "received" and "succeeded"
+
+        wait_until(many_ticks_later, 90, "20 drain ticks and 6 other tasks done", interval=0.1)
+        assert max(held) == 1, f"two lanes held at once in {held.count(2)} of {len(held)} looks"
+        assert "Task tasks.supervise[" in worker.log_text()
+        writers.stop.set()
+        writers.join()
+        wait_until(lambda: all(client.llen(key) == 0 for key in lists), 30, "every list stored by the one run")
+    finally:
+        if writers is not None:
+            writers.stop.set()
+        stack.stop()
 
 
 def test_sqlite_keeps_one_writer_and_postgresql_gets_the_configured_lanes(tmp_path: Path, pg_engine: Engine) -> None:

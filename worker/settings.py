@@ -88,8 +88,9 @@ class Settings:
     drain_lanes: int = _setting(
         2,
         "PostgreSQL only (SQLite has one writer): how many drain runs store side by side, each "
-        "its share of the groups' lists. Each holds a default-worker process; two leave room "
-        "for the other periodic tasks on the default worker's 4 processes.",
+        "its share of the groups' lists. Each holds a default-worker process, and a worker node "
+        "holds at most all its processes but one (the lanes it leaves are stored by its runs too), "
+        "so the other periodic tasks always have a process.",
         1,
     )
     lease_ttl_seconds: float = _setting(

@@ -324,8 +324,24 @@ def drain_holders(client: redis.Redis, keys: RedisKeys, lanes: int) -> dict[int,
     }
 
 
+def lanes_per_node(processes: int) -> int:
+    """The most lanes one worker node holds: all its processes but one, at least one.
+
+    A lane holds a process for good (its runs relay without a gap), so a node holding
+    as many lanes as it has processes has none left for supervise, backfill, book
+    snapshots and retention: a single default node of two processes with
+    `DRAIN_LANES=2` held both and starved them. A lane no node takes is still stored,
+    by the running runs (`DrainLanes`: they also store the lanes nobody holds)."""
+    return max(1, processes - 1)
+
+
 def take_a_lane(
-    client: redis.Redis, keys: RedisKeys, window_seconds: float, lanes: int, node: str | None = None
+    client: redis.Redis,
+    keys: RedisKeys,
+    window_seconds: float,
+    lanes: int,
+    node: str | None = None,
+    node_processes: int | None = None,
 ) -> DrainShift | None:
     """The shift of the first lane this run can hold (lanes beyond the number of lists
     have nothing to store: not tried), or None when every lane has a run storing.
@@ -337,13 +353,18 @@ def take_a_lane(
     node takes it, and its CPU stores two lanes). The lane is stored meanwhile by the
     running runs (`DrainLanes`). A lane went to whichever process took a tick while it
     was free, so two nodes with two processes each often stored both lanes on one node
-    while the other stood by (`python -m bench.scaleout`: 0.72 and 0.05 of a core)."""
+    while the other stood by (`python -m bench.scaleout`: 0.72 and 0.05 of a core).
+
+    A node of `node_processes` processes holds at most `lanes_per_node` of them (no cap
+    when unknown: a run outside a worker)."""
     node = node or socket.gethostname()
+    most = lanes_per_node(node_processes) if node_processes else lanes
     count = min(lanes, max(1, len(FrameBuffer(client, keys).list_keys())))
     holders = drain_holders(client, keys, count)
     on_this_node = {lane for lane, holder in holders.items() if holder.split("@", 1)[-1] == node}
     for lane in range(count):
-        if on_this_node - {lane} and _pass_on(client, keys, lane, taken=lane in holders):
+        others = on_this_node - {lane}  # the lane's own hand-over between this node's runs is no new lane
+        if len(others) >= most or (others and _pass_on(client, keys, lane, taken=lane in holders)):
             continue
         shift = DrainShift(client, keys, window_seconds, lane=lane, node=node)
         if shift.take_over():
