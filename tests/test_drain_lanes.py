@@ -8,19 +8,26 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 import redis
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import clean_env, wait_until
 from tests.test_drain import trade_frame
+from tests.test_storage import T, kline
 from worker.buffer import FrameBuffer, FrameWriter
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
+from worker.ops.book import BookUnknown, book_at
 from worker.ops.local_postgres import PostgresServer
 from worker.ops.local_stack import CELERY, LocalStack
+from worker.store import drain as drain_module
+from worker.store.books import RESYNCING, SYNCED, BookState
+from worker.store.depth import snapshot_row
 from worker.store.drain import (
     SPREAD_PASSES,
     Drainer,
@@ -33,7 +40,7 @@ from worker.store.drain import (
     take_a_lane,
 )
 from worker.store.parsing import parse_frames
-from worker.store.storage import create_schema, make_engine, store_rows
+from worker.store.storage import create_schema, gaps, make_engine, store_rows
 
 SYMBOLS = ("AAAUSDT", "BBBUSDT", "CCCUSDT")
 
@@ -309,3 +316,136 @@ def test_the_lists_of_a_dead_lane_are_stored_once_its_lease_lapses(
     assert live.shift is not None and live.shift.lane == 0
     expected = (writers.written, writers.written, 1, writers.written)
     assert stored_trades(pg_engine) == {symbol: expected for symbol in SYMBOLS}
+
+
+# -- one symbol's frames in two lists at once (regrouping), stored by two lanes --------
+
+BOOK = "DDDUSDT"
+BOOK_T0 = 1_800_000_000_000
+
+
+def depth_frame(first: int, final: int) -> bytes:
+    """A diff-depth frame of BOOK; its event time is BOOK_T0 + 100 ms per final id."""
+    data = {
+        "e": "depthUpdate", "E": BOOK_T0 + 100 * final, "s": BOOK, "U": first, "u": final,
+        "b": [["10", str(final)]], "a": [["11", "1"]],
+    }  # fmt: skip
+    return orjson.dumps({"stream": f"{BOOK.lower()}@depth@100ms", "data": data})
+
+
+def push(client: redis.Redis, keys: RedisKeys, group: str, events: list[tuple[int, int]]) -> str:
+    writer = FrameWriter(client, keys, group, max_pending=1000, max_list_length=1000)
+    FrameBuffer(client, keys).register(group)
+    writer.pending.extend(depth_frame(first, final) for first, final in events)
+    writer.flush()
+    return writer.key
+
+
+def tens(first: int, last: int) -> list[tuple[int, int]]:
+    """Events of ten update ids each, from `first` to `last`."""
+    return [(start, start + 9) for start in range(first, last, 10)]
+
+
+def store_snapshot(engine: Engine, update_id: int) -> None:
+    with engine.begin() as conn:
+        store_rows(
+            conn, {"depth_snapshots": [snapshot_row(BOOK, {"lastUpdateId": update_id, "bids": [], "asks": []}, 0)]}
+        )
+
+
+def race(monkeypatch: pytest.MonkeyPatch, drainers: dict[str, tuple[Drainer, str]], last_to_save: str) -> None:
+    """Both runs read the book's state before either saves it (the race two lanes run
+    when regrouping puts one symbol's frames in two lists), and `last_to_save` saves last."""
+    both_followed = threading.Barrier(2, timeout=30)
+    first_done = threading.Event()
+    follow = drain_module.follow_books
+
+    def racing_follow(*args: Any, **kwargs: Any) -> Any:
+        followed = follow(*args, **kwargs)
+        both_followed.wait()
+        if threading.current_thread().name == last_to_save:
+            assert first_done.wait(30)
+        return followed
+
+    def run(drainer: Drainer, key: str) -> None:
+        drainer.store_round(DrainReport(), [key])
+        if threading.current_thread().name != last_to_save:
+            first_done.set()
+
+    monkeypatch.setattr(drain_module, "follow_books", racing_follow)
+    threads = [threading.Thread(target=run, args=pair, name=name) for name, pair in drainers.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("last_to_save", ["old", "new"])
+@pytest.mark.parametrize("lost", [False, True], ids=["continuous", "updates 151-160 lost"])
+def test_two_lanes_following_one_book_at_once_never_hide_a_break_nor_spoil_the_stored_book(
+    redis_client: redis.Redis, keys: RedisKeys, pg_engine: Engine, monkeypatch: pytest.MonkeyPatch,
+    last_to_save: str, lost: bool,
+) -> None:  # fmt: skip
+    """The book's continuity state is read at a round's start and saved whole after its
+    commit, so two lanes storing one symbol at once may save in either order (last
+    writer wins). Each saved state is true of the rows its run committed: the stored
+    book (rebuilt from rows, `book_at`) is exact, a real break always leaves a gaps row
+    and a snapshot request, and a stale state costs at worst a false break (the book
+    marked unknown until the next snapshot), never a hidden one."""
+    store_snapshot(pg_engine, 100)
+    synced = Drainer(redis_client, keys, pg_engine, 1000)
+    synced.store_round(DrainReport(), [push(redis_client, keys, "old", tens(101, 111))])
+    assert BookState.load(redis_client, keys, BOOK).state == SYNCED
+    old = push(redis_client, keys, "old", tens(111, 151))  # before the regrouping...
+    new = push(redis_client, keys, "new", tens(161 if lost else 151, 201))  # ...and after it
+    lanes = {name: (Drainer(redis_client, keys, pg_engine, 1000), key) for name, key in (("old", old), ("new", new))}
+
+    race(monkeypatch, lanes, last_to_save)
+    synced.store_round(DrainReport(), [push(redis_client, keys, "new", tens(201, 211))])
+
+    state = BookState.load(redis_client, keys, BOOK)
+    with pg_engine.connect() as conn:
+        breaks = conn.execute(select(gaps.c.first_missing, gaps.c.last_missing).where(gaps.c.symbol == BOOK)).all()
+    if lost:
+        assert state.state == RESYNCING and redis_client.sismember(keys.books_needing_snapshot, BOOK)
+        assert any(start <= BOOK_T0 + 100 * 150 and end >= BOOK_T0 + 100 * 160 for start, end in breaks), breaks
+        with pytest.raises(BookUnknown):
+            book_at(pg_engine, BOOK, BOOK_T0 + 100 * 175)
+    else:
+        assert breaks  # the race did happen: a run that read the state before the other's save saw a (false) break
+        book = book_at(pg_engine, BOOK, BOOK_T0 + 100 * 180)
+        assert (book.update_id, book.bids) == (180, [(10.0, 180.0)])  # every update there, in order
+        assert state.state == SYNCED or redis_client.sismember(keys.books_needing_snapshot, BOOK)
+    # Whichever state won, the next snapshot brings the book back.
+    store_snapshot(pg_engine, 205)
+    synced.store_round(DrainReport(), [push(redis_client, keys, "new", tens(211, 221))])
+    assert BookState.load(redis_client, keys, BOOK).state == SYNCED
+    assert book_at(pg_engine, BOOK, BOOK_T0 + 100 * 220).update_id == 220
+
+
+def test_two_lanes_storing_one_open_kline_at_once_keep_its_newer_version(pg_engine: Engine) -> None:
+    """The run holding the newer version commits first; the other, with the older one,
+    waits on the row and then leaves it: the kline never goes back (storage's upsert)."""
+    with pg_engine.begin() as conn:
+        store_rows(conn, {"klines": [kline(close=1.0, is_closed=False, event_time=T + 1000)]})
+    first = pg_engine.connect()
+    transaction = first.begin()
+    store_rows(first, {"klines": [kline(close=2.0, is_closed=False, event_time=T + 3000)]})
+
+    def store_older() -> None:
+        with pg_engine.begin() as conn:
+            store_rows(conn, {"klines": [kline(close=1.5, is_closed=False, event_time=T + 2000)]})
+
+    late = threading.Thread(target=store_older)
+    late.start()
+    with pg_engine.connect() as watcher:
+        waiting = (
+            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()"
+        )
+        wait_until(lambda: watcher.execute(text(waiting)).scalar_one(), 30, "the older version to wait on the row")
+    transaction.commit()
+    first.close()
+    late.join(30)
+    with pg_engine.connect() as conn:
+        assert conn.execute(text("select close, event_time from klines")).one() == (2.0, T + 3000)

@@ -29,6 +29,20 @@ and one run alone stores everything. Two runs may meet on a list for a round (a 
 taken, the lists are dealt anew as groups come and go); that costs work, not data: the
 acknowledgement removes only what no other run removed since the claim (the buffer's
 head counter), and the natural primary keys make the second copy of a row a no-op.
+
+Lanes are dealt by list, so one group's traffic is always stored by one lane. One
+stream's frames are in two lists only while it moves between groups (unsubscribed and
+subscribed again, it joins the first group with room, and its old list still holds its
+last frames); two lanes may then store them side by side. That is allowed rather than
+prevented, because it cannot corrupt what is stored: rows are keyed; an open kline is
+only replaced by a version no older than the stored one (`storage._insert_statement`),
+whatever order the runs commit in; and a book's continuity state, read at a round's
+start and saved whole after its commit (last writer wins), is true of the rows the
+saving run committed. So the stored book (rebuilt from rows by `book_at`, which checks
+the chain itself) is exact, a real break always leaves its gaps row and its snapshot
+request, and a stale state costs at worst a false break: the book is marked unknown
+until the next snapshot. tests/test_drain_lanes.py races both orders. Preventing it
+would take a lock per symbol across lanes in every round, for a few rounds per move.
 """
 
 from __future__ import annotations
