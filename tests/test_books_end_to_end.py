@@ -85,6 +85,12 @@ def book_json(stack: LocalStack, symbol: str, at: str, levels: int = 20) -> dict
     return json.loads(done.stdout)
 
 
+def known_book(stack: LocalStack, symbol: str, at: str) -> dict[str, Any] | None:
+    """The book at `at`, None while that instant is before the first synced book."""
+    done = cli(stack, "book", symbol, "--at", at, "--json")
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
 def assert_equals_the_fakes(stack: LocalStack, book: dict[str, Any], levels: int = 20) -> None:
     expected = fake_book(stack, book["symbol"], book["update_id"], levels)
     assert len(book["bids"]) == len(book["asks"]) == levels
@@ -103,9 +109,8 @@ def test_subscribed_books_rebuild_equal_to_the_fakes(stack: LocalStack, db: Engi
     done = cli(stack, "subscribe", *SYMBOLS, "--streams", "depth@100ms")
     assert done.returncode == 0, done.stderr
     wait_until(lambda: all_synced(stack), 30, "both books synced from a snapshot")
-    time.sleep(2)
     for symbol in SYMBOLS:
-        book = book_json(stack, symbol, "-1s")
+        book = wait_until(lambda s=symbol: known_book(stack, s, "-1s"), 20, f"{symbol}'s book known a second ago")
         assert_equals_the_fakes(stack, book)
         assert book["bids"][0][0] < book["asks"][0][0]
     text_form = cli(stack, "book", "BTCUSDT", "--at", "-1s", "--levels", "3")
@@ -187,10 +192,17 @@ def test_a_killed_streams_worker_leaves_a_gap_and_the_books_come_back(stack: Loc
         60,
         "a depth gap per symbol after the kill",
     )
-    wait_until(lambda: all_synced(stack), 30, "both books synced after the restart")
     for symbol in SYMBOLS:
-        wait_for_events_after(db, symbol, killed_at + 1000)
-        assert_equals_the_fakes(stack, book_json(stack, symbol, "-1s", levels=50), levels=50)
+        # Synced is not enough: "-1s" can still fall before the resync point (the first
+        # event on the new snapshot), which is where the book is known again. Ask at an
+        # instant after that point once the drain has stored events past it.
+        known_again = wait_until(
+            lambda s=symbol: (known := book_known_since(stack, db, s)) is not None and known > killed_at and known,
+            30,
+            f"{symbol}'s book synced again after the restart",
+        )
+        wait_for_events_after(db, symbol, known_again)
+        assert_equals_the_fakes(stack, book_json(stack, symbol, str(known_again + 500), levels=50), levels=50)
 
 
 def book_known_since(stack: LocalStack, db: Engine, symbol: str) -> int | None:

@@ -1,4 +1,4 @@
-"""The layering the README's Layout section promises, checked on the import statements."""
+"""The layering docs/layout.md promises, checked on the import statements."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import pytest
 from tests.test_books import BOOK_AND_2026_EXAMPLES
 from worker.store.parsing import ParsedBatch, parse_frames
 from worker.store.storage import TABLE_COLUMNS, create_schema, make_engine, store_rows
-from worker.streams import KLINE_INTERVALS, SUPPORTED_KINDS, stream_kind, validate_stream_kind
+from worker.streams import KLINE_INTERVALS, MARKETS, SUPPORTED_KINDS, stream_kind, validate_stream_kind
 
 EXAMPLES: dict[str, Any] = json.loads((Path(__file__).parent / "fixtures" / "binance-doc-examples.json").read_text())
 
@@ -309,9 +309,11 @@ def test_garbled_clock_mark_is_dead_lettered_and_the_time_becomes_unknown() -> N
     assert batch.frames == 1
 
 
-def test_every_table_is_in_the_batch_even_without_rows() -> None:
-    batch = parse_frames([])
-    assert set(batch.rows) == set(TABLE_COLUMNS) - {"depth_snapshots"}  # REST fills that one
+@pytest.mark.parametrize("market", MARKETS)
+def test_every_table_of_the_market_is_in_the_batch_even_without_rows(market: str) -> None:
+    batch = parse_frames([], market)
+    rest = {MARKETS[market].table_prefix + table for table in MARKETS[market].rest_tables}  # REST fills those
+    assert set(batch.rows) == set(MARKETS[market].tables) - rest
     assert (batch.frames, batch.control, batch.dead_letters) == (0, 0, [])
 
 

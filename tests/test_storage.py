@@ -10,13 +10,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, func, inspect, select, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    Text,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
 
 from worker.store import storage
 from worker.store.storage import (
+    FUTURES_TABLES,
     TABLE_COLUMNS,
     TABLES,
     TIME_COLUMNS,
@@ -106,6 +120,16 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
     "block_trades": ("BTCUSDT", 582, 0.052, 5838.0, T - 200, True, T, T + 5),
     "reference_prices": ("BTCUSDT", T, 1.0, T + 5),
 }
+
+
+def _futures_sample_row(table: str) -> tuple[Any, ...]:
+    """A row of a futures table by its column types (their parsing: tests/test_futures.py)."""
+    by_type = {BigInteger: T, Integer: 5, Float: 1.5, Boolean: True, LargeBinary: b"\x00" * 16, Text: "[]"}
+    names = {"received_at": R, "interval": "1m", "symbol": "BTCUSDT", "pair": "BTCUSD"}
+    return tuple(names[c.name] if c.name in names else by_type.get(type(c.type), "x") for c in TABLES[table].columns)
+
+
+SAMPLE_ROWS.update({table: _futures_sample_row(table) for table in FUTURES_TABLES})
 
 
 def count(engine: Engine, table: str) -> int:

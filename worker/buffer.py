@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.keys import RedisKeys, as_text
+from worker.streams import SPOT
 from worker.times import now_ms
 
 CLOCK_MARK_PREFIX = b"@"
@@ -98,9 +99,9 @@ class FrameBuffer:
         self.keys = keys
         self._ack = client.register_script(_ACK_SCRIPT)
 
-    def register(self, group_id: str) -> str:
-        """Make the drain visit this group's list; returns the list key."""
-        key = self.keys.frames(group_id)
+    def register(self, group_id: str, market: str = SPOT) -> str:
+        """Make the drain visit this group's list (of `market`: see `RedisKeys.frames`); returns the list key."""
+        key = self.keys.frames(group_id, market)
         self.client.sadd(self.keys.buffers, key)
         return key
 
@@ -166,6 +167,9 @@ class FrameWriter:
     The Redis list is bounded too (`max_list_length`): if the drain stops, the oldest
     frames are trimmed rather than letting Redis run out of memory and refuse writes
     for every group. Trims are counted in the status record and the service counters.
+
+    A group records one market (`market`): its frames go to that market's list, whose
+    name tells the drain which market's tables they fill.
     """
 
     def __init__(
@@ -175,10 +179,11 @@ class FrameWriter:
         group_id: str,
         max_pending: int,
         max_list_length: int,
+        market: str = SPOT,
     ) -> None:
         self.client = client
         self.keys = keys
-        self.key = keys.frames(group_id)
+        self.key = keys.frames(group_id, market)
         self.status_key = keys.status(group_id)
         self.max_pending = max_pending
         self.max_list_length = max_list_length

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.streams import MARKETS, SPOT, market_named
+
 
 @dataclass(frozen=True)
 class RedisKeys:
@@ -134,9 +136,24 @@ class RedisKeys:
         """Lease of the one depth-snapshot run (tasks.snapshot_books) in progress."""
         return f"{self.prefix}:lock:snapshot-books"
 
-    def frames(self, group_id: str) -> str:
-        """List of raw frames (and clock marks) received by one group."""
-        return f"{self.prefix}:frames:{group_id}"
+    def frames(self, group_id: str, market: str = SPOT) -> str:
+        """List of raw frames (and clock marks) received by one group of `market`.
+
+        The list's name carries the market, which is all the drain needs to store its
+        frames in that market's tables (`frames_market`): a writer of futures frames
+        pushes them, as received, into the list of its market, nothing more. Spot's
+        lists keep the name they always had (`<prefix>:frames:<group>`); futures lists
+        are `<prefix>:frames:<market>:<group>`.
+        """
+        if market == SPOT:
+            return f"{self.prefix}:frames:{group_id}"
+        return f"{self.prefix}:frames:{market_named(market).name}:{group_id}"
+
+    def frames_market(self, list_key: str) -> str:
+        """The market of a frame list named by `frames` (group ids hold no colon)."""
+        head, _, _group = list_key.rpartition(":")
+        named = head.rpartition(":")[2]
+        return named if named in MARKETS and head == f"{self.prefix}:frames:{named}" else SPOT
 
     def lease(self, group_id: str) -> str:
         """String with a TTL: the token of the one task allowed to hold the connection."""

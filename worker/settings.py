@@ -1,7 +1,7 @@
 """All configuration, read once from environment variables into one typed object.
 
 Every setting has a working default so that `celery -A worker worker` runs with no
-configuration at all; the README's settings table is checked against this file by a
+configuration at all; the settings table of docs/settings.md is checked against this file by a
 test, so a setting cannot be added without being documented.
 """
 
@@ -270,7 +270,7 @@ def split_list(text: str | None) -> list[str]:
 
 
 def documented_settings() -> list[tuple[str, Any, str]]:
-    """(ENV_NAME, default, doc) for every setting: the source of the README table."""
+    """(ENV_NAME, default, doc) for every setting: the source of the table in docs/settings.md."""
     return [(f.name.upper(), f.default, f.metadata["doc"]) for f in dataclasses.fields(Settings)]
 
 

@@ -1,11 +1,15 @@
-"""The catalogue of stream kinds: their names, kline intervals, and the table each fills.
+"""The catalogue of markets and stream kinds: the markets (spot, USDⓈ-M and COIN-M
+futures), the kinds each records, their kline intervals, and the table each fills.
 
 Every layer speaks this vocabulary: `subscribe` validates kinds with it, the drain routes
 frames by it, backfill and charts step through kline intervals with it, and export maps
-a user's `trade` or `kline_1m` to a table with it. Adding a stream kind starts here.
+a user's `trade` or `kline_1m` to a table with it. Adding a stream kind or a market
+starts here.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 _MINUTE = 60_000
 _HOUR = 60 * _MINUTE
@@ -45,7 +49,24 @@ KIND_TABLES: dict[str, str] = {
     "blockTrade": "block_trades",
     "referencePrice": "reference_prices",
 }
-"""Stream kind -> the table that records it; `kline` stands for every `kline_<interval>`."""
+"""Stream kind -> the table that records it; `kline` stands for every `kline_<interval>`.
+These are spot's kinds; the futures markets record most of them too, in tables of the
+same name with the market's prefix (`MARKETS` below)."""
+
+FUTURES_KIND_TABLES: dict[str, str] = {
+    "markPrice": "mark_prices",
+    "forceOrder": "liquidations",
+    "continuousKline": "continuous_klines",
+    "markPriceKline": "mark_price_klines",
+    "indexPriceKline": "index_price_klines",
+    "indexPrice": "index_prices",
+    "compositeIndex": "composite_index",
+}
+"""The kinds only futures have -> their table (without the market's prefix); which
+futures market has which kind, `MARKETS` says."""
+
+KLINE_KINDS: tuple[str, ...] = ("kline", "continuousKline", "markPriceKline", "indexPriceKline")
+"""The kinds streamed as `<name>_<interval>`: each stands for every interval."""
 
 SUPPORTED_KINDS: tuple[str, ...] = tuple(KIND_TABLES)
 
@@ -65,13 +86,20 @@ def stream_kind(stream_name: str) -> str:
 
     "btcusdt@kline_1m" -> "kline", "btcusdt@depth20@100ms" -> "depth20",
     "!miniTicker@arr" -> "miniTicker", "btcusdt@ticker_1h" -> "ticker_1h" (a window
-    ticker is another kind than the 24 h ticker).
+    ticker is another kind than the 24 h ticker), "btcusdt_perpetual@continuousKline_1m"
+    -> "continuousKline".
     """
     if stream_name.startswith("!"):  # all-market streams: !<kind>[@arr]
         kind = stream_name[1:].partition("@")[0]
     else:  # <symbol>@<kind>[@<options>]
         kind = stream_name.partition("@")[2].partition("@")[0]
-    return "kline" if kind.startswith("kline_") else kind
+    family, underscore, _interval = kind.partition("_")
+    return family if underscore and family in KLINE_KINDS else kind
+
+
+def kind_table(kind: str) -> str:
+    """The table of a spot or futures kind, without a market's prefix."""
+    return KIND_TABLES.get(kind) or FUTURES_KIND_TABLES[kind]
 
 
 def validate_stream_kind(kind: str) -> str:
@@ -112,3 +140,87 @@ def valid_kinds_text(separator: str = ", ") -> str:
     kline = f"kline_<interval> ({separator.join(KLINE_INTERVALS)})"
     kinds = ", ".join(kline if kind == "kline" else kind for kind in SUPPORTED_KINDS)
     return f"{kinds} (depth kinds also as <kind>@{FAST_SPEED}), or all-market {', '.join(ALL_MARKET_STREAMS)}"
+
+
+# Markets. A market decides three things, all here: the prefix of its tables (spot has
+# none, so existing databases and queries keep their table names; `usdm_trades`,
+# `coinm_trades`), the stream kinds it records, and the `st` value Binance's futures
+# payloads carry for it. Since 2026-06-30 COIN-M runs on the USDⓈ-M engine and the
+# all-market arrays (`!markPrice@arr`, `!ticker@arr`...) carry both markets on either
+# host: an event's `st` (1 USDⓈ-M, 2 COIN-M), not its connection, says which market's
+# table it belongs to.
+
+SPOT = "spot"
+USDM = "usdm"
+COINM = "coinm"
+
+
+@dataclass(frozen=True)
+class Market:
+    name: str
+    table_prefix: str
+    kinds: tuple[str, ...]
+    """The stream kinds recorded from this market's websocket."""
+    rest_tables: tuple[str, ...]
+    """Tables (without the prefix) filled from REST only: snapshots, open interest, funding."""
+    st: int | None
+    """The `st` of this market's futures payloads; None for spot, whose payloads have none."""
+
+    def table(self, kind: str) -> str:
+        """The table recording `kind` in this market, e.g. ("usdm", "aggTrade") -> "usdm_agg_trades"."""
+        if kind not in self.kinds:
+            raise ValueError(f"the {self.name} market has no {kind!r} stream: it has {', '.join(self.kinds)}")
+        return self.table_prefix + kind_table(kind)
+
+    @property
+    def base_tables(self) -> tuple[str, ...]:
+        """Every table of this market without its prefix, once each, stream kinds' first."""
+        return tuple(dict.fromkeys([*(kind_table(kind) for kind in self.kinds), *self.rest_tables]))
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(self.table_prefix + table for table in self.base_tables)
+
+
+# What both futures markets stream. COIN-M's quantities are contracts, its symbols
+# `BTCUSD_PERP` and `BTCUSD_251226`; the payloads have the same fields.
+_FUTURES_KINDS = (
+    "aggTrade", "kline", "ticker", "miniTicker", "bookTicker",
+    "depth", "depth5", "depth10", "depth20",
+    "markPrice", "forceOrder", "continuousKline",
+)  # fmt: skip
+_FUTURES_REST_TABLES = ("depth_snapshots", "open_interest", "funding_rates")
+
+MARKETS: dict[str, Market] = {
+    SPOT: Market(SPOT, "", SUPPORTED_KINDS, ("depth_snapshots",), st=None),
+    # `<s>@trade` is undocumented on USDⓈ-M, but streamed (binance-protocol.md).
+    USDM: Market(USDM, "usdm_", (*_FUTURES_KINDS, "trade", "compositeIndex"), _FUTURES_REST_TABLES, st=1),
+    COINM: Market(
+        COINM,
+        "coinm_",
+        (*_FUTURES_KINDS, "indexPrice", "markPriceKline", "indexPriceKline"),
+        _FUTURES_REST_TABLES,
+        st=2,
+    ),
+}
+"""Market name -> its definition; spot first."""
+
+FUTURES_MARKETS: tuple[Market, ...] = (MARKETS[USDM], MARKETS[COINM])
+
+_BY_ST = {market.st: market.name for market in FUTURES_MARKETS}
+
+
+def market_named(name: str) -> Market:
+    """The market called `name`; ValueError naming the valid ones otherwise."""
+    try:
+        return MARKETS[name]
+    except KeyError:
+        raise ValueError(f"unknown market {name!r}: use one of {', '.join(MARKETS)}") from None
+
+
+def market_of_st(st: object) -> str:
+    """The market a futures payload's `st` names; ValueError for anything else."""
+    name = _BY_ST.get(st) if type(st) is int else None
+    if name is None:
+        raise ValueError(f"unknown market type st={st!r}: Binance sends 1 (USDⓈ-M) or 2 (COIN-M)")
+    return name

@@ -2,7 +2,7 @@
 
 Price levels are stored as one BLOB per side, packed little-endian float64 pairs
 (price, quantity, price, quantity, ...), 16 bytes a level. Why (measured by
-`python -m bench` depth part, see README "Order books"):
+`python -m bench` depth part, see docs/order-books.md):
 
 - a row per level would multiply the rows (a depth@100ms event changes about 20
   levels) and with them the key index and the insert time;

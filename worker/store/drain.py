@@ -213,7 +213,7 @@ class Drainer:
         claims = [claim for claim in self.buffer.claim_many(lists, self.batch_size) if claim.elements]
         if not claims:
             return 0
-        parsed = [parse_frames(claim.elements) for claim in claims]
+        parsed = [parse_frames(claim.elements, self.keys.frames_market(claim.key)) for claim in claims]
         rows = _merged_rows(parsed)
         with self.engine.begin() as conn:
             stored = store_rows(conn, rows)
@@ -291,13 +291,14 @@ def stored_marks(rows: dict[str, list[Row]], now: int) -> dict[str, int]:
 
 
 def _merged_rows(parsed: list[ParsedBatch]) -> dict[str, list[Row]]:
-    """The rows of every list's batch by table, for one transaction."""
+    """The rows of every list's batch by table (lists of several markets: their
+    tables), for one transaction."""
     if len(parsed) == 1:
         return parsed[0].rows
-    merged: dict[str, list[Row]] = {table: [] for table in parsed[0].rows}
+    merged: dict[str, list[Row]] = {}
     for batch in parsed:
         for table, rows in batch.rows.items():
-            merged[table].extend(rows)
+            merged.setdefault(table, []).extend(rows)
     return merged
 
 

@@ -20,7 +20,7 @@ import orjson
 
 from worker.buffer import CLOCK_MARK_PREFIX
 from worker.store.depth import BadLevels, pack_levels
-from worker.streams import KIND_TABLES, stream_kind
+from worker.streams import MARKETS, SPOT, Market, market_named, market_of_st, stream_kind
 
 Payload = dict[str, Any]
 Row = tuple[Any, ...]
@@ -40,7 +40,7 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class ParsedBatch:
-    """The rows of a batch by table (every table present, maybe empty), and the rest."""
+    """The rows of a batch by table (every table of the list's market present, maybe empty), and the rest."""
 
     rows: dict[str, list[Row]]
     dead_letters: list[DeadLetter]
@@ -100,6 +100,17 @@ def _object(payload: Payload, name: str) -> Payload:
     if type(value) is not dict:
         raise _BadField(f"field {name!r} = {value!r}, expected an object")
     return value
+
+
+def _optional_price(payload: Payload, name: str) -> float | None:
+    """A decimal field Binance may leave out (older payloads) or send as "" (a COIN-M
+    delivery contract's funding rate): None then."""
+    value = payload.get(name)
+    return None if value is None or value == "" else _price(payload, name)
+
+
+def _optional_text(payload: Payload, name: str) -> str | None:
+    return None if payload.get(name) is None else _text(payload, name)
 
 
 # Row builders, one per stream kind: Binance's field letters, in the column order of
@@ -246,6 +257,120 @@ def _fast_agg_trade_row(d: Payload, received_at: int | None) -> Row:
     return _agg_trade_row(d, received_at)
 
 
+# Futures row builders (USDⓈ-M and COIN-M payloads have the same fields; COIN-M's
+# quantities are contracts). Where a kind has a spot table, its futures table has
+# spot's columns first, then the fields futures add (see storage._FUTURES_TABLES).
+# Not stored: `st` and `ps` (the market and pair: the table and the symbol say them),
+# and the fields Binance documents as "ignore".
+
+
+def _futures_trade_row(d: Payload, received_at: int | None) -> Row:
+    """The undocumented futures `@trade` adds `X`, the trade type (MARKET, INSURANCE_FUND, ADL...)."""
+    return (*_fast_trade_row(d, received_at)[:-1], _optional_text(d, "X"), received_at)
+
+
+def _futures_agg_trade_row(d: Payload, received_at: int | None) -> Row:
+    """`nq`: the quantity without RPI orders (2025 on; absent before)."""
+    return (*_fast_agg_trade_row(d, received_at)[:-1], _optional_price(d, "nq"), received_at)
+
+
+def _futures_ticker_row(d: Payload, received_at: int | None) -> Row:
+    """Spot's 24 h ticker without `x`, `b`, `B`, `a`, `A`: futures tickers have no
+    previous close and no best bid or ask."""
+    return (
+        _text(d, "s"), _int(d, "E"),
+        _price(d, "p"), _price(d, "P"), _price(d, "w"), _price(d, "c"), _price(d, "Q"),
+        _price(d, "o"), _price(d, "h"), _price(d, "l"), _price(d, "v"), _price(d, "q"),
+        _int(d, "O"), _int(d, "C"), _int(d, "F"), _int(d, "L"), _int(d, "n"), received_at,
+    )  # fmt: skip
+
+
+def _futures_book_ticker_row(d: Payload, received_at: int | None) -> Row:
+    return (*_book_ticker_row(d, received_at)[:-1], _int(d, "E"), _int(d, "T"), received_at)
+
+
+def _futures_depth_update_row(d: Payload, received_at: int | None) -> Row:
+    return (*_depth_update_row(d, received_at)[:-1], _int(d, "pu"), _int(d, "T"), received_at)
+
+
+@functools.lru_cache(maxsize=1024)
+def _futures_partial_depth_builder(stream: str) -> RowBuilder:
+    """Futures' `@depth<N>` payload is a whole depth event of the top N levels: it names
+    its symbol, and the stream name says N."""
+    levels = int(stream_kind(stream).removeprefix("depth"))
+
+    def build(d: Payload, received_at: int | None) -> Row:
+        return (
+            _text(d, "s"), levels, _int(d, "u"), _levels(d, "b"), _levels(d, "a"),
+            _int(d, "U"), _int(d, "pu"), _int(d, "E"), _int(d, "T"), received_at,
+        )  # fmt: skip
+
+    return build
+
+
+def _mark_price_row(d: Payload, received_at: int | None) -> Row:
+    """Funding rate `r` "" and next funding time `T` 0 (COIN-M delivery contracts: no
+    funding) are stored as NULL, as are `i` and `P` where older payloads lack them."""
+    return (
+        _text(d, "s"), _int(d, "E"), _price(d, "p"),
+        _optional_price(d, "i"), _optional_price(d, "P"), _optional_price(d, "r"),
+        _int(d, "T") or None, received_at,
+    )  # fmt: skip
+
+
+def _liquidation_row(d: Payload, received_at: int | None) -> Row:
+    o = _object(d, "o")
+    return (
+        _text(o, "s"), _int(o, "T"), _int(d, "E"),
+        _text(o, "S"), _text(o, "o"), _text(o, "f"), _text(o, "X"),
+        _price(o, "q"), _price(o, "p"), _price(o, "ap"), _price(o, "l"), _price(o, "z"),
+        received_at,
+    )  # fmt: skip
+
+
+def _candle(k: Payload) -> tuple[Any, ...]:
+    """Interval, open and close time, open, high, low, close: what every kline has."""
+    return (
+        _text(k, "i"), _int(k, "t"), _int(k, "T"),
+        _price(k, "o"), _price(k, "h"), _price(k, "l"), _price(k, "c"),
+    )  # fmt: skip
+
+
+def _continuous_kline_row(d: Payload, received_at: int | None) -> Row:
+    k = _object(d, "k")
+    return (
+        _text(d, "ps"), _text(d, "ct"), *_candle(k),
+        _price(k, "v"), _price(k, "q"), _int(k, "n"), _price(k, "V"), _price(k, "Q"),
+        _int(k, "f"), _int(k, "L"), _flag(k, "x"), _int(d, "E"), received_at,
+    )  # fmt: skip
+
+
+def _mark_price_kline_row(d: Payload, received_at: int | None) -> Row:
+    """Its volumes, counts and ids are Binance's "ignore" fields."""
+    k = _object(d, "k")
+    return (_text(k, "s"), *_candle(k), _flag(k, "x"), _int(d, "E"), received_at)
+
+
+def _index_price_kline_row(d: Payload, received_at: int | None) -> Row:
+    """An index is a pair's (`ps`); `k.s` is "0"."""
+    k = _object(d, "k")
+    return (_text(d, "ps"), *_candle(k), _flag(k, "x"), _int(d, "E"), received_at)
+
+
+def _index_price_row(d: Payload, received_at: int | None) -> Row:
+    return (_text(d, "i"), _int(d, "E"), _price(d, "p"), received_at)
+
+
+def _composite_index_row(d: Payload, received_at: int | None) -> Row:
+    components = d["c"]
+    if type(components) is not list:
+        raise _BadField(f"field 'c' = {components!r}, expected a list of components")
+    return (
+        _text(d, "s"), _int(d, "E"), _price(d, "p"), _optional_text(d, "C"),
+        orjson.dumps(components).decode(), received_at,
+    )  # fmt: skip
+
+
 _ROW_BUILDERS: dict[str, RowBuilder] = {
     "trade": _fast_trade_row,
     "aggTrade": _fast_agg_trade_row,
@@ -264,11 +389,50 @@ _ROW_BUILDERS: dict[str, RowBuilder] = {
     "blockTrade": _block_trade_row,
     "referencePrice": _reference_price_row,
 }
-"""Stream kind -> row builder; with `streams.KIND_TABLES`, the whole mapping from Binance to SQL."""
+"""Spot's stream kind -> row builder; with `markets.MARKETS`, the whole mapping from Binance to SQL."""
 
-_KINDS: dict[str, tuple[str, RowBuilder]] = {
-    kind: (KIND_TABLES[kind], builder) for kind, builder in _ROW_BUILDERS.items()
+_FUTURES_ROW_BUILDERS: dict[str, RowBuilder] = {
+    "trade": _futures_trade_row,
+    "aggTrade": _futures_agg_trade_row,
+    "kline": _kline_row,
+    "ticker": _futures_ticker_row,
+    "miniTicker": _mini_ticker_row,
+    "bookTicker": _futures_book_ticker_row,
+    "depth": _futures_depth_update_row,
+    "depth5": _no_symbol_row,  # replaced per stream by _futures_partial_depth_builder
+    "depth10": _no_symbol_row,
+    "depth20": _no_symbol_row,
+    "markPrice": _mark_price_row,
+    "forceOrder": _liquidation_row,
+    "continuousKline": _continuous_kline_row,
+    "markPriceKline": _mark_price_kline_row,
+    "indexPriceKline": _index_price_kline_row,
+    "indexPrice": _index_price_row,
+    "compositeIndex": _composite_index_row,
 }
+"""The futures markets' stream kind -> row builder (both markets' payloads are alike)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _MarketRoutes:
+    """How the frames of one market's lists become rows."""
+
+    kinds: dict[str, tuple[str, RowBuilder]]  # stream kind -> (its table in this market, its builder)
+    partial_depth: Callable[[str], RowBuilder]  # the builder of a `@depth<N>` stream, by its name
+    by_st: bool  # futures: every event's `st` says its market (see `_add_by_market`)
+
+
+def _market_routes(market: Market) -> _MarketRoutes:
+    futures = market.st is not None
+    builders = _FUTURES_ROW_BUILDERS if futures else _ROW_BUILDERS
+    return _MarketRoutes(
+        kinds={kind: (market.table(kind), builders[kind]) for kind in market.kinds},
+        partial_depth=_futures_partial_depth_builder if futures else _partial_depth_builder,
+        by_st=futures,
+    )
+
+
+_ROUTES: dict[str, _MarketRoutes] = {name: _market_routes(market) for name, market in MARKETS.items()}
 
 # Raw `/ws/` streams send bare payloads: the event type `e` names the kind.
 _EVENT_KINDS: dict[str, str] = {
@@ -278,20 +442,32 @@ _EVENT_KINDS: dict[str, str] = {
     "24hrTicker": "ticker",
     "24hrMiniTicker": "miniTicker",
     "avgPrice": "avgPrice",
-    "depthUpdate": "depth",
+    "depthUpdate": "depth",  # futures' partial depth too: only its combined stream's name tells it apart
     "1hTicker": "ticker_1h",
     "4hTicker": "ticker_4h",
     "1dTicker": "ticker_1d",
     "blockTrade": "blockTrade",
     "referencePrice": "referencePrice",
+    "bookTicker": "bookTicker",  # futures' has an event type; spot's is known by its shape
+    "markPriceUpdate": "markPrice",
+    "forceOrder": "forceOrder",
+    "continuous_kline": "continuousKline",
+    "markPrice_kline": "markPriceKline",
+    "indexPrice_kline": "indexPriceKline",
+    "indexPriceUpdate": "indexPrice",
+    "compositeIndex": "compositeIndex",
     "serverShutdown": CONTROL,
 }
 _PARTIAL_DEPTH_KINDS = frozenset({"depth5", "depth10", "depth20"})
 _BOOK_TICKER_FIELDS = frozenset("usbBaA")  # bookTicker has no `e`: known by its shape
 
 
-def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
-    """Parse a batch of Redis list elements (frames and clock marks) into rows.
+def parse_frames(elements: Iterable[bytes], market: str = SPOT) -> ParsedBatch:
+    """Parse a batch of Redis list elements (frames and clock marks) of one `market`'s
+    list (see `RedisKeys.frames_market`) into rows.
+
+    The rows have every table of `market` (maybe empty), and the tables of another
+    futures market that events of an all-market stream named (`_add_by_market`).
 
     A clock mark `b"@<ms>"` is the receive time of the frames after it, up to the next
     mark; every row takes it as `received_at`. A batch starts with a mark, because the
@@ -299,8 +475,10 @@ def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
     left in the middle of a flush (`FrameBuffer.ack`); rows before any mark (a list
     written by an older version) get None.
     """
-    rows: dict[str, list[Row]] = {table: [] for table, _ in _KINDS.values()}
-    sinks = {kind: (build, rows[table]) for kind, (table, build) in _KINDS.items()}
+    routes = _ROUTES[market_named(market).name]
+    by_st = routes.by_st
+    rows: dict[str, list[Row]] = {table: [] for table, _ in routes.kinds.values()}
+    sinks = {kind: (build, rows[table]) for kind, (table, build) in routes.kinds.items()}
     # Combined stream name -> (kind, builder, sink) of the streams already seen in this
     # batch, so that most frames skip `_route`: 8% less time per trade frame.
     known: dict[str, tuple[str, RowBuilder, list[Row]]] = {}
@@ -321,16 +499,18 @@ def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
             except (KeyError, TypeError):  # not a combined frame of a known stream
                 payload = None
             if payload is None:
-                kind, payload = _route(message)
+                kind, payload = _route(message, market)
                 if kind == CONTROL:
                     control += 1
                     continue
                 build, sink = sinks[kind]
                 if kind in _PARTIAL_DEPTH_KINDS:
-                    build = _partial_depth_builder(message["stream"])
+                    build = routes.partial_depth(message["stream"])
                 if type(message) is dict and "stream" in message:  # combined: remember it
                     known[message["stream"]] = (kind, build, sink)
-            if type(payload) is list:  # !miniTicker@arr, !ticker_<w>@arr: one row per symbol
+            if by_st:
+                _add_by_market(kind, build, payload, market, rows, received_at)
+            elif type(payload) is list:  # !miniTicker@arr, !ticker_<w>@arr: one row per symbol
                 sink.extend([build(item, received_at) for item in payload])
             else:
                 sink.append(build(payload, received_at))
@@ -349,6 +529,44 @@ def parse_frames(elements: Iterable[bytes]) -> ParsedBatch:
     return ParsedBatch(rows, dead_letters, control, frames, received_at)
 
 
+def _add_by_market(
+    kind: str, build: RowBuilder, payload: Any, home: str, rows: dict[str, list[Row]], received_at: int | None
+) -> None:
+    """Futures events: each in the table of the market its `st` names, else of the list's (`home`).
+
+    Since COIN-M moved onto the USDⓈ-M engine, an all-market stream (`!markPrice@arr`,
+    `!ticker@arr`, `!forceOrder@arr`...) on either host carries both markets' events,
+    each with `st` (1 USDⓈ-M, 2 COIN-M); a symbol's own stream carries its market's.
+    All of a frame's rows or none: one bad event dead-letters its whole frame.
+    """
+    events = payload if type(payload) is list else (payload,)
+    built = [(build(event, received_at), _event_table(kind, event, home)) for event in events]
+    for row, table in built:
+        rows.setdefault(table, []).append(row)
+
+
+def _event_table(kind: str, event: Payload, home: str) -> str:
+    st = event.get("st")
+    if st is None and kind == "forceOrder":
+        # Binance does not document where a liquidation's `st` is: the event's, else its order's.
+        st = event["o"].get("st")
+    if st is None:
+        return _table_of(home, kind)
+    try:
+        return _table_of(market_of_st(st), kind)
+    except ValueError as error:
+        raise _FrameError(f"{kind} event: {error}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _table_of(market: str, kind: str) -> str:
+    """`kind`'s table in `market`; a kind the market does not have is a bad frame."""
+    try:
+        return MARKETS[market].table(kind)
+    except ValueError as error:
+        raise _FrameError(str(error)) from None
+
+
 def _clock_mark(element: bytes, dead_letters: list[DeadLetter]) -> int | None:
     """The mark's time; a garbled mark is dead-lettered and makes the time unknown."""
     try:
@@ -358,42 +576,42 @@ def _clock_mark(element: bytes, dead_letters: list[DeadLetter]) -> int | None:
         return None
 
 
-def _route(message: Any) -> tuple[str, Any]:
+def _route(message: Any, market: str) -> tuple[str, Any]:
     """The stream kind of a decoded frame (or CONTROL) and its payload."""
     if type(message) is not dict:
         if type(message) is list:  # !miniTicker@arr or !ticker_<w>@arr: the items say which
             first = message[0] if message else None
-            return (_payload_kind(first) if type(first) is dict else "miniTicker"), message
+            return (_payload_kind(first, market) if type(first) is dict else "miniTicker"), message
         raise _FrameError(f"unexpected JSON {type(message).__name__}, expected an object")
     stream = message.get("stream")
     if stream is None:
-        return _payload_kind(message), message
+        return _payload_kind(message, market), message
     if type(stream) is not str:
         raise _FrameError(f"combined frame has a non-string stream name {stream!r}")
     payload = message.get("data")
     if payload is None:
         raise _FrameError(f"combined frame of stream {stream!r} lacks data")
-    return _combined_stream_kind(stream), payload
+    return _combined_stream_kind(stream, market), payload
 
 
 @functools.lru_cache(maxsize=1024)
-def _combined_stream_kind(stream: str) -> str:
+def _combined_stream_kind(stream: str, market: str) -> str:
     """The kind of a combined stream, or CONTROL; cached: a connection has few streams."""
     kind = stream_kind(stream)
-    if kind in _KINDS:
+    if kind in _ROUTES[market].kinds:
         return kind
     if kind == "serverShutdown":
         return CONTROL
-    raise _FrameError(f"unsupported stream kind {kind!r} (stream {stream!r})")
+    raise _FrameError(f"unsupported stream kind {kind!r} (stream {stream!r}) in a {market} list")
 
 
-def _payload_kind(payload: Payload) -> str:
+def _payload_kind(payload: Payload, market: str) -> str:
     """The kind of a bare payload (raw `/ws/` stream), or CONTROL."""
     event = payload.get("e")
     if type(event) is str:
         kind = _EVENT_KINDS.get(event)
-        if kind is None:
-            raise _FrameError(f"unsupported event type {event!r}")
+        if kind is None or (kind != CONTROL and kind not in _ROUTES[market].kinds):
+            raise _FrameError(f"unsupported event type {event!r} in a {market} list")
         return kind
     if event is not None:
         raise _FrameError(f"event type {event!r} is not a string")

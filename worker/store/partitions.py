@@ -1,8 +1,8 @@
 """PostgreSQL only: the big event tables partitioned by day on their time column.
 
 Retention then drops a whole day with one `DROP TABLE` (milliseconds, whatever its
-size) instead of deleting its rows a chunk at a time (see README "Retention" for the
-figures, and `bench/retention.py`).
+size) instead of deleting its rows a chunk at a time (see "Retention on PostgreSQL" in
+docs/postgresql.md for the figures, and `bench/retention.py`).
 
 Which tables: those that grow with the market's activity and whose time column is
 Binance's own, so that it is the same every time the same event arrives. A primary key
@@ -13,6 +13,13 @@ plain: their time column is `received_at`, this machine's clock at the flush, wh
 differs between the two receipts of one update during a connection rotation (and may
 be NULL), so a key containing it would store the overlap twice. Small tables (klines,
 kept for ever by default; snapshots; block trades) stay plain too.
+
+The futures markets' tables follow the same rule (`FUTURES_PARTITIONED`): their trades,
+tickers and depth updates as spot's, and also their book tickers and partial depth,
+whose payloads carry Binance's event time (their time column there), their mark and
+index prices (every symbol every second or three). Liquidations (at most one a symbol
+a second), klines of every price, composite indexes, snapshots, open interest and
+funding rates are small and stay plain.
 
 Every partitioned table has a DEFAULT partition for rows outside the daily ones (a
 backfill of days before the first start, clocks far off). Daily partitions are
@@ -36,11 +43,25 @@ from sqlalchemy import Column, Connection, Engine, MetaData, Table, exc, text
 from sqlalchemy.schema import CreateTable
 
 from worker.store.storage import TABLES, TIME_COLUMNS
+from worker.streams import FUTURES_MARKETS
 
 DAY_MS = 86_400_000
 DAYS_AHEAD = 7
 """Daily partitions exist from today to this many days ahead after every start and
 every retention run (hourly), so rows never reach the default partition by waiting."""
+
+FUTURES_PARTITIONED: tuple[str, ...] = (
+    "trades",
+    "agg_trades",
+    "tickers",
+    "mini_tickers",
+    "book_tickers",
+    "depth_updates",
+    "partial_depth",
+    "mark_prices",
+    "index_prices",
+)
+"""Of a futures market's tables (without its prefix), those partitioned."""
 
 PARTITIONED_TABLES: tuple[str, ...] = (
     "trades",
@@ -51,6 +72,12 @@ PARTITIONED_TABLES: tuple[str, ...] = (
     "depth_updates",
     "window_tickers",
     "reference_prices",
+    *(
+        market.table_prefix + base
+        for market in FUTURES_MARKETS
+        for base in FUTURES_PARTITIONED
+        if base in market.base_tables
+    ),
 )
 """Created `PARTITION BY RANGE (<time column>)` in new PostgreSQL databases."""
 

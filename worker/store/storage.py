@@ -55,6 +55,7 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.schema import CreateView
 
 from worker import times
+from worker.streams import FUTURES_MARKETS
 
 metadata = MetaData()
 
@@ -67,9 +68,14 @@ def _key(name: str) -> Column[Any]:
     return Column(name, BigInteger, primary_key=True)
 
 
-def _reals(*names: str) -> list[Column[Any]]:
+def _reals(*names: str, nullable: bool = False, key: bool = False) -> list[Column[Any]]:
     """Prices and quantities: Binance's decimal strings fit a float64 exactly."""
-    return [Column(name, Float, nullable=False) for name in names]
+    return [Column(name, Float, nullable=nullable, primary_key=key) for name in names]
+
+
+def _texts(*names: str, key: bool = False, nullable: bool = False) -> list[Column[Any]]:
+    """Binance's names and enumerations (pairs, contract types, order sides and states)."""
+    return [Column(name, String(32), primary_key=key, nullable=nullable) for name in names]
 
 
 def _ints(*names: str, nullable: bool = False) -> list[Column[Any]]:
@@ -93,52 +99,70 @@ def _received_at() -> Column[Any]:
     return Column("received_at", BigInteger, nullable=True)
 
 
-trades = Table(
-    "trades",
-    metadata,
-    _symbol(),
-    _key("trade_id"),
-    *_reals("price", "qty"),
-    *_ints("trade_time"),
-    _flag("buyer_is_maker"),
-    *_ints("event_time", nullable=True),  # REST backfill has no event time
-    _received_at(),
-)
+# One column definition per kind, without `received_at` (last in every table): spot's
+# tables are built from them below, each futures market's from the same definitions
+# with its prefix and the fields Binance's futures payloads add (`_FUTURES_TABLES`).
 
-agg_trades = Table(
-    "agg_trades",
-    metadata,
-    _symbol(),
-    _key("agg_id"),
-    *_reals("price", "qty"),
-    *_ints("first_trade_id", "last_trade_id", "trade_time"),
-    _flag("buyer_is_maker"),
-    *_ints("event_time", nullable=True),
-    _received_at(),
-)
 
-klines = Table(
-    "klines",
-    metadata,
-    _symbol(),
-    Column("interval", String(3), primary_key=True),
-    _key("open_time"),
-    *_ints("close_time"),
-    *_reals("open", "high", "low", "close", "volume", "quote_volume"),
-    *_ints("trade_count"),
-    *_reals("taker_buy_base_volume", "taker_buy_quote_volume"),
-    *_ints("first_trade_id", "last_trade_id", nullable=True),  # absent from REST klines
-    _flag("is_closed"),
-    *_ints("event_time", nullable=True),
-    _received_at(),
-)
+def _trade_columns() -> list[Column[Any]]:
+    return [
+        _symbol(),
+        _key("trade_id"),
+        *_reals("price", "qty"),
+        *_ints("trade_time"),
+        _flag("buyer_is_maker"),
+        *_ints("event_time", nullable=True),  # REST backfill has no event time
+    ]
 
-tickers = Table(
-    "tickers",
-    metadata,
-    _symbol(),
-    _key("event_time"),
-    *_reals(
+
+def _agg_trade_columns() -> list[Column[Any]]:
+    return [
+        _symbol(),
+        _key("agg_id"),
+        *_reals("price", "qty"),
+        *_ints("first_trade_id", "last_trade_id", "trade_time"),
+        _flag("buyer_is_maker"),
+        *_ints("event_time", nullable=True),
+    ]
+
+
+def _candle_columns() -> list[Column[Any]]:
+    """What every kind of kline has, after its key: an open kline is replaced until it
+    closes (`is_closed`; see `store_rows`)."""
+    return [*_ints("close_time"), *_reals("open", "high", "low", "close")]
+
+
+def _kline_volume_columns() -> list[Column[Any]]:
+    return [
+        *_reals("volume", "quote_volume"),
+        *_ints("trade_count"),
+        *_reals("taker_buy_base_volume", "taker_buy_quote_volume"),
+    ]
+
+
+def _interval() -> Column[Any]:
+    return Column("interval", String(3), primary_key=True)
+
+
+def _kline_columns() -> list[Column[Any]]:
+    return [
+        _symbol(),
+        _interval(),
+        _key("open_time"),
+        *_candle_columns(),
+        *_kline_volume_columns(),
+        *_ints("first_trade_id", "last_trade_id", nullable=True),  # absent from REST klines
+        _flag("is_closed"),
+        *_ints("event_time", nullable=True),
+    ]
+
+
+_SPOT_ONLY_TICKER_FIELDS = ("prev_close_price", "bid_price", "bid_qty", "ask_price", "ask_qty")
+"""Fields of spot's 24 h ticker that Binance's futures tickers do not carry."""
+
+
+def _ticker_columns(spot: bool = True) -> list[Column[Any]]:
+    reals = (
         "price_change",
         "price_change_percent",
         "weighted_avg_price",
@@ -154,28 +178,51 @@ tickers = Table(
         "low_price",
         "base_volume",
         "quote_volume",
-    ),
-    *_ints("open_time", "close_time", "first_trade_id", "last_trade_id", "trade_count"),
-    _received_at(),
-)
+    )
+    return [
+        _symbol(),
+        _key("event_time"),
+        *_reals(*(name for name in reals if spot or name not in _SPOT_ONLY_TICKER_FIELDS)),
+        *_ints("open_time", "close_time", "first_trade_id", "last_trade_id", "trade_count"),
+    ]
 
-mini_tickers = Table(
-    "mini_tickers",
-    metadata,
-    _symbol(),
-    _key("event_time"),
-    *_reals("close_price", "open_price", "high_price", "low_price", "base_volume", "quote_volume"),
-    _received_at(),
-)
 
-book_tickers = Table(
-    "book_tickers",
-    metadata,
-    _symbol(),
-    _key("update_id"),
-    *_reals("bid_price", "bid_qty", "ask_price", "ask_qty"),
-    _received_at(),  # bookTicker payloads carry no time of their own: also its time column
-)
+def _mini_ticker_columns() -> list[Column[Any]]:
+    return [
+        _symbol(),
+        _key("event_time"),
+        *_reals("close_price", "open_price", "high_price", "low_price", "base_volume", "quote_volume"),
+    ]
+
+
+def _book_ticker_columns() -> list[Column[Any]]:
+    # Spot's bookTicker carries no time of its own: received_at is its time column.
+    return [_symbol(), _key("update_id"), *_reals("bid_price", "bid_qty", "ask_price", "ask_qty")]
+
+
+# Order books. A diff event covers the update ids first_update_id..final_update_id, and
+# final_update_id is its natural key; its levels carry absolute quantities (0 removes).
+def _depth_update_columns() -> list[Column[Any]]:
+    return [_symbol(), _key("final_update_id"), *_ints("first_update_id", "event_time"), *_levels("bids", "asks")]
+
+
+# `GET /api/v3/depth` answers: the book at update id last_update_id, best levels first.
+def _depth_snapshot_columns() -> list[Column[Any]]:
+    return [_symbol(), _key("last_update_id"), *_levels("bids", "asks")]
+
+
+# Top-N books of `<s>@depth<N>`. depth5 and depth20 of one symbol carry the same
+# lastUpdateId, so the number of levels is part of the key.
+def _partial_depth_columns() -> list[Column[Any]]:
+    return [_symbol(), Column("levels", Integer, primary_key=True), _key("last_update_id"), *_levels("bids", "asks")]
+
+
+trades = Table("trades", metadata, *_trade_columns(), _received_at())
+agg_trades = Table("agg_trades", metadata, *_agg_trade_columns(), _received_at())
+klines = Table("klines", metadata, *_kline_columns(), _received_at())
+tickers = Table("tickers", metadata, *_ticker_columns(), _received_at())
+mini_tickers = Table("mini_tickers", metadata, *_mini_ticker_columns(), _received_at())
+book_tickers = Table("book_tickers", metadata, *_book_ticker_columns(), _received_at())
 
 avg_prices = Table(
     "avg_prices",
@@ -188,39 +235,9 @@ avg_prices = Table(
     _received_at(),
 )
 
-# Order books. A diff event covers the update ids first_update_id..final_update_id, and
-# final_update_id is its natural key; its levels carry absolute quantities (0 removes).
-depth_updates = Table(
-    "depth_updates",
-    metadata,
-    _symbol(),
-    _key("final_update_id"),
-    *_ints("first_update_id", "event_time"),
-    *_levels("bids", "asks"),
-    _received_at(),
-)
-
-# `GET /api/v3/depth` answers: the book at update id last_update_id, best levels first.
-depth_snapshots = Table(
-    "depth_snapshots",
-    metadata,
-    _symbol(),
-    _key("last_update_id"),
-    *_levels("bids", "asks"),
-    _received_at(),
-)
-
-# Top-N books of `<s>@depth<N>`. depth5 and depth20 of one symbol carry the same
-# lastUpdateId, so the number of levels is part of the key.
-partial_depth = Table(
-    "partial_depth",
-    metadata,
-    _symbol(),
-    Column("levels", Integer, primary_key=True),
-    _key("last_update_id"),
-    *_levels("bids", "asks"),
-    _received_at(),
-)
+depth_updates = Table("depth_updates", metadata, *_depth_update_columns(), _received_at())
+depth_snapshots = Table("depth_snapshots", metadata, *_depth_snapshot_columns(), _received_at())
+partial_depth = Table("partial_depth", metadata, *_partial_depth_columns(), _received_at())
 
 # Rolling-window tickers `<s>@ticker_<1h|4h|1d>` and `!ticker_<w>@arr`.
 window_tickers = Table(
@@ -265,6 +282,152 @@ reference_prices = Table(
     _received_at(),
 )
 
+# Futures (`streams.MARKETS`): a market's tables are its prefix + a base name below,
+# one definition per base name for both markets. The kinds spot has keep spot's columns
+# and add what Binance's futures payloads carry besides.
+
+
+def _futures_book_ticker_columns() -> list[Column[Any]]:
+    return [*_book_ticker_columns(), *_ints("event_time", "transaction_time")]
+
+
+def _futures_depth_update_columns() -> list[Column[Any]]:
+    """`pu` (the previous event's final update id) is how futures books check continuity."""
+    return [*_depth_update_columns(), *_ints("prev_final_update_id", "transaction_time")]
+
+
+def _futures_partial_depth_columns() -> list[Column[Any]]:
+    """Futures' `@depth<N>` payload is a whole depth event (`s`, `U`, `u`, `pu`, `E`, `T`)
+    holding the top N levels; last_update_id is its `u`."""
+    return [
+        *_partial_depth_columns(),
+        *_ints("first_update_id", "prev_final_update_id", "event_time", "transaction_time"),
+    ]
+
+
+def _mark_price_columns() -> list[Column[Any]]:
+    """`markPrice[@1s]`, `!markPrice@arr`. Funding rate and next funding time are NULL
+    where Binance sends none (COIN-M delivery contracts: `r` "", `T` 0); index and
+    estimated settle price are NULL in the old payloads that lacked them."""
+    return [
+        _symbol(),
+        _key("event_time"),
+        *_reals("mark_price"),
+        *_reals("index_price", "estimated_settle_price", "funding_rate", nullable=True),
+        *_ints("next_funding_time", nullable=True),
+    ]
+
+
+def _liquidation_columns() -> list[Column[Any]]:
+    """`forceOrder`, `!forceOrder@arr`: one liquidation order per event, every field of it.
+
+    Binance gives a liquidation no id, so the key is the whole event: symbol, trade
+    and event time, and every field of the order. The same event received twice (a
+    connection rotation, or both the symbol's and the all-market stream) is one row;
+    two liquidations that differ in anything, even within one millisecond, are two.
+    A narrower key such as (symbol, trade_time) would silently drop the second of two
+    orders filled in one millisecond. Binance sends at most one order per symbol per
+    second: the table is lossy by design.
+    """
+    return [
+        _symbol(),
+        _key("trade_time"),
+        _key("event_time"),
+        *_texts("side", "order_type", "time_in_force", "status", key=True),
+        *_reals("orig_qty", "price", "avg_price", "last_filled_qty", "accumulated_qty", key=True),
+    ]
+
+
+def _continuous_kline_columns() -> list[Column[Any]]:
+    """`<pair>_<contract type>@continuousKline_<i>`: the klines of a pair's perpetual,
+    current-quarter or next-quarter contract, whichever symbol that is at the time.
+    Its first and last ids are update ids, not trade ids."""
+    return [
+        *_texts("pair", "contract_type", key=True),
+        _interval(),
+        _key("open_time"),
+        *_candle_columns(),
+        *_kline_volume_columns(),
+        *_ints("first_update_id", "last_update_id", nullable=True),
+        _flag("is_closed"),
+        *_ints("event_time", nullable=True),
+    ]
+
+
+def _price_kline_columns(subject: Column[Any]) -> list[Column[Any]]:
+    """Klines of a price that trades do not make: a contract's mark price
+    (`<symbol>@markPriceKline_<i>`, `subject` its symbol), a pair's index price
+    (`<pair>@indexPriceKline_<i>`, its pair). No volumes, counts or ids: Binance's
+    fields for them are "ignore"."""
+    return [
+        subject,
+        _interval(),
+        _key("open_time"),
+        *_candle_columns(),
+        _flag("is_closed"),
+        *_ints("event_time", nullable=True),
+    ]
+
+
+def _index_price_columns() -> list[Column[Any]]:
+    """COIN-M's `<pair>@indexPrice[@1s]`."""
+    return [*_texts("pair", key=True), _key("event_time"), *_reals("index_price")]
+
+
+def _composite_index_columns() -> list[Column[Any]]:
+    """USDⓈ-M's `<symbol>@compositeIndex`: the index price of a composite symbol and
+    its components, kept as Binance's JSON list (base asset `b`, quote asset `q`,
+    weight in quantity `w` and in percent `W`, index price `i`), one row per event."""
+    return [
+        _symbol(),
+        _key("event_time"),
+        *_reals("price"),
+        *_texts("component_type", nullable=True),  # `C`, e.g. "baseAsset"
+        Column("components", Text, nullable=False),
+    ]
+
+
+def _open_interest_columns() -> list[Column[Any]]:
+    """`GET /fapi/v1/openInterest` (`/dapi`), polled: Binance streams no open interest."""
+    return [_symbol(), _key("time"), *_reals("open_interest")]
+
+
+def _funding_rate_columns() -> list[Column[Any]]:
+    """`GET /fapi/v1/fundingRate` (`/dapi`): each funding event; older ones lack the mark price."""
+    return [_symbol(), _key("funding_time"), *_reals("funding_rate"), *_reals("mark_price", nullable=True)]
+
+
+_FUTURES_TABLES: dict[str, tuple[Callable[[], list[Column[Any]]], str]] = {
+    "trades": (lambda: [*_trade_columns(), *_texts("trade_type", nullable=True)], "trade_time"),  # `X`
+    "agg_trades": (lambda: [*_agg_trade_columns(), *_reals("normal_qty", nullable=True)], "trade_time"),  # `nq`
+    "klines": (_kline_columns, "open_time"),
+    "tickers": (lambda: _ticker_columns(spot=False), "event_time"),
+    "mini_tickers": (_mini_ticker_columns, "event_time"),
+    "book_tickers": (_futures_book_ticker_columns, "event_time"),
+    "depth_updates": (_futures_depth_update_columns, "event_time"),
+    "depth_snapshots": (_depth_snapshot_columns, "received_at"),
+    "partial_depth": (_futures_partial_depth_columns, "event_time"),
+    "mark_prices": (_mark_price_columns, "event_time"),
+    "liquidations": (_liquidation_columns, "trade_time"),
+    "continuous_klines": (_continuous_kline_columns, "open_time"),
+    "mark_price_klines": (lambda: _price_kline_columns(_symbol()), "open_time"),
+    "index_price_klines": (lambda: _price_kline_columns(*_texts("pair", key=True)), "open_time"),
+    "index_prices": (_index_price_columns, "event_time"),
+    "composite_index": (_composite_index_columns, "event_time"),
+    "open_interest": (_open_interest_columns, "time"),
+    "funding_rates": (_funding_rate_columns, "funding_time"),
+}
+"""Base table name -> (its columns, its time column) in the futures markets. Unlike
+spot's, futures book tickers and partial depth carry Binance's event time, so that is
+their time column."""
+
+FUTURES_TABLES: dict[str, Table] = {
+    market.table_prefix + base: Table(market.table_prefix + base, metadata, *_FUTURES_TABLES[base][0](), _received_at())
+    for market in FUTURES_MARKETS
+    for base in market.base_tables
+}
+"""The futures markets' tables by name: `usdm_trades`, `coinm_mark_prices`..."""
+
 # Not a data table (not in TABLES): the backfill task's record of missing ids and kline
 # slots. Unique on where a gap starts, so finding the same hole again adds no row.
 gaps = Table(
@@ -291,13 +454,17 @@ market_data = CreateView(
 )
 
 TABLES: dict[str, Table] = {
-    table.name: table
-    for table in (
-        trades, agg_trades, klines, tickers, mini_tickers, book_tickers, avg_prices,
-        depth_updates, depth_snapshots, partial_depth, window_tickers, block_trades, reference_prices,
-    )
+    **{
+        table.name: table
+        for table in (
+            trades, agg_trades, klines, tickers, mini_tickers, book_tickers, avg_prices,
+            depth_updates, depth_snapshots, partial_depth, window_tickers, block_trades, reference_prices,
+        )
+    },
+    **FUTURES_TABLES,
 }  # fmt: skip
-"""The data tables by name (the view is not one of them: nothing inserts into it)."""
+"""The data tables by name, spot's then the futures markets' (the view is not one of
+them: nothing inserts into it)."""
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {name: tuple(table.columns.keys()) for name, table in TABLES.items()}
 """Column order per table: the order of the values in every row tuple."""
@@ -316,6 +483,11 @@ TIME_COLUMNS: dict[str, str] = {
     "window_tickers": "event_time",
     "block_trades": "trade_time",
     "reference_prices": "time",
+    **{
+        market.table_prefix + base: _FUTURES_TABLES[base][1]
+        for market in FUTURES_MARKETS
+        for base in market.base_tables
+    },
 }
 """The column (ms since the epoch) that says when a row happened: for status (newest
 row), retention (rows past their age) and exports."""
@@ -338,10 +510,21 @@ def _index_time_columns() -> None:
 
 _index_time_columns()
 
-# A book at an instant starts from the symbol's last update at or before it. Without
-# this index SQLite reads every stored update of the symbol (36,000 an hour at 100 ms)
-# and sorts them; with it, one seek. Its cost on the drain: see README "Order books".
-Index("ix_depth_updates_symbol_event_time", depth_updates.c.symbol, depth_updates.c.event_time)
+
+def _index_depth_updates() -> None:
+    """A book at an instant starts from the symbol's last update at or before it.
+    Without this index SQLite reads every stored update of the symbol (36,000 an hour
+    at 100 ms) and sorts them; with it, one seek. Its cost on the drain: see
+    docs/order-books.md. The futures markets' depth tables are books alike."""
+    for name in ("depth_updates", *(market.table_prefix + "depth_updates" for market in FUTURES_MARKETS)):
+        Index(f"ix_{name}_symbol_event_time", TABLES[name].c.symbol, TABLES[name].c.event_time)
+
+
+_index_depth_updates()
+
+UPSERTED_TABLES = frozenset(name for name, table in TABLES.items() if "is_closed" in table.c)
+"""The kline tables (spot's and the futures markets' of every price): an open kline is
+updated until it closes, so a later row of the same key replaces an open one."""
 
 _DIALECT_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
@@ -460,8 +643,8 @@ def store_rows(conn: Connection, rows_by_table: Mapping[str, Sequence[tuple]]) -
     """Insert each table's rows in the caller's transaction; return the rows written.
 
     A row whose key is already stored is skipped (it is a replay of a batch or a
-    backfill overlap), except in `klines`, where it replaces the stored row while that
-    row is still open: an open kline is updated until it closes, and an update that
+    backfill overlap), except in the kline tables (`UPSERTED_TABLES`), where it
+    replaces the stored row while that row is still open: an open kline is updated until it closes, and an update that
     arrives late never overwrites a closed one. So the counts are the rows inserted or
     updated; a batch stored twice reports 0 the second time.
     """
@@ -473,7 +656,7 @@ def _execute_many(conn: Connection, table_name: str, rows: Sequence[tuple]) -> i
         # The tuples go straight to sqlite3's executemany: no per-row work in Python.
         sql = _compiled_sql(conn.dialect, table_name)
         return conn.exec_driver_sql(sql, rows if isinstance(rows, list) else list(rows)).rowcount
-    if conn.dialect.name == "postgresql" and table_name != "klines":
+    if conn.dialect.name == "postgresql" and table_name not in UPSERTED_TABLES:
         return _copy_then_insert(conn, table_name, rows)
     columns = TABLE_COLUMNS[table_name]
     statement = _insert_statement(conn.dialect.name, table_name)
@@ -495,7 +678,7 @@ def _copy_then_insert(conn: Connection, table_name: str, rows: Sequence[tuple]) 
     statement per row. Measured on 200,000 trade rows in 5,000-row transactions on a
     loaded 2-core machine: executemany 18,700 rows/s; staging then insert-or-ignore
     0.35-0.43 of plain COPY for the whole drain (the INSERT ... SELECT took twice the
-    COPY); COPY first, as here, see the README's PostgreSQL figures. Klines do not
+    COPY); COPY first, as here, see the PostgreSQL figures in docs/postgresql.md. Klines do not
     come here: their upsert may meet the same key twice in one batch.
     """
     # Quoted: some column names (window) are reserved words in PostgreSQL.
@@ -574,7 +757,7 @@ def _insert_statement(dialect_name: str, table_name: str) -> Insert:
     older version. PostgreSQL evaluates the WHERE against the row the other transaction
     committed (the conflicting insert waits for it), SQLite has one writer at a time."""
     table = TABLES[table_name]
-    if table is not klines:
+    if table_name not in UPSERTED_TABLES:
         return insert_or_ignore(dialect_name, table)
     statement = _dialect_insert(dialect_name, table)
     newer = statement.excluded.event_time
