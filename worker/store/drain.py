@@ -384,8 +384,22 @@ def take_a_lane(
         shift = DrainShift(client, keys, window_seconds, lane=lane, node=node)
         if shift.take_over():
             client.delete(keys.drain_passes(lane))
+            if _past_the_node_cap(client, keys, count, node, lane, most):
+                shift.lease.release()
+                return None
             return shift
     return None
+
+
+def _past_the_node_cap(client: redis.Redis, keys: RedisKeys, count: int, node: str, lane: int, most: int) -> bool:
+    """Whether `lane`, just taken, is one too many for its node: two runs of one node
+    that looked at the holders at once (beat ticks that waited in the queue arrive
+    together) may each have taken a lane. The node keeps its `most` lowest lanes, so of
+    two such runs exactly one gives its lane back."""
+    mine = sorted(
+        held for held, holder in drain_holders(client, keys, count).items() if holder.split("@", 1)[-1] == node
+    )
+    return lane in mine[most:]
 
 
 def _pass_on(client: redis.Redis, keys: RedisKeys, lane: int, taken: bool) -> bool:
