@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import clean_env
-from worker.ops.local_stack import LocalStack
+from tests.conftest import clean_env, wait_until
+from worker.ops.local_stack import LocalStack, free_port
 from worker.settings import Settings, documented_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,8 @@ def test_redis_is_private_durable_and_never_evicts(services: dict[str, Service])
 
 def test_named_volumes_are_declared_and_used(compose: dict[str, Any], services: dict[str, Service]) -> None:
     mounted = {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])}
-    assert mounted == set(compose["volumes"]) == {"redis", "data", "postgres"}
+    named = {source for source in mounted if not source.startswith(".")}
+    assert named == set(compose["volumes"]) == {"redis", "data", "postgres", "prometheus", "grafana"}
     assert services["postgres"]["volumes"] == ["postgres:/var/lib/postgresql/data"]
 
 
@@ -203,7 +204,7 @@ def test_the_postgres_profile(services: dict[str, Service]) -> None:
     assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
     assert "ports" not in postgres
     waiting = {name for name, service in services.items() if "redis" in service.get("depends_on", {})}
-    assert waiting == {"worker-streams", "worker", "beat", "flower"}  # subscribe waits for the workers
+    assert waiting == {"worker-streams", "worker", "beat", "flower", "metrics"}  # subscribe waits for the workers
     for name in waiting:
         assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy", "required": False}, name
 
@@ -214,7 +215,13 @@ def test_flower_asks_for_a_password_and_listens_on_localhost_only(
     flower = services["flower"]
     assert "--basic-auth=${FLOWER_BASIC_AUTH:?" in " ".join(flower["command"])
     assert flower["ports"] == ["127.0.0.1:5555:5555"]
-    assert [name for name, s in services.items() if "ports" in s] == ["flower"]
+
+
+def test_only_the_web_pages_are_published_and_on_localhost_only(services: dict[str, Service]) -> None:
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    assert set(published) == {"flower", "metrics", "prometheus", "grafana"}
+    for name, ports in published.items():
+        assert all(port.startswith("127.0.0.1:") for port in ports), name
 
 
 def test_every_setting_reaches_the_containers(services: dict[str, Service]) -> None:
@@ -223,9 +230,81 @@ def test_every_setting_reaches_the_containers(services: dict[str, Service]) -> N
     assert environment["REDIS_URL"] == "redis://redis:6379/0"
     passed_through = {name for name, value in environment.items() if value is None}
     assert passed_through == set(environment) - {"REDIS_URL", "DATABASE_URL"}
-    for name, service in services.items():
-        if name not in {"redis", "postgres"}:
-            assert service["environment"] == environment, name
+    built_here = {name for name, service in services.items() if service.get("image") == "binance-recorder"}
+    assert built_here == {"worker-streams", "worker", "beat", "flower", "metrics", "subscribe"}
+    for name in built_here:
+        assert services[name]["environment"] == environment, name
+
+
+# -- metrics and the monitoring profile ---------------------------------------------------------
+
+
+def metrics_port(services: Mapping[str, Service]) -> str:
+    return option(services["metrics"]["command"], "--port")
+
+
+def test_the_metrics_exporter_runs_with_the_app(services: dict[str, Service]) -> None:
+    """Without a profile, like Flower: `binance-recorder metrics` on every address of its
+    container, reading the SQLite file of the data volume."""
+    metrics = services["metrics"]
+    assert "profiles" not in metrics
+    assert metrics["command"][:2] == ["binance-recorder", "metrics"]
+    assert option(metrics["command"], "--address") == "0.0.0.0"
+    assert metrics["ports"] == [f"127.0.0.1:{metrics_port(services)}:{metrics_port(services)}"]
+    assert f"data:{DATA}" in metrics["volumes"]
+    assert f"127.0.0.1:{metrics_port(services)}/metrics" in " ".join(metrics["healthcheck"]["test"])
+
+
+def bind_mounts(service: Service) -> dict[str, Path]:
+    """Container path -> the repository file or folder mounted there."""
+    mounts = [volume.split(":") for volume in service.get("volumes", []) if volume.startswith(".")]
+    return {target: (COMPOSE.parent / source).resolve() for source, target, *_ in mounts}
+
+
+def test_the_monitoring_profile_provisions_prometheus_and_grafana(services: dict[str, Service]) -> None:
+    """Prometheus scrapes the exporter's port; Grafana gets that Prometheus (under the uid
+    the dashboard names) and the dashboard, from files of the repository that exist."""
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["profiles"] == grafana["profiles"] == ["monitoring"]
+    assert grafana["depends_on"]["prometheus"] == {"condition": "service_healthy"}
+    prometheus_files, grafana_files = bind_mounts(prometheus), bind_mounts(grafana)
+    assert all(path.exists() for path in [*prometheus_files.values(), *grafana_files.values()])
+
+    config = yaml.safe_load(prometheus_files["/etc/prometheus/prometheus.yml"].read_text())
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"] == [{"targets": [f"metrics:{metrics_port(services)}"]}]
+
+    provisioning = grafana_files["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "binance-recorder.yml").read_text())["providers"]
+    dashboards = grafana_files[provider["options"]["path"]]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(provider["options"]["path"] + "/")
+    dashboard = json.loads((dashboards / Path(home).name).read_text())
+    used = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
+    assert used == {source["uid"]}
+
+
+def test_the_metrics_command_serves_what_its_healthcheck_reads(
+    services: dict[str, Service], redis_url: str, tmp_path: Path
+) -> None:
+    """The exporter's compose command, run as a process (on a free port: the one in the
+    file may be taken here), answers its healthcheck; stopped, the healthcheck fails."""
+    port = str(free_port())
+    env = clean_env({"REDIS_URL": redis_url, "DATABASE_URL": f"sqlite:///{tmp_path / 'binance.db'}"})
+    stack = LocalStack(tmp_path, env=env)
+    command = [part.replace(metrics_port(services), port) for part in services["metrics"]["command"]]
+    healthcheck = [part.replace(metrics_port(services), port) for part in services["metrics"]["healthcheck"]["test"]]
+    assert healthcheck[0] == "CMD"
+    try:
+        exporter = stack.spawn("metrics", [str(BIN / command[0]), *command[1:]])
+        wait_until(lambda: "serving" in exporter.log_text(), 30, "the exporter to listen")
+        assert subprocess.run([sys.executable, *healthcheck[2:]], timeout=30).returncode == 0
+        stack.stop_process(exporter)
+        assert subprocess.run([sys.executable, *healthcheck[2:]], capture_output=True, timeout=30).returncode != 0
+    finally:
+        stack.stop()
 
 
 # -- the Dockerfile ------------------------------------------------------------------------

@@ -289,8 +289,8 @@ def test_two_drains_on_the_same_lists_lose_nothing_and_store_nothing_twice(
     for drainer, claims in ((small, small_claims), (large, large_claims)):
         parsed = [parse_frames(claim.elements) for claim in claims]
         with pg_engine.begin() as conn:
-            store_rows(conn, _merged_rows(parsed))
-        drainer._acknowledge(claims, parsed, {})
+            stored = store_rows(conn, _merged_rows(parsed))
+        drainer._acknowledge(claims, parsed, stored, {})
     # Removed: the clock mark and 999 frames, once; the flush's mark is back in front of the rest.
     assert [redis_client.llen(key) for key in lists] == [20_001 - 1000 + 1] * 3
 

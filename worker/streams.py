@@ -93,6 +93,12 @@ def stream_kind(stream_name: str) -> str:
         kind = stream_name[1:].partition("@")[0]
     else:  # <symbol>@<kind>[@<options>]
         kind = stream_name.partition("@")[2].partition("@")[0]
+    return kind_family(kind)
+
+
+def kind_family(kind: str) -> str:
+    """ "kline_1m" -> "kline", "continuousKline_1m" -> "continuousKline": a kind streamed
+    per interval stands for all its intervals; any other kind is itself."""
     family, underscore, _interval = kind.partition("_")
     return family if underscore and family in KLINE_KINDS else kind
 

@@ -1,4 +1,4 @@
-"""`binance-recorder`: run the stack locally, subscribe, look at status, backfill, export, chart, book.
+"""`binance-recorder`: run the stack locally, subscribe, look at status, metrics, backfill, export, chart, book.
 
 Exit codes: 0 success, 1 something is unhealthy or a task failed, 2 bad usage or bad
 input (argparse's convention) or a bad setting, 3 a part of the stack could not start,
@@ -24,11 +24,14 @@ import requests
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from worker.ops.cli_data import add_data_commands
-from worker.ops.clients import TaskFailed, call_task, existing_database, redis_client
+from worker.ops.clients import TaskFailed, call_task, database, existing_database, redis_client
 from worker.ops.local_stack import LocalStack, StackError, recorded_stack_env, wait_for_redis
 from worker.settings import Settings, split_list
 
 DEFAULT_LOCAL_SYMBOLS = "BTCUSDT,ETHUSDT,BNBUSDT"
+# Not 9808, the port of the widely used celery-exporter: a Celery shop that scrapes its
+# queues with it may run both exporters on one host.
+DEFAULT_METRICS_PORT = 9836
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
 EXIT_STACK = 3
@@ -94,6 +97,8 @@ def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namesp
     names = ["worker-streams", "worker"]
     if args.flower_port:
         print(f"flower:   {stack.start_flower(args.flower_port)}")
+    if args.metrics_port:
+        print(f"metrics:  {stack.start_metrics(args.metrics_port)}")
     stack.wait_for_workers(names)
     print(f"database: {stack.env['DATABASE_URL']}\nlogs:     {stack.log_dir}/", flush=True)
     print(f"shells:   binance-recorder in {Path.cwd()} uses this stack (URLs in {stack.record()})", flush=True)
@@ -156,6 +161,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_UNHEALTHY if found else 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Serve /metrics until SIGINT or SIGTERM (see worker/ops/metrics.py)."""
+    from worker.ops.metrics import serve
+
+    settings = args.settings
+    client = redis_client(settings)
+    client.ping()  # an unreachable Redis is one line now, not an empty page at every scrape
+    engine = database(settings)
+    # Blocked before the server's thread starts, which inherits the mask: sigwait gets them all.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        server = serve(settings, client, engine, args.port, args.address)
+    except OSError as error:
+        print(
+            f"error: cannot listen on {args.address}:{args.port} ({error.strerror}): pass a free --port",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    print(f"metrics: serving http://{args.address}:{server.server_port}/metrics", flush=True)
+    signal.sigwait(stop_signals)
+    server.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="binance-recorder", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the private Redis started when REDIS_URL is not set (default: 6379)",
     )
     run.add_argument("--flower-port", type=int, default=5555, help="Flower's port; 0 to not start it")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"port of the Prometheus exporter (/metrics); 0 to not start it (default: {DEFAULT_METRICS_PORT})",
+    )
     run.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: never)")
     run.add_argument("--report-every", type=float, default=10, help="seconds between row-count lines")
     run.set_defaults(func=cmd_run)
@@ -208,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     status.set_defaults(func=cmd_status)
+
+    metrics = commands.add_parser(
+        "metrics",
+        help="serve the recorder's figures for Prometheus at /metrics",
+        description="Serve /metrics for Prometheus: each scrape reads the service's state from Redis and the "
+        "database (no worker needed). Runs until Ctrl-C or SIGTERM.",
+    )
+    metrics.add_argument(
+        "--port", type=int, default=DEFAULT_METRICS_PORT, help=f"port to listen on (default: {DEFAULT_METRICS_PORT})"
+    )
+    metrics.add_argument(
+        "--address", default="127.0.0.1", help="address to listen on; 0.0.0.0 in a container (default: 127.0.0.1)"
+    )
+    metrics.set_defaults(func=cmd_metrics)
 
     add_data_commands(commands)
     return parser

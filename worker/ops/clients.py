@@ -58,4 +58,11 @@ def existing_database(settings: Settings) -> Engine:
     parsed = make_url(settings.database_url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
         raise ValueError(f"no database at {parsed.database}: check DATABASE_URL, or start the service first")
+    return database(settings)
+
+
+def database(settings: Settings) -> Engine:
+    """The engine of DATABASE_URL, whether or not its SQLite file exists yet: for the
+    metrics exporter, which may start before the first drain creates it and checks at
+    every scrape instead (worker/ops/metrics.py)."""
     return make_engine(settings.database_url, settings.sqlite_busy_timeout_ms)

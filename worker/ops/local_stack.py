@@ -1,7 +1,7 @@
 """The whole service on one machine, as child processes: what `binance-recorder run` starts.
 
 Redis (unless REDIS_URL points at one), optionally the bundled fake exchange, the two
-Celery workers (`streams` and `celery` queues), beat and Flower. The test suite starts
+Celery workers (`streams` and `celery` queues), beat, Flower and the metrics exporter. The test suite starts
 its stack with this same code, so the README's command is exercised by every test run.
 """
 
@@ -252,6 +252,13 @@ class LocalStack:
             [*CELERY, "flower", f"--port={port}", "--address=127.0.0.1"],
         )
         return f"http://127.0.0.1:{port}"
+
+    def start_metrics(self, port: int) -> str:
+        """The Prometheus exporter (`binance-recorder metrics`); returns its /metrics URL."""
+        if not port_is_free(port):
+            raise StackError(f"port {port} is taken (another exporter?): pass --metrics-port with a free port, or 0")
+        process = self.spawn("metrics", [sys.executable, "-m", "worker.ops.cli", "metrics", f"--port={port}"])
+        return self._wait_for_line(process, re.compile(r"serving (http://\S+)")).group(1)
 
     # -- process handling ------------------------------------------------------------
 

@@ -69,6 +69,9 @@ from worker.store.parsing import ParsedBatch, Row, parse_frames
 from worker.store.storage import store_rows
 from worker.times import now_ms
 
+# Prefix of the service counters (RedisKeys.counters) of rows stored, one per table.
+ROWS_STORED_COUNTER = "rows_stored:"
+
 # Dead letters kept for inspection; older ones are trimmed (the counter keeps counting).
 DEAD_LETTERS_KEPT = 10_000
 
@@ -223,7 +226,7 @@ class Drainer:
             books = follow_books(conn, self.client, self.keys, depth_rows, now_ms()) if depth_rows else None
         if books is not None:
             books.save(self.client, self.keys)
-        self._acknowledge(claims, parsed, stored_marks(rows, now_ms()))
+        self._acknowledge(claims, parsed, stored, stored_marks(rows, now_ms()))
         report.batches += len(claims)
         report.rows.update(stored)
         for batch in parsed:
@@ -239,15 +242,23 @@ class Drainer:
             if gid not in wanted and not self.registry.has_live_lease(gid):
                 self.buffer.forget_if_empty(key)
 
-    def _acknowledge(self, claims: list[Claim], parsed: list[ParsedBatch], marks: dict[str, int]) -> None:
+    def _acknowledge(
+        self, claims: list[Claim], parsed: list[ParsedBatch], stored: dict[str, int], marks: dict[str, int]
+    ) -> None:
         """Record dead letters, counters and what was stored when (`marks`), and remove
-        the batches, all in one transaction."""
+        the batches, all in one transaction.
+
+        The rows stored per table are counted for the metrics exporter's rows/s
+        (worker/ops/metrics.py): counting the tables themselves costs a full scan."""
         with self.client.pipeline(transaction=True) as pipe:
             for claim, batch in zip(claims, parsed, strict=True):
                 if batch.dead_letters:
                     self._record_dead_letters(pipe, claim, batch)
                 self.buffer.ack(claim, batch.last_mark, pipe)
             pipe.hincrby(self.keys.counters, "frames_drained", sum(batch.frames for batch in parsed))
+            for table, rows in stored.items():
+                if rows > 0:  # a driver that cannot count says -1
+                    pipe.hincrby(self.keys.counters, f"{ROWS_STORED_COUNTER}{table}", rows)
             if marks:
                 pipe.hset(self.keys.stored_at, mapping={field: ms for field, ms in marks.items()})
             pipe.execute()
