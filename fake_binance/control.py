@@ -126,6 +126,15 @@ def _pause_data(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds}
 
 
+def _mute_stream(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    stream = body.get("stream")
+    if not isinstance(stream, str) or "@" not in stream:
+        raise ControlError("stream must be a stream name such as 'btcusdt@trade'")
+    seconds = _number(body, "seconds")
+    ctx.hub.mute(stream, seconds)
+    return {"stream": stream, "seconds": seconds}
+
+
 def _reset_stats(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     ctx.stats.reset()
     return {}
@@ -138,6 +147,7 @@ _ACTIONS: dict[str, Callable[[Context, dict[str, Any]], dict[str, Any]]] = {
     "rest_fault": _rest_fault,
     "set_rate": _set_rate,
     "pause_data": _pause_data,
+    "mute_stream": _mute_stream,
     "reset_stats": _reset_stats,
 }
 

@@ -100,6 +100,7 @@ class Hub:
         self._next_second = 0
         self._next_tenth = 0
         self._paused_until = 0
+        self._muted_until: dict[str, int] = {}  # stream name -> epoch ms
 
     # -- registry ---------------------------------------------------------------
 
@@ -146,6 +147,11 @@ class Hub:
         upstream, and must backfill it over REST.
         """
         self._paused_until = now_ms() + int(seconds * 1000)
+
+    def mute(self, stream_name: str, seconds: float) -> None:
+        """Publish nothing on one stream for `seconds` (0: at once again), while its
+        connections and their other streams go on: a stream Binance stopped sending."""
+        self._muted_until[stream_name] = now_ms() + int(seconds * 1000)
 
     # -- publishing ---------------------------------------------------------------
 
@@ -302,6 +308,8 @@ class Hub:
         self._fan_out(stream, streams.kline_event(spec.symbol or "", spec.interval or "", kline, now), None)
 
     def _fan_out(self, stream: _Stream, payload: bytes, ident: int | None) -> None:
+        if self._muted_until and self._muted_until.get(stream.spec.name, 0) > now_ms():
+            return
         symbol, kind = stream.spec.symbol or streams.ALL_SYMBOLS, stream.spec.stat_kind
         for session in stream.subscribers:
             session.deliver(stream.name, payload, symbol, kind, ident)

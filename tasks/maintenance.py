@@ -10,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tasks.resources import engine, redis_client
 from tasks.subscriptions import start_group
+from tasks.workers import node_processes
 from worker import app
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
@@ -39,7 +40,7 @@ def drain(self: Any) -> dict[str, Any]:
         database = engine()
         lanes = drain_lanes(database, settings.drain_lanes)
         window = settings.drain_interval_seconds * DRAIN_RUN_INTERVALS
-        shift = take_a_lane(client, keys, window, lanes, node=self.request.hostname)
+        shift = take_a_lane(client, keys, window, lanes, node=self.request.hostname, node_processes=node_processes())
         if shift is None:
             return {"skipped": "another drain run is storing" if lanes == 1 else "every drain lane has a run storing"}
         share = DrainLanes(client, keys, lanes, shift.lane)

@@ -102,14 +102,13 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
     if group is None:
         return {"group": group_id, "ended": "not wanted"}
 
-    follows_books = any(stream_kind(stream) == "depth" for stream in group.streams)
-
-    def report_progress(progress: dict[str, object]) -> None:
+    def report_progress(current: Group, progress: dict[str, object]) -> None:
         # The PROGRESS state is what `AsyncResult.info` returns. Flower knows a task
         # only from events, and shows and serves (/api/tasks) a fixed set of a task's
         # fields: the figures go in `result`, the one of them meant for a task's output.
-        if follows_books:
-            progress = {**progress, "books": _books_of(client, settings.redis_prefix, group.streams)}
+        # `current` is the group as it is now: books appear once depth streams join it.
+        if any(stream_kind(stream) == "depth" for stream in current.streams):
+            progress = {**progress, "books": _books_of(client, settings.redis_prefix, current.streams)}
         self.update_state(state="PROGRESS", meta=progress)
         # retry=False: a report during a Redis outage fails at once and is skipped.
         self.send_event("task-progress", retry=False, result=progress, **progress)

@@ -1,11 +1,12 @@
 """What a worker tells the others about itself: how many groups a `streams` worker can
-record, reported with every heartbeat, so that `subscribe` knows when none is free."""
+record, reported with every heartbeat, so that `subscribe` knows when none is free; and
+what a task needs to know of its own worker node (its processes, for the drain lanes)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
+from celery.signals import heartbeat_sent, worker_init, worker_ready, worker_shutdown
 
 from tasks.resources import redis_client
 from worker.groups import StreamProcesses
@@ -14,6 +15,20 @@ from worker.settings import get_settings
 
 # This process's worker, when it consumes `streams`: its name and process count.
 _stream_worker: dict[str, Any] = {}
+# This process's worker controller, remembered in the main process before the pool
+# forks, so that the pool's processes read their node's concurrency from it.
+_this_worker: dict[str, Any] = {}
+
+
+@worker_init.connect
+def _remember_this_worker(sender: Any, **_: Any) -> None:
+    _this_worker["controller"] = sender
+
+
+def node_processes() -> int | None:
+    """How many processes this worker node's pool has (its `-c`); None outside a worker."""
+    controller = _this_worker.get("controller")
+    return int(controller.concurrency) if controller is not None else None
 
 
 def stream_processes() -> StreamProcesses:

@@ -111,6 +111,15 @@ def fake_stats(stack: LocalStack) -> dict[str, Any]:
     return requests.get(f"{stack.env['BINANCE_REST_URL']}/fake/stats", timeout=5).json()
 
 
+def fake_control(stack: LocalStack, action: str, **fields: object) -> dict[str, Any]:
+    """Steer the fake exchange (fake_binance/control.py); fails on a refused action."""
+    response = requests.post(
+        f"{stack.env['BINANCE_REST_URL']}/fake/control", json={"action": action, **fields}, timeout=5
+    )
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
+
+
 def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> Any:
     """Call a task by name and wait for its result, as an app without this code would."""
     return client_app(stack.env["REDIS_URL"]).send_task(name, args=args, kwargs=kwargs).get(timeout=60)

@@ -24,7 +24,7 @@ from celery.result import AsyncResult
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import call, launch_stack, wait_until
+from tests.conftest import call, fake_control, launch_stack, wait_until
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
@@ -77,11 +77,6 @@ def fake_book(stack: LocalStack, symbol: str, update_id: int, levels: int) -> di
     assert answer.status_code == 200, answer.text
     book = answer.json()
     return {side: [[float(p), float(q)] for p, q in book[side][:levels]] for side in ("bids", "asks")}
-
-
-def control(stack: LocalStack, action: str, **fields: Any) -> None:
-    body = {"action": action, **fields}
-    assert requests.post(f"{stack.env['BINANCE_REST_URL']}/fake/control", json=body, timeout=5).ok
 
 
 def book_json(stack: LocalStack, symbol: str, at: str, levels: int = 20) -> dict[str, Any]:
@@ -170,7 +165,7 @@ def test_a_time_before_the_first_snapshot_exits_1_naming_the_first_known_book(st
 
 def test_lost_updates_make_a_gap_and_the_book_resyncs_equal_to_the_fakes(stack: LocalStack, db: Engine) -> None:
     before = book_json(stack, "ETHUSDT", "-1s")
-    control(stack, "pause_data", seconds=1.5)  # the updates of the pause are lost
+    fake_control(stack, "pause_data", seconds=1.5)  # the updates of the pause are lost
     wait_until(
         lambda: rows(db, "select first_missing, last_missing from gaps where kind = 'depth' and symbol = 'ETHUSDT'"),
         20,
@@ -275,7 +270,7 @@ def test_dropped_connections_on_the_one_second_stream_leave_a_gap_and_resync(sta
     wait_until(lambda: states(stack).get("SOLUSDT") == "synced", 30, "SOLUSDT synced")
     count_gaps = "select count(*) from gaps where kind = 'depth' and symbol = 'SOLUSDT'"
     assert rows(db, count_gaps) == [(0,)]
-    control(stack, "drop_all")  # every connection aborted: the ingest reconnects
+    fake_control(stack, "drop_all")  # every connection aborted: the ingest reconnects
     dropped_at = int(time.time() * 1000)
     wait_until(lambda: rows(db, count_gaps)[0][0] == 1, 30, "a SOLUSDT gap after the drop")
     wait_until(lambda: states(stack).get("SOLUSDT") == "synced", 30, "SOLUSDT synced again")

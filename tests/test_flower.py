@@ -87,3 +87,26 @@ def test_a_drain_run_that_cannot_store_shows_in_flower_as_failed(flower: tuple[L
         blocker.close()
     assert all("database is locked" in task["exception"] for task in failed.values())
     assert _get(url, "/api/tasks", taskname="tasks.drain", state="SUCCESS") == {}
+
+
+def test_books_join_a_recording_tasks_figures_when_depth_streams_join_its_group(
+    flower: tuple[LocalStack, str],
+) -> None:
+    """Depth streams subscribed into a running group (a live SUBSCRIBE, no new task):
+    the task's figures in Flower gain their books, as the group's streams change."""
+    stack, url = flower
+    (group,) = call(stack, "tasks.subscribe", ["ADAUSDT"], ["trade"])["groups"]
+    task = wait_until(
+        lambda: [t for t in _recording_tasks(url) if t["result"]["group"] == group], 60, "the group's task in Flower"
+    )[0]
+
+    joined = call(stack, "tasks.subscribe", ["SOLUSDT", "XRPUSDT"], ["depth@100ms"])
+    assert joined["groups"] == [group] and joined["new_groups"] == []
+
+    def books_shown() -> dict[str, Any] | None:
+        info = _get(url, f"/api/task/info/{task['uuid']}") or {}
+        books = (info.get("result") or {}).get("books")
+        return books if books and books.keys() == {"SOLUSDT", "XRPUSDT"} else None
+
+    books = wait_until(books_shown, 60, "Flower's figures of the same task to show the new books")
+    assert all(book["state"] in ("synced", "resyncing") for book in books.values())

@@ -5,6 +5,7 @@ free `subscribe` and `status` say so, with the fix."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -94,9 +95,15 @@ def test_past_the_process_count_subscribe_and_status_say_so_and_name_the_fix(one
 
     assert waiting.returncode == 1, waiting.stderr
     assert "no free streams process" in waiting.stderr and "STREAM_WORKER_CONCURRENCY" in waiting.stderr
+    (waiting_group,) = json.loads(waiting.stdout)["waiting"]
     status = status_command(one_process)
     assert status.returncode == 1
     assert "is waiting: no free streams process" in status.stdout and "--scale worker-streams=2" in status.stdout
+    row = next(line.split() for line in status.stdout.splitlines() if line.startswith(waiting_group))
+    assert row[3] == "waiting" and "NOT RUNNING" not in status.stdout  # its STATE column
+    as_json = json.loads(status_command(one_process, "--json").stdout)
+    (shown,) = [group for group in as_json["groups"] if group["id"] == waiting_group]
+    assert shown["state"] == "waiting" and not shown["live"]
     call(one_process, "tasks.unsubscribe", ["BTCUSDT"])
     wait_until(lambda: rows(one_process, "ETHUSDT"), 60, "ETHUSDT to be recorded once the process is free")
 

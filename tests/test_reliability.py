@@ -9,20 +9,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import call, fake_stats, launch_stack, status_command, wait_until
+from tests.conftest import call, fake_control, fake_stats, launch_stack, status_command, wait_until
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
 from worker.ops.local_stack import LocalStack
 from worker.store.storage import make_engine
-
-
-def control(stack: LocalStack, **body: object) -> None:
-    requests.post(f"{stack.env['BINANCE_REST_URL']}/fake/control", json=body, timeout=5).raise_for_status()
 
 
 def group_status(stack: LocalStack, gid: str) -> dict[str, str]:
@@ -60,7 +55,7 @@ def test_rotation_and_server_shutdown_leave_no_gap(rotating: LocalStack) -> None
     gid = call(stack, "tasks.subscribe", ["BTCUSDT"], streams=["trade"])["groups"][0]
     wait_until(lambda: group_status(stack, gid).get("state") == "connected", 20, "the group to connect")
     time.sleep(7)  # two planned rotations
-    control(stack, action="server_shutdown", grace_seconds=1)
+    fake_control(stack, "server_shutdown", grace_seconds=1)
     time.sleep(3)
     call(stack, "tasks.unsubscribe", ["BTCUSDT"])
     wait_until(lambda: fake_stats(stack)["connections"]["open"] == 0, 15, "the connections to close")
@@ -84,7 +79,7 @@ def test_a_silent_connection_is_replaced_although_pings_flow(rotating: LocalStac
     gid = call(stack, "tasks.subscribe", ["ETHUSDT"], streams=["trade"])["groups"][0]
     wait_until(lambda: group_status(stack, gid).get("state") == "connected", 20, "the group to connect")
     opened = fake_stats(stack)["connections"]["opened_total"]
-    control(stack, action="pause_data", seconds=2.5)  # shorter than the 6 s lifetime and 3 s rotation
+    fake_control(stack, "pause_data", seconds=2.5)  # shorter than the 6 s lifetime and 3 s rotation
     wait_until(lambda: "no data" in _log(stack, "worker-streams"), 10, "the watchdog to rotate")
     assert fake_stats(stack)["connections"]["opened_total"] > opened
     call(stack, "tasks.unsubscribe", ["ETHUSDT"])

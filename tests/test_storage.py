@@ -257,16 +257,19 @@ def test_an_open_kline_is_replaced_until_it_closes(engine: Engine) -> None:
     updates = [
         kline(close=1.0, is_closed=False, event_time=T + 1000),
         kline(close=2.0, is_closed=False, event_time=T + 3000),
+        kline(close=1.5, is_closed=False, event_time=T + 2000),  # older, committed later (two drain runs)
         kline(close=3.0, is_closed=True, event_time=T + 60000),
         kline(close=2.5, is_closed=False, event_time=T + 5000),  # late, after the close
     ]
-    written = []
+    written, stored = [], []
     for update in updates:
         with engine.begin() as conn:
             written.append(store_rows(conn, {"klines": [update]})["klines"])
-    assert written == [1, 1, 1, 0]
+            stored.append(conn.execute(select(storage.klines.c.close)).scalar_one())
+    assert written == [1, 1, 0, 1, 0]
+    assert stored == [1.0, 2.0, 2.0, 3.0, 3.0]  # never back to an older version
     with engine.connect() as conn:
-        assert tuple(conn.execute(select(storage.klines)).one()) == updates[2]
+        assert tuple(conn.execute(select(storage.klines)).one()) == updates[3]
 
 
 def test_market_data_view_has_the_original_shape(engine: Engine) -> None:
@@ -309,7 +312,10 @@ def test_postgresql_gets_the_same_conflict_rules() -> None:
     klines_sql = str(storage._insert_statement("postgresql", "klines").compile(dialect=dialect))
     assert trades_sql.endswith("ON CONFLICT DO NOTHING")
     assert "ON CONFLICT (symbol, interval, open_time) DO UPDATE SET close_time = " in klines_sql
-    assert klines_sql.endswith("WHERE klines.is_closed = false")
+    assert klines_sql.endswith(
+        "WHERE klines.is_closed = false AND (excluded.event_time IS NULL OR klines.event_time IS NULL "
+        "OR excluded.event_time >= klines.event_time)"
+    )
 
 
 def test_create_schema_adds_indexes_missing_from_an_older_database(tmp_path: Path) -> None:

@@ -46,6 +46,13 @@ class RedisKeys:
         return f"{self.prefix}:counters"
 
     @property
+    def stored_at(self) -> str:
+        """Hash: `<table>:<SYMBOL>` -> epoch ms of the last drain round that stored rows of
+        that symbol in that table, for the tables of the streams `status` watches for
+        silence (trades, agg_trades, depth_updates: see `worker.store.drain.WATCHED_TABLES`)."""
+        return f"{self.prefix}:stored-at"
+
+    @property
     def connect_attempts(self) -> str:
         """Sorted set of recent websocket connection attempts, shared by all groups."""
         return f"{self.prefix}:connect-attempts"

@@ -88,8 +88,9 @@ class Settings:
     drain_lanes: int = _setting(
         2,
         "PostgreSQL only (SQLite has one writer): how many drain runs store side by side, each "
-        "its share of the groups' lists. Each holds a default-worker process; two leave room "
-        "for the other periodic tasks on the default worker's 4 processes.",
+        "its share of the groups' lists. Each holds a default-worker process, and a worker node "
+        "holds at most all its processes but one (the lanes it leaves are stored by its runs too), "
+        "so the other periodic tasks always have a process.",
         1,
     )
     lease_ttl_seconds: float = _setting(
@@ -123,6 +124,13 @@ class Settings:
         60.0,
         "A connection that delivers no frame for this long is replaced, although pings may still flow.",
         _POSITIVE,
+    )
+    stale_stream_seconds: float = _setting(
+        300.0,
+        "`status` warns (exit 1) when a subscribed trade, aggTrade or diff-depth stream stores nothing "
+        "for this long while its group's connection is up (other streams of the group may flow); "
+        "raise it for illiquid symbols, 0 turns the check off.",
+        0,
     )
     rest_timeout_seconds: float = _setting(10.0, "Timeout of one REST request to Binance.", _POSITIVE)
     rest_weight_budget_per_minute: int = _setting(

@@ -77,7 +77,7 @@ class GroupRunner:
         settings: Settings,
         client: redis.Redis,
         shutting_down: Callable[[], bool] = lambda: False,
-        report_progress: Callable[[dict[str, object]], None] = lambda progress: None,
+        report_progress: Callable[[Group, dict[str, object]], None] = lambda group, progress: None,
     ) -> None:
         self.group = group
         self.report_progress = report_progress
@@ -120,6 +120,7 @@ class GroupRunner:
             worker=self.owner,
             task_id=task_id,
             streams=len(self.group.streams),
+            streams_changed_at="",
             started_at=now_ms(),
             reconnects=0,
             rotations=0,
@@ -299,7 +300,8 @@ class GroupRunner:
                 session.change(added, removed)
         self.group = wanted
         log.info("group %s: +%d -%d streams on the open connection", self.group.id, len(added), len(removed))
-        self._status(streams=len(wanted.streams))
+        # `status` counts a new stream's silence from here, not from the connection's start.
+        self._status(streams=len(wanted.streams), streams_changed_at=now_ms())
 
     def _publish_progress(self, now: float) -> None:
         """Messages per second since the last report, to Redis and to the task's observers."""
@@ -317,7 +319,7 @@ class GroupRunner:
             "rotations": self.rotations,
         }
         try:
-            self.report_progress(progress)
+            self.report_progress(self.group, progress)
         except Exception as error:
             # The report goes through Celery's result backend and event dispatcher, which
             # raise their own (kombu, redis, socket) errors; a lost report is replaced in

@@ -50,7 +50,7 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
             g["id"],
             ",".join(g["symbols"]),
             g["streams"],
-            g["state"] if g["live"] else "NOT RUNNING",
+            g["state"] if g["live"] or g["state"] == "waiting" else "NOT RUNNING",
             age(g["connected_since"], now) if g["state"] == "connected" else "-",
             g["messages_per_second"],
             age(g["last_message_at"], now),

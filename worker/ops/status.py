@@ -14,13 +14,14 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from worker.buffer import FrameBuffer
-from worker.groups import MORE_STREAM_PROCESSES, GroupRegistry
+from worker.groups import MORE_STREAM_PROCESSES, Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
 from worker.store.books import RESYNCING, book_states
-from worker.store.drain import drain_holders
+from worker.store.drain import WATCHED_TABLES, drain_holders, stored_at_field
 from worker.store.failures import storage_advice, storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS
+from worker.streams import KIND_TABLES, stream_kind
 from worker.times import now_ms
 
 # Share of Redis's maxmemory past which `status` warns: with `noeviction` a full Redis
@@ -32,9 +33,14 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+# The stream kinds whose silence `status` reports: those storing into a watched table.
+WATCHED_KINDS = {kind: table for kind, table in KIND_TABLES.items() if table in WATCHED_TABLES}
+
+
 def group_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]:
     registry = GroupRegistry(client, keys)
     buffer = FrameBuffer(client, keys)
+    stored = {as_text(field): int(ms) for field, ms in client.hgetall(keys.stored_at).items()}
     result = []
     for gid, group in sorted(registry.wanted().items()):
         record = registry.status(gid)
@@ -47,6 +53,8 @@ def group_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]
                 "live": registry.has_live_lease(gid),
                 "worker": record.get("worker"),
                 "connected_since": _int_or_none(record.get("connected_since")),
+                "streams_changed_at": _int_or_none(record.get("streams_changed_at")),
+                "stored_at": watched_streams(group, stored),
                 "messages": int(record.get("messages", 0)),
                 "messages_per_second": float(record.get("messages_per_second", 0)),
                 "last_message_at": _int_or_none(record.get("last_message_at")),
@@ -57,6 +65,29 @@ def group_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]
             }
         )
     return result
+
+
+def watched_streams(group: Group, stored: dict[str, int]) -> dict[str, int | None]:
+    """When each trade, aggTrade and diff-depth stream of `group` last stored rows (None:
+    never), from the drain's `stored_at` marks (`stored`): one HGETALL for all groups."""
+    result = {}
+    for stream in group.streams:
+        table = WATCHED_KINDS.get(stream_kind(stream))
+        if table is not None and not stream.startswith("!"):
+            result[stream] = stored.get(stored_at_field(table, stream.partition("@")[0].upper()))
+    return result
+
+
+def silent_streams(group: dict[str, Any], now: int, stale_seconds: float) -> dict[str, float]:
+    """Stream -> seconds without a stored row, for the watched streams of a connected
+    group silent for more than `stale_seconds` (0: never). Counted from the latest of
+    the stream's last stored row, the connection's start and the group's last change
+    of streams (a stream subscribed live has had no chance to store before it)."""
+    if not stale_seconds or not group["live"] or group["state"] != "connected":
+        return {}
+    start = max(group["connected_since"] or now, group["streams_changed_at"] or 0)
+    silent = {stream: (now - max(start, stored or 0)) / 1000 for stream, stored in group["stored_at"].items()}
+    return {stream: seconds for stream, seconds in silent.items() if seconds > stale_seconds}
 
 
 def table_statuses(engine: Engine) -> dict[str, dict[str, int | None]]:
@@ -135,6 +166,12 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
         last = group["last_message_at"]
         if group["live"] and last is not None and now - last > stale_ms:
             found.append(f"{name} received nothing for {(now - last) / 1000:.0f}s")
+        for stream, seconds in silent_streams(group, now, settings.stale_stream_seconds).items():
+            found.append(
+                f"stream {stream} of {name} stored nothing for {seconds:.0f}s while its connection is up "
+                f"(STALE_STREAM_SECONDS={settings.stale_stream_seconds:g}): does Binance still send it? "
+                "A symbol that rarely trades needs a longer STALE_STREAM_SECONDS"
+            )
         if group["backlog"] > behind:
             found.append(f"{name} has {group['backlog']} frames waiting in Redis: is the drain running?")
     for book in snapshot.get("books", []):

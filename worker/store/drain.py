@@ -29,6 +29,20 @@ and one run alone stores everything. Two runs may meet on a list for a round (a 
 taken, the lists are dealt anew as groups come and go); that costs work, not data: the
 acknowledgement removes only what no other run removed since the claim (the buffer's
 head counter), and the natural primary keys make the second copy of a row a no-op.
+
+Lanes are dealt by list, so one group's traffic is always stored by one lane. One
+stream's frames are in two lists only while it moves between groups (unsubscribed and
+subscribed again, it joins the first group with room, and its old list still holds its
+last frames); two lanes may then store them side by side. That is allowed rather than
+prevented, because it cannot corrupt what is stored: rows are keyed; an open kline is
+only replaced by a version no older than the stored one (`storage._insert_statement`),
+whatever order the runs commit in; and a book's continuity state, read at a round's
+start and saved whole after its commit (last writer wins), is true of the rows the
+saving run committed. So the stored book (rebuilt from rows by `book_at`, which checks
+the chain itself) is exact, a real break always leaves its gaps row and its snapshot
+request, and a stale state costs at worst a false break: the book is marked unknown
+until the next snapshot. tests/test_drain_lanes.py races both orders. Preventing it
+would take a lock per symbol across lanes in every round, for a few rounds per move.
 """
 
 from __future__ import annotations
@@ -212,7 +226,7 @@ class Drainer:
             books = follow_books(conn, self.client, self.keys, depth_rows, now_ms()) if depth_rows else None
         if books is not None:
             books.save(self.client, self.keys)
-        self._acknowledge(claims, parsed, stored)
+        self._acknowledge(claims, parsed, stored, stored_marks(rows, now_ms()))
         report.batches += len(claims)
         report.rows.update(stored)
         for batch in parsed:
@@ -228,8 +242,11 @@ class Drainer:
             if gid not in wanted and not self.registry.has_live_lease(gid):
                 self.buffer.forget_if_empty(key)
 
-    def _acknowledge(self, claims: list[Claim], parsed: list[ParsedBatch], stored: dict[str, int]) -> None:
-        """Record dead letters and counters and remove the batches, all in one transaction.
+    def _acknowledge(
+        self, claims: list[Claim], parsed: list[ParsedBatch], stored: dict[str, int], marks: dict[str, int]
+    ) -> None:
+        """Record dead letters, counters and what was stored when (`marks`), and remove
+        the batches, all in one transaction.
 
         The rows stored per table are counted for the metrics exporter's rows/s
         (worker/ops/metrics.py): counting the tables themselves costs a full scan."""
@@ -242,6 +259,8 @@ class Drainer:
             for table, rows in stored.items():
                 if rows > 0:  # a driver that cannot count says -1
                     pipe.hincrby(self.keys.counters, f"{ROWS_STORED_COUNTER}{table}", rows)
+            if marks:
+                pipe.hset(self.keys.stored_at, mapping={field: ms for field, ms in marks.items()})
             pipe.execute()
 
     def _record_dead_letters(self, pipe: redis.client.Pipeline, claim: Claim, batch: ParsedBatch) -> None:
@@ -257,6 +276,29 @@ class Drainer:
         )
         pipe.ltrim(self.keys.dead_letters, -DEAD_LETTERS_KEPT, -1)
         pipe.hincrby(self.keys.counters, "dead_letters", len(batch.dead_letters))
+
+
+WATCHED_TABLES = ("trades", "agg_trades", "depth_updates")
+"""Tables of the streams whose silence `status` reports (`STALE_STREAM_SECONDS`): a
+trade or book stream that stores nothing while its connection is up is one Binance
+stopped sending, or a symbol that stopped trading. Their rows start with the symbol."""
+
+
+def stored_at_field(table: str, symbol: str) -> str:
+    """The field of `RedisKeys.stored_at` that says when `symbol`'s rows last went into `table`."""
+    return f"{table}:{symbol}"
+
+
+def stored_marks(rows: dict[str, list[Row]], now: int) -> dict[str, int]:
+    """`stored_at` fields -> `now` for every symbol the round stored in a watched table.
+    One set per table over the round's rows, written with the acknowledgement: noting
+    costs no Redis round trip, and per symbol, not per group, so that one silent stream
+    shows among flowing ones."""
+    return {
+        stored_at_field(table, symbol): now
+        for table in WATCHED_TABLES
+        for symbol in {row[0] for row in rows.get(table, ())}
+    }
 
 
 def _merged_rows(parsed: list[ParsedBatch]) -> dict[str, list[Row]]:
@@ -308,8 +350,24 @@ def drain_holders(client: redis.Redis, keys: RedisKeys, lanes: int) -> dict[int,
     }
 
 
+def lanes_per_node(processes: int) -> int:
+    """The most lanes one worker node holds: all its processes but one, at least one.
+
+    A lane holds a process for good (its runs relay without a gap), so a node holding
+    as many lanes as it has processes has none left for supervise, backfill, book
+    snapshots and retention: a single default node of two processes with
+    `DRAIN_LANES=2` held both and starved them. A lane no node takes is still stored,
+    by the running runs (`DrainLanes`: they also store the lanes nobody holds)."""
+    return max(1, processes - 1)
+
+
 def take_a_lane(
-    client: redis.Redis, keys: RedisKeys, window_seconds: float, lanes: int, node: str | None = None
+    client: redis.Redis,
+    keys: RedisKeys,
+    window_seconds: float,
+    lanes: int,
+    node: str | None = None,
+    node_processes: int | None = None,
 ) -> DrainShift | None:
     """The shift of the first lane this run can hold (lanes beyond the number of lists
     have nothing to store: not tried), or None when every lane has a run storing.
@@ -321,19 +379,38 @@ def take_a_lane(
     node takes it, and its CPU stores two lanes). The lane is stored meanwhile by the
     running runs (`DrainLanes`). A lane went to whichever process took a tick while it
     was free, so two nodes with two processes each often stored both lanes on one node
-    while the other stood by (`python -m bench.scaleout`: 0.72 and 0.05 of a core)."""
+    while the other stood by (`python -m bench.scaleout`: 0.72 and 0.05 of a core).
+
+    A node of `node_processes` processes holds at most `lanes_per_node` of them (no cap
+    when unknown: a run outside a worker)."""
     node = node or socket.gethostname()
+    most = lanes_per_node(node_processes) if node_processes else lanes
     count = min(lanes, max(1, len(FrameBuffer(client, keys).list_keys())))
     holders = drain_holders(client, keys, count)
     on_this_node = {lane for lane, holder in holders.items() if holder.split("@", 1)[-1] == node}
     for lane in range(count):
-        if on_this_node - {lane} and _pass_on(client, keys, lane, taken=lane in holders):
+        others = on_this_node - {lane}  # the lane's own hand-over between this node's runs is no new lane
+        if len(others) >= most or (others and _pass_on(client, keys, lane, taken=lane in holders)):
             continue
         shift = DrainShift(client, keys, window_seconds, lane=lane, node=node)
         if shift.take_over():
             client.delete(keys.drain_passes(lane))
+            if _past_the_node_cap(client, keys, count, node, lane, most):
+                shift.lease.release()
+                return None
             return shift
     return None
+
+
+def _past_the_node_cap(client: redis.Redis, keys: RedisKeys, count: int, node: str, lane: int, most: int) -> bool:
+    """Whether `lane`, just taken, is one too many for its node: two runs of one node
+    that looked at the holders at once (beat ticks that waited in the queue arrive
+    together) may each have taken a lane. The node keeps its `most` lowest lanes, so of
+    two such runs exactly one gives its lane back."""
+    mine = sorted(
+        held for held, holder in drain_holders(client, keys, count).items() if holder.split("@", 1)[-1] == node
+    )
+    return lane in mine[most:]
 
 
 def _pass_on(client: redis.Redis, keys: RedisKeys, lane: int, taken: bool) -> bool:

@@ -41,11 +41,13 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
     create_engine,
     event,
     exc,
     false,
     inspect,
+    or_,
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -745,13 +747,25 @@ def _dialect_insert(dialect_name: str, table: Table) -> Any:
 
 @functools.cache
 def _insert_statement(dialect_name: str, table_name: str) -> Insert:
-    """Insert-or-ignore, except for klines: upsert while the stored kline is open."""
+    """Insert-or-ignore, except for klines: upsert while the stored kline is open, and
+    only by a version of it no older than the stored one (by event time; a REST kline has
+    none and replaces an open one, as a closed one does).
+
+    So the stored kline never goes back, whatever order its versions are committed in:
+    two drain runs may store one symbol's frames at once, from two lists, when regrouping
+    moves its streams (see `worker.store.drain`), and the last to commit may hold the
+    older version. PostgreSQL evaluates the WHERE against the row the other transaction
+    committed (the conflicting insert waits for it), SQLite has one writer at a time."""
     table = TABLES[table_name]
     if table_name not in UPSERTED_TABLES:
         return insert_or_ignore(dialect_name, table)
     statement = _dialect_insert(dialect_name, table)
+    newer = statement.excluded.event_time
     return statement.on_conflict_do_update(
         index_elements=list(table.primary_key.columns),
         set_={column.name: statement.excluded[column.name] for column in table.columns if not column.primary_key},
-        where=table.c.is_closed == false(),
+        where=and_(
+            table.c.is_closed == false(),
+            or_(newer.is_(None), table.c.event_time.is_(None), newer >= table.c.event_time),
+        ),
     )
