@@ -1,6 +1,9 @@
-"""Stream names and the JSON payloads of their events, field for field as Binance's.
+"""Stream names and the JSON payloads of their events, field for field as Binance's,
+and the `Venue`: what one market of the fake decides (its stream names, payloads and
+update ids), asked by the shared layers (hub, sessions, REST). `SpotVenue` is spot's;
+`futures.FuturesVenue` builds the futures payloads from the same pieces.
 
-Known kinds: trade, aggTrade, bookTicker, blockTrade, kline_<i>, ticker,
+Spot's kinds: trade, aggTrade, bookTicker, blockTrade, kline_<i>, ticker,
 ticker_<1h|4h|1d>, miniTicker, avgPrice, referencePrice, depth[@100ms],
 depth<5|10|20>[@100ms], and the all-market arrays !miniTicker@arr and
 !ticker_<1h|4h|1d>@arr (every listed symbol, whether asked for or not).
