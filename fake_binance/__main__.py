@@ -3,7 +3,9 @@
 Flags are generated from `FakeExchangeConfig` (field `pong_timeout` -> flag
 `--pong-timeout`), so the CLI always offers exactly the config's options. Once the
 port accepts connections, one line `fake-binance listening on http://HOST:PORT` is
-printed and flushed: a parent process waits for it to learn the port.
+printed and flushed: a parent process waits for it to learn the port. The futures
+markets' base URLs follow, one line each, in the form of the recorder's settings
+(`fake-binance BINANCE_USDM_WS_URL=ws://HOST:PORT/usdm`, ...).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from fake_binance.config import FakeExchangeConfig
-from fake_binance.server import build_app
+from fake_binance.server import build_app, futures_urls
 
 _SHUTDOWN_TIMEOUT_SECONDS = 5.0
 
@@ -46,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeExchangeConfig:
             kwargs["type"] = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
         parser.add_argument(flag, **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    for name in ("symbols", "halted_symbols"):
+    for name in ("symbols", "halted_symbols", "usdm_symbols", "coinm_symbols"):
         if name in given:
             given[name] = _symbol_list(given[name])
     return FakeExchangeConfig(**given)
@@ -58,7 +60,10 @@ async def serve(config: FakeExchangeConfig) -> None:
     try:
         await web.TCPSite(runner, config.host, config.port).start()
         port = runner.addresses[0][1]
-        print(f"fake-binance listening on http://{config.host}:{port}", flush=True)
+        base = f"http://{config.host}:{port}"
+        print(f"fake-binance listening on {base}", flush=True)
+        for name, url in futures_urls(base).items():
+            print(f"fake-binance {name}={url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,6 +29,8 @@ DEFAULT_SYMBOLS: tuple[str, ...] = (
     "TRXUSDT",
     "DOTUSDT",
 )
+USDM_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "DOGEUSDT")
+COINM_SYMBOLS: tuple[str, ...] = ("BTCUSD_PERP", "ETHUSD_PERP")
 
 
 def _option(default: Any, doc: str) -> Any:
@@ -71,6 +73,15 @@ class FakeExchangeConfig:
     chaos_drop_every: float = _option(0.0, "Mean seconds between abrupt drops of a random connection; 0 = off.")
     chaos_seed: int = _option(0, "Seed of the chaos dropper, so runs repeat.")
     weight_limit: int = _option(6000, "REST request weight allowed per UTC minute.")
+    usdm_symbols: tuple[str, ...] = _option(
+        USDM_SYMBOLS, "USDⓈ-M perpetuals (under /usdm); a current-quarter contract on the first one's pair is added."
+    )
+    coinm_symbols: tuple[str, ...] = _option(
+        COINM_SYMBOLS, "COIN-M perpetuals (under /coinm); a current-quarter contract on the first one's pair is added."
+    )
+    futures_weight_limit: int = _option(
+        2400, "REST request weight per UTC minute shared by /fapi and /dapi, as on Binance since 2026-06-30."
+    )
     ban_seconds: int = _option(120, "Length of the HTTP 418 ban for ignoring a 429.")
 
     def all_symbols(self) -> tuple[str, ...]:

@@ -6,7 +6,13 @@ answers `{"ok": true, ...}`, or HTTP 400 `{"ok": false, "error": ...}`.
 `GET /fake/book?symbol=BTCUSDT[&update_id=N]` answers the fake's exact, full book at
 update id N (default: now) as `{"update_id", "bids", "asks"}`, best first, so a test
 can compare a client's rebuilt book level by level. Books are recomputed from the
-model, so any id up to the current one can be asked for, however old.
+model, so any id up to the current one can be asked for, however old. On a futures
+market, where update ids are engine-wide, N may be any id: the book is the one in
+effect then, and `update_id` says its own last update.
+
+Each market has these endpoints under its prefix (/fake/..., /usdm/fake/...,
+/coinm/fake/...), acting on that market's connections, book and counters; `settle`
+exists on the futures markets only.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import orjson
 from aiohttp import web
 
 from fake_binance.context import CONTEXT, Context
+from fake_binance.futures import FuturesVenue
 from fake_binance.hub import now_ms
 from fake_binance.market import UnknownSymbol
+from fake_binance.rest import json_response as _json
 
 
 class ControlError(ValueError):
@@ -49,8 +57,11 @@ async def post_control(request: web.Request) -> web.Response:
 async def get_book(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     try:
-        index = ctx.market.index(request.query.get("symbol", ""))
-        current = ctx.market.book_id_at(now_ms())
+        symbol = request.query.get("symbol", "")
+        if symbol not in ctx.venue.symbols(now_ms()):
+            raise UnknownSymbol(symbol)
+        index = ctx.market.index(symbol)
+        current = ctx.venue.wire_id(index, ctx.market.book_id_at(now_ms()))
         update_id = _query_int(request, "update_id", current)
         if not 0 <= update_id <= current:
             raise ControlError(f"update_id must be between 0 and the current {current}")
@@ -58,8 +69,8 @@ async def get_book(request: web.Request) -> web.Response:
         return _json({"ok": False, "error": f"unknown symbol {exc}"}, status=400)
     except ControlError as exc:
         return _json({"ok": False, "error": str(exc)}, status=400)
-    view = ctx.market.order_book(index).full(update_id)
-    return _json({"update_id": view.update_id, "bids": view.bids, "asks": view.asks})
+    view = ctx.market.order_book(index).full(ctx.venue.model_id(index, update_id))
+    return _json({"update_id": ctx.venue.wire_id(index, view.update_id), "bids": view.bids, "asks": view.asks})
 
 
 def _query_int(request: web.Request, name: str, default: int) -> int:
@@ -69,10 +80,6 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
     if not value.isdigit():
         raise ControlError(f"{name} must be a non-negative integer")
     return int(value)
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 def _number(body: dict[str, Any], name: str, default: float | None = None, minimum: float = 0) -> float:
@@ -135,6 +142,27 @@ def _mute_stream(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     return {"stream": stream, "seconds": seconds}
 
 
+def _settle(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    """Settle a futures contract now: a delivery contract is DELIVERING, then delisted
+    `delist_after_seconds` later; a perpetual is SETTLING and stays listed. Its streams
+    stop at once (subscribers stay connected, unfed)."""
+    if not isinstance(ctx.venue, FuturesVenue):
+        raise ControlError("settle acts on futures contracts: POST it to /usdm/fake/control or /coinm/fake/control")
+    symbol = body.get("symbol")
+    delist_after = _number(body, "delist_after_seconds", 1.0)
+    now = now_ms()
+    try:
+        contract = ctx.venue.settle(str(symbol), now, int(delist_after * 1000))
+    except KeyError:
+        known = ", ".join(sorted(ctx.venue.listed))
+        raise ControlError(f"no trading contract {symbol!r} in {ctx.venue.name}; trading: {known}") from None
+    return {
+        "symbol": contract.symbol,
+        "status": ctx.venue.status(contract, now),
+        "silenced_streams": ctx.hub.silence(contract.symbol),
+    }
+
+
 def _reset_stats(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     ctx.stats.reset()
     return {}
@@ -149,6 +177,7 @@ _ACTIONS: dict[str, Callable[[Context, dict[str, Any]], dict[str, Any]]] = {
     "pause_data": _pause_data,
     "mute_stream": _mute_stream,
     "reset_stats": _reset_stats,
+    "settle": _settle,
 }
 
 ROUTES = [

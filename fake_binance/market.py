@@ -135,6 +135,13 @@ class Market:
         except KeyError:
             raise UnknownSymbol(symbol) from None
 
+    def seed(self, i: int) -> int:
+        """The hash seed of symbol i: everything random about it derives from this."""
+        return self._seeds[i]
+
+    def base_price(self, i: int) -> float:
+        return self._bases[i]
+
     def trade_id_base(self, i: int) -> int:
         return _TRADE_ID_STRIDE * (i + 1)
 
@@ -181,6 +188,10 @@ class Market:
     def book_id_at(self, t_ms: int) -> int:
         """Update id of every symbol's book at t_ms: the updates of the trades so far."""
         return UPDATES_PER_TRADE * (self.clock.last_at(t_ms) + 1)
+
+    def book_time(self, update_id: int) -> int:
+        """Transaction time of a book update id: that of the trade it came with."""
+        return self.clock.time_of(max(update_id - 1, 0) // UPDATES_PER_TRADE)
 
     def book_view(self, i: int, update_id: int, limit: int) -> BookView:
         return self.order_book(i).top(update_id, limit)
@@ -286,7 +297,13 @@ def base_and_quote(symbol: str) -> tuple[str, str]:
 
 
 def _base_price(symbol: str, seed: int) -> float:
-    return _BASE_PRICES.get(symbol, 0.5 + (seed % 20_000) / 100.0)
+    """Known spot symbols' prices; a futures contract takes its pair's (`BTCUSD_PERP`
+    and `BTCUSDT_261225` trade near `BTCUSDT`); others a price of their own."""
+    pair = symbol.partition("_")[0]
+    for name in (pair, pair + "T"):
+        if name in _BASE_PRICES:
+            return _BASE_PRICES[name]
+    return 0.5 + (seed % 20_000) / 100.0
 
 
 def _sample_step(count: int) -> int:

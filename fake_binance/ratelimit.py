@@ -36,6 +36,10 @@ class RequestGate:
         self._fault_retry_after = 0
         self._fault_count = 0
 
+    @property
+    def limit(self) -> int:
+        return self._limit
+
     def used(self, now: int) -> int:
         """Weight used in the UTC minute that contains `now`."""
         return self._used if now // _MINUTE_MS == self._minute else 0

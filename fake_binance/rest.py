@@ -1,19 +1,23 @@
-"""The REST endpoints under /api/v3, with Binance's parameters, rows and errors.
+"""The market-data REST endpoints, with Binance's parameters, rows and errors.
 
-A middleware does what every endpoint shares: request weight (429/418, the
-`X-MBX-USED-WEIGHT-1M` header), the mapping of `ApiError` to Binance's error body,
-and the REST counters of /fake/stats. Handlers only read the market model.
+Spot's are under /api/v3; the futures markets serve the same handlers under /fapi/v1
+and /dapi/v1 with their own `RestRules` (limits, weights, row fields), plus the
+futures-only endpoints of `futures_rest`. A middleware does what every endpoint
+shares: request weight (429/418, the `X-MBX-USED-WEIGHT-1M` header), the mapping of
+`ApiError` to Binance's error body, and the REST counters of /fake/stats. Handlers
+only read the market model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from fake_binance import intervals, streams
+from fake_binance import intervals
 from fake_binance.context import CONTEXT, Context
 from fake_binance.hub import now_ms
 from fake_binance.market import Trade, UnknownSymbol, base_and_quote, decimal_str
@@ -21,11 +25,33 @@ from fake_binance.orderbook import MAX_LEVELS
 
 _DEFAULT_LIMIT = 500
 _MAX_LIMIT = 1000
-_DEFAULT_DEPTH_LIMIT = 100
-# Binance's depth weights: (largest limit, weight), ascending.
-_DEPTH_WEIGHTS = ((100, 5), (500, 25), (1000, 50), (MAX_LEVELS, 250))
 _HOUR_MS = 3_600_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Weight = int | Callable[[web.Request], int]
+WeightTable = tuple[tuple[int, int], ...]
+"""Binance's weights by limit: (largest limit, weight), ascending."""
+
+
+@dataclass(frozen=True)
+class RestRules:
+    """What differs between spot's REST API and a futures market's."""
+
+    prefix: str  # "/api/v3", "/fapi/v1", "/dapi/v1"
+    depth_default: int
+    depth_max: int  # larger limits are answered with this many levels
+    depth_weights: WeightTable
+    depth_times: bool  # snapshots carry E (now) and T (the book's transaction time)
+    kline_max: int
+    second_klines: bool  # whether `1s` klines exist (spot only)
+    kline_weight: Weight
+    agg_trades_weight: int
+    agg_trade_best_match: bool  # spot's aggTrades rows carry "M"
+    history_ms: int | None  # how far back aggTrades reaches (None: to the epoch)
+
+
+RULES = web.AppKey("rest_rules", RestRules)
+WEIGHTS = web.AppKey("rest_weights", dict)
+"""Handler -> its weight, for the endpoints of the application the key is on."""
 
 
 class ApiError(Exception):
@@ -39,11 +65,13 @@ class ApiError(Exception):
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not request.path.startswith("/api/"):
+    weight = request.app.get(WEIGHTS, {}).get(request.match_info.handler)
+    # A parent application's middleware sees its sub-applications' requests too: only
+    # the application that owns the endpoint counts it.
+    if weight is None or request.match_info.apps[-1] is not request.app:
         return await handler(request)
     ctx = request.app[CONTEXT]
     now = now_ms()
-    weight = _WEIGHTS.get(request.path, 1)
     rejection = ctx.gate.admit(weight if isinstance(weight, int) else weight(request), now)
     if rejection is not None:
         response: web.StreamResponse = _error(rejection.code, rejection.msg, rejection.status)
@@ -59,10 +87,10 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def _error(code: int, msg: str, status: int) -> web.Response:
-    return _json({"code": code, "msg": msg}, status)
+    return json_response({"code": code, "msg": msg}, status)
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
+def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
@@ -76,15 +104,19 @@ def _mandatory(request: web.Request, name: str) -> str:
     return value
 
 
-def _symbol_index(request: web.Request) -> tuple[str, int]:
+def symbol_index(request: web.Request) -> tuple[str, int]:
+    """The `symbol` parameter and its position in the market model; -1121 if unlisted."""
     symbol = _mandatory(request, "symbol")
+    ctx = request.app[CONTEXT]
     try:
-        return symbol, request.app[CONTEXT].market.index(symbol)
+        if not ctx.venue.knows(symbol, now_ms()):
+            raise UnknownSymbol(symbol)
+        return symbol, ctx.market.index(symbol)
     except UnknownSymbol:
         raise ApiError(-1121, "Invalid symbol.") from None
 
 
-def _optional_int(request: web.Request, name: str) -> int | None:
+def optional_int(request: web.Request, name: str) -> int | None:
     value = request.query.get(name)
     if value is None:
         return None
@@ -100,55 +132,67 @@ def _limit_error() -> ApiError:
     return ApiError(-1130, "Data sent for parameter 'limit' is not valid.")
 
 
-def _limit(request: web.Request) -> int:
-    limit = _optional_int(request, "limit")
-    if limit is None:
-        return _DEFAULT_LIMIT
-    if not 1 <= limit <= _MAX_LIMIT:
+def limit_param(request: web.Request, default: int = _DEFAULT_LIMIT, most: int = _MAX_LIMIT) -> int:
+    value = optional_int(request, "limit")
+    if value is None:
+        return default
+    if not 1 <= value <= most:
         raise _limit_error()
-    return limit
+    return value
 
 
 def _depth_limit(request: web.Request) -> int:
-    """Default 100; above 5000 the answer is truncated to 5000, as Binance documents."""
-    limit = _optional_int(request, "limit")
-    if limit is None:
-        return _DEFAULT_DEPTH_LIMIT
-    if limit < 1:
+    """Above the market's most levels the answer is truncated to them, as Binance documents."""
+    rules = request.app[RULES]
+    value = optional_int(request, "limit")
+    if value is None:
+        return rules.depth_default
+    if value < 1:
         raise _limit_error()
-    return min(limit, MAX_LEVELS)
+    return min(value, rules.depth_max)
+
+
+def weight_by_limit(
+    table: WeightTable, limit_of: Callable[[web.Request], int], default: int
+) -> Callable[[web.Request], int]:
+    """A weight by the limit asked for; a malformed limit is charged like the `default` one."""
+
+    def weight(request: web.Request) -> int:
+        try:
+            value = limit_of(request)
+        except ApiError:
+            value = default
+        return next((weight for most, weight in table if value <= most), table[-1][1])
+
+    return weight
 
 
 def _depth_weight(request: web.Request) -> int:
-    """Weight by the limit asked for; a malformed one is charged like the default."""
-    try:
-        limit = _depth_limit(request)
-    except ApiError:
-        limit = _DEFAULT_DEPTH_LIMIT
-    return next(weight for most, weight in _DEPTH_WEIGHTS if limit <= most)
+    rules = request.app[RULES]
+    return weight_by_limit(rules.depth_weights, _depth_limit, rules.depth_default)(request)
 
 
 # -- endpoints ------------------------------------------------------------------
 
 
 async def ping(request: web.Request) -> web.Response:
-    return _json({})
+    return json_response({})
 
 
 async def server_time(request: web.Request) -> web.Response:
-    return _json({"serverTime": now_ms()})
+    return json_response({"serverTime": now_ms()})
 
 
 async def exchange_info(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    wanted = _requested_symbols(request) or list(ctx.market.symbols)
-    if any(s not in ctx.listed for s in wanted):
+    wanted = _requested_symbols(request) or ctx.venue.symbols(now_ms())
+    if any(not ctx.venue.knows(s, now_ms()) for s in wanted):
         raise ApiError(-1121, "Invalid symbol.")
-    return _json(
+    return json_response(
         {
             "timezone": "UTC",
             "serverTime": now_ms(),
-            "rateLimits": _rate_limits(ctx),
+            "rateLimits": rate_limits(ctx),
             "exchangeFilters": [],
             "symbols": [_symbol_info(s, s in ctx.config.halted_symbols) for s in wanted],
         }
@@ -176,13 +220,13 @@ def _requested_symbols(request: web.Request) -> list[str]:
     return parsed
 
 
-def _rate_limits(ctx: Context) -> list[dict[str, Any]]:
+def rate_limits(ctx: Context) -> list[dict[str, Any]]:
     return [
         {
             "rateLimitType": "REQUEST_WEIGHT",
             "interval": "MINUTE",
             "intervalNum": 1,
-            "limit": ctx.config.weight_limit,
+            "limit": ctx.gate.limit,
         },
         {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
         {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000},
@@ -232,15 +276,15 @@ def _symbol_info(symbol: str, halted: bool) -> dict[str, Any]:
 
 async def klines(request: web.Request) -> web.Response:
     """Ascending klines by open time; only windows that have opened, from genesis on."""
-    ctx = request.app[CONTEXT]
-    _, index = _symbol_index(request)
+    ctx, rules = request.app[CONTEXT], request.app[RULES]
+    _, index = symbol_index(request)
     interval = _mandatory(request, "interval")
-    if interval not in intervals.INTERVALS:
+    if interval not in intervals.INTERVALS or (interval == "1s" and not rules.second_klines):
         raise ApiError(-1120, "Invalid interval.")
     start, end, limit = (
-        _optional_int(request, "startTime"),
-        _optional_int(request, "endTime"),
-        _limit(request),
+        optional_int(request, "startTime"),
+        optional_int(request, "endTime"),
+        limit_param(request, most=rules.kline_max),
     )
     now = now_ms()
     last_open = intervals.window_start(interval, min(end if end is not None else now, now))
@@ -266,7 +310,7 @@ async def klines(request: web.Request) -> web.Response:
                 "0",
             ]
         )
-    return _json(rows)
+    return json_response(rows)
 
 
 def _window_opens(interval: str, first_open: int, last_open: int, start: int | None, limit: int) -> list[int]:
@@ -289,54 +333,61 @@ def _window_opens(interval: str, first_open: int, last_open: int, start: int | N
 
 
 async def agg_trades(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
-    _, index = _symbol_index(request)
-    from_id = _optional_int(request, "fromId")
+    ctx, rules = request.app[CONTEXT], request.app[RULES]
+    _, index = symbol_index(request)
+    from_id = optional_int(request, "fromId")
     start, end, limit = (
-        _optional_int(request, "startTime"),
-        _optional_int(request, "endTime"),
-        _limit(request),
+        optional_int(request, "startTime"),
+        optional_int(request, "endTime"),
+        limit_param(request),
     )
     clock, now = ctx.market.clock, now_ms()
     last = clock.last_at(now)
+    # Futures serve only recent history: older trades are not there to page through.
+    oldest = 0 if rules.history_ms is None else clock.first_at_or_after(now - rules.history_ms)
     if from_id is not None:
-        numbers = _from(from_id - ctx.market.agg_id_base(index), last, limit)
+        numbers = _from(max(from_id - ctx.market.agg_id_base(index), oldest), last, limit)
     elif start is not None:
         if end is not None and end - start > _HOUR_MS:
             raise ApiError(-1127, "More than 1 hours between startTime and endTime.")
         upto = last if end is None else min(last, clock.last_at(end))
-        numbers = range(clock.first_at_or_after(start), upto + 1)[:limit]
+        numbers = range(max(clock.first_at_or_after(start), oldest), upto + 1)[:limit]
     else:
         numbers = _recent(last if end is None else min(last, clock.last_at(end)), limit)
-    return _json([_agg_row(ctx.market.trade(index, n)) for n in numbers])
+        numbers = range(max(numbers.start, oldest), numbers.stop)
+    best_match = rules.agg_trade_best_match
+    return json_response([_agg_row(ctx.market.trade(index, n), best_match) for n in numbers])
 
 
 async def historical_trades(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    _, index = _symbol_index(request)
-    from_id, limit = _optional_int(request, "fromId"), _limit(request)
+    _, index = symbol_index(request)
+    from_id, limit = optional_int(request, "fromId"), limit_param(request)
     last = ctx.market.last_n(now_ms())
     if from_id is None:
         numbers = _recent(last, limit)
     else:
         numbers = _from(from_id - ctx.market.trade_id_base(index), last, limit)
-    return _json([_trade_row(ctx.market.trade(index, n)) for n in numbers])
+    return json_response([_trade_row(ctx.market.trade(index, n)) for n in numbers])
 
 
 async def recent_trades(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    _, index = _symbol_index(request)
-    numbers = _recent(ctx.market.last_n(now_ms()), _limit(request))
-    return _json([_trade_row(ctx.market.trade(index, n)) for n in numbers])
+    _, index = symbol_index(request)
+    numbers = _recent(ctx.market.last_n(now_ms()), limit_param(request))
+    return json_response([_trade_row(ctx.market.trade(index, n)) for n in numbers])
 
 
 async def depth(request: web.Request) -> web.Response:
     """The book `depth_snapshot_lag_ms` ago, best levels first, up to `limit` a side."""
-    ctx = request.app[CONTEXT]
-    _, index = _symbol_index(request)
+    ctx, rules, now = request.app[CONTEXT], request.app[RULES], now_ms()
+    _, index = symbol_index(request)
     limit = _depth_limit(request)
-    book_id = ctx.market.book_id_at(now_ms() - ctx.config.depth_snapshot_lag_ms)
-    return _json(streams.book_levels(ctx.market.book_view(index, book_id, limit)))
+    book_id = ctx.market.book_id_at(now - ctx.config.depth_snapshot_lag_ms)
+    view = ctx.market.book_view(index, book_id, limit)
+    times = {"E": now, "T": ctx.market.book_time(book_id)} if rules.depth_times else {}
+    snapshot = {"lastUpdateId": ctx.venue.wire_id(index, book_id), **times, "bids": view.bids, "asks": view.asks}
+    return json_response(snapshot)
 
 
 def _from(first: int, last: int, limit: int) -> range:
@@ -349,8 +400,8 @@ def _recent(last: int, limit: int) -> range:
     return range(max(0, last - limit + 1), last + 1)
 
 
-def _agg_row(t: Trade) -> dict[str, Any]:
-    return {
+def _agg_row(t: Trade, best_match: bool) -> dict[str, Any]:
+    row = {
         "a": t.agg_id,
         "p": decimal_str(t.price),
         "q": decimal_str(t.qty),
@@ -358,8 +409,8 @@ def _agg_row(t: Trade) -> dict[str, Any]:
         "l": t.id,
         "T": t.time,
         "m": t.buyer_is_maker,
-        "M": True,
     }
+    return {**row, "M": True} if best_match else row
 
 
 def _trade_row(t: Trade) -> dict[str, Any]:
@@ -374,16 +425,38 @@ def _trade_row(t: Trade) -> dict[str, Any]:
     }
 
 
-# (path, handler, request weight): Binance's weights for these endpoints.
-_ENDPOINTS: list[tuple[str, Handler, int | Callable[[web.Request], int]]] = [
-    ("/api/v3/ping", ping, 1),
-    ("/api/v3/time", server_time, 1),
-    ("/api/v3/exchangeInfo", exchange_info, 20),
-    ("/api/v3/klines", klines, 2),
-    ("/api/v3/aggTrades", agg_trades, 4),
-    ("/api/v3/historicalTrades", historical_trades, 25),
-    ("/api/v3/trades", recent_trades, 25),
-    ("/api/v3/depth", depth, _depth_weight),
+Endpoint = tuple[str, Handler, Weight]
+"""(path under the rules' prefix, handler, Binance's request weight)."""
+
+SPOT_RULES = RestRules(
+    prefix="/api/v3",
+    depth_default=100,
+    depth_max=MAX_LEVELS,
+    depth_weights=((100, 5), (500, 25), (1000, 50), (MAX_LEVELS, 250)),
+    depth_times=False,
+    kline_max=1000,
+    second_klines=True,
+    kline_weight=2,
+    agg_trades_weight=4,
+    agg_trade_best_match=True,
+    history_ms=None,
+)
+SPOT_ENDPOINTS: list[Endpoint] = [
+    ("/exchangeInfo", exchange_info, 20),
+    ("/historicalTrades", historical_trades, 25),
+    ("/trades", recent_trades, 25),
 ]
-_WEIGHTS = {path: weight for path, _, weight in _ENDPOINTS}
-ROUTES = [web.get(path, handler) for path, handler, _ in _ENDPOINTS]
+
+
+def install(app: web.Application, rules: RestRules, endpoints: list[Endpoint]) -> None:
+    """Serve the shared endpoints by `rules`, plus the market's own `endpoints`."""
+    shared: list[Endpoint] = [
+        ("/ping", ping, 1),
+        ("/time", server_time, 1),
+        ("/klines", klines, rules.kline_weight),
+        ("/aggTrades", agg_trades, rules.agg_trades_weight),
+        ("/depth", depth, _depth_weight),
+    ]
+    app[RULES] = rules
+    app[WEIGHTS] = {handler: weight for _, handler, weight in [*shared, *endpoints]}
+    app.add_routes([web.get(rules.prefix + path, handler) for path, handler, _ in [*shared, *endpoints]])

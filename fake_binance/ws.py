@@ -30,19 +30,19 @@ _session_ids = itertools.count(1)
 
 
 async def handle_raw(request: web.Request) -> web.StreamResponse:
-    """`/ws` and `/ws/<s1>/<s2>...`: bare payloads."""
+    """`[/<route>]/ws` and `[/<route>]/ws/<s1>/<s2>...`: bare payloads."""
     names = request.match_info.get("streams", "").split("/")
     return await _open(request, names, combined=False)
 
 
 async def handle_combined(request: web.Request) -> web.StreamResponse:
-    """`/stream?streams=<s1>/<s2>...`: payloads wrapped with their stream name."""
+    """`[/<route>]/stream?streams=<s1>/<s2>...`: payloads wrapped with their stream name."""
     return await _open(request, request.query.get("streams", "").split("/"), combined=True)
 
 
 async def _open(request: web.Request, names: list[str], combined: bool) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    session = Session(ctx, combined)
+    session = Session(ctx, combined, request.match_info.get("route", ""))
     try:
         specs = session.parse_new([n for n in names if n])
     except ValueError as exc:
@@ -61,9 +61,10 @@ async def _open(request: web.Request, names: list[str], combined: bool) -> web.S
 class Session:
     """One open stream connection."""
 
-    def __init__(self, ctx: Context, combined: bool) -> None:
+    def __init__(self, ctx: Context, combined: bool, route: str = "") -> None:
         self.id = next(_session_ids)
         self.combined = combined
+        self.route = route  # the path's route (USDⓈ-M's "public" or "market"), "" if none
         self.opened_at = now_ms()
         self._ctx = ctx
         self._streams: dict[str, StreamSpec] = {}
@@ -83,7 +84,7 @@ class Session:
 
     def parse_new(self, names: list[str]) -> list[StreamSpec]:
         """Specs of the names not yet subscribed; ValueError if invalid or too many."""
-        new = {n: streams.parse_stream(n, self._ctx.listed) for n in names if n not in self._streams}
+        new = {n: self._ctx.venue.parse_stream(n, self.route) for n in names if n not in self._streams}
         limit = self._ctx.config.max_streams_per_connection
         if len(self._streams) + len(new) > limit:
             raise ValueError(f"too many streams: at most {limit} per connection")
@@ -134,6 +135,7 @@ class Session:
             "streams": self.stream_names(),
             "opened_at": self.opened_at,
             "combined": self.combined,
+            "route": self.route,
         }
 
     def announce_shutdown(self, grace_seconds: float) -> None:
@@ -228,8 +230,15 @@ class Session:
         self._timers.append(asyncio.get_running_loop().call_later(seconds, callback, *args))
 
 
-ROUTES = [
-    web.get("/ws", handle_raw),
-    web.get("/ws/{streams:.+}", handle_raw),
-    web.get("/stream", handle_combined),
-]
+def routes(stream_routes: tuple[str, ...] = ()) -> list[web.RouteDef]:
+    """The websocket paths: unrouted ones, and the same under each of `stream_routes`."""
+    prefixes = ["", *(f"/{{route:{route}}}" for route in stream_routes)]
+    return [
+        route
+        for prefix in prefixes
+        for route in (
+            web.get(f"{prefix}/ws", handle_raw),
+            web.get(f"{prefix}/ws/{{streams:.+}}", handle_raw),
+            web.get(f"{prefix}/stream", handle_combined),
+        )
+    ]
