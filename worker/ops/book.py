@@ -161,22 +161,45 @@ def book_at(engine: Engine, symbol: str, at_ms: int, levels: int | None = None) 
     """
     symbol = symbol.strip().upper()
     with engine.connect() as conn:
-        target = _last_event_at(conn, symbol, at_ms)
-        snapshot_ids = _snapshot_ids(conn, symbol)
-        index = bisect.bisect_right(snapshot_ids, target[0]) if target else 0
-        if target is None or index == 0:
-            raise BookUnknown(_before_first_message(conn, symbol, at_ms, snapshot_ids))
-        replay = _Replay(conn, symbol, snapshot_ids)
-        replay.start(snapshot_ids[index - 1])
-        for event in _events(conn, symbol, replay.update_id, target[0]):
-            replay.step(*event)
-        following = _event_after(conn, symbol, target[0])
-        if replay.levels is None or replay.update_id != target[0]:
-            raise BookUnknown(_gap_message(conn, symbol, at_ms, replay, snapshot_ids))
-        if following is not None and following[1] > target[0] + 1:
-            replay.levels, replay.break_first_id = None, following[1]
-            raise BookUnknown(_gap_message(conn, symbol, at_ms, replay, snapshot_ids))
-        bids, asks = replay.levels.top(levels)
+        return _book_through(conn, symbol, _last_event_at(conn, symbol, at_ms), at_ms, levels)
+
+
+def book_after_update(engine: Engine, symbol: str, update_id: int, levels: int | None = None) -> Book:
+    """The book of `symbol` right after the diff whose last update id is `update_id`.
+
+    What a replay serves as `/api/v3/depth`: the book after the last diff it sent, so
+    that the next diff starts at `update_id + 1`. Raises BookUnknown as `book_at` does.
+    """
+    symbol = symbol.strip().upper()
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(depth_updates.c.event_time).where(
+                depth_updates.c.symbol == symbol, depth_updates.c.final_update_id == update_id
+            )
+        ).first()
+        at_ms = 0 if row is None else row[0]
+        return _book_through(conn, symbol, None if row is None else (update_id, at_ms), at_ms, levels)
+
+
+def _book_through(
+    conn: Connection, symbol: str, target: tuple[int, int] | None, at_ms: int, levels: int | None
+) -> Book:
+    """The book after the diff `target` (final update id, event time), asked for at `at_ms`."""
+    snapshot_ids = _snapshot_ids(conn, symbol)
+    index = bisect.bisect_right(snapshot_ids, target[0]) if target else 0
+    if target is None or index == 0:
+        raise BookUnknown(_before_first_message(conn, symbol, at_ms, snapshot_ids))
+    replay = _Replay(conn, symbol, snapshot_ids)
+    replay.start(snapshot_ids[index - 1])
+    for event in _events(conn, symbol, replay.update_id, target[0]):
+        replay.step(*event)
+    following = _event_after(conn, symbol, target[0])
+    if replay.levels is None or replay.update_id != target[0]:
+        raise BookUnknown(_gap_message(conn, symbol, at_ms, replay, snapshot_ids))
+    if following is not None and following[1] > target[0] + 1:
+        replay.levels, replay.break_first_id = None, following[1]
+        raise BookUnknown(_gap_message(conn, symbol, at_ms, replay, snapshot_ids))
+    bids, asks = replay.levels.top(levels)
     return Book(symbol, replay.update_id, target[1], bids, asks)
 
 
