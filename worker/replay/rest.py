@@ -247,7 +247,7 @@ async def aggregate_trades(request: web.Request) -> web.Response:
                 "M": True,
             }
             for r in rows
-        ]  # fmt: skip
+        ]
     )
 
 
@@ -266,7 +266,7 @@ async def recent_trades(request: web.Request) -> web.Response:
                 "isBestMatch": True,
             }
             for r in rows
-        ]  # fmt: skip
+        ]
     )
 
 
@@ -302,7 +302,7 @@ async def kline_rows(request: web.Request) -> web.Response:
                 "0",
             ]
             for r in rows
-        ]  # fmt: skip
+        ]
     )
 
 
