@@ -37,7 +37,7 @@ class Recording:
     start: int  # a second after the first diff on the first snapshot
     end: int  # just after a diff that nothing else was received with, before the gap
     gap_begins: int  # the receive time of the last diff before the lost stretch
-    after_gap: int  # a second of diffs after the book is known again
+    after_gap: int  # a second of diffs after the book is known again, chosen as `end` is
 
 
 def rows(engine: Engine, sql: str, **params: Any) -> list[tuple[Any, ...]]:
@@ -84,7 +84,7 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
     stack = launch_stack(tmp_path_factory.mktemp("replay"), fake_args=["--trades-per-second", "10"])
     try:
         engine = make_engine(stack.env["DATABASE_URL"])
-        done = cli(stack.env, "subscribe", SYMBOL, "--streams", "trade,depth@100ms")
+        done = cli(stack.env, "subscribe", SYMBOL, "--streams", "trade,aggTrade,bookTicker,depth@100ms")
         assert done.returncode == 0, done.stderr
         wait_until(lambda: depth_span(engine) > (CLEAN_SECONDS + 1) * 1000, 40, "seconds of depth recorded")
         fake_control(stack, "pause_data", seconds=1.5)  # the diffs of the pause are lost: a depth gap
@@ -114,7 +114,8 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
     )[0][0]
     start = first_diff + 1000
     gap_begins = rows(engine, "select min(received_at) from depth_updates where event_time = :e", e=gap[0])[0][0]
-    yield Recording(env, engine, start, quiet_end(engine, start + 3500), gap_begins, gap[1] + 1000)
+    after_gap = quiet_end(engine, gap[1] + 1000)
+    yield Recording(env, engine, start, quiet_end(engine, start + 3500), gap_begins, after_gap)
 
 
 class Replay:
@@ -211,8 +212,13 @@ def test_the_websocket_speaks_binances_protocol(recording: Recording, replay_of:
         socket.send(request)
         error = next(message for message in iter(lambda: receive(socket), None) if "error" in message)
         assert error["error"]["code"] == code and error["error"]["msg"], request
+    socket.pong(b"unasked")  # taken without a word, as Binance takes them
     socket.send(json.dumps({"method": "GET_PROPERTY", "params": ["combined"], "id": 8}))
     assert replies_by_id(socket, {8})[8]["result"] is True
+    socket.ping(b"are you there")
+    while (frame := socket.recv_data(control_frame=True))[0] != websocket.ABNF.OPCODE_PONG:
+        pass
+    assert frame[1] == b"are you there"
     socket.close()
 
 
@@ -254,6 +260,17 @@ def test_raw_and_combined_sockets_carry_every_recorded_trade_and_rest_answers_at
     assert answer.headers["X-MBX-USED-WEIGHT-1M"]
     latest = replay.get("/api/v3/trades", symbol=SYMBOL, limit=3).json()
     assert [trade["id"] for trade in latest] == expected[-3:]  # nothing received after the clock
+    latest_agg = replay.get("/api/v3/aggTrades", symbol=SYMBOL, limit=2).json()
+    assert [trade["a"] for trade in latest_agg] == window_rows(recording, "agg_trades", "agg_id")[-2:]
+    best = replay.get("/api/v3/ticker/bookTicker", symbol=SYMBOL).json()
+    [(bid, ask)] = rows(
+        recording.engine,
+        "select bid_price, ask_price from book_tickers where symbol = :s and received_at < :e "
+        "order by update_id desc limit 1",
+        s=SYMBOL,
+        e=recording.end,
+    )
+    assert (float(best["bidPrice"]), float(best["askPrice"])) == (bid, ask)
     assert [s["symbol"] for s in replay.get("/api/v3/exchangeInfo").json()["symbols"]] == [SYMBOL]
     assert replay.get("/api/v3/ping").json() == {}
     for params, code in (({}, -1102), ({"symbol": "XRPUSDT"}, -1121), ({"symbol": SYMBOL, "limit": 0}, -1130)):
@@ -348,13 +365,14 @@ def test_gaps_continue_sends_on(recording: Recording, replay_of: Any) -> None:
     ("args", "says"),
     [
         (["--symbols", "XRPUSDT"], "no recorded XRPUSDT rows"),
-        (["--streams", "aggTrade"], "no aggTrade frames were recorded in the window"),
+        (["--streams", "kline_1m"], "no kline_1m frames were recorded in the window"),
         (["--speed", "fast"], "--speed 'fast'"),
         (["--end", "1000000000000"], "is not before the end"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(recording: Recording, args: list[str], says: str) -> None:
-    done = cli(recording.env, "replay", "--start", str(recording.start), "--end", str(recording.end), *args)
+    window = ["--start", str(recording.start), "--end", str(recording.end), "--port", "0"]
+    done = cli(recording.env, "replay", *window, *args)
     assert done.returncode == 2 and says in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 

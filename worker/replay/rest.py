@@ -207,14 +207,15 @@ def _levels(levels: list[tuple[float, float]]) -> list[list[str]]:
     return [[decimal_string(price), decimal_string(qty)] for price, qty in levels]
 
 
-def _window(request: web.Request, table: Any, key: str, time_column: str, most: int = 1000) -> tuple[Select[Any], int]:
-    """The rows of `symbol` by `fromId`, `startTime`/`endTime` or the latest ones, up to the clock."""
+def _window(request: web.Request, table: Any, key: str, time_column: str, most: int = 1000) -> tuple[Select[Any], bool]:
+    """The rows of `symbol` by `fromId`, `startTime`/`endTime` or the latest ones, up to
+    the clock; and whether the query takes them newest first (the latest ones)."""
     symbol, limit = _symbol(request), limit_param(request, 500, most)
     clock = _session(request).clock.now()
     from_id, start, end = (optional_int(request, name) for name in ("fromId", "startTime", "endTime"))
     query = select(table).where(table.c.symbol == symbol, _received_by(table, time_column, clock))
     if from_id is not None:
-        return query.where(table.c[key] >= from_id).order_by(table.c[key]).limit(limit), limit
+        return query.where(table.c[key] >= from_id).order_by(table.c[key]).limit(limit), False
     if start is not None or end is not None:
         if start is not None and end is not None and end - start > 3_600_000 and key == "agg_id":
             raise ApiError(-1127, "More than 1 hours between startTime and endTime.")
@@ -222,18 +223,19 @@ def _window(request: web.Request, table: Any, key: str, time_column: str, most: 
             query = query.where(table.c[time_column] >= start)
         if end is not None:
             query = query.where(table.c[time_column] <= end)
-        return query.order_by(table.c[key]).limit(limit), limit
-    return query.order_by(table.c[key].desc()).limit(limit), -limit  # the latest: reversed below
+        return query.order_by(table.c[key]).limit(limit), False
+    return query.order_by(table.c[key].desc()).limit(limit), True
 
 
-async def _ascending(request: web.Request, query: Select[Any], limit: int) -> list[Any]:
+async def _ascending(request: web.Request, query: Select[Any], newest_first: bool) -> list[Any]:
+    """The rows of the query, oldest first as Binance lists them."""
     rows = await _query(request, lambda engine: _rows(engine, query))
-    return rows[::-1] if limit < 0 else rows
+    return rows[::-1] if newest_first else rows
 
 
 async def aggregate_trades(request: web.Request) -> web.Response:
-    query, limit = _window(request, agg_trades, "agg_id", "trade_time")
-    rows = await _ascending(request, query, limit)
+    query, newest_first = _window(request, agg_trades, "agg_id", "trade_time")
+    rows = await _ascending(request, query, newest_first)
     return json_response(
         [
             {
@@ -252,8 +254,8 @@ async def aggregate_trades(request: web.Request) -> web.Response:
 
 
 async def recent_trades(request: web.Request) -> web.Response:
-    query, limit = _window(request, trades, "trade_id", "trade_time")
-    rows = await _ascending(request, query, limit)
+    query, newest_first = _window(request, trades, "trade_id", "trade_time")
+    rows = await _ascending(request, query, newest_first)
     return json_response(
         [
             {
@@ -287,8 +289,9 @@ async def kline_rows(request: web.Request) -> web.Response:
         query = query.where(c.open_time >= start)
     if end is not None:
         query = query.where(c.open_time <= end)
-    ordered = query.order_by(c.open_time) if start is not None else query.order_by(c.open_time.desc())
-    rows = await _ascending(request, ordered.limit(limit), limit if start is not None else -limit)
+    newest_first = start is None  # without a start, the latest klines
+    ordered = query.order_by(c.open_time.desc() if newest_first else c.open_time)
+    rows = await _ascending(request, ordered.limit(limit), newest_first)
     return json_response(
         [
             [
@@ -320,10 +323,15 @@ async def book_ticker(request: web.Request) -> web.Response:
     query = select(book_tickers).join(latest, and_(c.symbol == latest.c.symbol, c.update_id == latest.c.update_id))
     rows = await _query(request, lambda engine: _rows(engine, query))
     answer = [
-        {"symbol": r.symbol, "bidPrice": decimal_string(r.bid_price), "bidQty": decimal_string(r.bid_qty),
-         "askPrice": decimal_string(r.ask_price), "askQty": decimal_string(r.ask_qty)}
+        {
+            "symbol": r.symbol,
+            "bidPrice": decimal_string(r.bid_price),
+            "bidQty": decimal_string(r.bid_qty),
+            "askPrice": decimal_string(r.ask_price),
+            "askQty": decimal_string(r.ask_qty),
+        }
         for r in sorted(rows, key=lambda r: asked.index(r.symbol))
-    ]  # fmt: skip
+    ]
     return json_response(answer[0] if "symbol" in request.query and answer else answer)
 
 
