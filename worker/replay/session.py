@@ -75,6 +75,7 @@ class Session:
         self.last_diffs: dict[str, tuple[int, int]] = {}
         """Symbol -> (`u`, `E`) of the last diff the clock passed: /api/v3/depth's lastUpdateId."""
         self._listening = asyncio.Event()  # some client has a subscription
+        self._closing: set[asyncio.Task[bool]] = set()  # connections being closed at a gap
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-events")
 
     def subscribe(self, client: Client, streams: list[str]) -> None:
@@ -137,10 +138,13 @@ class Session:
         await self.clock.reach(gap.begins_ms)
         if not self.window.close_on_gaps:
             return
+        message = f"recorded gap in {gap.symbol} {gap.kind}".encode()
         for client in [c for c in self.clients if any(gap.affects(stream) for stream in c.streams)]:
             self.forget(client)
-            message = f"recorded gap in {gap.symbol} {gap.kind}".encode()
-            await client.socket.close(code=GAP_CLOSE_CODE, message=message)
+            # Not awaited here: a close waits for the client's answer, the other clients need not.
+            closing = asyncio.create_task(client.socket.close(code=GAP_CLOSE_CODE, message=message))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         await self.clock.reach(max(gap.begins_ms, gap.ends_ms - 1))
 
     async def _batches(self) -> AsyncIterator[list[Event]]:
