@@ -89,7 +89,7 @@ class MarketSize:
 FULL_MARKET = MarketSize(
     symbols=1500, rate=40_000, seconds=600, warmup_seconds=30, step=10_000, step_seconds=120, max_steps=10
 )
-QUICK_MARKET = MarketSize(symbols=40, rate=1_000, seconds=4, warmup_seconds=2, step=1_000, step_seconds=4, max_steps=2)
+QUICK_MARKET = MarketSize(symbols=300, rate=2_000, seconds=4, warmup_seconds=2, step=1_000, step_seconds=4, max_steps=2)
 
 
 class Components:
