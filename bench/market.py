@@ -107,7 +107,9 @@ class Components:
         self.tracks = [
             MemoryTrack("streams process", stream_processes(streams_worker, service.exchange_port)),
             MemoryTrack("drain process", drain_processes(service.pid("worker"), service.holds_database)),
-            *(MemoryTrack(role, self.pids[role]) for role in ("redis", "beat", "fake exchange")),
+            MemoryTrack("redis-server", self.pids["redis"]),
+            MemoryTrack("beat process", self.pids["beat"]),
+            MemoryTrack("fake exchange process", self.pids["fake exchange"]),
         ]
         self.started = time.monotonic()
         self.cpu = {role: cpu_seconds(pids) for role, pids in self.pids.items()}
