@@ -19,8 +19,9 @@ Reported, over a window of `seconds` after a warm-up:
   id it wrote, per symbol); the flow is paused and the recorder left to catch up
   before unsubscribing, so that frames in flight at the end are not counted as lost;
 - book continuity breaks: rows of the `gaps` table of kind depth;
-- CPU per component (the streams processes, the drain's worker, Redis, beat, the fake)
-  in cores, and the resident size of each process at the start and end of the window;
+- CPU per component (the streams processes, the drain's worker, Redis, beat, the fake,
+  and this benchmark's own process, which polls the database) in cores, and the
+  resident size of each process at the start and end of the window;
 - bytes stored per hour per table (SQLite's dbstat: the table's and its indexes' pages)
   and rows per hour.
 Then, with `find_max`, the highest rate the stack sustains for `step_seconds` without a
@@ -33,6 +34,7 @@ growing backlog, in steps of `step` messages per second (see `_sustains`).
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import sys
 import time
@@ -47,7 +49,7 @@ import requests
 from bench.figures import histogram_summary
 from bench.procs import children, cpu_seconds, service_env
 from bench.service import NO_BACKFILL_SECONDS, Service, compare_with_sent, settle, start_stack
-from bench.watch import TIME_COLUMNS, MemoryTrack, RowWatcher, drain_processes, stream_processes
+from bench.watch import POLL_SECONDS, TIME_COLUMNS, MemoryTrack, RowWatcher, drain_processes, stream_processes
 from fake_binance.listing import KINDS, LoadPlan, market_symbols
 from worker.ops.status import group_statuses
 from worker.streams import KIND_TABLES, stream_kind
@@ -63,7 +65,6 @@ SYMBOLS_PER_GROUP = STREAMS_PER_GROUP // len(KINDS)
 CONNECT_TIMEOUT_SECONDS = 120.0
 CATCH_UP_TIMEOUT_SECONDS = 120.0
 SAMPLE_SECONDS = 1.0
-POLL_SECONDS = 0.05
 PAUSE_SECONDS = 3600.0
 TABLES = {kind: KIND_TABLES[stream_kind(f"x@{kind}")] for kind in KINDS}
 """Where each kind's rows go: trades, agg_trades, book_tickers, depth_updates."""
@@ -103,6 +104,7 @@ class Components:
             "redis": [service.pid("redis")],
             "beat": [service.pid("beat")],
             "fake exchange": [service.pid("fake-exchange")],
+            "benchmark (the watcher)": [os.getpid()],
         }
         self.tracks = [
             MemoryTrack("streams process", stream_processes(streams_worker, service.exchange_port)),

@@ -238,7 +238,9 @@ def test_the_market_part_records_every_kind_of_every_symbol_and_loses_no_id(
     assert ids["missing"] == ids["duplicates"] == ids["extra"] == 0
     assert isinstance(figures["book_continuity_breaks"], int) and figures["book_continuity_breaks"] >= 0
     cpu = figures["cpu_cores"]
-    assert set(cpu) == {"streams processes", "drain (default worker)", "redis", "beat", "fake exchange"}
+    assert set(cpu) == {
+        "streams processes", "drain (default worker)", "redis", "beat", "fake exchange", "benchmark (the watcher)",
+    }  # fmt: skip
     assert cpu["streams processes"] > 0 and cpu["fake exchange"] > 0
     roles = [track["role"] for track in figures["memory"]]
     assert roles.count("streams process") == 1
