@@ -155,6 +155,11 @@ class RedisKeys:
         named = head.rpartition(":")[2]
         return named if named in MARKETS and head == f"{self.prefix}:frames:{named}" else SPOT
 
+    def listing_statuses(self, market: str) -> str:
+        """Hash: subscribed futures symbol -> its exchangeInfo status when last looked at
+        (worker/exchange/listings.py)."""
+        return f"{self.prefix}:listing-statuses:{market_named(market).name}"
+
     def lease(self, group_id: str) -> str:
         """String with a TTL: the token of the one task allowed to hold the connection."""
         return f"{self.prefix}:lease:{group_id}"

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.streams import COINM, SPOT, USDM
+
 
 def _setting(default: Any, doc: str, low: float | None = None, high: float | None = None) -> Any:
     """A setting with its documentation and, for numbers, the inclusive range it must be in."""
@@ -41,6 +43,28 @@ class Settings:
     )
     binance_rest_url: str = _setting(
         "https://api.binance.com", "Base URL of Binance's REST API; /api/v3/... is appended."
+    )
+    binance_usdm_ws_url: str = _setting(
+        "wss://fstream.binance.com",
+        "Base URL of Binance's USDⓈ-M futures streams; /public/stream?streams=... (books, "
+        "bookTicker) or /market/stream?streams=... (the rest) is appended.",
+    )
+    binance_usdm_rest_url: str = _setting(
+        "https://fapi.binance.com", "Base URL of Binance's USDⓈ-M futures REST API; /fapi/v1/... is appended."
+    )
+    binance_coinm_ws_url: str = _setting(
+        "wss://dstream.binance.com",
+        "Base URL of Binance's COIN-M futures streams; /stream?streams=... is appended.",
+    )
+    binance_coinm_rest_url: str = _setting(
+        "https://dapi.binance.com", "Base URL of Binance's COIN-M futures REST API; /dapi/v1/... is appended."
+    )
+    listing_check_interval_seconds: float = _setting(
+        60.0,
+        "How often beat asks the futures markets' exchangeInfo for the status of the subscribed "
+        "contracts: one that stops trading (a delivery contract settling, a perpetual delisted) "
+        "is unsubscribed and its change recorded in `listing_changes`.",
+        _POSITIVE,
     )
     default_streams: str = _setting("trade,ticker", "Stream kinds recorded when subscribe() is called without streams.")
     startup_symbols: str = _setting("", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up.")
@@ -127,8 +151,8 @@ class Settings:
     )
     stale_stream_seconds: float = _setting(
         300.0,
-        "`status` warns (exit 1) when a subscribed trade, aggTrade or diff-depth stream stores nothing "
-        "for this long while its group's connection is up (other streams of the group may flow); "
+        "`status` warns (exit 1) when a subscribed trade, aggTrade, diff-depth or (futures) markPrice "
+        "stream stores nothing for this long while its group's connection is up (other streams of the group may flow); "
         "raise it for illiquid symbols, 0 turns the check off.",
         0,
     )
@@ -231,6 +255,16 @@ class Settings:
                 f"DATABASE_URL={self.database_url!r} is not supported: use sqlite:///path/to/file.db "
                 "or postgresql+psycopg://user:password@host/database"
             )
+
+    def ws_url(self, market: str) -> str:
+        """The websocket base URL of a market (`spot`, `usdm`, `coinm`)."""
+        return {SPOT: self.binance_ws_url, USDM: self.binance_usdm_ws_url, COINM: self.binance_coinm_ws_url}[market]
+
+    def rest_url(self, market: str) -> str:
+        """The REST base URL of a market (`spot`, `usdm`, `coinm`)."""
+        return {SPOT: self.binance_rest_url, USDM: self.binance_usdm_rest_url, COINM: self.binance_coinm_rest_url}[
+            market
+        ]
 
     @property
     def default_stream_kinds(self) -> list[str]:
