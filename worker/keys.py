@@ -49,7 +49,8 @@ class RedisKeys:
     def stored_at(self) -> str:
         """Hash: `<table>:<SYMBOL>` -> epoch ms of the last drain round that stored rows of
         that symbol in that table, for the tables of the streams `status` watches for
-        silence (trades, agg_trades, depth_updates: see `worker.store.drain.WATCHED_TABLES`)."""
+        silence (trades, agg_trades, depth_updates, futures' mark prices, in every market:
+        see `worker.store.drain.WATCHED_TABLES`)."""
         return f"{self.prefix}:stored-at"
 
     @property
