@@ -34,7 +34,7 @@ pre-encoded: their content has to match the snapshots.
 from __future__ import annotations
 
 import random
-from typing import Protocol
+from typing import Protocol, cast
 
 from fake_binance import streams
 from fake_binance.hub import Hub, Subscriber, now_ms
@@ -103,7 +103,7 @@ class _LoadStream:
         self.subscribers: set[WireSubscriber] = set()
         self.next_id = next_id
         self.book_id = book_id
-        # (combined, raw) %-formats per variant; filled by LoadHub._templates.
+        # (combined, raw) %-formats per variant (`_templates`).
         self.formats: list[tuple[bytes, bytes]] = []
         self.trade_offset = 0  # aggTrade: its trade id (f = l) is the aggregate id + this
 
@@ -117,6 +117,9 @@ class LoadHub(Hub):
         self.schedule = Schedule(plan)
         self._load: dict[int, _LoadStream] = {}
         self._slot_of: dict[str, int] = {}
+        # Where a stream nobody holds any more stopped: a client that reconnects gets the
+        # next ids, never ones it stored already (the load runs ahead of the model clock).
+        self._next_ids: dict[int, int] = {}
         self._last_tick: int | None = None
 
     def set_plan(self, plan: LoadPlan) -> None:
@@ -128,7 +131,7 @@ class LoadHub(Hub):
 
     def attach(self, session: Subscriber, spec: StreamSpec) -> None:
         slot = self._slot(spec)
-        if slot is None or not hasattr(session, "write_wire"):
+        if slot is None:
             super().attach(session, spec)
             return
         stream = self._load.get(slot)
@@ -136,7 +139,7 @@ class LoadHub(Hub):
             stream = self._new_stream(spec, slot)
             self._load[slot] = stream
             self._slot_of[spec.name] = slot
-        stream.subscribers.add(session)  # type: ignore[arg-type]
+        stream.subscribers.add(cast(WireSubscriber, session))  # every session is a ws.Session
 
     def detach(self, session: Subscriber, name: str) -> None:
         slot = self._slot_of.get(name)
@@ -147,6 +150,7 @@ class LoadHub(Hub):
         stream.subscribers.discard(session)
         if not stream.subscribers:
             del self._load[slot], self._slot_of[name]
+            self._next_ids[slot] = stream.next_id
 
     def _slot(self, spec: StreamSpec) -> int | None:
         """The stream's schedule slot, or None if the plan does not feed it."""
@@ -166,7 +170,7 @@ class LoadHub(Hub):
             "aggTrade": market.agg_id_base(index) + n,
             "bookTicker": UPDATES_PER_TRADE * n,
         }.get(kind, 0)
-        stream = _LoadStream(spec, index, kind, first, market.book_id_at(now))
+        stream = _LoadStream(spec, index, kind, self._next_ids.get(slot, first), market.book_id_at(now))
         if kind != DEPTH_KIND:
             stream.formats = _templates(market, spec, index, kind, n)
         stream.trade_offset = market.trade_id_base(index) - market.agg_id_base(index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from decimal import Decimal
@@ -61,9 +62,12 @@ def test_a_client_gets_consecutive_ids_chained_depth_and_the_ledger_counts_them(
     snapshot = load_fake.get("/api/v3/depth?symbol=BTCUSDT&limit=1000")[2]  # the book 500 ms ago
     events += receive_for(ws, 1.0)
     load_fake.control("pause_data", seconds=60)
-    events += receive_for(ws, 1.0)  # what was in flight when the pause began
-    sent = load_fake.stats()["sent"]
-    ws.close()
+    try:
+        events += receive_for(ws, 1.0)  # what was in flight when the pause began
+        sent = load_fake.stats()["sent"]
+    finally:
+        load_fake.control("pause_data", seconds=0)  # the other tests' fake sends again
+        ws.close()
     by_stream: dict[str, list[dict[str, Any]]] = {}
     for event in events:
         by_stream.setdefault(event["stream"], []).append(event["data"])
@@ -82,6 +86,23 @@ def test_a_client_gets_consecutive_ids_chained_depth_and_the_ledger_counts_them(
     assert len(depth) >= 5
     assert all(b["U"] == a["u"] + 1 for a, b in zip(depth, depth[1:], strict=False))
     assert_snapshot_continues_into(snapshot, depth, load_fake)
+
+
+def test_a_client_that_reconnects_gets_the_next_ids_not_the_same_again(load_fake: Fake) -> None:
+    url = load_fake.ws_url("/stream?streams=ethusdt@trade")
+    ws = connect(url)
+    first = [e["data"]["t"] for e in receive_for(ws, 1.0)]
+    ws.close()
+    deadline = time.monotonic() + 10
+    while load_fake.stats()["connections"]["open"]:
+        assert time.monotonic() < deadline, "the fake kept the closed connection"
+        time.sleep(0.05)
+    last_sent = load_fake.stats()["sent"]["ETHUSDT"]["trade"]["last"]
+    ws = connect(url)
+    again = [e["data"]["t"] for e in receive_for(ws, 1.0)]
+    ws.close()
+    assert first and again and last_sent >= first[-1]
+    assert again[0] == last_sent + 1  # the stream went on where it stopped
 
 
 def assert_snapshot_continues_into(snapshot: dict[str, Any], depth: list[dict[str, Any]], fake: Fake) -> None:
