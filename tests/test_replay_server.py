@@ -383,3 +383,8 @@ def test_a_port_in_use_is_one_line_and_exit_2(recording: Recording, replay_of: A
     done = cli(recording.env, "replay", "--start", str(recording.start), "--end", str(recording.end), "--port", port)
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_the_docs_show_the_script_the_test_runs() -> None:
+    script = (ROOT / "examples" / "python_binance_replay.py").read_text()
+    assert f"```python\n{script}```" in (ROOT / "docs" / "replay.md").read_text()
