@@ -9,7 +9,7 @@ from celery.signals import worker_ready
 from sqlalchemy.exc import SQLAlchemyError
 
 from tasks.resources import engine, redis_client
-from tasks.subscriptions import changing_subscriptions, start_group
+from tasks.subscriptions import start_group
 from tasks.workers import node_processes
 from worker import app
 from worker.exchange.listings import ListingWatch, check_listings
@@ -102,9 +102,10 @@ def check_listings_task() -> dict[str, Any]:
     settings = get_settings()
     client = redis_client()
     keys = RedisKeys(settings.redis_prefix)
-    with changing_subscriptions():
+    registry = GroupRegistry(client, keys)
+    with registry.changing():
         changes = check_listings(
-            GroupRegistry(client, keys),
+            registry,
             ListingWatch(client, keys),
             engine(),
             lambda market: BinanceRest.from_settings(settings, client, market),

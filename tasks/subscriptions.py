@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
-from redis.lock import Lock
-
 from tasks.resources import redis_client
 from tasks.workers import stream_processes
 from worker import app
-from worker.exchange.listings import ListingWatch, refuse_untradable
+from worker.exchange.listings import ListingWatch, check_subscribable
 from worker.exchange.rest import BinanceRest
 from worker.groups import (
     Group,
@@ -19,28 +16,19 @@ from worker.groups import (
     normalize_market,
     normalize_stream_kinds,
     normalize_symbols,
+    split_unsubscribe,
     stream_names,
 )
 from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
-from worker.ops.status import book_statuses, silent_streams_of
+from worker.ops.status import recording_figures
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.streams import SPOT, market_named, stream_kind
-
-SUBSCRIPTIONS_LOCK_SECONDS = 30
+from worker.streams import SPOT
 
 
 def _registry() -> GroupRegistry:
     return GroupRegistry(redis_client(), RedisKeys(get_settings().redis_prefix))
-
-
-def changing_subscriptions() -> Lock:
-    return redis_client().lock(
-        RedisKeys(get_settings().redis_prefix).subscriptions_lock,
-        timeout=SUBSCRIPTIONS_LOCK_SECONDS,
-        blocking_timeout=SUBSCRIPTIONS_LOCK_SECONDS,
-    )
 
 
 def start_group(group: Group) -> bool:
@@ -75,24 +63,20 @@ def subscribe(symbols: list[str], streams: list[str] | None = None, market: str 
     kinds = normalize_stream_kinds(
         default_kinds(settings.default_stream_kinds, market) if streams is None else streams, market
     )
-    statuses = BinanceRest.from_settings(settings, redis_client(), market).symbol_statuses(symbols)
-    if market != SPOT:
-        refuse_untradable(statuses, market)
-        ListingWatch(redis_client(), RedisKeys(settings.redis_prefix)).note(market, statuses)
+    rest = BinanceRest.from_settings(settings, redis_client(), market)
+    watch = ListingWatch(redis_client(), RedisKeys(settings.redis_prefix))
+    statuses = check_subscribable(rest, watch, symbols, market)
     registry = _registry()
     requested = stream_names(symbols, kinds)
-    with changing_subscriptions():
+    with registry.changing():
         _, new_groups = registry.place(requested, settings.max_streams_per_connection, market)
         for group in new_groups:
             start_group(group)
-    requested_set = set(requested)
     return {
         "market": market,
         "symbols": statuses,
         "streams": requested,
-        "groups": sorted(
-            gid for gid, g in registry.wanted().items() if g.market == market and requested_set & set(g.streams)
-        ),
+        "groups": registry.groups_recording(requested, market),
         "new_groups": [g.id for g in new_groups],
         **registry.note_waiting(stream_processes().total(), new_groups),
     }
@@ -105,12 +89,9 @@ def unsubscribe(symbols: list[str], market: str = SPOT) -> dict[str, Any]:
     them: its task unsubscribes the removed ones on the open connection, so the others
     lose nothing; a group left empty stops."""
     market = normalize_market(market)
-    all_market = market_named(market).all_market_streams
-    market_wide = [s for s in symbols if s in all_market] if isinstance(symbols, list) else []
-    named = [s for s in symbols if s not in market_wide] if market_wide else symbols
-    listed = normalize_symbols(named) if named or not market_wide else []
+    listed, market_wide = split_unsubscribe(symbols, market)
     registry = _registry()
-    with changing_subscriptions():
+    with registry.changing():
         stopped, shrunk = registry.remove_symbols(listed, market_wide, market)
     return {"market": market, "stopped": stopped, "shrunk": shrunk}
 
@@ -120,7 +101,8 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
     """Hold the group's websocket until it is unsubscribed (runs on queue `streams`)."""
     settings = get_settings()
     client = redis_client()
-    client.delete(RedisKeys(settings.redis_prefix).starting(group_id))
+    keys = RedisKeys(settings.redis_prefix)
+    client.delete(keys.starting(group_id))
     group = _registry().get(group_id)
     if group is None:
         return {"group": group_id, "ended": "not wanted"}
@@ -129,13 +111,7 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
         # The PROGRESS state is what `AsyncResult.info` returns. Flower knows a task
         # only from events, and shows and serves (/api/tasks) a fixed set of a task's
         # fields: the figures go in `result`, the one of them meant for a task's output.
-        # `current` is the group as it is now: books appear once depth streams join it.
-        if any(stream_kind(stream) == "depth" for stream in current.streams):
-            progress = {**progress, "books": _books_of(client, settings.redis_prefix, current.streams)}
-        # What `status` warns of: a stream storing nothing while this connection is up.
-        silent = silent_streams_of(client, RedisKeys(settings.redis_prefix), current, settings.stale_stream_seconds)
-        if silent:
-            progress = {**progress, "silent_streams": {stream: round(seconds) for stream, seconds in silent.items()}}
+        progress = recording_figures(client, keys, current, progress, settings.stale_stream_seconds)
         self.update_state(state="PROGRESS", meta=progress)
         # retry=False: a report during a Redis outage fails at once and is skipped.
         self.send_event("task-progress", retry=False, result=progress, **progress)
@@ -145,10 +121,3 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
         # Hand the group to the next streams worker now rather than at the next supervise.
         start_group(group)
     return {"group": group_id, "ended": reason}
-
-
-def _books_of(client: redis.Redis, prefix: str, streams: tuple[str, ...]) -> dict[str, dict[str, object]]:
-    """The order books this group's diff-depth streams feed, as the drain follows them:
-    Flower shows them beside the connection's figures (the drain itself sends no events)."""
-    symbols = {stream.split("@", 1)[0].upper() for stream in streams if stream_kind(stream) == "depth"}
-    return {book.pop("symbol"): book for book in book_statuses(client, RedisKeys(prefix)) if book["symbol"] in symbols}

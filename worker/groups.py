@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.lock import Lock
 
 from worker.keys import RedisKeys, as_text
 from worker.streams import SPOT, market_named, validate_stream_kind
@@ -168,6 +169,18 @@ def stream_names(symbols: Sequence[str], kinds: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def split_unsubscribe(names: object, market: str) -> tuple[list[str], list[str]]:
+    """What `unsubscribe` was given, as (symbols, all-market streams such as
+    `!miniTicker@arr`): both can be named in one list; the symbols are checked and
+    normalized as subscribe's are."""
+    if not isinstance(names, list):
+        return normalize_symbols(names), []  # raises, naming what was wrong
+    all_market = market_named(market).all_market_streams
+    market_wide = [n for n in names if n in all_market]
+    named = [n for n in names if n not in market_wide]
+    return (normalize_symbols(named) if named or not market_wide else []), market_wide
+
+
 def place_streams(
     groups: Sequence[Group], streams: Sequence[str], max_per_group: int, market: str = SPOT
 ) -> tuple[list[Group], list[Group]]:
@@ -242,6 +255,9 @@ class StreamProcesses:
         return sum(counts) if counts else None
 
 
+SUBSCRIPTIONS_LOCK_SECONDS = 30
+
+
 class GroupRegistry:
     """The wanted groups, their stop flags and their status records in Redis."""
 
@@ -249,6 +265,12 @@ class GroupRegistry:
         self.client = client
         self.keys = keys
         self._set_status_if_holder = client.register_script(_SET_STATUS_IF_HOLDER)
+
+    def changing(self) -> Lock:
+        """The lock held while groups are placed, shrunk or stopped (subscribe,
+        unsubscribe, the listing check), so that two changes never interleave."""
+        timeout = SUBSCRIPTIONS_LOCK_SECONDS
+        return self.client.lock(self.keys.subscriptions_lock, timeout=timeout, blocking_timeout=timeout)
 
     def wanted(self) -> dict[str, Group]:
         raw = self.client.hgetall(self.keys.groups)
@@ -284,6 +306,11 @@ class GroupRegistry:
         for group in (*grown, *new):
             self.want(group)
         return grown, new
+
+    def groups_recording(self, streams: Sequence[str], market: str) -> list[str]:
+        """The ids of `market`'s wanted groups that record any of `streams`, sorted."""
+        asked = set(streams)
+        return sorted(gid for gid, g in self.wanted().items() if g.market == market and asked & set(g.streams))
 
     def covered_streams(self, wanted: Mapping[str, Group] | None = None) -> set[str]:
         """Every stream some wanted group (of `wanted`, default: all) records."""

@@ -26,7 +26,7 @@ from worker.exchange.rest import BinanceRest
 from worker.groups import GroupRegistry, InvalidSubscription
 from worker.keys import RedisKeys, as_text
 from worker.store.storage import insert_or_ignore, listing_changes
-from worker.streams import FUTURES_MARKETS
+from worker.streams import FUTURES_MARKETS, SPOT
 
 TRADING = "TRADING"
 GONE = "DELISTED"
@@ -77,6 +77,17 @@ def refuse_untradable(statuses: Mapping[str, str], market: str) -> None:
             f"{named} on {market}, not {TRADING}: a contract that settles or is delisted streams nothing; "
             "subscribe a trading contract (the perpetual, or the next quarter's)"
         )
+
+
+def check_subscribable(rest: BinanceRest, watch: ListingWatch, symbols: list[str], market: str) -> dict[str, str]:
+    """The symbols' listing statuses from the market's exchangeInfo; unknown symbols
+    raise with Binance's message, and on futures a contract that does not trade is
+    refused and the others' statuses noted for the listing check."""
+    statuses = rest.symbol_statuses(symbols)
+    if market != SPOT:
+        refuse_untradable(statuses, market)
+        watch.note(market, statuses)
+    return statuses
 
 
 def subscribed_symbols(registry: GroupRegistry, market: str) -> list[str]:

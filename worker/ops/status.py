@@ -110,6 +110,26 @@ def silent_streams(group: dict[str, Any], now: int, stale_seconds: float) -> dic
     return {stream: seconds for stream, seconds in silent.items() if seconds > stale_seconds}
 
 
+def recording_figures(
+    client: redis.Redis, keys: RedisKeys, group: Group, progress: dict[str, object], stale_seconds: float
+) -> dict[str, object]:
+    """A recording task's progress figures with what `status` says of its group: the
+    order books its diff-depth streams feed, as the drain follows them (the drain sends
+    no events, so Flower shows them here), and its streams storing nothing while the
+    connection is up. `group` is the group as it is now: books appear once depth
+    streams join it."""
+    figures = dict(progress)
+    depth_symbols = {stream.split("@", 1)[0].upper() for stream in group.streams if stream_kind(stream) == "depth"}
+    if depth_symbols:
+        figures["books"] = {
+            book.pop("symbol"): book for book in book_statuses(client, keys) if book["symbol"] in depth_symbols
+        }
+    silent = silent_streams_of(client, keys, group, stale_seconds)
+    if silent:
+        figures["silent_streams"] = {stream: round(seconds) for stream, seconds in silent.items()}
+    return figures
+
+
 def table_statuses(engine: Engine) -> dict[str, dict[str, int | None]]:
     result = {}
     with engine.connect() as conn:
