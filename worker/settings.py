@@ -42,6 +42,11 @@ class Settings:
     binance_rest_url: str = _setting(
         "https://api.binance.com", "Base URL of Binance's REST API; /api/v3/... is appended."
     )
+    binance_archive_url: str = _setting(
+        "https://data.binance.vision",
+        "Base URL of Binance's public data archive (daily zips of trades, aggTrades and klines) "
+        "that `backfill` takes whole days from; /data/spot/daily/... is appended.",
+    )
     default_streams: str = _setting("trade,ticker", "Stream kinds recorded when subscribe() is called without streams.")
     startup_symbols: str = _setting("", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up.")
     max_streams_per_connection: int = _setting(

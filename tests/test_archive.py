@@ -1,0 +1,258 @@
+"""Backfill from Binance's public data archive, layered over REST, against the fake
+exchange's copy of the archive (a real process), a real Redis and a real SQLite file,
+and `binance-recorder backfill` as a user runs it.
+
+The fake trades slowly here (one trade every 20 s: 4,320 a day) from six days ago, so
+a day's zip is about 100 KB and the whole module takes seconds. Its archive is wrong
+on purpose (fake_binance/archive.py): the day 4 days before it started has no files,
+2 days before a CHECKSUM that does not match, and yesterday's files stop at 18:00.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from tests.conftest import clean_env, wait_until
+from tests.test_cli import cli
+from worker.exchange.archive import BinanceArchive, LayeredBackfill, parse_rows
+from worker.exchange.history import series_for
+from worker.exchange.rest import BinanceRest
+from worker.ops.local_stack import LocalStack
+from worker.store.storage import TABLES, create_schema, make_engine
+
+DAY = 86_400_000
+PER_DAY = 4320  # --trades-per-second 0.05
+TRUNCATED_ROWS = PER_DAY * 18 // 24
+MIDNIGHT_MARGIN_SECONDS = 120
+
+
+def utc_today() -> date:
+    return datetime.now(tz=UTC).date()
+
+
+def clear_of_midnight() -> None:
+    """The fake counts its wrong days back from the day it starts and the tests name
+    days relative to today: neither may straddle midnight UTC, so a run that starts in
+    the last two minutes of a day waits for the next one."""
+    seconds_into_day = time.time() % 86_400
+    if seconds_into_day > 86_400 - MIDNIGHT_MARGIN_SECONDS:
+        today = utc_today()
+        wait_until(lambda: utc_today() != today, timeout=MIDNIGHT_MARGIN_SECONDS + 5, what="the next UTC day")
+
+
+@pytest.fixture(scope="module")
+def exchange(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """Redis and the fake exchange (REST and archive) only: backfill needs no worker."""
+    clear_of_midnight()
+    directory = tmp_path_factory.mktemp("archive")
+    stack = LocalStack(directory, env=clean_env({"DATABASE_URL": f"sqlite:///{directory}/binance.db"}))
+    stack.start_redis()
+    genesis = int(time.time() * 1000) - 6 * DAY
+    stack.start_fake_exchange(["--genesis-ms", str(genesis), "--trades-per-second", "0.05"])
+    yield stack
+    stack.stop()
+
+
+def day_back(days: int) -> date:
+    return utc_today() - timedelta(days=days)
+
+
+def day_ms(day: date) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 1000
+
+
+def archive_get(stack: LocalStack, path: str) -> requests.Response:
+    return requests.get(f"{stack.env['BINANCE_ARCHIVE_URL']}/data/spot/{path}", timeout=10)
+
+
+def rest_trades(stack: LocalStack, symbol: str, first_id: int, last_id: int) -> list[dict[str, Any]]:
+    """The fake's REST trades first_id..last_id, page by page."""
+    rows: list[dict[str, Any]] = []
+    while first_id + len(rows) <= last_id:
+        page = requests.get(
+            f"{stack.env['BINANCE_REST_URL']}/api/v3/historicalTrades",
+            params={"symbol": symbol, "fromId": first_id + len(rows), "limit": 1000},
+            timeout=10,
+        ).json()
+        assert page, "REST has fewer trades than asked for"
+        rows.extend(page)
+    return [r for r in rows if r["id"] <= last_id]
+
+
+def day_trade_count(stack: LocalStack, symbol: str, day: date) -> int:
+    params = {"symbol": symbol, "interval": "1d", "startTime": day_ms(day), "limit": 1}
+    kline = requests.get(f"{stack.env['BINANCE_REST_URL']}/api/v3/klines", params=params, timeout=10).json()[0]
+    return int(kline[8])
+
+
+def zip_lines(response: requests.Response) -> list[str]:
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        return archive.read(archive.namelist()[0]).decode().splitlines()
+
+
+def test_the_fakes_archive_serves_rest_trades_as_binance_lays_them_out(exchange: LocalStack) -> None:
+    day = day_back(3)
+    path = f"daily/trades/BTCUSDT/BTCUSDT-trades-{day}.zip"
+    response, checksum = archive_get(exchange, path), archive_get(exchange, f"{path}.CHECKSUM")
+
+    assert response.status_code == 200 and checksum.status_code == 200
+    assert checksum.text == f"{hashlib.sha256(response.content).hexdigest()}  BTCUSDT-trades-{day}.zip"
+    lines = zip_lines(response)
+    assert len(lines) == PER_DAY == day_trade_count(exchange, "BTCUSDT", day)
+    fields = [line.split(",") for line in lines]
+    first, last = int(fields[0][0]), int(fields[-1][0])
+    assert [int(f[0]) for f in fields] == list(range(first, last + 1))
+    # Microseconds, as spot files since 2025; everything else as REST says it.
+    assert fields == [
+        [str(t["id"]), t["price"], t["qty"], t["quoteQty"], str(t["time"] * 1000), str(t["isBuyerMaker"]), "True"]
+        for t in rest_trades(exchange, "BTCUSDT", first, last)
+    ]
+    assert day_ms(day) * 1000 <= int(fields[0][4]) and int(fields[-1][4]) < (day_ms(day) + DAY) * 1000
+
+
+def test_the_fakes_archive_is_wrong_on_three_days_and_lacks_today(exchange: LocalStack) -> None:
+    def name(days: int, kind: str = "trades") -> str:
+        return f"daily/{kind}/BTCUSDT/BTCUSDT-{kind}-{day_back(days)}.zip"
+
+    assert archive_get(exchange, name(4)).status_code == 404  # the missing day
+    assert archive_get(exchange, f"{name(4)}.CHECKSUM").status_code == 404
+    assert archive_get(exchange, name(0)).status_code == 404  # not closed yet
+    bad = archive_get(exchange, name(2))
+    assert hashlib.sha256(bad.content).hexdigest() != archive_get(exchange, f"{name(2)}.CHECKSUM").text.split()[0]
+    truncated = zip_lines(archive_get(exchange, name(1, "aggTrades")))
+    assert len(truncated) == TRUNCATED_ROWS < day_trade_count(exchange, "BTCUSDT", day_back(1))
+    assert int(truncated[-1].split(",")[5]) < (day_ms(day_back(1)) + 18 * 3_600_000) * 1000
+    kline = archive_get(exchange, f"daily/klines/BTCUSDT/1h/BTCUSDT-1h-{day_back(3)}.zip")
+    assert len(zip_lines(kline)) == 24
+
+
+def test_backfill_takes_closed_days_from_the_archive_and_the_rest_from_rest(exchange: LocalStack) -> None:
+    done = cli(exchange, "backfill", "BTCUSDT", "trade", "--start", "-3d", "--end", "now")
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    days = {line.split()[0]: line for line in lines[:-1]}
+    assert list(days) == [str(day_back(k)) for k in (3, 2, 1, 0)]
+    assert days[str(day_back(3))].split()[1] == "archive"  # the part of it within the range
+    assert days[str(day_back(2))].split()[1:4] == ["rest", str(PER_DAY), "rows"]
+    assert "checksum mismatch" in days[str(day_back(2))]
+    assert f"{PER_DAY} rows = {TRUNCATED_ROWS} + {PER_DAY - TRUNCATED_ROWS}" in days[str(day_back(1))]
+    assert days[str(day_back(1))].split()[1] == "archive+rest"
+    assert "day not closed yet" in days[str(day_back(0))]
+    assert "BTCUSDT trade: 100%" in done.stderr
+
+    engine = make_engine(exchange.env["DATABASE_URL"])
+    trades = TABLES["trades"]
+    with engine.connect() as conn:
+        stored = conn.execute(
+            select(trades.c.trade_id, trades.c.price, trades.c.qty, trades.c.trade_time, trades.c.buyer_is_maker)
+            .where(trades.c.symbol == "BTCUSDT")
+            .order_by(trades.c.trade_id)
+        ).all()
+    first, last = stored[0][0], stored[-1][0]
+    truth = rest_trades(exchange, "BTCUSDT", first, last)
+    assert [tuple(row) for row in stored] == [
+        (t["id"], float(t["price"]), float(t["qty"]), t["time"], t["isBuyerMaker"]) for t in truth
+    ]  # consecutive ids, every value as REST has it
+    assert f"rows={len(stored)}" in lines[-1]
+    assert 3 * PER_DAY - 10 < len(stored) <= 3 * PER_DAY + 1
+
+
+def count_rows(engine: Engine, table: str, symbol: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).where(TABLES[table].c.symbol == symbol)).scalar_one())
+
+
+@pytest.mark.parametrize(
+    ("kind", "table", "per_day"), [("aggTrade", "agg_trades", PER_DAY), ("kline_1h", "klines", 24)]
+)
+def test_six_days_over_every_kind_of_archive_hole_leave_no_gap(
+    exchange: LocalStack, tmp_path: Path, kind: str, table: str, per_day: int
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/six.db")
+    create_schema(engine)
+    series = series_for("ETHUSDT", kind)
+    backfill = LayeredBackfill(
+        engine, BinanceRest(exchange.env["BINANCE_REST_URL"]), BinanceArchive(exchange.env["BINANCE_ARCHIVE_URL"], 10)
+    )
+    start, end = day_ms(day_back(5)), day_ms(day_back(0))
+
+    reports = {r.day: r for r in backfill.run(series, start, end, "auto")}
+
+    assert [(day, r.source) for day, r in reports.items()] == [
+        (str(day_back(5)), "archive"),
+        (str(day_back(4)), "rest"),
+        (str(day_back(3)), "archive"),
+        (str(day_back(2)), "rest"),
+        (str(day_back(1)), "archive+rest"),
+    ]
+    assert reports[str(day_back(4))].note == "archive: not in the archive"
+    assert (reports[str(day_back(1))].archive_rows, reports[str(day_back(1))].rest_rows) == (
+        per_day * 18 // 24,
+        per_day * 6 // 24,
+    )
+    key, step = TABLES[table].c[series.key_column], series.step
+    with engine.connect() as conn:
+        keys = [k for (k,) in conn.execute(select(key).order_by(key))]
+    assert keys == list(range(keys[0], keys[0] + 5 * per_day * step, step))  # consecutive, five whole days
+    again = backfill.run(series, start, end, "auto")  # idempotent: the same rows, stored once
+    assert sum(r.rows for r in again) == 5 * per_day == count_rows(engine, table, "ETHUSDT")
+
+
+def test_archive_only_refuses_bad_days_and_asks_rest_nothing(exchange: LocalStack, tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/only.db")
+    create_schema(engine)
+    rest = BinanceRest(exchange.env["BINANCE_REST_URL"])
+    before = requests.get(f"{exchange.env['BINANCE_REST_URL']}/fake/stats", timeout=5).json()["rest"]["requests"]
+    backfill = LayeredBackfill(engine, rest, BinanceArchive(exchange.env["BINANCE_ARCHIVE_URL"], 10))
+
+    reports = backfill.run(series_for("BNBUSDT", "trade"), day_ms(day_back(4)), day_ms(day_back(1)), "archive")
+
+    assert [(r.source, r.rows) for r in reports] == [("none", 0), ("archive", PER_DAY), ("none", 0)]
+    assert "checksum mismatch" in reports[2].note
+    assert (
+        requests.get(f"{exchange.env['BINANCE_REST_URL']}/fake/stats", timeout=5).json()["rest"]["requests"] == before
+    )
+    assert count_rows(engine, "trades", "BNBUSDT") == PER_DAY
+
+
+def test_archive_rows_sniff_a_header_and_take_microseconds_or_milliseconds() -> None:
+    trades = series_for("BTCUSDT", "trade")
+    spot_2025 = "1,60000.1,0.5,30000.05,1735689600123456,True,True\n"
+    futures = "id,price,qty,quote_qty,time,is_buyer_maker\n2,60000.2,0.25,15000.05,1704067200123,false\n"
+    assert list(parse_rows(trades, io.StringIO(spot_2025))) == [
+        ("BTCUSDT", 1, 60000.1, 0.5, 1735689600123, True, None, None)
+    ]
+    assert list(parse_rows(trades, io.StringIO(futures + "\n"))) == [
+        ("BTCUSDT", 2, 60000.2, 0.25, 1704067200123, False, None, None)
+    ]
+    klines = series_for("BTCUSDT", "kline_1m")
+    row = next(parse_rows(klines, io.StringIO("1735689600000000,1,2,0.5,1.5,10,1735689659999999,15,7,4,6,0\n")))
+    assert (row[2], row[3], row[10], row[15]) == (1735689600000, 1735689659999, 7, True)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (("--source", "ftp"), "invalid choice: 'ftp'"),
+        (("--source", "rest"), "'trade' cannot be backfilled by time"),
+    ],
+)
+def test_backfill_refuses_bad_sources_in_one_line(
+    exchange: LocalStack, arguments: tuple[str, ...], message: str
+) -> None:
+    done = cli(exchange, "backfill", "BTCUSDT", "trade", "--start", "-1d", *arguments)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
