@@ -27,10 +27,11 @@ from sqlalchemy.engine import Engine
 from tests.conftest import clean_env, wait_until
 from tests.test_cli import cli
 from worker.exchange.archive import BinanceArchive, LayeredBackfill, parse_rows
+from worker.exchange.audit import audit_day
 from worker.exchange.history import series_for
 from worker.exchange.rest import BinanceRest
 from worker.ops.local_stack import LocalStack
-from worker.store.storage import TABLES, create_schema, make_engine
+from worker.store.storage import TABLES, audits, create_schema, make_engine
 
 DAY = 86_400_000
 PER_DAY = 4320  # --trades-per-second 0.05
@@ -256,3 +257,67 @@ def test_backfill_refuses_bad_sources_in_one_line(
     done = cli(exchange, "backfill", "BTCUSDT", "trade", "--start", "-1d", *arguments)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def audit_rows(engine: Engine) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        query = select(audits.c.symbol, audits.c.kind, audits.c.day, audits.c.verdict, audits.c.wrong)
+        return [tuple(row) for row in conn.execute(query.order_by(audits.c.day, audits.c.kind))]
+
+
+def test_audit_of_the_truncated_day_says_the_archive_was_wrong(exchange: LocalStack) -> None:
+    day = day_back(1)
+    filled = cli(exchange, "backfill", "SOLUSDT", "trade", "--start", str(day), "--end", str(day_back(0)))
+    assert filled.returncode == 0, filled.stderr
+
+    done = cli(exchange, "audit", "SOLUSDT", "--day", "-1d", "--kinds", "trade")
+
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == (
+        f"SOLUSDT trade {day}: differs (archive wrong); rows: REST {PER_DAY}, recorded {PER_DAY}, "
+        f"archive {TRUNCATED_ROWS}, 1d kline trades {PER_DAY}"
+    )
+    assert f"  archive covers {TRUNCATED_ROWS} trades, the 1d kline counts {PER_DAY}" in lines
+    assert any(line.startswith(f"  archive lacks {PER_DAY - TRUNCATED_ROWS} trade ids: ") for line in lines)
+    assert not any("recording" in line for line in lines)
+    engine = make_engine(exchange.env["DATABASE_URL"])
+    assert ("SOLUSDT", "trade", str(day), "differs", "archive") in audit_rows(engine)
+    status = cli(exchange, "status")
+    assert any(
+        line.split()[:5] == ["SOLUSDT", "trade", str(day), "differs", "archive"] for line in status.stdout.splitlines()
+    )
+
+
+def test_audit_verifies_a_good_day_and_then_finds_what_went_wrong_in_the_recording(
+    exchange: LocalStack, tmp_path: Path
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/audit.db")
+    create_schema(engine)
+    rest = BinanceRest(exchange.env["BINANCE_REST_URL"])
+    archive = BinanceArchive(exchange.env["BINANCE_ARCHIVE_URL"], 10)
+    day = day_back(3)
+    LayeredBackfill(engine, rest, archive).run(
+        series_for("XRPUSDT", "aggTrade"), day_ms(day), day_ms(day) + DAY, "auto"
+    )
+
+    good = audit_day(engine, rest, archive, "XRPUSDT", "aggTrade", day)
+    assert (good.verdict, good.wrong, good.rest_rows, good.recorded_rows, good.archive_rows) == (
+        "verified",
+        "",
+        PER_DAY,
+        PER_DAY,
+        PER_DAY,
+    )
+    table = TABLES["agg_trades"]
+    with engine.begin() as conn:
+        first = conn.execute(select(func.min(table.c.agg_id))).scalar_one()
+        conn.execute(table.delete().where(table.c.agg_id == first + 10))
+        conn.execute(table.update().where(table.c.agg_id == first + 20).values(price=1.5))
+
+    bad = audit_day(engine, rest, archive, "XRPUSDT", "aggTrade", day)
+
+    assert (bad.verdict, bad.wrong, bad.recorded_rows) == ("differs", "recording", PER_DAY - 1)
+    assert f"recording lacks 1 aggregate trade ids: {first + 10}" in bad.details
+    assert any(line.startswith(f"recording differs at agg_id {first + 20}: price 1.5 (REST ") for line in bad.details)
+    assert audit_rows(engine) == [("XRPUSDT", "aggTrade", str(day), "differs", "recording")]  # the latest only

@@ -280,7 +280,7 @@ class LayeredBackfill:
     ) -> int | None:
         """Fetch from REST whatever of the window the archive did not give; returns the
         key the next day starts at (None: not known)."""
-        first = self._first_key(series, window) if cursor is None else cursor
+        first = first_key(self.rest, series, window.low, window.high) if cursor is None else cursor
         if first is None:
             return None
         keys = sorted({k for k in (loaded.keys if loaded else []) if k >= first})
@@ -296,17 +296,6 @@ class LayeredBackfill:
             report.note = f"archive lacked {report.rest_rows} of the {series.keys_are}: taken from REST"
         return last + series.step if last is not None else next_key
 
-    def _first_key(self, series: Series, window: _Window) -> int | None:
-        """The first key at or after the window's start: klines their grid, ids by
-        REST's aggTrades time search (an aggregate trade names its first trade id)."""
-        if isinstance(series, KlineSeries):
-            first = window.low + (-window.low) % series.step
-            return first if first < window.high else None
-        found = AggTradeSeries(series.symbol).keys_between(self.rest, window.low, window.high)[0]
-        if found is None or isinstance(series, AggTradeSeries):
-            return found
-        return int(self.rest.agg_trades(series.symbol, from_id=found, limit=1)[0]["f"])
-
     def _last_key(
         self, series: Series, window: _Window, first: int, keys: list[int], loaded: _Loaded | None
     ) -> int | None:
@@ -320,13 +309,42 @@ class LayeredBackfill:
             return window.high - 1 - (window.high - 1 - first) % series.step
         if not window.whole:
             return None
-        count = self._day_trade_count(series.symbol, window.day_start)
+        count = day_trade_count(self.rest, series.symbol, window.day_start)
         if isinstance(series, AggTradeSeries):
             return keys[-1] if loaded is not None and keys and loaded.trades == count else None
         return first + count - 1
 
-    def _day_trade_count(self, symbol: str, day_start: int) -> int:
-        return int(self.rest.klines(symbol, "1d", start_ms=day_start, end_ms=day_start, limit=1)[0][8])
+
+def first_key(rest: BinanceRest, series: Series, low: int, high: int) -> int | None:
+    """The first key of `series` in [low, high) by REST: klines their grid, ids by
+    aggTrades' time search (an aggregate trade names its first trade id)."""
+    if isinstance(series, KlineSeries):
+        first = low + (-low) % series.step
+        return first if first < high else None
+    found = AggTradeSeries(series.symbol).keys_between(rest, low, high)[0]
+    if found is None or isinstance(series, AggTradeSeries):
+        return found
+    return int(rest.agg_trades(series.symbol, from_id=found, limit=1)[0]["f"])
+
+
+def day_trade_count(rest: BinanceRest, symbol: str, day_start: int) -> int:
+    """How many trades the UTC day starting at `day_start` had: its 1d kline's count (weight 2)."""
+    return int(rest.klines(symbol, "1d", start_ms=day_start, end_ms=day_start, limit=1)[0][8])
+
+
+def day_start_ms(day: date) -> int:
+    return int(datetime.combine(day, time(), UTC).timestamp() * 1000)
+
+
+def closed_day(text: str, now_ms: int | None = None) -> date:
+    """The UTC day a user names (`2026-12-05`, `-1d`, any time in it), refused unless it has closed."""
+    from worker.times import parse_time
+
+    now = _local_now() if now_ms is None else now_ms
+    day = _day(parse_time(text, now) // DAY_MS * DAY_MS)
+    if day_start_ms(day) + DAY_MS > now:
+        raise ValueError(f"the UTC day {day} has not closed yet: audit a day before {_day(now // DAY_MS * DAY_MS)}")
+    return day
 
 
 def _trades_in(series: Series, row: Row) -> int:
@@ -383,7 +401,7 @@ def run_backfill(
         lock.renew()
         on_day(report)
         rows[0] += report.rows
-        day_end = int(datetime.combine(date.fromisoformat(report.day), time(), UTC).timestamp() * 1000) + DAY_MS
+        day_end = day_start_ms(date.fromisoformat(report.day)) + DAY_MS
         progress(min(total, day_end - job.start), total, rows[0])
 
     try:

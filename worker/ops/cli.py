@@ -338,10 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _attach_relative_times(argv: Sequence[str]) -> list[str]:
-    """`--start -2h` (or `--at -10s`) reads as two options to argparse; make it `--start=-2h`."""
+    """`--start -2h` (or `--at -10s`, `--day -1d`) reads as two options to argparse; make it `--start=-2h`."""
     result: list[str] = []
     for arg in argv:
-        if result and result[-1] in ("--start", "--end", "--at") and re.fullmatch(r"-\d+(\.\d+)?[smhdw]", arg):
+        if result and result[-1] in ("--start", "--end", "--at", "--day") and re.fullmatch(r"-\d+(\.\d+)?[smhdw]", arg):
             result[-1] = f"{result[-1]}={arg}"
         else:
             result.append(arg)

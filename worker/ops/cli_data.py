@@ -27,8 +27,9 @@ POLL_SECONDS = 0.5
 
 
 def add_data_commands(commands: Any) -> None:
-    """Register backfill, export, chart and book on the CLI's sub-command parser."""
+    """Register backfill, audit, export, chart and book on the CLI's sub-command parser."""
     _add_backfill(commands)
+    _add_audit(commands)
     _add_export(commands)
     _add_chart(commands)
     _add_book(commands)
@@ -117,6 +118,56 @@ def _backfill_on_worker(redis_url: str, job: Any, source: str, progress: Any) ->
             progress(result.info["done"], result.info["total"], result.info["rows"])
         time.sleep(POLL_SECONDS)
     return result.get()
+
+
+# -- audit ------------------------------------------------------------------------------
+
+
+def _add_audit(commands: Any) -> None:
+    parser = commands.add_parser(
+        "audit",
+        help="compare a recorded day with Binance's public data archive and REST",
+        description="Compare one closed UTC day of recorded trades (and/or aggregate trades) with the "
+        "archive's file and with REST, id by id: ids missing on each side, repeated ids, differing price, "
+        "quantity, time or flags, counts against the day's 1d kline. REST decides where they disagree. "
+        "The verdict goes to the audits table (`status` shows the latest). Exit 0 verified or only the "
+        "archive missing, 1 something differs or the recording lacks rows (the first differences are "
+        "printed), 2 bad input.",
+    )
+    parser.add_argument("symbol", help="e.g. BTCUSDT")
+    parser.add_argument("--day", required=True, help="the UTC day: 2026-12-05, or relative like -1d (yesterday)")
+    parser.add_argument("--kinds", default="trade,aggTrade", help="comma-separated: trade, aggTrade (default: both)")
+    parser.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from worker.exchange.archive import BinanceArchive, closed_day
+    from worker.exchange.audit import AUDIT_KINDS, DIFFERS, RECORDING_INCOMPLETE, audit_day
+    from worker.exchange.rest import BinanceRest
+    from worker.groups import SYMBOL_PATTERN
+    from worker.settings import split_list
+    from worker.store.storage import create_schema
+
+    settings = args.settings
+    symbol = args.symbol.strip().upper()
+    if not SYMBOL_PATTERN.match(symbol):
+        raise ValueError(f"{args.symbol!r} is not a Binance symbol: use one such as 'BTCUSDT'")
+    kinds = split_list(args.kinds)
+    if not kinds or any(kind not in AUDIT_KINDS for kind in kinds):
+        raise ValueError(f"--kinds {args.kinds!r}: use a comma-separated list of {', '.join(AUDIT_KINDS)}")
+    day = closed_day(args.day)
+    engine = existing_database(settings)
+    create_schema(engine)
+    rest = BinanceRest.from_settings(settings, redis_client(settings))
+    archive = BinanceArchive.from_settings(settings)
+    code = 0
+    for kind in kinds:
+        audit = audit_day(engine, rest, archive, symbol, kind, day)
+        print(audit.summary())
+        for line in audit.details:
+            print(f"  {line}")
+        code = max(code, 1 if audit.verdict in (DIFFERS, RECORDING_INCOMPLETE) else 0)
+    return code
 
 
 def _describe(result: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from worker.buffer import FrameBuffer
+from worker.exchange.audit import latest_audits
 from worker.groups import MORE_STREAM_PROCESSES, Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
@@ -135,6 +136,7 @@ def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> d
         "generated_at": now_ms(),
         "groups": group_statuses(client, keys),
         "tables": table_statuses(engine),
+        "audits": latest_audits(engine),
         "backlog": sum(buffer.backlog(key) for key in buffer.list_keys()),
         "drains": [{"lane": lane, "holder": holder} for lane, holder in drains.items()],
         "storage_error": storage_error(client, keys),
