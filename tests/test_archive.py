@@ -30,7 +30,7 @@ from worker.exchange.archive import BinanceArchive, LayeredBackfill, parse_rows
 from worker.exchange.audit import audit_day
 from worker.exchange.history import series_for
 from worker.exchange.rest import BinanceRest
-from worker.ops.local_stack import LocalStack
+from worker.ops.local_stack import CELERY, LocalStack
 from worker.store.storage import TABLES, audits, create_schema, make_engine
 
 DAY = 86_400_000
@@ -321,3 +321,19 @@ def test_audit_verifies_a_good_day_and_then_finds_what_went_wrong_in_the_recordi
     assert f"recording lacks 1 aggregate trade ids: {first + 10}" in bad.details
     assert any(line.startswith(f"recording differs at agg_id {first + 20}: price 1.5 (REST ") for line in bad.details)
     assert audit_rows(engine) == [("XRPUSDT", "aggTrade", str(day), "differs", "recording")]  # the latest only
+
+
+def test_backfill_on_a_worker_reports_its_days(exchange: LocalStack) -> None:
+    """`backfill --worker`: the task (Flower shows it) runs the layered backfill and
+    its result carries the day lines the CLI prints."""
+    exchange.spawn("worker", [*CELERY, "worker", "-Q", "celery", "-c", "1", "-n", "default@%h", "-l", "INFO"])
+    exchange.wait_for_workers(["worker"])
+    start, end = str(day_back(4)), str(day_back(2))
+
+    done = cli(exchange, "backfill", "DOGEUSDT", "aggTrade", "--start", start, "--end", end, "--worker")
+
+    assert done.returncode == 0, done.stderr
+    assert "sent; waiting for a worker" in done.stderr
+    days = [line.split()[:4] for line in done.stdout.splitlines()[:-1]]
+    assert days == [[start, "rest", str(PER_DAY), "rows"], [str(day_back(3)), "archive", str(PER_DAY), "rows"]]
+    assert "source=auto" in done.stdout and f"rows={2 * PER_DAY}" in done.stdout
