@@ -6,7 +6,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from worker.streams import MARKETS, SPOT
 from worker.times import utc_text
+
+# Spot's tables are always listed; a futures market's only once it has rows, so that a
+# spot recorder's status keeps its one screen (the JSON form lists every table).
+SPOT_TABLES = frozenset(MARKETS[SPOT].tables)
 
 
 def age(ms: int | None, now_ms: int) -> str:
@@ -59,7 +64,11 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
         )
         for g in snapshot["groups"]
     ]
-    tables = [(name, t["rows"], utc_text(t["newest"]), age(t["newest"], now)) for name, t in snapshot["tables"].items()]
+    tables = [
+        (name, t["rows"], utc_text(t["newest"]), age(t["newest"], now))
+        for name, t in snapshot["tables"].items()
+        if t["rows"] or name in SPOT_TABLES
+    ]
     parts = [
         table(["GROUP", "SYMBOLS", "STREAMS", "STATE", "UP", "MSG/S", "LAST MSG", "RECONNECTS", "BACKLOG"], groups)
         if groups
