@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 
 from tests.conftest import clean_env, wait_until
 from tests.test_cli import cli
+from tests.test_fake_exchange import running_fake
 from worker.exchange.archive import BinanceArchive, LayeredBackfill, parse_rows
 from worker.exchange.audit import audit_day
 from worker.exchange.history import series_for
@@ -337,3 +338,26 @@ def test_backfill_on_a_worker_reports_its_days(exchange: LocalStack) -> None:
     days = [line.split()[:4] for line in done.stdout.splitlines()[:-1]]
     assert days == [[start, "rest", str(PER_DAY), "rows"], [str(day_back(3)), "archive", str(PER_DAY), "rows"]]
     assert "source=auto" in done.stdout and f"rows={2 * PER_DAY}" in done.stdout
+
+
+def test_a_whole_closed_month_comes_from_the_monthly_file() -> None:
+    """One download for the month instead of one a day; each day still checked by its count."""
+    clear_of_midnight()
+    this_month = utc_today().replace(day=1)
+    last_month = (this_month - timedelta(days=1)).replace(day=1)
+    no_defects = ["--archive-missing-day", "0", "--archive-bad-checksum-day", "0", "--archive-truncated-day", "0"]
+    genesis = str(day_ms(last_month) - DAY)
+    with running_fake("--genesis-ms", genesis, "--trades-per-second", "0.01", *no_defects) as fake:
+        base = f"http://127.0.0.1:{fake.port}"
+        engine = make_engine("sqlite://")
+        create_schema(engine)
+        backfill = LayeredBackfill(engine, BinanceRest(base), BinanceArchive(base, 10))
+
+        reports = backfill.run(series_for("LTCUSDT", "trade"), day_ms(last_month), day_ms(this_month), "auto")
+
+    days = (this_month - last_month).days
+    assert [(r.source, r.rows, r.note) for r in reports] == [("archive", 864, "from the month's file")] * days
+    trades = TABLES["trades"]
+    with engine.connect() as conn:
+        ids = [i for (i,) in conn.execute(select(trades.c.trade_id).order_by(trades.c.trade_id))]
+    assert ids == list(range(ids[0], ids[0] + days * 864))

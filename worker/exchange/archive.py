@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import IO, Any
 
 import redis
@@ -66,14 +66,15 @@ class ArchiveUnavailable(Exception):
     """The archive cannot give this file; the message says why (for the day's report)."""
 
 
-def archive_path(series: Series, day: date) -> str:
-    """The path of `series`' daily file of `day` under the archive's base URL."""
+def archive_path(series: Series, day: date, monthly: bool = False) -> str:
+    """The path of `series`' file of `day` (of its month if `monthly`) under the archive's base URL."""
     if isinstance(series, KlineSeries):
         kind, folder, label = "klines", f"{series.symbol}/{series.interval}", series.interval
     else:
         kind = "aggTrades" if isinstance(series, AggTradeSeries) else "trades"
         folder, label = series.symbol, kind
-    return f"data/spot/daily/{kind}/{folder}/{series.symbol}-{label}-{day.isoformat()}.zip"
+    period, name = ("monthly", day.isoformat()[:7]) if monthly else ("daily", day.isoformat())
+    return f"data/spot/{period}/{kind}/{folder}/{series.symbol}-{label}-{name}.zip"
 
 
 class BinanceArchive:
@@ -89,25 +90,30 @@ class BinanceArchive:
     def from_settings(cls, settings: Settings) -> BinanceArchive:
         return cls(settings.binance_archive_url, settings.rest_timeout_seconds)
 
-    def day_rows(self, series: Series, day: date, batch: int = LOAD_BATCH_ROWS) -> Iterator[list[Row]]:
-        """The day's rows in batches, from a zip whose sha256 matched its CHECKSUM.
+    def rows(self, series: Series, day: date, monthly: bool = False) -> Iterator[list[Row]]:
+        """The rows of the day's (or its month's) file in batches, from a zip whose
+        sha256 matched its CHECKSUM.
 
-        Raises ArchiveUnavailable before the first batch when the archive has no such
-        file, the checksum does not match, or the zip cannot be read.
+        Downloads and checks the file before returning, so that ArchiveUnavailable (no
+        such file, a checksum that does not match, an unreadable zip) comes from this
+        call; the rows are read as they are consumed.
         """
-        path = archive_path(series, day)
+        path = archive_path(series, day, monthly)
         expected = self._checksum(path)
-        with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
+        spool = tempfile.SpooledTemporaryFile(SPOOL_BYTES)  # noqa: SIM115  (the reader of the rows closes it)
+        try:
             actual = self._download(path, spool)
             if actual != expected:
                 raise ArchiveUnavailable(f"checksum mismatch (CHECKSUM {expected[:12]}..., zip {actual[:12]}...)")
-            try:
-                archive = zipfile.ZipFile(spool)
-                member = archive.open(archive.namelist()[0])
-            except (zipfile.BadZipFile, IndexError) as error:
-                raise ArchiveUnavailable(f"unreadable zip: {error}") from None
-            with archive, member:
-                yield from _batches(parse_rows(series, io.TextIOWrapper(member, "ascii")), batch)
+            archive = zipfile.ZipFile(spool)
+            member = archive.open(archive.namelist()[0])
+        except (zipfile.BadZipFile, IndexError) as error:
+            spool.close()
+            raise ArchiveUnavailable(f"unreadable zip: {error}") from None
+        except BaseException:
+            spool.close()
+            raise
+        return _read(series, spool, archive, member)
 
     def _checksum(self, path: str) -> str:
         response = self._get(f"{path}.CHECKSUM")
@@ -137,6 +143,11 @@ class BinanceArchive:
         if not response.ok:
             raise ArchiveUnavailable(f"archive answered HTTP {response.status_code}")
         return response
+
+
+def _read(series: Series, spool: IO[bytes], archive: zipfile.ZipFile, member: IO[bytes]) -> Iterator[list[Row]]:
+    with spool, archive, member:
+        yield from _batches(parse_rows(series, io.TextIOWrapper(member, "ascii")), LOAD_BATCH_ROWS)
 
 
 def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
@@ -218,6 +229,31 @@ class _Window:
         return (self.low, self.high) == (self.day_start, self.day_start + DAY_MS)
 
 
+class _MonthReader:
+    """A monthly file's batches handed out day by day: the file lists its days in
+    order, so each day's rows are read once, as that day is backfilled."""
+
+    def __init__(self, series: Series, batches: Iterator[list[Row]]) -> None:
+        self.series = series
+        self.batches = batches
+        self.pending: list[Row] = []
+
+    def day(self, day_start: int) -> Iterator[list[Row]]:
+        """The batches of the day starting at `day_start` (earlier rows are skipped)."""
+        when, end = self.series.time_index, day_start + DAY_MS
+        while True:
+            if not self.pending:
+                self.pending = next(self.batches, [])
+                if not self.pending:
+                    return
+            rows = [row for row in self.pending if day_start <= row[when] < end]
+            self.pending = [row for row in self.pending if row[when] >= end]
+            if rows:
+                yield rows
+            if self.pending:
+                return
+
+
 @dataclass
 class _Loaded:
     """The keys of the archive rows stored for a day, and how many trades they cover."""
@@ -234,6 +270,7 @@ class LayeredBackfill:
         self.rest = rest
         self.archive = archive
         self.page_limit = page_limit
+        self.months: dict[date, _MonthReader | None] = {}  # None: the month's file is unusable
 
     def run(
         self, series: Series, start: int, end: int, source: str, on_day: DayCallback = lambda _: None
@@ -250,7 +287,7 @@ class LayeredBackfill:
             elif day_start + DAY_MS > now:
                 report.note = "day not closed yet"
             else:
-                loaded = self._from_archive(series, window, report)
+                loaded = self._from_archive(series, window, self._month(series, window, start, min(end, now)), report)
             if source != "archive":
                 cursor = self._from_rest(series, window, cursor, loaded, report)
             report.source = "+".join(name for name, rows in (("archive", loaded), ("rest", report.rest_rows)) if rows)
@@ -259,11 +296,29 @@ class LayeredBackfill:
             on_day(report)
         return reports
 
-    def _from_archive(self, series: Series, window: _Window, report: DayReport) -> _Loaded | None:
-        """Store the archive's rows of the window; None when it has no usable file."""
+    def _month(self, series: Series, window: _Window, start: int, end: int) -> _MonthReader | None:
+        """The reader of the window's month when the range wants that whole month, which
+        has closed, and its monthly file is usable (one download instead of ~30)."""
+        month = _day(window.day_start).replace(day=1)
+        following = (month + timedelta(days=31)).replace(day=1)
+        if not start <= day_start_ms(month) < day_start_ms(following) <= end:
+            return None
+        if month not in self.months:
+            try:
+                self.months[month] = _MonthReader(series, self.archive.rows(series, month, monthly=True))
+            except ArchiveUnavailable:
+                self.months[month] = None  # its days' own files are tried instead
+        return self.months[month]
+
+    def _from_archive(
+        self, series: Series, window: _Window, month: _MonthReader | None, report: DayReport
+    ) -> _Loaded | None:
+        """Store the archive's rows of the window (from the month's file, when given);
+        None when it has no usable file."""
         loaded = _Loaded([])
         try:
-            for batch in self.archive.day_rows(series, _day(window.day_start)):
+            day = month.day(window.day_start) if month else self.archive.rows(series, _day(window.day_start))
+            for batch in day:
                 rows = [row for row in batch if window.low <= row[series.time_index] < window.high]
                 with self.engine.begin() as conn:
                     store_rows(conn, {series.table_name: rows})
@@ -273,6 +328,7 @@ class LayeredBackfill:
             report.note = f"archive: {error}"
             return None
         report.archive_rows = len(loaded.keys)
+        report.note = "from the month's file" if month else ""
         return loaded
 
     def _from_rest(

@@ -114,7 +114,7 @@ def audit_day(engine: Engine, rest: BinanceRest, archive: BinanceArchive, symbol
     recorded = Side.of(series, recorded_day(engine, series, start))
     details: list[str] = []
     try:
-        archived: Side | None = Side.of(series, (row for batch in archive.day_rows(series, day) for row in batch))
+        archived: Side | None = Side.of(series, (row for batch in archive.rows(series, day) for row in batch))
     except ArchiveUnavailable as error:
         archived = None
         details.append(f"archive: {error}")
