@@ -80,3 +80,5 @@ beat_schedule = {
     "snapshot-books": _every("tasks.snapshot_books", _settings.drain_interval_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
 }
+if _settings.audit_enabled:
+    beat_schedule["audit"] = _every("tasks.audit", _settings.audit_interval_seconds)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -28,10 +31,13 @@ from tests.conftest import clean_env, wait_until
 from tests.test_cli import cli
 from tests.test_fake_exchange import running_fake
 from worker.exchange.archive import BinanceArchive, LayeredBackfill, parse_rows
-from worker.exchange.audit import audit_day
+from worker.exchange.audit import audit_day, audit_wanted_streams
 from worker.exchange.history import series_for
 from worker.exchange.rest import BinanceRest
+from worker.groups import Group, GroupRegistry
+from worker.keys import RedisKeys
 from worker.ops.local_stack import CELERY, LocalStack
+from worker.settings import Settings
 from worker.store.storage import TABLES, audits, create_schema, make_engine
 
 DAY = 86_400_000
@@ -361,3 +367,38 @@ def test_a_whole_closed_month_comes_from_the_monthly_file() -> None:
     with engine.connect() as conn:
         ids = [i for (i,) in conn.execute(select(trades.c.trade_id).order_by(trades.c.trade_id))]
     assert ids == list(range(ids[0], ids[0] + days * 864))
+
+
+def test_the_periodic_audit_takes_recorded_days_the_archive_has_once(exchange: LocalStack, tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/beat.db")
+    create_schema(engine)
+    settings = Settings.from_env({**exchange.env, "REDIS_PREFIX": "audit-test", "AUDIT_LOOKBACK_DAYS": "4"})
+    client = redis.Redis.from_url(settings.redis_url)
+    group = Group(id="g-audit", streams=("adausdt@trade", "adausdt@aggTrade"))
+    GroupRegistry(client, RedisKeys("audit-test")).want(group)
+    rest = BinanceRest(settings.binance_rest_url)
+    trades = series_for("ADAUSDT", "trade")
+    LayeredBackfill(engine, rest, BinanceArchive.from_settings(settings)).run(
+        trades, day_ms(day_back(4)), day_ms(day_back(0)), "auto"
+    )  # four recorded days of trades, none of aggregate trades
+
+    first = audit_wanted_streams(settings, client, engine)
+    again = audit_wanted_streams(settings, client, engine)
+
+    # The day the archive lacks waits for it; aggregate trades were not recorded.
+    assert [line.split(":")[0] for line in first["audited"]] == [f"ADAUSDT trade {day_back(k)}" for k in (3, 2, 1)]
+    assert audit_rows(engine) == [
+        ("ADAUSDT", "trade", str(day_back(3)), "verified", ""),
+        ("ADAUSDT", "trade", str(day_back(2)), "archive_missing", ""),
+        ("ADAUSDT", "trade", str(day_back(1)), "differs", "archive"),
+    ]
+    assert again == {"audited": []}
+
+
+@pytest.mark.parametrize(("enabled", "scheduled"), [("true", True), ("false", False)])
+def test_audit_enabled_puts_the_audit_on_beats_schedule(enabled: str, scheduled: bool) -> None:
+    probe = "import celeryconfig; print('tasks.audit' in [e['task'] for e in celeryconfig.beat_schedule.values()])"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=clean_env({"AUDIT_ENABLED": enabled}), capture_output=True, text=True
+    )
+    assert done.stdout.strip() == str(scheduled), done.stderr

@@ -156,6 +156,18 @@ class Settings:
         "How often beat runs the backfill task that finds and fills recent gaps.",
         _POSITIVE,
     )
+    audit_enabled: bool = _setting(
+        True,
+        "Whether beat audits the recorded trades and aggregate trades of each wanted symbol's last "
+        "AUDIT_LOOKBACK_DAYS closed days against the public data archive and REST once the archive has "
+        "them (`binance-recorder audit`); each audit reads the whole day from REST.",
+    )
+    audit_interval_seconds: float = _setting(
+        3600.0, "How often beat looks for recorded days to audit (when AUDIT_ENABLED).", _POSITIVE
+    )
+    audit_lookback_days: int = _setting(
+        2, "How many closed UTC days back the periodic audit looks for days not audited yet.", 1
+    )
     backfill_lookback_seconds: int = _setting(
         21600,
         "How far back the periodic backfill looks for missing trade ids, aggregate trade ids and kline slots.",

@@ -115,6 +115,14 @@ class BinanceArchive:
             raise
         return _read(series, spool, archive, member)
 
+    def has(self, series: Series, day: date) -> bool:
+        """Whether the archive has published the day's file yet (its CHECKSUM is there)."""
+        try:
+            self._get(f"{archive_path(series, day)}.CHECKSUM").close()
+        except ArchiveUnavailable:
+            return False
+        return True
+
     def _checksum(self, path: str) -> str:
         response = self._get(f"{path}.CHECKSUM")
         digest = response.text.split(maxsplit=1)[0].lower() if response.text.strip() else ""
@@ -280,7 +288,7 @@ class LayeredBackfill:
         now = self.rest.server_time_ms() if source != "archive" else _local_now()
         for day_start in range(start - start % DAY_MS, end, DAY_MS):
             window = _Window(day_start, max(start, day_start), min(end, day_start + DAY_MS))
-            report = DayReport(_day(day_start).isoformat(), "none")
+            report = DayReport(utc_day(day_start).isoformat(), "none")
             loaded = None
             if source == "rest":
                 pass
@@ -299,7 +307,7 @@ class LayeredBackfill:
     def _month(self, series: Series, window: _Window, start: int, end: int) -> _MonthReader | None:
         """The reader of the window's month when the range wants that whole month, which
         has closed, and its monthly file is usable (one download instead of ~30)."""
-        month = _day(window.day_start).replace(day=1)
+        month = utc_day(window.day_start).replace(day=1)
         following = (month + timedelta(days=31)).replace(day=1)
         if not start <= day_start_ms(month) < day_start_ms(following) <= end:
             return None
@@ -317,7 +325,7 @@ class LayeredBackfill:
         None when it has no usable file."""
         loaded = _Loaded([])
         try:
-            day = month.day(window.day_start) if month else self.archive.rows(series, _day(window.day_start))
+            day = month.day(window.day_start) if month else self.archive.rows(series, utc_day(window.day_start))
             for batch in day:
                 rows = [row for row in batch if window.low <= row[series.time_index] < window.high]
                 with self.engine.begin() as conn:
@@ -397,9 +405,9 @@ def closed_day(text: str, now_ms: int | None = None) -> date:
     from worker.times import parse_time
 
     now = _local_now() if now_ms is None else now_ms
-    day = _day(parse_time(text, now) // DAY_MS * DAY_MS)
+    day = utc_day(parse_time(text, now) // DAY_MS * DAY_MS)
     if day_start_ms(day) + DAY_MS > now:
-        raise ValueError(f"the UTC day {day} has not closed yet: audit a day before {_day(now // DAY_MS * DAY_MS)}")
+        raise ValueError(f"the UTC day {day} has not closed yet: audit a day before {utc_day(now // DAY_MS * DAY_MS)}")
     return day
 
 
@@ -426,8 +434,9 @@ def _holes(keys: list[int], first: int, last: int | None, step: int) -> list[tup
     return runs
 
 
-def _day(day_start: int) -> date:
-    return datetime.fromtimestamp(day_start / 1000, tz=UTC).date()
+def utc_day(t_ms: int) -> date:
+    """The UTC day of a time (ms)."""
+    return datetime.fromtimestamp(t_ms / 1000, tz=UTC).date()
 
 
 def _local_now() -> int:

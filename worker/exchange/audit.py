@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 
@@ -29,9 +30,14 @@ from worker.exchange.archive import (
     day_start_ms,
     day_trade_count,
     first_key,
+    utc_day,
 )
-from worker.exchange.history import AggTradeSeries, Row, Series, series_for
+from worker.exchange.history import AggTradeSeries, Row, Series, series_for, series_of_streams
 from worker.exchange.rest import MAX_LIMIT, BinanceRest
+from worker.groups import GroupRegistry
+from worker.keys import RedisKeys
+from worker.lease import Lease
+from worker.settings import Settings
 from worker.store.storage import TABLE_COLUMNS, audits
 from worker.times import now_ms
 
@@ -151,11 +157,12 @@ def rest_day(rest: BinanceRest, series: Series, start: int) -> Iterator[Row]:
         cursor = page[-1][series.key_index] + series.step
 
 
-def recorded_day(engine: Engine, series: Series, start: int) -> list[Row]:
+def recorded_day(engine: Engine, series: Series, start: int, limit: int | None = None) -> list[Row]:
+    """Our rows of the day starting at `start` (the first `limit` of them, if given)."""
     table = series.table
     time = table.c[series.time_column]
     columns = [table.c[name] for name in TABLE_COLUMNS[series.table_name]]
-    query = select(*columns).where(series.selects(), time >= start, time < start + DAY_MS)
+    query = select(*columns).where(series.selects(), time >= start, time < start + DAY_MS).limit(limit)
     with engine.connect() as conn:
         return [tuple(row) for row in conn.execute(query)]
 
@@ -220,6 +227,50 @@ def save(engine: Engine, audit: Audit) -> None:
     with engine.begin() as conn:
         conn.execute(delete(audits).where(key))
         conn.execute(audits.insert().values(row))
+
+
+def audit_recorded_days(
+    engine: Engine, rest: BinanceRest, archive: BinanceArchive, series: list[Series], days: list[date], renew: Any
+) -> list[Audit]:
+    """Audit each of `days` of each series that has recorded rows, no audit yet, and a
+    file in the archive (one that has not appeared yet is tried again by a later run)."""
+    done = []
+    for one in series:
+        for day in days:
+            start = day_start_ms(day)
+            if not recorded_day(engine, one, start, limit=1) or _audited(engine, one, day):
+                continue
+            if not archive.has(one, day):
+                continue
+            done.append(audit_day(engine, rest, archive, one.symbol, one.kind, day))
+            renew()
+    return done
+
+
+def _audited(engine: Engine, series: Series, day: date) -> bool:
+    key = (audits.c.symbol == series.symbol) & (audits.c.kind == series.kind) & (audits.c.day == day.isoformat())
+    with engine.connect() as conn:
+        return conn.execute(select(audits.c.verdict).where(key)).first() is not None
+
+
+def audit_wanted_streams(settings: Settings, client: redis.Redis, engine: Engine) -> dict[str, Any]:
+    """Beat's audit: the wanted trade and aggTrade streams' last AUDIT_LOOKBACK_DAYS
+    closed days, one run at a time across all workers."""
+    keys = RedisKeys(settings.redis_prefix)
+    lock = Lease(client, keys.audit_lock, ttl_seconds=settings.rest_max_wait_seconds + 120.0, owner="audit")
+    if not lock.acquire():
+        return {"skipped": "another audit is running"}
+    try:
+        groups = GroupRegistry(client, keys).wanted().values()
+        streams = [stream for group in groups for stream in group.streams]
+        series = [one for one in series_of_streams(streams) if one.kind in AUDIT_KINDS]
+        today = utc_day(now_ms())
+        days = [today - timedelta(days=back) for back in range(settings.audit_lookback_days, 0, -1)]
+        rest = BinanceRest.from_settings(settings, client)
+        done = audit_recorded_days(engine, rest, BinanceArchive.from_settings(settings), series, days, lock.renew)
+        return {"audited": [audit.summary() for audit in done]}
+    finally:
+        lock.release()
 
 
 def latest_audits(engine: Engine, limit: int = 10) -> list[dict[str, Any]]:
