@@ -64,7 +64,7 @@ def clear_of_midnight() -> None:
 def exchange(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """Redis and the fake exchange (REST and archive) only: backfill needs no worker."""
     clear_of_midnight()
-    directory = tmp_path_factory.mktemp("archive")
+    directory = tmp_path_factory.mktemp("archive") / "data"
     stack = LocalStack(directory, env=clean_env({"DATABASE_URL": f"sqlite:///{directory}/binance.db"}))
     stack.start_redis()
     genesis = int(time.time() * 1000) - 6 * DAY
@@ -402,3 +402,21 @@ def test_audit_enabled_puts_the_audit_on_beats_schedule(enabled: str, scheduled:
         [sys.executable, "-c", probe], env=clean_env({"AUDIT_ENABLED": enabled}), capture_output=True, text=True
     )
     assert done.stdout.strip() == str(scheduled), done.stderr
+
+
+def test_a_shell_beside_a_run_takes_the_archive_url_from_its_stack_record(exchange: LocalStack) -> None:
+    """`binance-recorder run` records its URLs in data/stack.json; a command run in the
+    same directory, with none of them in its environment, reaches the run's fake archive."""
+    exchange.record()
+    day = day_back(3)
+    command = ["backfill", "TRXUSDT", "kline_1h", "--start", str(day), "--end", str(day_back(2)), "--source", "archive"]
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.ops.cli", *command],
+        env=clean_env(),
+        cwd=exchange.data_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split()[:3] == [str(day), "archive", "24"]

@@ -143,6 +143,7 @@ def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namesp
         output.say(f"exchange: {settings.binance_ws_url} and {settings.binance_rest_url}")
         stack.env.setdefault("BINANCE_REST_URL", settings.binance_rest_url)
         stack.env.setdefault("BINANCE_WS_URL", settings.binance_ws_url)
+        stack.env.setdefault("BINANCE_ARCHIVE_URL", settings.binance_archive_url)
     stack.start_workers(settings.stream_worker_concurrency)
     stack.start_beat()
     names = ["worker-streams", "worker"]
