@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -36,6 +38,7 @@ from worker.exchange.history import series_for
 from worker.exchange.rest import BinanceRest
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
+from worker.ops.clients import client_app
 from worker.ops.local_stack import CELERY, LocalStack
 from worker.settings import Settings
 from worker.store.storage import TABLES, audits, create_schema, make_engine
@@ -330,11 +333,17 @@ def test_audit_verifies_a_good_day_and_then_finds_what_went_wrong_in_the_recordi
     assert audit_rows(engine) == [("XRPUSDT", "aggTrade", str(day), "differs", "recording")]  # the latest only
 
 
+def ensure_worker(stack: LocalStack) -> None:
+    """One worker of the default queue, started by the first test that needs it."""
+    if not any(process.name == "worker" for process in stack.processes):
+        stack.spawn("worker", [*CELERY, "worker", "-Q", "celery", "-c", "1", "-n", "default@%h", "-l", "INFO"])
+        stack.wait_for_workers(["worker"])
+
+
 def test_backfill_on_a_worker_reports_its_days(exchange: LocalStack) -> None:
     """`backfill --worker`: the task (Flower shows it) runs the layered backfill and
     its result carries the day lines the CLI prints."""
-    exchange.spawn("worker", [*CELERY, "worker", "-Q", "celery", "-c", "1", "-n", "default@%h", "-l", "INFO"])
-    exchange.wait_for_workers(["worker"])
+    ensure_worker(exchange)
     start, end = str(day_back(4)), str(day_back(2))
 
     done = cli(exchange, "backfill", "DOGEUSDT", "aggTrade", "--start", start, "--end", end, "--worker")
@@ -420,3 +429,35 @@ def test_a_shell_beside_a_run_takes_the_archive_url_from_its_stack_record(exchan
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].split()[:3] == [str(day), "archive", "24"]
+
+
+def test_the_task_reports_each_day_in_its_progress_for_flower(exchange: LocalStack) -> None:
+    """Every state the task stores is also published by Celery's Redis backend on the
+    result's key, so subscribing first sees each PROGRESS meta Flower would show."""
+    ensure_worker(exchange)
+    task_id = str(uuid.uuid4())
+    updates = redis.Redis.from_url(exchange.env["REDIS_URL"]).pubsub()
+    updates.subscribe(f"celery-task-meta-{task_id}")
+    start, end = day_ms(day_back(4)), day_ms(day_back(2))
+    kwargs = {"symbol": "BNBUSDT", "kind": "aggTrade", "start": start, "end": end, "source": "auto"}
+    client_app(exchange.env["REDIS_URL"]).send_task("tasks.backfill", kwargs=kwargs, task_id=task_id)
+    states: list[dict[str, Any]] = []
+
+    def finished() -> bool:
+        message = updates.get_message(timeout=0.5)
+        if message and message["type"] == "message":
+            states.append(json.loads(message["data"]))
+        return bool(states) and states[-1]["status"] in ("SUCCESS", "FAILURE")
+
+    wait_until(finished, timeout=60, what="the backfill task to finish")
+
+    assert states[-1]["status"] == "SUCCESS", states[-1]
+    progress = [state["result"] for state in states if state["status"] == "PROGRESS"]
+    assert [(p["done"], p["total"], p["rows"], len(p["days"])) for p in progress] == [
+        (DAY, 2 * DAY, PER_DAY, 1),
+        (2 * DAY, 2 * DAY, 2 * PER_DAY, 2),
+    ]
+    assert [line.split()[:3] for line in progress[-1]["days"]] == [
+        [str(day_back(4)), "rest", str(PER_DAY)],
+        [str(day_back(3)), "archive", str(PER_DAY)],
+    ]
