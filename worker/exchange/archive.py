@@ -33,6 +33,7 @@ import redis
 import requests
 from sqlalchemy.engine import Engine
 
+from worker import times
 from worker.exchange.backfill import HistoryJob, _lock, copy_pages, run_history
 from worker.exchange.history import (
     AggTradeSeries,
@@ -285,16 +286,14 @@ class LayeredBackfill:
     ) -> list[DayReport]:
         """Every day of [start, end), in order; `source` is auto, archive (no REST) or rest."""
         reports, cursor = [], None
-        now = self.rest.server_time_ms() if source != "archive" else _local_now()
+        now = self.rest.server_time_ms() if source != "archive" else times.now_ms()
         for day_start in range(start - start % DAY_MS, end, DAY_MS):
             window = _Window(day_start, max(start, day_start), min(end, day_start + DAY_MS))
             report = DayReport(utc_day(day_start).isoformat(), "none")
             loaded = None
-            if source == "rest":
-                pass
-            elif day_start + DAY_MS > now:
+            if source != "rest" and day_start + DAY_MS > now:
                 report.note = "day not closed yet"
-            else:
+            elif source != "rest":
                 loaded = self._from_archive(series, window, self._month(series, window, start, min(end, now)), report)
             if source != "archive":
                 cursor = self._from_rest(series, window, cursor, loaded, report)
@@ -402,12 +401,10 @@ def day_start_ms(day: date) -> int:
 
 def closed_day(text: str, now_ms: int | None = None) -> date:
     """The UTC day a user names (`2026-12-05`, `-1d`, any time in it), refused unless it has closed."""
-    from worker.times import parse_time
-
-    now = _local_now() if now_ms is None else now_ms
-    day = utc_day(parse_time(text, now) // DAY_MS * DAY_MS)
+    now = times.now_ms() if now_ms is None else now_ms
+    day = utc_day(times.parse_time(text, now))
     if day_start_ms(day) + DAY_MS > now:
-        raise ValueError(f"the UTC day {day} has not closed yet: audit a day before {utc_day(now // DAY_MS * DAY_MS)}")
+        raise ValueError(f"the UTC day {day} has not closed yet: audit a day before {utc_day(now)}")
     return day
 
 
@@ -437,10 +434,6 @@ def _holes(keys: list[int], first: int, last: int | None, step: int) -> list[tup
 def utc_day(t_ms: int) -> date:
     """The UTC day of a time (ms)."""
     return datetime.fromtimestamp(t_ms / 1000, tz=UTC).date()
-
-
-def _local_now() -> int:
-    return int(datetime.now(tz=UTC).timestamp() * 1000)
 
 
 def run_backfill(
