@@ -20,7 +20,7 @@ from datetime import date, timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import delete, select
+from sqlalchemy import delete, inspect, select
 from sqlalchemy.engine import Engine
 
 from worker.exchange.archive import (
@@ -274,7 +274,10 @@ def audit_wanted_streams(settings: Settings, client: redis.Redis, engine: Engine
 
 
 def latest_audits(engine: Engine, limit: int = 10) -> list[dict[str, Any]]:
-    """The most recent audits, newest first, for `status`."""
+    """The most recent audits, newest first, for `status` (none in a database that
+    no worker of this version has opened yet, which lacks the table)."""
+    if not inspect(engine).has_table(audits.name):
+        return []
     query = select(audits).order_by(audits.c.audited_at.desc()).limit(limit)
     with engine.connect() as conn:
         return [dict(row._mapping) for row in conn.execute(query)]
