@@ -240,6 +240,10 @@ class LocalStack:
         self.env["BINANCE_REST_URL"] = base
         self.env["BINANCE_WS_URL"] = base.replace("http://", "ws://")
         self.env["BINANCE_ARCHIVE_URL"] = base  # the fake serves the archive's /data/spot/... too
+        # The fake serves the futures markets under path prefixes of the same port (docs/fake-exchange.md).
+        for market in ("usdm", "coinm"):
+            self.env[f"BINANCE_{market.upper()}_REST_URL"] = f"{base}/{market}"
+            self.env[f"BINANCE_{market.upper()}_WS_URL"] = f"{base.replace('http://', 'ws://')}/{market}"
         return base
 
     def start_workers(self, stream_concurrency: int, default_concurrency: int = 2) -> None:
