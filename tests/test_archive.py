@@ -255,16 +255,15 @@ def test_archive_rows_sniff_a_header_and_take_microseconds_or_milliseconds() -> 
 
 
 @pytest.mark.parametrize(
-    ("arguments", "message"),
+    ("kind", "source", "message"),
     [
-        (("--source", "ftp"), "invalid choice: 'ftp'"),
-        (("--source", "rest"), "'trade' cannot be backfilled by time"),
+        ("trade", "ftp", "invalid choice: 'ftp'"),
+        ("trade", "rest", "'trade' cannot be backfilled by time"),
+        ("kline_1w", "archive", "the archive has no daily files of kline_1w"),
     ],
 )
-def test_backfill_refuses_bad_sources_in_one_line(
-    exchange: LocalStack, arguments: tuple[str, ...], message: str
-) -> None:
-    done = cli(exchange, "backfill", "BTCUSDT", "trade", "--start", "-1d", *arguments)
+def test_backfill_refuses_bad_sources_in_one_line(exchange: LocalStack, kind: str, source: str, message: str) -> None:
+    done = cli(exchange, "backfill", "BTCUSDT", kind, "--start", "-1d", "--source", source)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
 
@@ -461,3 +460,9 @@ def test_the_task_reports_each_day_in_its_progress_for_flower(exchange: LocalSta
         [str(day_back(4)), "rest", str(PER_DAY)],
         [str(day_back(3)), "archive", str(PER_DAY)],
     ]
+
+
+def test_klines_longer_than_a_day_come_from_rest_under_auto(exchange: LocalStack) -> None:
+    done = cli(exchange, "backfill", "ETHUSDT", "kline_1w", "--start", "-20d", "--end", "now")
+    assert done.returncode == 0, done.stderr
+    assert "complete=True" in done.stdout and "source=" not in done.stdout  # REST's resumable job

@@ -446,8 +446,10 @@ def run_backfill(
     on_day: DayCallback = lambda _: None,
 ) -> dict[str, Any]:
     """A history range by `source`: `rest` is REST's resumable job (`run_history`);
-    `auto` and `archive` the layered backfill, under the same lock."""
-    if source == "rest":
+    `auto` and `archive` the layered backfill, under the same lock. Klines longer than a
+    day (3d, 1w) have no daily files, so `auto` takes them from REST too."""
+    series = series_for(job.symbol, job.kind)
+    if source == "rest" or (source == "auto" and series.step > DAY_MS):
         return run_history(settings, client, engine, job, progress)
     keys = RedisKeys(settings.redis_prefix)
     lock = _lock(settings, client, keys.backfill_job_lock(job.name), "history")
@@ -465,7 +467,7 @@ def run_backfill(
     try:
         rest = BinanceRest.from_settings(settings, client)
         backfill = LayeredBackfill(engine, rest, BinanceArchive.from_settings(settings))
-        days = backfill.run(series_for(job.symbol, job.kind), job.start, job.end, source, day_done)
+        days = backfill.run(series, job.start, job.end, source, day_done)
     finally:
         lock.release()
     return {
@@ -484,4 +486,7 @@ def checked_job(symbol: Any, kind: Any, start: Any, end: Any, source: Any) -> Hi
     aggTrades' first trade id for the rest)."""
     if source not in SOURCES:
         raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
-    return HistoryJob.checked(symbol, kind, start, end, by_time=source == "rest")
+    job = HistoryJob.checked(symbol, kind, start, end, by_time=source == "rest")
+    if source == "archive" and series_for(job.symbol, job.kind).step > DAY_MS:
+        raise ValueError(f"the archive has no daily files of {job.kind} (only up to kline_1d): use --source rest")
+    return job
