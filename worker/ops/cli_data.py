@@ -114,8 +114,11 @@ def _backfill_on_worker(redis_url: str, job: Any, source: str, progress: Any) ->
     result = client_app(redis_url).send_task("tasks.backfill", kwargs=kwargs)
     print(f"task {result.id} sent; waiting for a worker ...", file=sys.stderr)
     while not result.ready():
-        if result.state == "PROGRESS":
-            progress(result.info["done"], result.info["total"], result.info["rows"])
+        # One read of state and meta together: read apart, the task may finish between
+        # them, and the finished task's result has no "done".
+        meta = result.backend.get_task_meta(result.id)
+        if meta["status"] == "PROGRESS":
+            progress(meta["result"]["done"], meta["result"]["total"], meta["result"]["rows"])
         time.sleep(POLL_SECONDS)
     return result.get()
 
