@@ -82,3 +82,5 @@ beat_schedule = {
     "check-listings": _every("tasks.check_listings", _settings.listing_check_interval_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
 }
+if _settings.audit_enabled:
+    beat_schedule["audit"] = _every("tasks.audit", _settings.audit_interval_seconds)

@@ -85,6 +85,15 @@ class FakeExchangeConfig:
         2400, "REST request weight per UTC minute shared by /fapi and /dapi, as on Binance since 2026-06-30."
     )
     ban_seconds: int = _option(120, "Length of the HTTP 418 ban for ignoring a 429.")
+    archive_missing_day: int = _option(
+        4, "The archive (/data/spot/...) has no files for the day this many days before the start day; 0 = none."
+    )
+    archive_bad_checksum_day: int = _option(
+        2, "The archive's CHECKSUM of this day (days before the start day) does not match its zip; 0 = none."
+    )
+    archive_truncated_day: int = _option(
+        1, "The archive's files of this day (days before the start day) stop at 18:00 UTC; 0 = none."
+    )
     market_load_rate: float = _option(
         0.0,
         "Market-load mode when > 0: spot lists --market-load-symbols symbols (instead of "

@@ -1,7 +1,8 @@
 """Wiring: one aiohttp application per market on a single port, plus the background
 tasks (publisher, chaos) tied to each one's life.
 
-Spot is the root application (/ws, /stream, /api/v3, /fake/...). The futures markets
+Spot is the root application (/ws, /stream, /api/v3, /fake/..., and the public data
+archive's /data/spot/...). The futures markets
 are sub-applications mounted under `FUTURES_PREFIXES` (/usdm: /public/..., /market/...,
 /fapi/v1; /coinm: /stream, /ws, /dapi/v1; each with its own /fake/...), so a client
 reaches a futures market purely by its base URL, e.g. `ws://HOST:PORT/usdm` and
@@ -14,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 from aiohttp import web
 
-from fake_binance import chaos, control, futures_rest, rest, ws
+from fake_binance import archive, chaos, control, futures_rest, rest, ws
 from fake_binance.config import FakeExchangeConfig
 from fake_binance.context import CONTEXT, Context
 from fake_binance.contracts import COINM, USDM, Lifecycle, futures_contracts
@@ -56,6 +58,13 @@ def build_app(config: FakeExchangeConfig) -> web.Application:
     app = _market_app(config, market, spot, spot_gate, _spot_hub(config, market, spot))
     rest.install(app, rest.SPOT_RULES, rest.SPOT_ENDPOINTS)
     app.add_routes(ws.routes())
+    app[archive.DEFECTS] = archive.Defects.counted_back(
+        datetime.now(tz=UTC).date(),
+        config.archive_missing_day,
+        config.archive_bad_checksum_day,
+        config.archive_truncated_day,
+    )
+    app.add_routes(archive.ROUTES)
     contracts = futures_contracts(config.usdm_symbols, config.coinm_symbols, now_ms())
     engine = Market(tuple(c.symbol for c in contracts), _clock(config))
     lifecycle = Lifecycle()

@@ -6,7 +6,8 @@ from typing import Any
 
 from tasks.resources import engine, redis_client
 from worker import app
-from worker.exchange.backfill import HistoryJob, repair_wanted_streams, run_history
+from worker.exchange.archive import DayReport, checked_job, run_backfill
+from worker.exchange.backfill import repair_wanted_streams
 from worker.settings import get_settings
 
 
@@ -17,21 +18,29 @@ def backfill(
     kind: str | None = None,
     start: int | None = None,
     end: int | None = None,
+    source: str = "rest",
 ) -> dict[str, Any]:
     """Without arguments: find and fill the gaps of the last BACKFILL_LOOKBACK_SECONDS in
     every wanted trade, aggTrade and kline stream, one run at a time.
 
-    With `symbol`, `kind` ("aggTrade" or "kline_<interval>"), `start` and `end` (ms
-    since the epoch, end excluded): fetch that range from REST, resuming an earlier
-    run of the same range; progress shows as state PROGRESS with meta
-    {"done", "total", "rows"} (done and total in ms of the range).
+    With `symbol`, `kind` ("trade", "aggTrade" or "kline_<interval>"), `start` and `end`
+    (ms since the epoch, end excluded): fetch that range. `source` "rest" (the default,
+    trades excepted) resumes an earlier run of the same range; "auto" takes closed days
+    from the public data archive and the rest from REST; "archive" the archive only.
+    Progress shows as state PROGRESS with meta {"done", "total", "rows", "days"} (done
+    and total in ms of the range; days: a line per finished day, its source and rows).
     """
     settings = get_settings()
     if (symbol, kind, start, end) == (None, None, None, None):
         return repair_wanted_streams(settings, redis_client(), engine())
 
-    def progress(done: int, total: int, rows: int) -> None:
-        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "rows": rows})
+    days: list[str] = []
 
-    job = HistoryJob.checked(symbol, kind, start, end)
-    return run_history(settings, redis_client(), engine(), job, progress)
+    def progress(done: int, total: int, rows: int) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "rows": rows, "days": days})
+
+    def day_done(report: DayReport) -> None:
+        days.append(report.line())
+
+    job = checked_job(symbol, kind, start, end, source)
+    return run_backfill(settings, redis_client(), engine(), job, source, progress, day_done)

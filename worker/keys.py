@@ -91,6 +91,11 @@ class RedisKeys:
         """Lease of the one gap-repair run (tasks.backfill from beat) in progress."""
         return f"{self.prefix}:lock:backfill"
 
+    @property
+    def audit_lock(self) -> str:
+        """Lease of the one periodic audit run (tasks.audit from beat) in progress."""
+        return f"{self.prefix}:lock:audit"
+
     def rest_weight(self, minute: int) -> str:
         """Integer with a TTL: REST request weight spent in one UTC minute (epoch ms // 60000)."""
         return f"{self.prefix}:rest:weight:{minute}"

@@ -59,6 +59,11 @@ class Settings:
         "is unsubscribed and its change recorded in `listing_changes`.",
         _POSITIVE,
     )
+    binance_archive_url: str = _setting(
+        "https://data.binance.vision",
+        "Base URL of Binance's public data archive (daily zips of trades, aggTrades and klines) "
+        "that `backfill` takes whole days from; /data/spot/daily/... is appended.",
+    )
     default_streams: str = _setting("trade,ticker", "Stream kinds recorded when subscribe() is called without streams.")
     startup_symbols: str = _setting("", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up.")
     max_streams_per_connection: int = _setting(
@@ -167,6 +172,18 @@ class Settings:
         60.0,
         "How often beat runs the backfill task that finds and fills recent gaps.",
         _POSITIVE,
+    )
+    audit_enabled: bool = _setting(
+        True,
+        "Whether beat audits the recorded trades and aggregate trades of each wanted symbol's last "
+        "AUDIT_LOOKBACK_DAYS closed days against the public data archive and REST once the archive has "
+        "them (`binance-recorder audit`); each audit reads the whole day from REST.",
+    )
+    audit_interval_seconds: float = _setting(
+        3600.0, "How often beat looks for recorded days to audit (when AUDIT_ENABLED).", _POSITIVE
+    )
+    audit_lookback_days: int = _setting(
+        2, "How many closed UTC days back the periodic audit looks for days not audited yet.", 1
     )
     backfill_lookback_seconds: int = _setting(
         21600,

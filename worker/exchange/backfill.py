@@ -121,8 +121,9 @@ class HistoryJob:
     end: int
 
     @classmethod
-    def checked(cls, symbol: Any, kind: Any, start: Any, end: Any) -> HistoryJob:
-        """The job, or ValueError saying what is wrong with the arguments."""
+    def checked(cls, symbol: Any, kind: Any, start: Any, end: Any, by_time: bool = True) -> HistoryJob:
+        """The job, or ValueError saying what is wrong with the arguments; `by_time`
+        False admits trades too (the archive's layered backfill finds them by time)."""
         if symbol is None or kind is None or start is None or end is None:
             raise ValueError(
                 "a history backfill needs symbol, kind, start and end (ms since the epoch, "
@@ -136,7 +137,7 @@ class HistoryJob:
                 raise ValueError(f"{name}={value!r} must be a time in ms since the epoch (an integer)")
         if start >= end:
             raise ValueError(f"start={start} must be before end={end} (ms since the epoch, end excluded)")
-        return cls(symbol, series_by_time(symbol, kind).kind, start, end)
+        return cls(symbol, (series_by_time(symbol, kind) if by_time else series_for(symbol, kind)).kind, start, end)
 
     @property
     def name(self) -> str:

@@ -154,7 +154,7 @@ def series_by_time(symbol: str, kind: str) -> TimeRangedSeries:
     if not isinstance(series, TimeRangedSeries):
         raise NotBackfillable(
             f"{kind!r} cannot be backfilled by time: Binance's historicalTrades pages by "
-            "id only; backfill aggTrade or a kline interval for a time range instead"
+            "id only; use the archive (--source auto) or backfill aggTrade or a kline interval instead"
         )
     return series
 

@@ -147,6 +147,7 @@ def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namesp
             prefix = "BINANCE" if market == SPOT else f"BINANCE_{market.upper()}"
             stack.env.setdefault(f"{prefix}_REST_URL", settings.rest_url(market))
             stack.env.setdefault(f"{prefix}_WS_URL", settings.ws_url(market))
+        stack.env.setdefault("BINANCE_ARCHIVE_URL", settings.binance_archive_url)
     stack.start_workers(settings.stream_worker_concurrency)
     stack.start_beat()
     names = ["worker-streams", "worker"]
@@ -354,10 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _attach_relative_times(argv: Sequence[str]) -> list[str]:
-    """`--start -2h` (or `--at -10s`) reads as two options to argparse; make it `--start=-2h`."""
+    """`--start -2h` (or `--at -10s`, `--day -1d`) reads as two options to argparse; make it `--start=-2h`."""
     result: list[str] = []
     for arg in argv:
-        if result and result[-1] in ("--start", "--end", "--at") and re.fullmatch(r"-\d+(\.\d+)?[smhdw]", arg):
+        if result and result[-1] in ("--start", "--end", "--at", "--day") and re.fullmatch(r"-\d+(\.\d+)?[smhdw]", arg):
             result[-1] = f"{result[-1]}={arg}"
         else:
             result.append(arg)

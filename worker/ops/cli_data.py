@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
+from worker.exchange.archive import SOURCES, DayReport
 from worker.ops.clients import client_app, existing_database, redis_client
 from worker.ops.report import ProgressBar
 
@@ -26,8 +27,9 @@ POLL_SECONDS = 0.5
 
 
 def add_data_commands(commands: Any) -> None:
-    """Register backfill, export, chart and book on the CLI's sub-command parser."""
+    """Register backfill, audit, export, chart and book on the CLI's sub-command parser."""
     _add_backfill(commands)
+    _add_audit(commands)
     _add_export(commands)
     _add_chart(commands)
     _add_book(commands)
@@ -59,14 +61,18 @@ def _parsed_range(args: argparse.Namespace) -> tuple[int, int]:
 def _add_backfill(commands: Any) -> None:
     parser = commands.add_parser(
         "backfill",
-        help="fetch a symbol's klines or aggregate trades for a time range from REST",
-        description="Fetch history from Binance's REST API into the database, page by page within the "
-        "shared request-weight budget. Resumable: running the same range again continues "
-        "where it stopped.",
+        help="fetch a symbol's trades, aggregate trades or klines for a time range (archive, then REST)",
+        description="Fetch history into the database. --source auto (default) takes each closed UTC day "
+        "from Binance's public data archive (BINANCE_ARCHIVE_URL; zips checked against their CHECKSUM) and "
+        "whatever the archive lacks (days not published yet, missing, refused or truncated days) from the REST "
+        "API, within the shared request-weight budget; one line per day says which. --source rest is REST "
+        "alone, resumable (running the same range again continues where it stopped); --source archive the "
+        "archive alone.",
     )
     parser.add_argument("symbol", help="e.g. BTCUSDT")
-    parser.add_argument("kind", help="kline_<interval> (e.g. kline_1m, kline_1h) or aggTrade")
+    parser.add_argument("kind", help="trade, aggTrade or kline_<interval> (e.g. kline_1m, kline_1h)")
     _time_range(parser)
+    parser.add_argument("--source", choices=SOURCES, default="auto", help="where rows come from (default: auto)")
     parser.add_argument(
         "--worker", action="store_true", help="run it on a Celery worker (progress also in Flower) instead of here"
     )
@@ -74,41 +80,98 @@ def _add_backfill(commands: Any) -> None:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from worker.exchange.backfill import HistoryJob, run_history
+    from worker.exchange.archive import checked_job, run_backfill
     from worker.store.storage import create_schema, make_engine
 
     start, end = _parsed_range(args)
-    job = HistoryJob.checked(args.symbol, args.kind, start, end)
+    job = checked_job(args.symbol, args.kind, start, end, args.source)
     bar = ProgressBar(f"{job.symbol} {job.kind}", sys.stderr)
 
     def progress(done: int, total: int, rows: int) -> None:
         bar.update(done, total, f"{rows} rows")
 
+    def day_line(report: Any) -> None:
+        print(report.line(), flush=True)
+
     if args.worker:
-        result = _backfill_on_worker(args.settings.redis_url, job, progress)
+        result = _backfill_on_worker(args.settings.redis_url, job, args.source, progress)
+        for report in result.get("days", []):
+            day_line(DayReport(**report))
     else:
         settings = args.settings
         database = make_engine(settings.database_url, settings.sqlite_busy_timeout_ms)
         create_schema(database)
-        result = run_history(settings, redis_client(settings), database, job, progress)
+        result = run_backfill(settings, redis_client(settings), database, job, args.source, progress, day_line)
     bar.finish()
     if "skipped" in result:
         print(f"not started: {result['skipped']}", file=sys.stderr)
         return 1
-    print(_describe(result))
+    print(_describe({key: value for key, value in result.items() if key != "days"}))
     return 0
 
 
-def _backfill_on_worker(redis_url: str, job: Any, progress: Any) -> dict[str, Any]:
-    result = client_app(redis_url).send_task(
-        "tasks.backfill", kwargs={"symbol": job.symbol, "kind": job.kind, "start": job.start, "end": job.end}
-    )
+def _backfill_on_worker(redis_url: str, job: Any, source: str, progress: Any) -> dict[str, Any]:
+    kwargs = {"symbol": job.symbol, "kind": job.kind, "start": job.start, "end": job.end, "source": source}
+    result = client_app(redis_url).send_task("tasks.backfill", kwargs=kwargs)
     print(f"task {result.id} sent; waiting for a worker ...", file=sys.stderr)
     while not result.ready():
-        if result.state == "PROGRESS":
-            progress(result.info["done"], result.info["total"], result.info["rows"])
+        # One read of state and meta together: read apart, the task may finish between
+        # them, and the finished task's result has no "done".
+        meta = result.backend.get_task_meta(result.id)
+        if meta["status"] == "PROGRESS":
+            progress(meta["result"]["done"], meta["result"]["total"], meta["result"]["rows"])
         time.sleep(POLL_SECONDS)
     return result.get()
+
+
+# -- audit ------------------------------------------------------------------------------
+
+
+def _add_audit(commands: Any) -> None:
+    parser = commands.add_parser(
+        "audit",
+        help="compare a recorded day with Binance's public data archive and REST",
+        description="Compare one closed UTC day of recorded trades (and/or aggregate trades) with the "
+        "archive's file and with REST, id by id: ids missing on each side, repeated ids, differing price, "
+        "quantity, time or flags, counts against the day's 1d kline. REST decides where they disagree. "
+        "The verdict goes to the audits table (`status` shows the latest). Exit 0 verified or only the "
+        "archive missing, 1 something differs or the recording lacks rows (the first differences are "
+        "printed), 2 bad input.",
+    )
+    parser.add_argument("symbol", help="e.g. BTCUSDT")
+    parser.add_argument("--day", required=True, help="the UTC day: 2026-12-05, or relative like -1d (yesterday)")
+    parser.add_argument("--kinds", default="trade,aggTrade", help="comma-separated: trade, aggTrade (default: both)")
+    parser.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from worker.exchange.archive import BinanceArchive, closed_day
+    from worker.exchange.audit import AUDIT_KINDS, DIFFERS, RECORDING_INCOMPLETE, audit_day
+    from worker.exchange.rest import BinanceRest
+    from worker.groups import SYMBOL_PATTERN
+    from worker.settings import split_list
+    from worker.store.storage import create_schema
+
+    settings = args.settings
+    symbol = args.symbol.strip().upper()
+    if not SYMBOL_PATTERN.match(symbol):
+        raise ValueError(f"{args.symbol!r} is not a Binance symbol: use one such as 'BTCUSDT'")
+    kinds = split_list(args.kinds)
+    if not kinds or any(kind not in AUDIT_KINDS for kind in kinds):
+        raise ValueError(f"--kinds {args.kinds!r}: use a comma-separated list of {', '.join(AUDIT_KINDS)}")
+    day = closed_day(args.day)
+    engine = existing_database(settings)
+    create_schema(engine)
+    rest = BinanceRest.from_settings(settings, redis_client(settings))
+    archive = BinanceArchive.from_settings(settings)
+    code = 0
+    for kind in kinds:
+        audit = audit_day(engine, rest, archive, symbol, kind, day)
+        print(audit.summary())
+        for line in audit.details:
+            print(f"  {line}")
+        code = max(code, 1 if audit.verdict in (DIFFERS, RECORDING_INCOMPLETE) else 0)
+    return code
 
 
 def _describe(result: dict[str, Any]) -> str:

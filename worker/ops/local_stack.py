@@ -239,6 +239,7 @@ class LocalStack:
         base = self._wait_for_line(process, re.compile(r"listening on (http://\S+)")).group(1)
         self.env["BINANCE_REST_URL"] = base
         self.env["BINANCE_WS_URL"] = base.replace("http://", "ws://")
+        self.env["BINANCE_ARCHIVE_URL"] = base  # the fake serves the archive's /data/spot/... too
         # The fake serves the futures markets under path prefixes of the same port (docs/fake-exchange.md).
         for market in ("usdm", "coinm"):
             self.env[f"BINANCE_{market.upper()}_REST_URL"] = f"{base}/{market}"

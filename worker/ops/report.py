@@ -88,10 +88,22 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     ]
     if snapshot.get("books"):
         parts[2:2] = [_books_table(snapshot["books"], now), ""]
+    if snapshot.get("audits"):
+        parts[-3:-3] = [_audits_table(snapshot["audits"]), ""]
     if snapshot.get("listing_changes"):
         parts[2:2] = [_listing_changes_text(snapshot["listing_changes"]), ""]
     parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(parts)
+
+
+def _audits_table(audits: Sequence[dict[str, Any]]) -> str:
+    """The latest audits (`binance-recorder audit`): which source REST contradicted."""
+    rows = [
+        (a["symbol"], a["kind"], a["day"], a["verdict"], a["wrong"] or "-", a["rest_rows"], a["recorded_rows"],
+         "-" if a["archive_rows"] is None else a["archive_rows"])
+        for a in audits
+    ]  # fmt: skip
+    return table(["AUDITED", "KIND", "DAY", "VERDICT", "WRONG", "REST", "RECORDED", "ARCHIVE"], rows)
 
 
 def _drains_text(drains: Sequence[dict[str, Any]]) -> str:

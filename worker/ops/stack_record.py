@@ -31,6 +31,7 @@ RECORDED_VARIABLES = (
     "BINANCE_USDM_WS_URL",
     "BINANCE_COINM_REST_URL",
     "BINANCE_COINM_WS_URL",
+    "BINANCE_ARCHIVE_URL",
 )
 STOP_TIMEOUT_SECONDS = 15.0
 # How long a live run gets to stop its stack in order before the rest is stopped for it.

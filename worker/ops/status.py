@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from worker.buffer import FrameBuffer
+from worker.exchange.audit import latest_audits
 from worker.exchange.listings import recent_listing_changes
 from worker.groups import MORE_STREAM_PROCESSES, Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
@@ -178,6 +179,7 @@ def collect_status(
         "generated_at": now_ms(),
         "groups": group_statuses(client, keys, market),
         "tables": table_statuses(engine),
+        "audits": latest_audits(engine),
         "backlog": sum(buffer.backlog(key) for key in buffer.list_keys()),
         "drains": [{"lane": lane, "holder": holder} for lane, holder in drains.items()],
         "storage_error": storage_error(client, keys),

@@ -446,6 +446,21 @@ gaps = Table(
     UniqueConstraint("symbol", "kind", "first_missing"),
 )
 
+# One row per symbol, kind and UTC day: the latest audit of our rows against the public
+# data archive and REST (worker/exchange/audit.py); auditing the day again replaces it.
+audits = Table(
+    "audits",
+    metadata,
+    Column("symbol", String(32), primary_key=True),
+    Column("kind", String(16), primary_key=True),  # trade, aggTrade
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD (UTC)
+    Column("verdict", String(24), nullable=False),  # verified, differs, archive_missing, recording_incomplete
+    Column("wrong", String(32), nullable=False),  # the sources REST contradicts: "", archive, recording, both
+    *_ints("rest_rows", "recorded_rows", "audited_at"),
+    *_ints("archive_rows", "kline_trades", nullable=True),
+    Column("details", Text, nullable=False),  # the first differences, one per line
+)
+
 # Not a data table (not in TABLES): the status changes of the futures contracts the
 # recorder followed, noticed by tasks.check_listings (worker/exchange/listings.py); a
 # contract that stopped trading was unsubscribed at `changed_at`. `old_status` is NULL
