@@ -79,4 +79,5 @@ beat_schedule = {
     # Checks every drain interval which books need a snapshot; most runs fetch nothing.
     "snapshot-books": _every("tasks.snapshot_books", _settings.drain_interval_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
+    "archive-days": _every("tasks.archive_days", _settings.archive_interval_seconds),
 }

@@ -1,6 +1,7 @@
 """The Celery tasks. Their names (`tasks.subscribe`, ...) are a public contract:
 other apps call them with `app.send_task(name, ...)` without importing this code."""
 
+from tasks.archive import archive_closed_days
 from tasks.backfill import backfill
 from tasks.books import snapshot_books
 from tasks.maintenance import drain, status, supervise
@@ -9,6 +10,7 @@ from tasks.subscriptions import stream_group, subscribe, unsubscribe
 from tasks.workers import stream_processes  # noqa: F401  (connects the worker signals)
 
 __all__ = [
+    "archive_closed_days",
     "backfill",
     "drain",
     "enforce_retention",

@@ -154,7 +154,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.kind.lower() == "book":
         return _export_book(args, engine, start, end, path, progress)
-    rows = export_rows(engine, args.kind, args.symbol, start, end, path, fmt=args.format, progress=progress)
+    rows = export_rows(
+        engine,
+        args.kind,
+        args.symbol,
+        start,
+        end,
+        path,
+        fmt=args.format,
+        progress=progress,
+        archive_dir=args.settings.archive_path,
+    )
     print(file=sys.stderr)
     print(f"{rows} rows -> {path}")
     return 0
@@ -167,7 +177,8 @@ def _export_book(args: argparse.Namespace, engine: Engine, start: int, end: int,
 
     step = parse_duration_ms(args.step)
     try:
-        rows = export_book(engine, args.symbol, start, end, step, args.levels, path, args.format, progress)
+        archive = args.settings.archive_path
+        rows = export_book(engine, args.symbol, start, end, step, args.levels, path, args.format, progress, archive)
     except BookUnknown as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -209,7 +220,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     at = parse_time(args.at)
     engine = existing_database(args.settings)
     try:
-        book = book_at(engine, args.symbol, at, args.levels or None)
+        book = book_at(engine, args.symbol, at, args.levels or None, args.settings.archive_path)
     except BookUnknown as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

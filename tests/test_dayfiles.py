@@ -1,0 +1,285 @@
+"""Day files: the archiver, retention that requires it, and export, book and frames over
+the database and the files together; real SQLite files and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import Engine, func, select
+
+from tests.test_export import kline_rows, trade_rows
+from worker.ops.book import BookUnknown, book_at
+from worker.ops.book_export import export_book
+from worker.ops.export import export_rows
+from worker.settings import Settings
+from worker.store import dayfiles
+from worker.store.depth import pack_levels, snapshot_row
+from worker.store.partitions import DAY_MS, day_start, ensure_partitions
+from worker.store.retention import RetentionPolicy, delete_expired_rows
+from worker.store.storage import TABLES, archived_days, create_schema, make_engine, store_rows
+
+D0 = day_start(1795482000000)  # 2026-11-24
+D1 = D0 + DAY_MS
+TODAY = D1 + DAY_MS
+NOW = TODAY + 3_600_000
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+
+
+def trades_of(symbol: str, day: int, count: int, first_id: int, seed: int) -> list[tuple[Any, ...]]:
+    """`count` trades from 01:00 of `day`, ids from `first_id`."""
+    return [(row[0], first_id + i, *row[2:]) for i, row in enumerate(trade_rows(symbol, count, day + 3_600_000, seed))]
+
+
+def fill(engine: Engine) -> dict[str, int]:
+    """Trades of two symbols and 1m klines on D0, D1 and today; returns rows per table and day."""
+    rows: dict[str, list[tuple[Any, ...]]] = {"trades": [], "klines": []}
+    for day_index, day in enumerate((D0, D1, TODAY)):
+        for number, symbol in enumerate(SYMBOLS):
+            seed = 10 * day_index + number
+            rows["trades"] += trades_of(symbol, day, 200 + 50 * number, 10_000 * (day_index + 1), seed)
+            rows["klines"] += kline_rows(symbol, "1m", 30, 60_000, start=day, seed=seed)
+    with engine.begin() as conn:
+        store_rows(conn, rows)
+    return {table: len(found) for table, found in rows.items()}
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Engine]:
+    """The schema with PostgreSQL's daily partitions from D0 on, so that retention drops them."""
+    engine = make_engine(database_url)
+    create_schema(engine, now_ms=D0)
+    ensure_partitions(engine, D0, days_ahead=3)
+    yield engine
+    engine.dispose()
+
+
+def requiring_archive(days: int = 1) -> RetentionPolicy:
+    settings = Settings.from_env({"RETENTION_DAYS": str(days), "RETENTION_OVERRIDES": ""})
+    assert settings.retention_requires_archive
+    return RetentionPolicy.from_settings(settings)
+
+
+def count(engine: Engine, table: str, start: int, end: int) -> int:
+    time_column = TABLES[table].c[dayfiles.TIME_COLUMNS[table]]
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).where(time_column >= start, time_column < end)) or 0)
+
+
+def test_closed_days_go_to_verified_files_once_and_retention_deletes_only_them(db: Engine, tmp_path: Path) -> None:
+    fill(db)
+    archive = tmp_path / "archive"
+    run = dayfiles.archive_days(db, archive, NOW)
+    day0, day1 = "2026-11-24", "2026-11-25"
+    expected = {
+        f"table={table}/date={day}/symbol={symbol}.parquet"
+        for table in ("trades", "klines")
+        for day in (day0, day1)
+        for symbol in SYMBOLS
+    }
+    assert set(run.written) == expected and not run.refused
+    assert run.written[f"table=trades/date={day0}/symbol=ETHUSDT.parquet"] == 250
+    assert sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*")) == sorted(
+        {*expected, *(str(Path(p).parent) for p in expected), "table=trades", "table=klines"}
+    )  # nothing else: no .partial left, today not written
+    written = pq.read_table(archive / f"table=trades/date={day0}/symbol=BTCUSDT.parquet")
+    assert written.num_rows == 200 and written.schema.field("trade_id").type == "int64"
+    assert (
+        pq.ParquetFile(archive / f"table=trades/date={day0}/symbol=BTCUSDT.parquet")
+        .metadata.row_group(0)
+        .column(0)
+        .compression
+        == "ZSTD"
+    )
+    with db.connect() as conn:
+        records = conn.execute(select(archived_days).where(archived_days.c.table_name == "trades")).all()
+    assert {(r.day, r.symbol, r.rows, r.db_rows) for r in records} == {
+        (day, symbol, rows, rows) for day in (day0, day1) for symbol, rows in zip(SYMBOLS, (200, 250), strict=True)
+    }
+    assert all(r.bytes == (archive / r.path).stat().st_size for r in records)
+
+    again = dayfiles.archive_days(db, archive, NOW)
+    assert (again.written, again.unchanged_days) == ({}, 4)  # idempotent: 2 tables x 2 days
+
+    run = delete_expired_rows(db, requiring_archive(days=1), NOW)
+    assert run.cutoffs == {table: D1 for table in dayfiles.TIME_COLUMNS}  # whole days only
+    assert count(db, "trades", D0, D1) == 0 and count(db, "trades", D1, TODAY) == 450
+    if db.dialect.name == "postgresql":
+        assert run.dropped["trades"] == ["trades_p20261124"]  # the archived day's partition, dropped whole
+    else:
+        assert (run.deleted["trades"], run.deleted["klines"]) == (450, 60)
+
+
+def test_retention_keeps_days_that_are_not_archived_unless_told_otherwise(db: Engine, tmp_path: Path) -> None:
+    fill(db)
+    held = delete_expired_rows(db, requiring_archive(days=1), NOW)
+    assert held.cutoffs["trades"] == D0 and count(db, "trades", D0, D1) == 450
+    archive = tmp_path / "archive"
+    dayfiles.archive_days(db, archive, NOW)
+    with db.begin() as conn:  # a late trade for D0 after its day was archived
+        store_rows(conn, {"trades": trades_of("BTCUSDT", D0, 1, 99_999, seed=7)})
+    assert delete_expired_rows(db, requiring_archive(days=1), NOW).cutoffs["trades"] == D0
+    assert count(db, "trades", D0, D1) == 451
+    delete_only = RetentionPolicy.from_settings(
+        Settings.from_env({"RETENTION_DAYS": "1", "RETENTION_REQUIRES_ARCHIVE": "false"})
+    )
+    assert delete_only.cutoffs(NOW)["trades"] == NOW - DAY_MS
+    delete_expired_rows(db, delete_only, NOW)
+    assert count(db, "trades", D0, D1) == 0 and count(db, "trades", D1, NOW - DAY_MS) == 0
+
+
+def test_a_late_row_for_an_archived_and_deleted_day_is_merged_into_its_file(db: Engine, tmp_path: Path) -> None:
+    fill(db)
+    archive = tmp_path / "archive"
+    dayfiles.archive_days(db, archive, NOW)
+    delete_expired_rows(db, requiring_archive(days=1), NOW)
+    late = trades_of("BTCUSDT", D0, 1, 99_999, seed=7)
+    with db.begin() as conn:
+        store_rows(conn, {"trades": late})
+    assert delete_expired_rows(db, requiring_archive(days=1), NOW).cutoffs["trades"] == D0  # not archived yet
+    run = dayfiles.archive_days(db, archive, NOW)
+    assert run.written == {"table=trades/date=2026-11-24/symbol=BTCUSDT.parquet": 201}
+    ids = pq.read_table(archive / "table=trades/date=2026-11-24/symbol=BTCUSDT.parquet").column("trade_id")
+    assert 99_999 in ids.to_pylist() and len(set(ids.to_pylist())) == 201
+    delete_expired_rows(db, requiring_archive(days=1), NOW)
+    assert count(db, "trades", D0, D1) == 0
+    path = tmp_path / "d0.csv"
+    assert export_rows(db, "trade", "BTCUSDT", D0, D1, path, archive_dir=archive) == 201
+
+
+def test_a_day_deleted_by_retention_exports_byte_for_byte_as_before(db: Engine, tmp_path: Path) -> None:
+    fill(db)
+    archive = tmp_path / "archive"
+    before = {
+        (kind, fmt): export_rows(db, kind, "ETHUSDT", D0 + 1, TODAY + 1, tmp_path / f"before-{kind}.{fmt}", fmt=fmt)
+        for kind in ("trade", "kline_1m")
+        for fmt in ("csv", "parquet")
+    }
+    dayfiles.archive_days(db, archive, NOW)
+    delete_expired_rows(db, requiring_archive(days=1), NOW)
+    assert count(db, "trades", D0, D1) == count(db, "klines", D0, D1) == 0
+    for (kind, fmt), rows in before.items():
+        after = tmp_path / f"after-{kind}.{fmt}"
+        assert export_rows(db, kind, "ETHUSDT", D0 + 1, TODAY + 1, after, fmt=fmt, archive_dir=archive) == rows
+        old = tmp_path / f"before-{kind}.{fmt}"
+        if fmt == "csv":
+            assert after.read_bytes() == old.read_bytes()
+        else:
+            assert pq.read_table(after).equals(pq.read_table(old))
+    with pytest.raises(ValueError, match="no trades rows for ETHUSDT"):
+        export_rows(db, "trade", "ETHUSDT", D0, D1, tmp_path / "x.csv")  # the database alone has none
+
+
+def test_a_day_partly_deleted_reads_the_union_of_file_and_database(db: Engine, tmp_path: Path) -> None:
+    """Retention stopped half way through a day: the file has it all, the database some."""
+    rows = fill(db)
+    archive = tmp_path / "archive"
+    dayfiles.archive_days(db, archive, NOW)
+    before = tmp_path / "before.csv"
+    export_rows(db, "trade", "BTCUSDT", D0, TODAY, before)
+    trades = TABLES["trades"]
+    with db.begin() as conn:
+        conn.execute(trades.delete().where(trades.c.symbol == "BTCUSDT", trades.c.trade_id < 10_100))
+    after = tmp_path / "after.csv"
+    assert export_rows(db, "trade", "BTCUSDT", D0, TODAY, after, archive_dir=archive) == 400
+    assert after.read_bytes() == before.read_bytes() and rows["trades"] == 1350
+
+
+def test_a_failed_write_leaves_no_file_and_no_record(
+    db: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(db)
+    archive = tmp_path / "archive"
+    stale = archive / "table=trades/date=2026-11-24/symbol=BTCUSDT.parquet.partial"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a crash")  # what a killed archiver leaves at worst
+    written = 0
+
+    def failing_batch(*args: Any) -> Any:
+        nonlocal written
+        written += 1
+        if written == 3:
+            raise OSError("disk full")
+        return real_batch(*args)
+
+    real_batch = dayfiles.record_batch
+    monkeypatch.setattr(dayfiles, "record_batch", failing_batch)
+    with pytest.raises(OSError, match="disk full"):
+        dayfiles.archive_days(db, archive, NOW)
+    monkeypatch.undo()
+    # One batch per file: D0's two files were written, D1's first failed and left nothing.
+    assert sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*.parquet*")) == [
+        "table=trades/date=2026-11-24/symbol=BTCUSDT.parquet",
+        "table=trades/date=2026-11-24/symbol=ETHUSDT.parquet",
+    ]
+    with db.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(archived_days)) == 2
+    run = dayfiles.archive_days(db, archive, NOW)
+    assert len(run.written) == 6 and not list(archive.rglob("*.partial"))
+
+
+def book_rows(day: int, first_id: int, events: int) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    """A snapshot at `first_id` and `events` one-id updates after it, 100 ms apart from 10:00."""
+    rnd = random.Random(first_id)
+    start = day + 10 * 3_600_000
+    snapshot = snapshot_row(
+        "BTCUSDT", {"lastUpdateId": first_id, "bids": [["100", "1"], ["99", "2"]], "asks": [["101", "1"]]}, start - 5
+    )
+    updates = []
+    for i in range(1, events + 1):
+        bid = [[f"{rnd.choice((98, 99, 100, 99.5))}", f"{rnd.choice((0, 0.5, 1.25))}"]]
+        ask = [[f"{rnd.choice((101, 102, 101.5))}", f"{rnd.choice((0, 2, 3))}"]]
+        row = (
+            "BTCUSDT",
+            first_id + i,
+            first_id + i,
+            start + 100 * i,
+            pack_levels(bid),
+            pack_levels(ask),
+            start + 100 * i + 9,
+        )
+        updates.append(row)
+    return snapshot, updates
+
+
+def test_a_book_in_a_deleted_day_is_rebuilt_from_its_files(db: Engine, tmp_path: Path) -> None:
+    snapshots, updates = [], []
+    for day, first_id in ((D0, 1000), (D1, 5000), (TODAY, 9000)):
+        snapshot, events = book_rows(day, first_id, 300)
+        snapshots.append(snapshot)
+        updates += events
+    with db.begin() as conn:
+        store_rows(conn, {"depth_snapshots": snapshots, "depth_updates": updates})
+    at = D0 + 10 * 3_600_000 + 12_345
+    book = book_at(db, "BTCUSDT", at)
+    export_book(db, "BTCUSDT", at - 20_000, at + 20_000, 500, 3, tmp_path / "before.csv")
+    archive = tmp_path / "archive"
+    dayfiles.archive_days(db, archive, NOW)
+    delete_expired_rows(db, requiring_archive(days=1), NOW)
+    assert count(db, "depth_updates", D0, D1) == count(db, "depth_snapshots", D0, D1) == 0
+    with pytest.raises(BookUnknown):
+        book_at(db, "BTCUSDT", at)
+    assert book_at(db, "BTCUSDT", at, archive_dir=archive) == book and book.update_id == 1123
+    export_book(db, "BTCUSDT", at - 20_000, at + 20_000, 500, 3, tmp_path / "after.csv", archive_dir=archive)
+    assert (tmp_path / "after.csv").read_bytes() == (tmp_path / "before.csv").read_bytes()
+    later = D1 + 10 * 3_600_000 + 5_000  # a day still in the database reads it as before
+    assert book_at(db, "BTCUSDT", later, archive_dir=archive) == book_at(db, "BTCUSDT", later)
+
+
+def test_a_day_closes_when_the_drain_stored_past_it_or_a_day_after_it_ended(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'binance.db'}")
+    create_schema(engine)
+    with engine.begin() as conn:
+        store_rows(conn, {"trades": trades_of("BTCUSDT", D0, 3, 1, 1)})
+    with engine.connect() as conn:
+        assert dayfiles.closed_days(conn, TABLES["trades"], D0 + 5 * 3_600_000) == []  # today
+        assert dayfiles.closed_days(conn, TABLES["trades"], NOW - DAY_MS) == []  # nothing stored after D0 yet
+        assert dayfiles.closed_days(conn, TABLES["trades"], D1 + DAY_MS) == [D0]  # a whole day later
+    with engine.begin() as conn:
+        store_rows(conn, {"trades": trades_of("BTCUSDT", D1, 3, 10, 2)})
+    with engine.connect() as conn:
+        assert dayfiles.closed_days(conn, TABLES["trades"], NOW - DAY_MS) == [D0]  # the drain stored past D0
