@@ -31,7 +31,7 @@ FAST_ENV = {
     "LEASE_TTL_SECONDS": "3",
 }
 # Settings of the machine running the tests must not leak into the stacks they start.
-_SERVICE_VARIABLES = ("REDIS_URL", "DATABASE_URL", "BINANCE_WS_URL", "BINANCE_REST_URL")
+_SERVICE_VARIABLES = ("REDIS_URL", "DATABASE_URL", "BINANCE_WS_URL", "BINANCE_REST_URL", "ARCHIVE_DIR")
 
 
 @pytest.fixture(scope="session")

@@ -283,3 +283,114 @@ def test_a_day_closes_when_the_drain_stored_past_it_or_a_day_after_it_ended(tmp_
         store_rows(conn, {"trades": trades_of("BTCUSDT", D1, 3, 10, 2)})
     with engine.connect() as conn:
         assert dayfiles.closed_days(conn, TABLES["trades"], NOW - DAY_MS) == [D0]  # the drain stored past D0
+
+
+def test_load_gives_one_frame_over_the_database_and_the_day_files(db: Engine, tmp_path: Path) -> None:
+    import pandas as pd
+    import polars
+
+    from worker.ops.dataframes import load, load_polars
+
+    fill(db)
+    url = db.url.render_as_string(hide_password=False)
+    archive = tmp_path / "archive"
+    before = load("trade", "ETHUSDT", D0, TODAY + DAY_MS, database_url=url, archive_dir=archive)
+    dayfiles.archive_days(db, archive, NOW)
+    delete_expired_rows(db, requiring_archive(days=1), NOW)
+    assert count(db, "trades", D0, D1) == 0
+    after = load("trade", "ethusdt", D0, TODAY + DAY_MS, database_url=url, archive_dir=archive)
+    pd.testing.assert_frame_equal(after, before)
+    assert len(after) == 750 and list(after.columns) == list(TABLES["trades"].columns.keys())
+    assert after.trade_id.dtype == "int64" and after.trade_time.is_monotonic_increasing
+    assert after.trade_time.min() >= D0 + 3_600_000  # D0's rows, from its file
+    frame = load_polars("trades", "ETHUSDT", "2026-11-24", "2026-11-25", database_url=url, archive_dir=archive)
+    assert isinstance(frame, polars.DataFrame) and frame.height == 250
+    assert frame["trade_id"].to_list() == after.trade_id[:250].tolist()
+    candles = load("kline_1m", "BTCUSDT", D0, D1, database_url=url, archive_dir=archive)
+    assert len(candles) == 30 and set(candles.interval) == {"1m"}
+
+
+def test_duckdb_reads_the_day_files_directly(db: Engine, tmp_path: Path) -> None:
+    import duckdb
+
+    fill(db)
+    archive = tmp_path / "archive"
+    dayfiles.archive_days(db, archive, NOW)
+    query = (
+        "select date, symbol, count(*) as trades, round(sum(price * qty), 2) as notional "
+        f"from '{archive}/table=trades/**/*.parquet' group by date, symbol order by date, symbol"
+    )
+    found = duckdb.sql(query).fetchall()
+    trades = TABLES["trades"]
+    with db.connect() as conn:
+        expected = [
+            (day, symbol, conn.scalar(select(func.count()).where(trades.c.symbol == symbol, *window)))
+            for day, window in (
+                ("2026-11-24", (trades.c.trade_time >= D0, trades.c.trade_time < D1)),
+                ("2026-11-25", (trades.c.trade_time >= D1, trades.c.trade_time < TODAY)),
+            )
+            for symbol in SYMBOLS
+        ]
+    assert [(str(date), symbol, rows) for date, symbol, rows, _ in found] == expected
+
+
+def test_the_archive_command_runs_the_task_on_a_real_worker_one_run_at_a_time(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import redis
+
+    from tests.conftest import clean_env
+    from worker.keys import RedisKeys
+    from worker.ops.local_stack import CELERY, LocalStack
+    from worker.times import now_ms
+
+    today = day_start(now_ms())
+    stack = LocalStack(tmp_path, env=clean_env())
+    try:
+        url = stack.start_redis()
+        stack.spawn("worker", [*CELERY, "worker", "-Q", "celery", "-c", "1", "-n", "default@%h", "-l", "INFO"])
+        engine = make_engine(stack.env["DATABASE_URL"])
+        create_schema(engine)
+        rows = [trades_of("BTCUSDT", today - DAY_MS * back, 5, 100 * back, back) for back in (2, 1, 0)]
+        with engine.begin() as conn:
+            store_rows(conn, {"trades": [row for day in rows for row in day]})
+        stack.wait_for_workers(["worker"])
+
+        def archive_command() -> subprocess.CompletedProcess[str]:
+            command = [sys.executable, "-m", "worker.ops.cli", "archive", "--timeout", "60"]
+            return subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=90)
+
+        client = redis.Redis.from_url(url)
+        client.set(RedisKeys(Settings().redis_prefix).archive_lock, "someone else")
+        busy = archive_command()
+        client.delete(RedisKeys(Settings().redis_prefix).archive_lock)
+        done = archive_command()
+        again = archive_command()
+    finally:
+        stack.stop()
+    assert (busy.returncode, busy.stderr.strip()) == (1, "not started: another archiver run is in progress")
+    archive = Path(engine.url.database or "").parent / "archive"  # ARCHIVE_DIR's default: beside the database
+    days = [dayfiles.day_text(today - DAY_MS * back) for back in (2, 1)]
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:2] == [
+        f"         5 rows  {archive}/table=trades/date={day}/symbol=BTCUSDT.parquet" for day in days
+    ]
+    assert done.stdout.splitlines()[2].startswith("2 files, ")
+    assert again.stdout.startswith("0 files, 0 bytes; 2 days unchanged")
+    assert pq.read_table(archive / f"table=trades/date={days[0]}/symbol=BTCUSDT.parquet").num_rows == 5
+
+
+def test_the_disk_bench_measures_every_table_the_fake_filled(tmp_path: Path) -> None:
+    from bench.database import Databases
+    from bench.disk import measure, render
+
+    result = measure(3.0, tmp_path, Databases(None))
+    recorded = set(result["rows"])
+    assert {"trades", "agg_trades", "depth_updates", "depth_snapshots", "usdm_trades", "usdm_mark_prices"} <= recorded
+    assert set(result["sqlite"]) == set(result["parquet"]) == recorded
+    assert all(figure > 0 for figure in result["parquet"].values())
+    assert result["parquet_files"]["trades"] in (3, 6)  # one file per symbol and day (6 across midnight)
+    table = render(result).splitlines()
+    assert table[0] == "| Table | Rows | SQLite bytes/row | Parquet (zstd) bytes/row |"
+    assert len(table) == 2 + len(recorded)

@@ -1,9 +1,11 @@
 """The data commands of `binance-recorder`: backfill history, export rows, draw a chart,
-rebuild an order book.
+rebuild an order book, archive closed days to day files.
 
 They work on the database and Binance's REST API directly, so they need Redis (for the
 shared REST weight budget) and the database, but no running worker — except
-`backfill --worker`, which hands the job to one and shows its progress (as Flower does).
+`backfill --worker`, which hands the job to one and shows its progress (as Flower does),
+and `archive`, which runs the archiver's task on a worker: its lock keeps it from
+writing the files the beat's run is writing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from worker.ops.clients import client_app, existing_database, redis_client
+from worker.ops.clients import call_task, client_app, existing_database, redis_client
 from worker.ops.report import ProgressBar
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ def add_data_commands(commands: Any) -> None:
     _add_export(commands)
     _add_chart(commands)
     _add_book(commands)
+    _add_archive(commands)
 
 
 def _time_range(parser: argparse.ArgumentParser) -> None:
@@ -279,3 +282,36 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"--size {text!r} is not WIDTHxHEIGHT, e.g. 1200x700") from None
     return width, height
+
+
+# -- archive ----------------------------------------------------------------------------
+
+
+def _add_archive(commands: Any) -> None:
+    parser = commands.add_parser(
+        "archive",
+        help="write the closed UTC days to day files (Parquet) now, as beat does every ARCHIVE_INTERVAL_SECONDS",
+        description="Run the archiver's task on a worker and wait for it: every closed day of every table "
+        "that is not in ARCHIVE_DIR yet, or has changed since, is written there. Exit 0 when it ran, "
+        "1 when another run holds the lock.",
+    )
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default: %(default)s)")
+    parser.set_defaults(func=cmd_archive)
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    result = call_task(args.settings.redis_url, "tasks.archive_days", [], args.timeout)
+    if "skipped" in result:
+        print(f"not started: {result['skipped']}", file=sys.stderr)
+        return 1
+    archive = args.settings.archive_path
+    for path, rows in result["written"].items():
+        print(f"{rows:>10} rows  {archive / path}")
+    refused = (
+        f"; refused (changed while written, next run): {', '.join(result['refused'])}" if result["refused"] else ""
+    )
+    print(
+        f"{len(result['written'])} files, {result['bytes']} bytes; {result['unchanged_days']} days unchanged; "
+        f"{result['seconds']} s{refused}"
+    )
+    return 0

@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    BigInteger,
     Boolean,
     Column,
     ColumnElement,
     Connection,
     Engine,
     Float,
+    Integer,
     LargeBinary,
     Select,
     String,
@@ -127,7 +127,7 @@ def _arrow_type(sql_type: Any) -> pa.DataType:
 
     for sql_class, arrow_type in (
         (Boolean, pa.bool_()),
-        (BigInteger, pa.int64()),
+        (Integer, pa.int64()),  # BigInteger too, its subclass
         (Float, pa.float64()),
         (String, pa.string()),
         (LargeBinary, pa.binary()),  # packed book levels (worker/store/depth.py)
@@ -274,7 +274,7 @@ def _write_day(
     relative = relative_path(table.name, day, subject)
     target = archive_dir / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(target.name + ".partial")  # one writer at a time: the task's lock
     try:
         if merge and target.exists():
             with overlay(engine, archive_dir, [table.name], subject, day, day + DAY_MS) as scratch:
