@@ -289,7 +289,7 @@ def test_load_gives_one_frame_over_the_database_and_the_day_files(db: Engine, tm
     import pandas as pd
     import polars
 
-    from worker.ops.dataframes import load, load_polars
+    from worker.ops.dataframes import Selection, load
 
     fill(db)
     url = db.url.render_as_string(hide_password=False)
@@ -301,9 +301,10 @@ def test_load_gives_one_frame_over_the_database_and_the_day_files(db: Engine, tm
     after = load("trade", "ethusdt", D0, TODAY + DAY_MS, database_url=url, archive_dir=archive)
     pd.testing.assert_frame_equal(after, before)
     assert len(after) == 750 and list(after.columns) == list(TABLES["trades"].columns.keys())
-    assert after.trade_id.dtype == "int64" and after.trade_time.is_monotonic_increasing
+    assert after.trade_id.dtype == "Int64" and after.trade_time.is_monotonic_increasing
+    assert after.event_time.isna().sum() == 150  # REST-backfilled rows (every fifth) have none: <NA>, not NaN
     assert after.trade_time.min() >= D0 + 3_600_000  # D0's rows, from its file
-    frame = load_polars("trades", "ETHUSDT", "2026-11-24", "2026-11-25", database_url=url, archive_dir=archive)
+    frame = Selection("trades", "ETHUSDT", "2026-11-24", "2026-11-25", database_url=url, archive_dir=archive).polars()
     assert isinstance(frame, polars.DataFrame) and frame.height == 250
     assert frame["trade_id"].to_list() == after.trade_id[:250].tolist()
     candles = load("kline_1m", "BTCUSDT", D0, D1, database_url=url, archive_dir=archive)

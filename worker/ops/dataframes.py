@@ -4,7 +4,7 @@
 
     trades = load("trade", "BTCUSDT", "2026-11-24", "2026-11-26")  # pandas
     candles = load("kline_1m", "ETHUSDT", "-7d", "now")
-    book = load_polars("depth", "BTCUSDT", "-1h", "now")  # polars, where installed
+    book = Selection("depth", "BTCUSDT", "-1h", "now").polars()  # where polars is installed
 
 A day that retention has deleted from the database comes from its day file
 (worker/store/dayfiles.py), the same rows `export` writes: the table's columns in its
@@ -19,6 +19,7 @@ settings the service reads); give `database_url` and `archive_dir` to read anoth
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,63 +54,63 @@ def load(
     """`symbol`'s rows of a stream kind ("trade", "aggTrade", "kline_1m", "depth", ...) or
     table ("trades", "usdm_mark_prices", ...) with start <= time < end, as pandas.
 
-    Convert a time column with `pd.to_datetime(frame.trade_time, unit="ms", utc=True)`.
+    Integer columns (ids, counts, ms times) are pandas' nullable `Int64`, so a NULL
+    (`event_time` of a REST-backfilled row) is `<NA>` rather than turning the whole
+    column into floats. Convert a time column with
+    `pd.to_datetime(frame.trade_time, unit="ms", utc=True)`. For polars:
+    `Selection(...).polars()`, with the same arguments.
     """
-    return arrow_table(
-        kind_or_table, symbol, start, end, interval=interval, database_url=database_url, archive_dir=archive_dir
-    ).to_pandas()
+    return Selection(kind_or_table, symbol, start, end, interval, database_url, archive_dir).pandas()
 
 
-def load_polars(
-    kind_or_table: str,
-    symbol: str,
-    start: Instant,
-    end: Instant,
-    *,
-    interval: str | None = None,
-    database_url: str | None = None,
-    archive_dir: str | Path | None = None,
-) -> pl.DataFrame:
-    """The same rows as `load`, as a polars DataFrame; polars is not a dependency."""
-    try:
-        import polars
-    except ImportError:
-        raise ImportError("load_polars needs polars: pip install polars (or use load for pandas)") from None
-    table = arrow_table(
-        kind_or_table, symbol, start, end, interval=interval, database_url=database_url, archive_dir=archive_dir
-    )
-    frame = polars.from_arrow(table)
-    assert isinstance(frame, polars.DataFrame)  # a Table gives a DataFrame, a lone array a Series
-    return frame
+@dataclass(frozen=True)
+class Selection:
+    """The rows `load` reads, to have them as pandas, polars or Arrow."""
 
+    kind_or_table: str
+    symbol: str
+    start: Instant
+    end: Instant
+    interval: str | None = None
+    database_url: str | None = None
+    archive_dir: str | Path | None = None
 
-def arrow_table(
-    kind_or_table: str,
-    symbol: str,
-    start: Instant,
-    end: Instant,
-    *,
-    interval: str | None = None,
-    database_url: str | None = None,
-    archive_dir: str | Path | None = None,
-) -> pa.Table:
-    """The rows as one Arrow table, the common ground of pandas, polars and DuckDB."""
-    import pyarrow as pa
+    def pandas(self) -> pd.DataFrame:
+        import pandas as pd
+        import pyarrow as pa
 
-    source = resolve_source(kind_or_table, interval)
-    start_ms, end_ms = _ms(start), _ms(end)
-    check_range(start_ms, end_ms)
-    settings = get_settings()
-    if database_url is not None:  # ARCHIVE_DIR's default follows the database's folder
-        settings = dataclasses.replace(settings, database_url=database_url)
-    archive = Path(archive_dir) if archive_dir is not None else settings.archive_path
-    engine = existing_database(settings)
-    try:
-        schema = parquet_schema(TABLES[source.table])
-        chunks = source_chunks(engine, archive, source, symbol.strip().upper(), start_ms, end_ms)
-        return pa.Table.from_batches([record_batch(schema, chunk) for chunk in chunks], schema=schema)
-    finally:
-        engine.dispose()
+        return self.arrow().to_pandas(
+            types_mapper=lambda arrow_type: pd.Int64Dtype() if arrow_type == pa.int64() else None
+        )
+
+    def polars(self) -> pl.DataFrame:
+        """polars is not a dependency: install it to use this."""
+        try:
+            import polars
+        except ImportError:
+            raise ImportError("Selection.polars needs polars: pip install polars (or use load for pandas)") from None
+        frame = polars.from_arrow(self.arrow())
+        assert isinstance(frame, polars.DataFrame)  # a Table gives a DataFrame, a lone array a Series
+        return frame
+
+    def arrow(self) -> pa.Table:
+        """One Arrow table, the common ground of pandas, polars and DuckDB."""
+        import pyarrow as pa
+
+        source = resolve_source(self.kind_or_table, self.interval)
+        start_ms, end_ms = _ms(self.start), _ms(self.end)
+        check_range(start_ms, end_ms)
+        settings = get_settings()
+        if self.database_url is not None:  # ARCHIVE_DIR's default follows the database's folder
+            settings = dataclasses.replace(settings, database_url=self.database_url)
+        archive = Path(self.archive_dir) if self.archive_dir is not None else settings.archive_path
+        engine = existing_database(settings)
+        try:
+            schema = parquet_schema(TABLES[source.table])
+            chunks = source_chunks(engine, archive, source, self.symbol.strip().upper(), start_ms, end_ms)
+            return pa.Table.from_batches([record_batch(schema, chunk) for chunk in chunks], schema=schema)
+        finally:
+            engine.dispose()
 
 
 def _ms(instant: Any) -> int:
