@@ -31,6 +31,7 @@ from worker.exchange.ratelimit import (
 )
 from worker.keys import RedisKeys
 from worker.settings import Settings
+from worker.streams import COINM, SPOT, USDM
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,35 @@ class BinanceError(RuntimeError):
         self.url = url
 
 
+API_PATHS: dict[str, str] = {SPOT: "/api/v3", USDM: "/fapi/v1", COINM: "/dapi/v1"}
+"""The path of each market's REST API under its base URL."""
+
+REST_URL_SETTINGS: dict[str, str] = {
+    SPOT: "BINANCE_REST_URL",
+    USDM: "BINANCE_USDM_REST_URL",
+    COINM: "BINANCE_COINM_REST_URL",
+}
+
+LISTING_WEIGHTS: dict[str, int] = {SPOT: 20, USDM: 1, COINM: 1}
+"""The weight of a market's whole `exchangeInfo`."""
+
+SYMBOL_EXAMPLES: dict[str, str] = {
+    SPOT: "spot symbols look like BTCUSDT",
+    USDM: "USDⓈ-M symbols look like BTCUSDT or BTCUSDT_261225",
+    COINM: "COIN-M symbols look like BTCUSD_PERP or BTCUSD_261225",
+}
+
+
 class UnknownSymbol(ValueError):
     """A symbol Binance does not list. One plain message argument, so that Celery can
     carry it to a caller's `.get()` intact."""
 
 
-def _unknown_symbol(symbol: str, binance_msg: str, count: int = 1) -> UnknownSymbol:
+def _unknown_symbol(symbol: str, binance_msg: str, count: int = 1, market: str = SPOT) -> UnknownSymbol:
     what = "unknown symbol" if count == 1 else f"{count} unknown symbols:"
+    where = "" if market == SPOT else f" on {market}"
     return UnknownSymbol(
-        f"{what} {symbol}: Binance says {binance_msg!r}; check the spelling (spot symbols look like BTCUSDT)"
+        f"{what} {symbol}{where}: Binance says {binance_msg!r}; check the spelling ({SYMBOL_EXAMPLES[market]})"
     )
 
 
@@ -91,14 +112,14 @@ LISTING_CACHE_SECONDS = 60.0
 _LISTINGS: dict[str, tuple[float, dict[str, str]]] = {}
 
 
-def _raise_for_unknown(symbols: Sequence[str], binance_msg: str, listing: Mapping[str, str]) -> None:
+def _raise_for_unknown(symbols: Sequence[str], binance_msg: str, listing: Mapping[str, str], market: str) -> None:
     """UnknownSymbol naming the symbols Binance does not list (the first 5,000 of them)."""
     unknown = [symbol for symbol in symbols if symbol not in listing]
     if unknown:
         named = ", ".join(unknown[:MAX_SYMBOLS_NAMED])
         if len(unknown) > MAX_SYMBOLS_NAMED:
             named += f" and {len(unknown) - MAX_SYMBOLS_NAMED} more"
-        raise _unknown_symbol(named, binance_msg, len(unknown))
+        raise _unknown_symbol(named, binance_msg, len(unknown), market)
 
 
 class TradeRow(TypedDict):
@@ -139,18 +160,22 @@ class BinanceRest:
     they all share one budget.
     """
 
-    def __init__(self, base_url: str, timeout: float = 10.0, pacer: RequestPacer | None = None) -> None:
+    def __init__(
+        self, base_url: str, timeout: float = 10.0, pacer: RequestPacer | None = None, market: str = SPOT
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.market = market
+        self.api_path = API_PATHS[market]
         self.timeout = timeout
         self.session = requests.Session()
         self.pacer = pacer or RequestPacer(PROCESS_STATE)
         self._server_offset_ms: int | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: redis.Redis | None) -> BinanceRest:
-        """The client a task uses: budget and longest wait from the settings, shared
-        through Redis (`client`, normally `tasks.resources.redis_client()`) or, when
-        it is None, kept in this process."""
+    def from_settings(cls, settings: Settings, client: redis.Redis | None, market: str = SPOT) -> BinanceRest:
+        """The client of `market`'s API a task uses: budget and longest wait from the
+        settings, shared through Redis (`client`, normally
+        `tasks.resources.redis_client()`) or, when it is None, kept in this process."""
         state: LimitState = (
             PROCESS_STATE if client is None else RedisLimitState(client, RedisKeys(settings.redis_prefix))
         )
@@ -159,17 +184,18 @@ class BinanceRest:
             budget_per_minute=settings.rest_weight_budget_per_minute,
             max_wait_seconds=settings.rest_max_wait_seconds,
         )
-        return cls(settings.binance_rest_url, settings.rest_timeout_seconds, pacer)
+        return cls(settings.rest_url(market), settings.rest_timeout_seconds, pacer, market)
 
     def get(self, path: str, params: Mapping[str, Any] | None = None, weight: int | None = None) -> Any:
-        """GET /api/v3/<path>; returns the decoded JSON answer. `weight` for endpoints
-        whose weight depends on the parameters (default: REQUEST_WEIGHTS[path]).
+        """GET <API_PATHS[market]>/<path> (/api/v3/<path> on spot); returns the decoded
+        JSON answer. `weight` for endpoints whose weight depends on the parameters
+        (default: REQUEST_WEIGHTS[path]).
 
         Raises BinanceError for an answer Binance refused (4xx other than 429/418),
         RestUnavailable when a ban lasts too long or every attempt failed.
         """
         weight = _weight(path) if weight is None else weight
-        url = f"{self.base_url}/api/v3/{path}"
+        url = f"{self.base_url}{self.api_path}/{path}"
         failure = ""
         for attempt in range(1, ATTEMPTS + 1):
             self.pacer.before_request(weight)
@@ -193,7 +219,7 @@ class BinanceRest:
                 self.pacer.sleep(delay)
         raise RestUnavailable(
             f"GET {url} failed {ATTEMPTS} times, last with {failure}; check that "
-            "BINANCE_REST_URL is reachable from this machine"
+            f"{REST_URL_SETTINGS[self.market]} is reachable from this machine"
         )
 
     def _back_off_as_told(self, response: requests.Response) -> None:
@@ -225,30 +251,41 @@ class BinanceRest:
         Binance's -1121 does not say which symbol is unknown, so only then is the whole
         listing fetched (one request, weight 20, where asking each symbol would cost 20
         per symbol) to name them all.
+
+        The futures markets' exchangeInfo takes no symbols: their whole listing is asked
+        (weight 1, so fresh each time: a contract that just settled is seen as such).
         """
+        if self.market != SPOT:
+            return self._statuses_from_listing(symbols, self.listing())
         if len(symbols) > SYMBOLS_PER_REQUEST:
-            return self._statuses_from_listing(symbols)
+            return self._statuses_from_listing(symbols, self._listing())
         try:
             info = self.get("exchangeInfo", {"symbols": json.dumps(list(symbols), separators=(",", ":"))})
         except BinanceError as error:
             if error.code != INVALID_SYMBOL:
                 raise
-            _raise_for_unknown(symbols, error.msg, self._listing())
+            _raise_for_unknown(symbols, error.msg, self._listing(), self.market)
             raise
         return {entry["symbol"]: entry["status"] for entry in info["symbols"]}
 
-    def _statuses_from_listing(self, symbols: Sequence[str]) -> dict[str, str]:
-        listing = self._listing()
-        _raise_for_unknown(symbols, "Invalid symbol.", listing)
+    def _statuses_from_listing(self, symbols: Sequence[str], listing: Mapping[str, str]) -> dict[str, str]:
+        _raise_for_unknown(symbols, "Invalid symbol.", listing, self.market)
         return {symbol: listing[symbol] for symbol in symbols}
 
-    def _listing(self) -> dict[str, str]:
-        """Every symbol Binance lists, with its status; cached a minute per process."""
-        cached = _LISTINGS.get(self.base_url)
-        if cached is None or time.monotonic() - cached[0] > LISTING_CACHE_SECONDS:
-            listing = {entry["symbol"]: entry["status"] for entry in self.get("exchangeInfo", {})["symbols"]}
-            cached = _LISTINGS[self.base_url] = (time.monotonic(), listing)
+    def _listing(self, max_age_seconds: float = LISTING_CACHE_SECONDS) -> dict[str, str]:
+        """Every symbol Binance lists, with its status; cached `max_age_seconds` per process."""
+        url = self.base_url + self.api_path
+        cached = _LISTINGS.get(url)
+        if cached is None or time.monotonic() - cached[0] > max_age_seconds:
+            entries = self.get("exchangeInfo", {}, LISTING_WEIGHTS[self.market])["symbols"]
+            # COIN-M's entries say `contractStatus` where the others say `status`.
+            listing = {entry["symbol"]: entry.get("status") or entry["contractStatus"] for entry in entries}
+            cached = _LISTINGS[url] = (time.monotonic(), listing)
         return cached[1]
+
+    def listing(self) -> dict[str, str]:
+        """Every symbol of the market with its status now (not a cached copy)."""
+        return self._listing(max_age_seconds=0)
 
     def klines(
         self,

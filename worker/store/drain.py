@@ -67,6 +67,7 @@ from worker.lease import Lease
 from worker.store.books import follow_books
 from worker.store.parsing import ParsedBatch, Row, parse_frames
 from worker.store.storage import store_rows
+from worker.streams import MARKETS
 from worker.times import now_ms
 
 # Prefix of the service counters (RedisKeys.counters) of rows stored, one per table.
@@ -278,10 +279,17 @@ class Drainer:
         pipe.hincrby(self.keys.counters, "dead_letters", len(batch.dead_letters))
 
 
-WATCHED_TABLES = ("trades", "agg_trades", "depth_updates")
-"""Tables of the streams whose silence `status` reports (`STALE_STREAM_SECONDS`): a
-trade or book stream that stores nothing while its connection is up is one Binance
-stopped sending, or a symbol that stopped trading. Their rows start with the symbol."""
+WATCHED_KINDS = ("trade", "aggTrade", "depth", "markPrice")
+"""Kinds of the streams whose silence `status` reports (`STALE_STREAM_SECONDS`): a
+trade, book or mark-price stream that stores nothing while its connection is up is one
+Binance stopped sending (a futures stream on the wrong route, a settled contract), or
+a symbol that stopped trading. A futures mark price comes every 3 s whatever trades."""
+
+WATCHED_TABLES: dict[str, str] = {
+    market.table(kind): kind for market in MARKETS.values() for kind in WATCHED_KINDS if kind in market.kinds
+}
+"""The tables of the watched kinds in every market (`usdm_agg_trades`...) -> their kind.
+Their rows start with the symbol."""
 
 
 def stored_at_field(table: str, symbol: str) -> str:
