@@ -17,8 +17,10 @@ from worker.times import now_ms
 
 log = get_task_logger(__name__)
 
-# Renewed after every day written, so it only has to outlive one day's files.
-LOCK_TTL_SECONDS = 600.0
+# Renewed after every table-day written, so it has to outlive one day's files of one
+# table: minutes for a busy market's trades. A killed run frees it an hour later, when
+# beat's next run is due anyway.
+LOCK_TTL_SECONDS = 3600.0
 
 
 @app.task(name="tasks.archive_days")
