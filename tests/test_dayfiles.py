@@ -58,6 +58,15 @@ def db(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def lite(tmp_path: Path) -> Iterator[Engine]:
+    """A SQLite file, for what does not differ between the databases."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db' / 'binance.db'}")
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
 def requiring_archive(days: int = 1) -> RetentionPolicy:
     settings = Settings.from_env({"RETENTION_DAYS": str(days), "RETENTION_OVERRIDES": ""})
     assert settings.retention_requires_archive
@@ -174,25 +183,25 @@ def test_a_day_deleted_by_retention_exports_byte_for_byte_as_before(db: Engine, 
         export_rows(db, "trade", "ETHUSDT", D0, D1, tmp_path / "x.csv")  # the database alone has none
 
 
-def test_a_day_partly_deleted_reads_the_union_of_file_and_database(db: Engine, tmp_path: Path) -> None:
+def test_a_day_partly_deleted_reads_the_union_of_file_and_database(lite: Engine, tmp_path: Path) -> None:
     """Retention stopped half way through a day: the file has it all, the database some."""
-    rows = fill(db)
+    rows = fill(lite)
     archive = tmp_path / "archive"
-    dayfiles.archive_days(db, archive, NOW)
+    dayfiles.archive_days(lite, archive, NOW)
     before = tmp_path / "before.csv"
-    export_rows(db, "trade", "BTCUSDT", D0, TODAY, before)
+    export_rows(lite, "trade", "BTCUSDT", D0, TODAY, before)
     trades = TABLES["trades"]
-    with db.begin() as conn:
+    with lite.begin() as conn:
         conn.execute(trades.delete().where(trades.c.symbol == "BTCUSDT", trades.c.trade_id < 10_100))
     after = tmp_path / "after.csv"
-    assert export_rows(db, "trade", "BTCUSDT", D0, TODAY, after, archive_dir=archive) == 400
+    assert export_rows(lite, "trade", "BTCUSDT", D0, TODAY, after, archive_dir=archive) == 400
     assert after.read_bytes() == before.read_bytes() and rows["trades"] == 1350
 
 
 def test_a_failed_write_leaves_no_file_and_no_record(
-    db: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lite: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fill(db)
+    fill(lite)
     archive = tmp_path / "archive"
     stale = archive / "table=trades/date=2026-11-24/symbol=BTCUSDT.parquet.partial"
     stale.parent.mkdir(parents=True)
@@ -209,16 +218,16 @@ def test_a_failed_write_leaves_no_file_and_no_record(
     real_batch = dayfiles.record_batch
     monkeypatch.setattr(dayfiles, "record_batch", failing_batch)
     with pytest.raises(OSError, match="disk full"):
-        dayfiles.archive_days(db, archive, NOW)
+        dayfiles.archive_days(lite, archive, NOW)
     monkeypatch.undo()
     # One batch per file: D0's two files were written, D1's first failed and left nothing.
     assert sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*.parquet*")) == [
         "table=trades/date=2026-11-24/symbol=BTCUSDT.parquet",
         "table=trades/date=2026-11-24/symbol=ETHUSDT.parquet",
     ]
-    with db.connect() as conn:
+    with lite.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(archived_days)) == 2
-    run = dayfiles.archive_days(db, archive, NOW)
+    run = dayfiles.archive_days(lite, archive, NOW)
     assert len(run.written) == 6 and not list(archive.rglob("*.partial"))
 
 
@@ -270,9 +279,8 @@ def test_a_book_in_a_deleted_day_is_rebuilt_from_its_files(db: Engine, tmp_path:
     assert book_at(db, "BTCUSDT", later, archive_dir=archive) == book_at(db, "BTCUSDT", later)
 
 
-def test_a_day_closes_when_the_drain_stored_past_it_or_a_day_after_it_ended(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'binance.db'}")
-    create_schema(engine)
+def test_a_day_closes_when_the_drain_stored_past_it_or_a_day_after_it_ended(lite: Engine) -> None:
+    engine = lite
     with engine.begin() as conn:
         store_rows(conn, {"trades": trades_of("BTCUSDT", D0, 3, 1, 1)})
     with engine.connect() as conn:
@@ -285,19 +293,19 @@ def test_a_day_closes_when_the_drain_stored_past_it_or_a_day_after_it_ended(tmp_
         assert dayfiles.closed_days(conn, TABLES["trades"], NOW - DAY_MS) == [D0]  # the drain stored past D0
 
 
-def test_load_gives_one_frame_over_the_database_and_the_day_files(db: Engine, tmp_path: Path) -> None:
+def test_load_gives_one_frame_over_the_database_and_the_day_files(lite: Engine, tmp_path: Path) -> None:
     import pandas as pd
     import polars
 
     from worker.ops.dataframes import Selection, load
 
-    fill(db)
-    url = db.url.render_as_string(hide_password=False)
+    fill(lite)
+    url = lite.url.render_as_string(hide_password=False)
     archive = tmp_path / "archive"
     before = load("trade", "ETHUSDT", D0, TODAY + DAY_MS, database_url=url, archive_dir=archive)
-    dayfiles.archive_days(db, archive, NOW)
-    delete_expired_rows(db, requiring_archive(days=1), NOW)
-    assert count(db, "trades", D0, D1) == 0
+    dayfiles.archive_days(lite, archive, NOW)
+    delete_expired_rows(lite, requiring_archive(days=1), NOW)
+    assert count(lite, "trades", D0, D1) == 0
     after = load("trade", "ethusdt", D0, TODAY + DAY_MS, database_url=url, archive_dir=archive)
     pd.testing.assert_frame_equal(after, before)
     assert len(after) == 750 and list(after.columns) == list(TABLES["trades"].columns.keys())
@@ -311,19 +319,19 @@ def test_load_gives_one_frame_over_the_database_and_the_day_files(db: Engine, tm
     assert len(candles) == 30 and set(candles.interval) == {"1m"}
 
 
-def test_duckdb_reads_the_day_files_directly(db: Engine, tmp_path: Path) -> None:
+def test_duckdb_reads_the_day_files_directly(lite: Engine, tmp_path: Path) -> None:
     import duckdb
 
-    fill(db)
+    fill(lite)
     archive = tmp_path / "archive"
-    dayfiles.archive_days(db, archive, NOW)
+    dayfiles.archive_days(lite, archive, NOW)
     query = (
         "select date, symbol, count(*) as trades, round(sum(price * qty), 2) as notional "
         f"from '{archive}/table=trades/**/*.parquet' group by date, symbol order by date, symbol"
     )
     found = duckdb.sql(query).fetchall()
     trades = TABLES["trades"]
-    with db.connect() as conn:
+    with lite.connect() as conn:
         expected = [
             (day, symbol, conn.scalar(select(func.count()).where(trades.c.symbol == symbol, *window)))
             for day, window in (
