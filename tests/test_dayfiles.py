@@ -403,3 +403,26 @@ def test_the_disk_bench_measures_every_table_the_fake_filled(tmp_path: Path) -> 
     table = render(result).splitlines()
     assert table[0] == "| Table | Rows | SQLite bytes/row | Parquet (zstd) bytes/row |"
     assert len(table) == 2 + len(recorded)
+
+
+def test_a_file_whose_day_changed_while_it_was_written_is_refused_then_written(lite: Engine, tmp_path: Path) -> None:
+    from sqlalchemy import event
+
+    fill(lite)
+    archive = tmp_path / "archive"
+    other = make_engine(lite.url.render_as_string(hide_password=False))  # the drain, storing a late row
+    late = trades_of("BTCUSDT", D0, 1, 99_999, seed=7)
+
+    def store_late_row_once(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("SELECT trades.symbol") and "ORDER BY" in statement and late:
+            with other.begin() as writer:
+                store_rows(writer, {"trades": [late.pop()]})
+
+    event.listen(lite, "before_cursor_execute", store_late_row_once)
+    run = dayfiles.archive_days(lite, archive, NOW)
+    event.remove(lite, "before_cursor_execute", store_late_row_once)
+    first = "table=trades/date=2026-11-24/symbol=BTCUSDT.parquet"
+    assert run.refused == [first] and first not in run.written and not (archive / first).exists()
+    assert not list(archive.rglob("*.partial"))
+    again = dayfiles.archive_days(lite, archive, NOW)
+    assert again.written == {first: 201}
