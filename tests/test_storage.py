@@ -144,6 +144,7 @@ def batch_of_samples() -> dict[str, list[tuple[Any, ...]]]:
 RECORD_TABLES = {"gaps", "listing_changes", "archived_days"}
 """The tables besides the data tables: backfill's gaps, futures listing changes, day files written."""
 
+
 def test_sample_rows_match_the_column_order_contract() -> None:
     assert {t: len(row) for t, row in SAMPLE_ROWS.items()} == {t: len(columns) for t, columns in TABLE_COLUMNS.items()}
 
