@@ -295,7 +295,12 @@ def _add_archive(commands: Any) -> None:
         "that is not in ARCHIVE_DIR yet, or has changed since, is written there. Exit 0 when it ran, "
         "1 when another run holds the lock.",
     )
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default: %(default)s)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the worker's answer; a longer run goes on after (default: %(default)s)",
+    )
     parser.set_defaults(func=cmd_archive)
 
 
