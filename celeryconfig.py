@@ -81,6 +81,7 @@ beat_schedule = {
     # One exchangeInfo request per futures market with subscribed contracts; none without.
     "check-listings": _every("tasks.check_listings", _settings.listing_check_interval_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
+    "archive-days": _every("tasks.archive_days", _settings.archive_interval_seconds),
 }
 if _settings.audit_enabled:
     beat_schedule["audit"] = _every("tasks.audit", _settings.audit_interval_seconds)

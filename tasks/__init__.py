@@ -1,6 +1,7 @@
 """The Celery tasks. Their names (`tasks.subscribe`, ...) are a public contract:
 other apps call them with `app.send_task(name, ...)` without importing this code."""
 
+from tasks.archive import archive_closed_days
 from tasks.audit import audit
 from tasks.backfill import backfill
 from tasks.books import snapshot_books
@@ -11,6 +12,7 @@ from tasks.workers import stream_processes  # noqa: F401  (connects the worker s
 
 __all__ = [
     "audit",
+    "archive_closed_days",
     "backfill",
     "drain",
     "enforce_retention",

@@ -32,7 +32,7 @@ FAST_ENV = {
     "LEASE_TTL_SECONDS": "3",
 }
 # Settings of the machine running the tests must not leak into the stacks they start.
-_SERVICE_VARIABLES = RECORDED_VARIABLES
+_SERVICE_VARIABLES = (*RECORDED_VARIABLES, "ARCHIVE_DIR")
 
 
 @pytest.fixture(scope="session")

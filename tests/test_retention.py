@@ -80,7 +80,8 @@ def counts(engine: Engine) -> dict[str, int]:
 
 
 def policy(environ: dict[str, str] | None = None) -> RetentionPolicy:
-    return RetentionPolicy.from_settings(Settings.from_env(environ or {}))
+    """Delete by age alone: retention that requires day files is tested in test_dayfiles.py."""
+    return RetentionPolicy.from_settings(Settings.from_env({"RETENTION_REQUIRES_ARCHIVE": "false", **(environ or {})}))
 
 
 def keep_all_but(table: str, days: int, chunk_rows: int) -> RetentionPolicy:
@@ -220,7 +221,7 @@ def test_bad_numbers_are_refused() -> None:
 
 
 def test_the_task_runs_on_a_real_worker_one_run_at_a_time(tmp_path: Path) -> None:
-    stack = LocalStack(tmp_path, env=clean_env({"RETENTION_CHUNK_ROWS": "4"}))
+    stack = LocalStack(tmp_path, env=clean_env({"RETENTION_CHUNK_ROWS": "4", "RETENTION_REQUIRES_ARCHIVE": "false"}))
     try:
         url = stack.start_redis()
         stack.spawn(

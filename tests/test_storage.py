@@ -141,6 +141,10 @@ def batch_of_samples() -> dict[str, list[tuple[Any, ...]]]:
     return {table: [row] for table, row in SAMPLE_ROWS.items()}
 
 
+RECORD_TABLES = {"gaps", "listing_changes", "archived_days"}
+"""The tables besides the data tables: backfill's gaps, futures listing changes, day files written."""
+
+
 def test_sample_rows_match_the_column_order_contract() -> None:
     assert {t: len(row) for t, row in SAMPLE_ROWS.items()} == {t: len(columns) for t, columns in TABLE_COLUMNS.items()}
 
@@ -161,7 +165,7 @@ def test_create_schema_twice_is_fine(engine: Engine) -> None:
     inspector = inspect(engine)
     # PostgreSQL's daily partitions are tables too (tests/test_partitions.py).
     partitions = re.compile(r".+_(p\d{8}|default)$")
-    assert {t for t in inspector.get_table_names() if not partitions.match(t)} == set(TABLES) | {"gaps"}
+    assert {t for t in inspector.get_table_names() if not partitions.match(t)} == set(TABLES) | RECORD_TABLES
     assert inspector.get_view_names() == ["market_data"]
     assert [c["name"] for c in inspector.get_columns("trades")] == list(TABLE_COLUMNS["trades"])
 
@@ -180,7 +184,7 @@ def test_create_schema_tolerates_a_competitor_creating_a_table_first(tmp_path: P
         create_schema(make_engine(url))
     finally:
         event.remove(storage.trades, "before_create", competitor_creates_it)
-    assert set(inspect(competitor).get_table_names()) == set(TABLES) | {"gaps"}
+    assert set(inspect(competitor).get_table_names()) == set(TABLES) | RECORD_TABLES
 
 
 def _create_schema_when_all_are_ready(url: str, barrier: Any) -> None:
@@ -198,7 +202,7 @@ def test_create_schema_from_several_processes_at_once(tmp_path: Path) -> None:
     for process in processes:
         process.join(timeout=60)
     assert [process.exitcode for process in processes] == [0, 0, 0, 0]
-    assert set(inspect(make_engine(url)).get_table_names()) == set(TABLES) | {"gaps"}
+    assert set(inspect(make_engine(url)).get_table_names()) == set(TABLES) | RECORD_TABLES
 
 
 def test_rows_are_stored_in_column_order(engine: Engine) -> None:

@@ -123,6 +123,10 @@ class RedisKeys:
         return f"{self.prefix}:lock:retention"
 
     @property
+    def archive_lock(self) -> str:
+        return f"{self.prefix}:lock:archive"
+
+    @property
     def books(self) -> str:
         """Set of symbols whose diff-depth stream the drain has seen (see `book`)."""
         return f"{self.prefix}:books"

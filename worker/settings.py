@@ -12,6 +12,7 @@ import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from worker.streams import COINM, SPOT, USDM
@@ -218,6 +219,19 @@ class Settings:
         1,
     )
     retention_interval_seconds: float = _setting(3600.0, "How often beat runs the retention task.", _POSITIVE)
+    retention_requires_archive: bool = _setting(
+        True,
+        "Retention deletes only whole UTC days that the archiver has written to day files "
+        "(ARCHIVE_DIR) and that have not changed since; false deletes by age alone, archived or not.",
+    )
+    archive_dir: str = _setting(
+        "",
+        "Folder of the day files (Parquet, one per table, UTC day and symbol); empty: `archive` "
+        "beside the SQLite database file (data/archive by default), or data/archive with PostgreSQL.",
+    )
+    archive_interval_seconds: float = _setting(
+        3600.0, "How often beat runs the archiver that writes closed UTC days to day files.", _POSITIVE
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -275,6 +289,18 @@ class Settings:
         return {SPOT: self.binance_rest_url, USDM: self.binance_usdm_rest_url, COINM: self.binance_coinm_rest_url}[
             market
         ]
+
+    @property
+    def archive_path(self) -> Path:
+        """ARCHIVE_DIR, or `archive` in the folder of the SQLite file (the data dir)."""
+        from sqlalchemy.engine import make_url
+
+        if self.archive_dir:
+            return Path(self.archive_dir)
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            return Path(url.database).parent / "archive"
+        return Path("data") / "archive"
 
     @property
     def default_stream_kinds(self) -> list[str]:

@@ -19,13 +19,17 @@ import bisect
 import heapq
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, select
 from sqlalchemy.engine import Engine
 
+from worker.store import dayfiles
 from worker.store.depth import unpack_levels
+from worker.store.partitions import DAY_MS
 from worker.store.storage import depth_snapshots, depth_updates
 from worker.times import iso_ms
 
@@ -151,15 +155,39 @@ def _events(conn: Connection, symbol: str, after_id: int, until_id: int | None =
         yield from partition
 
 
-def book_at(engine: Engine, symbol: str, at_ms: int, levels: int | None = None) -> Book:
+def book_at(
+    engine: Engine, symbol: str, at_ms: int, levels: int | None = None, archive_dir: Path | None = None
+) -> Book:
     """The book of `symbol` right after the last update with event time <= `at_ms`,
     with `levels` levels per side (all when None).
 
     Raises BookUnknown when `at_ms` is before the first stored snapshot or inside a
     gap (an update between the snapshot and the instant is missing), with a message
     that says which and where the nearest known books are.
+
+    With `archive_dir` (ARCHIVE_DIR), an instant in a day deleted from the database is
+    rebuilt from the day files of its day and the one before (`_ARCHIVE_MARGIN_MS`).
     """
     symbol = symbol.strip().upper()
+    with _readable(engine, archive_dir, symbol, at_ms, at_ms + 1) as source:
+        return _book_at(source, symbol, at_ms, levels)
+
+
+_ARCHIVE_MARGIN_MS = DAY_MS
+"""How far around a window a book read from day files looks: a snapshot is stored every
+DEPTH_SNAPSHOT_INTERVAL_SECONDS (an hour), so a day before holds the one a book starts
+from, and a day after the event that says whether the book is still known."""
+
+
+@contextmanager
+def _readable(engine: Engine, archive_dir: Path | None, symbol: str, start_ms: int, end_ms: int) -> Iterator[Engine]:
+    tables = (depth_snapshots.name, depth_updates.name)
+    start, end = start_ms - _ARCHIVE_MARGIN_MS, end_ms + _ARCHIVE_MARGIN_MS
+    with dayfiles.readable(engine, archive_dir, tables, symbol, start, end) as source:
+        yield source
+
+
+def _book_at(engine: Engine, symbol: str, at_ms: int, levels: int | None) -> Book:
     with engine.connect() as conn:
         return _book_through(conn, symbol, _last_event_at(conn, symbol, at_ms), at_ms, levels)
 
@@ -269,16 +297,31 @@ def _gap_message(conn: Connection, symbol: str, at_ms: int, replay: _Replay, sna
 
 
 def book_steps(
-    engine: Engine, symbol: str, start_ms: int, end_ms: int, step_ms: int, levels: int
+    engine: Engine,
+    symbol: str,
+    start_ms: int,
+    end_ms: int,
+    step_ms: int,
+    levels: int,
+    archive_dir: Path | None = None,
 ) -> Iterator[tuple[int, int, list[tuple[float, float]], list[tuple[float, float]]]]:
     """(step time, update id, bids, asks) for each step start_ms, start_ms + step_ms, ...
     before end_ms at which the book is known, walking the events once (streaming).
 
     A step inside a gap (between the last update before a break and the first on the
     next snapshot), before the first snapshot or after the last drained update yields
-    nothing: an export has no row for an instant whose book is unknown.
+    nothing: an export has no row for an instant whose book is unknown. With
+    `archive_dir`, a window that reaches into days deleted from the database is read
+    through a scratch copy of it from the day files and the database.
     """
     symbol = symbol.strip().upper()
+    with _readable(engine, archive_dir, symbol, start_ms, end_ms) as source:
+        yield from _book_steps(source, symbol, start_ms, end_ms, step_ms, levels)
+
+
+def _book_steps(
+    engine: Engine, symbol: str, start_ms: int, end_ms: int, step_ms: int, levels: int
+) -> Iterator[tuple[int, int, list[tuple[float, float]], list[tuple[float, float]]]]:
     with engine.connect() as conn:
         snapshot_ids = _snapshot_ids(conn, symbol)
         if not snapshot_ids:

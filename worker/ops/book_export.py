@@ -33,9 +33,11 @@ def book_columns(levels: int) -> list[str]:
     return ["time", "update_id", *sides]
 
 
-def _flat_rows(engine: Engine, symbol: str, start: int, end: int, step: int, levels: int) -> Iterator[list[Any]]:
+def _flat_rows(
+    engine: Engine, symbol: str, start: int, end: int, step: int, levels: int, archive_dir: Path | None
+) -> Iterator[list[Any]]:
     padding: list[Any] = [None, None]
-    for at, update_id, bids, asks in book_steps(engine, symbol, start, end, step, levels):
+    for at, update_id, bids, asks in book_steps(engine, symbol, start, end, step, levels, archive_dir):
         row: list[Any] = [at, update_id]
         for side in (bids, asks):
             for price, qty in side:
@@ -54,8 +56,10 @@ def export_book(
     path: str | Path,
     fmt: str = "csv",
     progress: Callable[[int], None] | None = None,
+    archive_dir: Path | None = None,
 ) -> int:
-    """Write the book of `symbol` every `step_ms` in [start_ms, end_ms) to `path`; returns the rows."""
+    """Write the book of `symbol` every `step_ms` in [start_ms, end_ms) to `path`; returns the rows.
+    With `archive_dir` (ARCHIVE_DIR), days deleted from the database come from the day files."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     if levels < 1:
@@ -65,7 +69,7 @@ def export_book(
     check_directory(target)
     partial = target.with_name(target.name + ".partial")
     columns = book_columns(levels)
-    rows = _flat_rows(engine, symbol, start_ms, end_ms, step_ms, levels)
+    rows = _flat_rows(engine, symbol, start_ms, end_ms, step_ms, levels, archive_dir)
     writer = _write_csv if fmt == "csv" else _write_parquet
     try:
         written = writer(partial, columns, rows, progress or (lambda _: None))

@@ -1,9 +1,11 @@
 """The data commands of `binance-recorder`: backfill history, export rows, draw a chart,
-rebuild an order book, replay a window as Binance.
+rebuild an order book, replay a window as Binance, archive closed days to day files.
 
 They work on the database and Binance's REST API directly, so they need Redis (for the
 shared REST weight budget) and the database, but no running worker — except
-`backfill --worker`, which hands the job to one and shows its progress (as Flower does).
+`backfill --worker`, which hands the job to one and shows its progress (as Flower does),
+and `archive`, which runs the archiver's task on a worker: its lock keeps it from
+writing the files the beat's run is writing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from worker.exchange.archive import SOURCES, DayReport
-from worker.ops.clients import client_app, existing_database, redis_client
+from worker.ops.clients import call_task, client_app, existing_database, redis_client
 from worker.ops.report import ProgressBar
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ def add_data_commands(commands: Any) -> None:
     _add_chart(commands)
     _add_book(commands)
     _add_replay(commands)
+    _add_archive(commands)
 
 
 def _time_range(parser: argparse.ArgumentParser) -> None:
@@ -218,7 +221,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.kind.lower() == "book":
         return _export_book(args, engine, start, end, path, progress)
-    rows = export_rows(engine, args.kind, args.symbol, start, end, path, fmt=args.format, progress=progress)
+    rows = export_rows(
+        engine,
+        args.kind,
+        args.symbol,
+        start,
+        end,
+        path,
+        fmt=args.format,
+        progress=progress,
+        archive_dir=args.settings.archive_path,
+    )
     print(file=sys.stderr)
     print(f"{rows} rows -> {path}")
     return 0
@@ -231,7 +244,8 @@ def _export_book(args: argparse.Namespace, engine: Engine, start: int, end: int,
 
     step = parse_duration_ms(args.step)
     try:
-        rows = export_book(engine, args.symbol, start, end, step, args.levels, path, args.format, progress)
+        archive = args.settings.archive_path
+        rows = export_book(engine, args.symbol, start, end, step, args.levels, path, args.format, progress, archive)
     except BookUnknown as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -273,7 +287,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     at = parse_time(args.at)
     engine = existing_database(args.settings)
     try:
-        book = book_at(engine, args.symbol, at, args.levels or None)
+        book = book_at(engine, args.symbol, at, args.levels or None, args.settings.archive_path)
     except BookUnknown as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -425,3 +439,41 @@ def _check_recorded(window: Any) -> None:
                 f"no {what} were recorded in the window: check --start, --end"
                 f"{' and --streams' if kind else ''} (binance-recorder status lists what is recorded)"
             )
+
+
+# -- archive ----------------------------------------------------------------------------
+
+
+def _add_archive(commands: Any) -> None:
+    parser = commands.add_parser(
+        "archive",
+        help="write the closed UTC days to day files (Parquet) now, as beat does every ARCHIVE_INTERVAL_SECONDS",
+        description="Run the archiver's task on a worker and wait for it: every closed day of every table "
+        "that is not in ARCHIVE_DIR yet, or has changed since, is written there. Exit 0 when it ran, "
+        "1 when another run holds the lock.",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the worker's answer; a longer run goes on after (default: %(default)s)",
+    )
+    parser.set_defaults(func=cmd_archive)
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    result = call_task(args.settings.redis_url, "tasks.archive_days", [], args.timeout)
+    if "skipped" in result:
+        print(f"not started: {result['skipped']}", file=sys.stderr)
+        return 1
+    archive = args.settings.archive_path
+    for path, rows in result["written"].items():
+        print(f"{rows:>10} rows  {archive / path}")
+    refused = (
+        f"; refused (changed while written, next run): {', '.join(result['refused'])}" if result["refused"] else ""
+    )
+    print(
+        f"{len(result['written'])} files, {result['bytes']} bytes; {result['unchanged_days']} days unchanged; "
+        f"{result['seconds']} s{refused}"
+    )
+    return 0

@@ -19,27 +19,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    BigInteger,
-    Boolean,
     ColumnElement,
     Connection,
     Engine,
-    Float,
-    LargeBinary,
-    Select,
-    String,
     Table,
     func,
     literal,
     select,
 )
 
+from worker.store import dayfiles
 from worker.store.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
 from worker.streams import KIND_TABLES, KLINE_INTERVALS, valid_kinds_text
 from worker.times import check_range, iso_ms
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    pass
 
 CHUNK_ROWS = 20_000
 """Rows fetched and written at a time. Measured on 300k trades: an export's peak Python
@@ -77,12 +72,13 @@ class Source:
             return f"kline_{self.interval or '1m'}"
         return next(kind for kind, table in KIND_TABLES.items() if table == self.table)
 
+    def equals(self, symbol: str) -> dict[str, str]:
+        """The column values that select this source's rows of `symbol`."""
+        return {"symbol": symbol, **({"interval": self.interval} if self.interval else {})}
+
     def filters(self, symbol: str) -> list[ColumnElement[bool]]:
         table = TABLES[self.table]
-        conditions = [table.c.symbol == symbol]
-        if self.interval:
-            conditions.append(table.c.interval == self.interval)
-        return conditions
+        return [table.c[name] == value for name, value in self.equals(symbol).items()]
 
     def in_range(self, start_ms: int, end_ms: int) -> list[ColumnElement[bool]]:
         time_column = TABLES[self.table].c[TIME_COLUMNS[self.table]]
@@ -130,10 +126,16 @@ def check_directory(path: Path) -> None:
         )
 
 
-def require_rows(conn: Connection, source: Source, symbol: str, start_ms: int, end_ms: int) -> None:
-    """Raise a ValueError that says why there is nothing, before any file is created."""
-    if not has_rows(conn, source, symbol, start_ms, end_ms):
-        raise ValueError(no_rows_message(conn, source, symbol, start_ms, end_ms))
+def require_rows(
+    conn: Connection, source: Source, symbol: str, start_ms: int, end_ms: int, archive_dir: Path | None = None
+) -> None:
+    """Raise a ValueError that says why there is nothing, before any file is created.
+    With `archive_dir`, days that live in day files only count too."""
+    if has_rows(conn, source, symbol, start_ms, end_ms):
+        return
+    if archive_dir is not None and dayfiles.archived_rows_exist(conn, source.table, symbol, start_ms, end_ms):
+        return
+    raise ValueError(no_rows_message(conn, source, symbol, start_ms, end_ms))
 
 
 def has_rows(conn: Connection, source: Source, symbol: str, start_ms: int, end_ms: int) -> bool:
@@ -206,11 +208,14 @@ def export_rows(
     interval: str | None = None,
     progress: Progress | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    archive_dir: Path | None = None,
 ) -> int:
     """Write `symbol`'s rows with start_ms <= time < end_ms to `path`; return the row count.
 
     The columns are the table's, in `TABLE_COLUMNS` order, with times in milliseconds as
-    stored. `progress(rows_so_far)` is called after each chunk written.
+    stored. `progress(rows_so_far)` is called after each chunk written. With
+    `archive_dir` (ARCHIVE_DIR), days deleted from the database come from their day
+    files (worker/store/dayfiles.py), the same rows in the same order.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -221,32 +226,32 @@ def export_rows(
     check_directory(target)
     partial = target.with_name(target.name + ".partial")
     with engine.connect() as conn:
-        require_rows(conn, source, symbol, start_ms, end_ms)
-        chunks = _chunks(conn, _rows_statement(source, symbol, start_ms, end_ms), chunk_rows)
-        writer = _write_csv if fmt == "csv" else _write_parquet
-        try:
-            written = writer(partial, TABLES[source.table], _reporting(chunks, progress))
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        require_rows(conn, source, symbol, start_ms, end_ms, archive_dir)
+    chunks = source_chunks(engine, archive_dir, source, symbol, start_ms, end_ms, chunk_rows)
+    writer = _write_csv if fmt == "csv" else _write_parquet
+    try:
+        written = writer(partial, TABLES[source.table], _reporting(chunks, progress))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(target)
     return written
 
 
-def _rows_statement(source: Source, symbol: str, start_ms: int, end_ms: int) -> Select[Any]:
-    """Time order, then the key, so that rows of the same millisecond come out the same
-    way in every export."""
+def source_chunks(
+    engine: Engine,
+    archive_dir: Path | None,
+    source: Source,
+    symbol: str,
+    start_ms: int,
+    end_ms: int,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[Sequence[Any]]:
+    """The source's rows of `symbol` in the window, a chunk at a time, in time order,
+    then the key (rows of the same millisecond come out the same way in every export),
+    from the database and, with `archive_dir`, the day files."""
     table = TABLES[source.table]
-    time_column = table.c[TIME_COLUMNS[source.table]]
-    keys = [column for column in table.primary_key.columns if column is not time_column]
-    return select(table).where(*source.filters(symbol), *source.in_range(start_ms, end_ms)).order_by(time_column, *keys)
-
-
-def _chunks(conn: Connection, statement: Select[Any], chunk_rows: int) -> Iterator[Sequence[Any]]:
-    """`yield_per` asks for a server-side cursor (PostgreSQL) and fetchmany-sized
-    partitions (SQLite's cursor steps through the result lazily by itself)."""
-    result = conn.execution_options(yield_per=chunk_rows).execute(statement)
-    yield from result.partitions()
+    return dayfiles.read_rows(engine, archive_dir, table, source.equals(symbol), start_ms, end_ms, chunk_rows)
 
 
 def _reporting(chunks: Iterator[Sequence[Any]], progress: Progress | None) -> Iterator[Sequence[Any]]:
@@ -274,46 +279,4 @@ def _write_csv(path: Path, table: Table, chunks: Iterator[Sequence[Any]]) -> int
 
 
 def _write_parquet(path: Path, table: Table, chunks: Iterator[Sequence[Any]]) -> int:
-    """One row group per chunk, all with the schema of the table, so the file's types do
-    not depend on the values of its first rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = parquet_schema(table)
-    rows = 0
-    with pq.ParquetWriter(path, schema) as writer:
-        for chunk in chunks:
-            columns = zip(*chunk, strict=False)
-            arrays = [pa.array(values, type=field.type) for values, field in zip(columns, schema, strict=False)]
-            writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
-            rows += len(chunk)
-    return rows
-
-
-def parquet_schema(table: Table) -> pa.Schema:
-    """The Arrow schema of a table: int64 ids and ms times, float64 prices, string
-    symbols, bool flags; nullable where the column is.
-
-    pyarrow is imported here and in the writer, not at the top of the module, so that
-    the CLI's other commands do not pay for loading it.
-    """
-    import pyarrow as pa
-
-    return pa.schema(
-        [pa.field(column.name, _arrow_type(column.type), nullable=column.nullable) for column in table.columns]
-    )
-
-
-def _arrow_type(sql_type: Any) -> pa.DataType:
-    import pyarrow as pa
-
-    for sql_class, arrow_type in (
-        (Boolean, pa.bool_()),
-        (BigInteger, pa.int64()),
-        (Float, pa.float64()),
-        (String, pa.string()),
-        (LargeBinary, pa.binary()),  # packed book levels (worker/store/depth.py)
-    ):
-        if isinstance(sql_type, sql_class):
-            return arrow_type
-    raise TypeError(f"no Parquet type for the SQL type {sql_type!r}: add it to _arrow_type")
+    return dayfiles.write_parquet(path, table, chunks)

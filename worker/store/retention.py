@@ -6,6 +6,10 @@ one short transaction each, and the drain's inserts slip in between the chunks. 
 whose time is NULL (a `book_tickers` row drained without a clock mark) have no age and
 are kept.
 
+With RETENTION_REQUIRES_ARCHIVE (the default) only whole UTC days that the archiver has
+written to day files (worker/store/dayfiles.py), and that have not changed since, are
+deleted; the cutoffs of the run say up to where.
+
 On PostgreSQL, a table created partitioned by day (worker/store/partitions.py) loses
 its days that are entirely older than the cutoff with one `DROP TABLE` each; only the
 partition holding the cutoff and the default partition are deleted from in chunks.
@@ -26,7 +30,7 @@ from typing import Any
 from sqlalchemy import ColumnClause, Delete, Engine, Table, delete, exc, literal_column, select
 
 from worker.settings import Settings
-from worker.store import partitions
+from worker.store import dayfiles, partitions
 from worker.store.storage import TABLES, TIME_COLUMNS
 
 DAY_MS = 86_400_000
@@ -43,6 +47,7 @@ class RetentionPolicy:
     default_days: int
     overrides: Mapping[str, int]
     chunk_rows: int
+    requires_archive: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetentionPolicy:
@@ -50,6 +55,7 @@ class RetentionPolicy:
             default_days=settings.retention_days,
             overrides=parse_overrides(settings.retention_overrides),
             chunk_rows=settings.retention_chunk_rows,
+            requires_archive=settings.retention_requires_archive,
         )
 
     def days_for(self, table: str) -> int:
@@ -119,9 +125,15 @@ def delete_expired_rows(
     """Delete every row older than its table's cutoff, a chunk per transaction.
 
     `keep_going` is asked after every chunk (the task renews its lock there); False
-    stops the run, and the next run carries on where this one stopped.
+    stops the run, and the next run carries on where this one stopped. With
+    `policy.requires_archive`, a table's cutoff is lowered to the start of its first
+    day that is not in day files yet, or has changed since (`dayfiles.archived_cutoff`):
+    whole archived days go, nothing else.
     """
-    run = RetentionRun(cutoffs=policy.cutoffs(now_ms))
+    cutoffs = policy.cutoffs(now_ms)
+    if policy.requires_archive:
+        cutoffs = {table: dayfiles.archived_cutoff(engine, table, cutoff) for table, cutoff in cutoffs.items()}
+    run = RetentionRun(cutoffs=cutoffs)
     with engine.connect() as conn:
         partitioned = set(partitions.partitioned_tables(conn))
     for table, cutoff in run.cutoffs.items():

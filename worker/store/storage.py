@@ -461,6 +461,21 @@ audits = Table(
     Column("details", Text, nullable=False),  # the first differences, one per line
 )
 
+# Not a data table: the day files written by the archiver (worker/store/dayfiles.py), one
+# row per data table, UTC day and symbol (or pair). `rows` is what the file holds,
+# `db_rows` what the database held of that day when the archiver last looked: a day
+# whose count in the database differs from it has changed since (late rows, or rows
+# deleted), and retention deletes a day only while the two agree.
+archived_days = Table(
+    "archived_days",
+    metadata,
+    Column("table_name", String(64), primary_key=True),
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD, UTC
+    Column("symbol", String(32), primary_key=True),
+    *_ints("rows", "db_rows", "bytes", "written_at"),
+    Column("path", Text, nullable=False),  # relative to ARCHIVE_DIR
+)
+
 # Not a data table (not in TABLES): the status changes of the futures contracts the
 # recorder followed, noticed by tasks.check_listings (worker/exchange/listings.py); a
 # contract that stopped trading was unsubscribed at `changed_at`. `old_status` is NULL
