@@ -31,7 +31,14 @@ FAST_ENV = {
     "LEASE_TTL_SECONDS": "3",
 }
 # Settings of the machine running the tests must not leak into the stacks they start.
-_SERVICE_VARIABLES = ("REDIS_URL", "DATABASE_URL", "BINANCE_WS_URL", "BINANCE_REST_URL")
+_SERVICE_VARIABLES = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "BINANCE_WS_URL",
+    "BINANCE_REST_URL",
+    "BINANCE_USDM_REST_URL",
+    "BINANCE_COINM_REST_URL",
+)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from worker.keys import RedisKeys, as_text
-from worker.streams import validate_stream_kind
+from worker.streams import SPOT, validate_stream_kind
 
 # Set status fields only if the lease (KEYS[2]) still holds this token (ARGV[1]).
 _SET_STATUS_IF_HOLDER = """
@@ -50,6 +50,8 @@ class InvalidSubscription(ValueError):
 class Group:
     id: str
     streams: tuple[str, ...]
+    market: str = SPOT
+    """The market all its streams belong to (groups never mix markets)."""
 
     @property
     def symbols(self) -> list[str]:
@@ -59,12 +61,13 @@ class Group:
         )
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "streams": list(self.streams)})
+        return json.dumps({"id": self.id, "streams": list(self.streams), "market": self.market})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Group:
+        """A stored group; one stored before markets existed is spot's."""
         data = json.loads(text)
-        return cls(id=data["id"], streams=tuple(data["streams"]))
+        return cls(id=data["id"], streams=tuple(data["streams"]), market=data.get("market", SPOT))
 
 
 def group_id(streams: Iterable[str]) -> str:

@@ -42,6 +42,12 @@ class Settings:
     binance_rest_url: str = _setting(
         "https://api.binance.com", "Base URL of Binance's REST API; /api/v3/... is appended."
     )
+    binance_usdm_rest_url: str = _setting(
+        "https://fapi.binance.com", "Base URL of Binance's USDⓈ-M futures REST API; /fapi/v1/... is appended."
+    )
+    binance_coinm_rest_url: str = _setting(
+        "https://dapi.binance.com", "Base URL of Binance's COIN-M futures REST API; /dapi/v1/... is appended."
+    )
     default_streams: str = _setting("trade,ticker", "Stream kinds recorded when subscribe() is called without streams.")
     startup_symbols: str = _setting("", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up.")
     max_streams_per_connection: int = _setting(
@@ -139,6 +145,19 @@ class Settings:
         "allows 6000 per IP); a request that would exceed it waits for the next minute.",
         1,
         6000,
+    )
+    futures_rest_weight_budget_per_minute: int = _setting(
+        1200,
+        "REST request weight all workers together may spend per UTC minute on the futures APIs, "
+        "/fapi and /dapi together (Binance allows 2400 per IP for both); separate from spot's budget.",
+        1,
+        2400,
+    )
+    open_interest_interval_seconds: float = _setting(
+        60.0,
+        "How often beat polls the open interest of every subscribed futures symbol (weight 1 each, "
+        "from the futures budget): Binance streams none.",
+        _POSITIVE,
     )
     rest_max_wait_seconds: float = _setting(
         300.0,

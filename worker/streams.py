@@ -171,6 +171,12 @@ class Market:
     """Tables (without the prefix) filled from REST only: snapshots, open interest, funding."""
     st: int | None
     """The `st` of this market's futures payloads; None for spot, whose payloads have none."""
+    rest_api: str
+    """The path of its REST API under the market's base URL: `/api/v3`, `/fapi/v1`, `/dapi/v1`."""
+
+    @property
+    def futures(self) -> bool:
+        return self.st is not None
 
     def table(self, kind: str) -> str:
         """The table recording `kind` in this market, e.g. ("usdm", "aggTrade") -> "usdm_agg_trades"."""
@@ -187,6 +193,18 @@ class Market:
     def tables(self) -> tuple[str, ...]:
         return tuple(self.table_prefix + table for table in self.base_tables)
 
+    def gap_kind(self, kind: str) -> str:
+        """How the `gaps` table names a kind of this market: spot's as they always were
+        (`aggTrade`, `depth`), a futures market's with its name (`usdm:aggTrade`), so that
+        one table holds every market's gaps and a symbol listed in two markets keeps two."""
+        return kind if self.st is None else f"{self.name}:{kind}"
+
+
+def split_gap_kind(gap_kind: str) -> tuple[Market, str]:
+    """(market, kind) of a `gaps` row's kind, as `Market.gap_kind` wrote it."""
+    named, colon, kind = gap_kind.partition(":")
+    return (market_named(named), kind) if colon else (MARKETS[SPOT], gap_kind)
+
 
 # What both futures markets stream. COIN-M's quantities are contracts, its symbols
 # `BTCUSD_PERP` and `BTCUSD_251226`; the payloads have the same fields.
@@ -198,15 +216,18 @@ _FUTURES_KINDS = (
 _FUTURES_REST_TABLES = ("depth_snapshots", "open_interest", "funding_rates")
 
 MARKETS: dict[str, Market] = {
-    SPOT: Market(SPOT, "", SUPPORTED_KINDS, ("depth_snapshots",), st=None),
+    SPOT: Market(SPOT, "", SUPPORTED_KINDS, ("depth_snapshots",), st=None, rest_api="/api/v3"),
     # `<s>@trade` is undocumented on USDⓈ-M, but streamed (binance-protocol.md).
-    USDM: Market(USDM, "usdm_", (*_FUTURES_KINDS, "trade", "compositeIndex"), _FUTURES_REST_TABLES, st=1),
+    USDM: Market(
+        USDM, "usdm_", (*_FUTURES_KINDS, "trade", "compositeIndex"), _FUTURES_REST_TABLES, st=1, rest_api="/fapi/v1"
+    ),
     COINM: Market(
         COINM,
         "coinm_",
         (*_FUTURES_KINDS, "indexPrice", "markPriceKline", "indexPriceKline"),
         _FUTURES_REST_TABLES,
         st=2,
+        rest_api="/dapi/v1",
     ),
 }
 """Market name -> its definition; spot first."""

@@ -43,6 +43,14 @@ def _time_range(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end", default="now", help="same forms; excluded (default: %(default)s)")
 
 
+def _market_option(parser: argparse.ArgumentParser) -> None:
+    from worker.streams import MARKETS, SPOT
+
+    parser.add_argument(
+        "--market", choices=list(MARKETS), default=SPOT, help="spot, or the futures usdm / coinm (default: spot)"
+    )
+
+
 def _parsed_range(args: argparse.Namespace) -> tuple[int, int]:
     from worker.times import check_range, parse_time
 
@@ -195,6 +203,7 @@ def _add_book(commands: Any) -> None:
     )
     parser.add_argument("--levels", type=int, default=20, help="levels per side; 0 for all (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help='print {"symbol", "update_id", "time", "bids", "asks"}')
+    _market_option(parser)
     parser.set_defaults(func=cmd_book)
 
 
@@ -209,7 +218,7 @@ def cmd_book(args: argparse.Namespace) -> int:
     at = parse_time(args.at)
     engine = existing_database(args.settings)
     try:
-        book = book_at(engine, args.symbol, at, args.levels or None)
+        book = book_at(engine, args.symbol, at, args.levels or None, args.market)
     except BookUnknown as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
