@@ -79,4 +79,6 @@ beat_schedule = {
     # Checks every drain interval which books need a snapshot; most runs fetch nothing.
     "snapshot-books": _every("tasks.snapshot_books", _settings.drain_interval_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
+    # Futures only; a run with no futures subscription asks nothing.
+    "open-interest": _every("tasks.poll_open_interest", _settings.open_interest_interval_seconds),
 }

@@ -8,6 +8,7 @@ from tasks.resources import engine, redis_client
 from worker import app
 from worker.exchange.backfill import HistoryJob, repair_wanted_streams, run_history
 from worker.settings import get_settings
+from worker.streams import SPOT
 
 
 @app.task(name="tasks.backfill", bind=True)
@@ -17,12 +18,14 @@ def backfill(
     kind: str | None = None,
     start: int | None = None,
     end: int | None = None,
+    market: str = SPOT,
 ) -> dict[str, Any]:
     """Without arguments: find and fill the gaps of the last BACKFILL_LOOKBACK_SECONDS in
     every wanted trade, aggTrade and kline stream, one run at a time.
 
-    With `symbol`, `kind` ("aggTrade" or "kline_<interval>"), `start` and `end` (ms
-    since the epoch, end excluded): fetch that range from REST, resuming an earlier
+    With `symbol`, `kind` ("aggTrade", "kline_<interval>", futures also "fundingRate"),
+    `start` and `end` (ms since the epoch, end excluded) of `market` (spot, usdm, coinm):
+    fetch that range from REST, resuming an earlier
     run of the same range; progress shows as state PROGRESS with meta
     {"done", "total", "rows"} (done and total in ms of the range).
     """
@@ -33,5 +36,5 @@ def backfill(
     def progress(done: int, total: int, rows: int) -> None:
         self.update_state(state="PROGRESS", meta={"done": done, "total": total, "rows": rows})
 
-    job = HistoryJob.checked(symbol, kind, start, end)
+    job = HistoryJob.checked(symbol, kind, start, end, market)
     return run_history(settings, redis_client(), engine(), job, progress)

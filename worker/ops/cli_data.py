@@ -72,8 +72,9 @@ def _add_backfill(commands: Any) -> None:
         "where it stopped.",
     )
     parser.add_argument("symbol", help="e.g. BTCUSDT")
-    parser.add_argument("kind", help="kline_<interval> (e.g. kline_1m, kline_1h) or aggTrade")
+    parser.add_argument("kind", help="kline_<interval> (e.g. kline_1m, kline_1h) or aggTrade; futures also fundingRate")
     _time_range(parser)
+    _market_option(parser)
     parser.add_argument(
         "--worker", action="store_true", help="run it on a Celery worker (progress also in Flower) instead of here"
     )
@@ -85,7 +86,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from worker.store.storage import create_schema, make_engine
 
     start, end = _parsed_range(args)
-    job = HistoryJob.checked(args.symbol, args.kind, start, end)
+    job = HistoryJob.checked(args.symbol, args.kind, start, end, args.market)
     bar = ProgressBar(f"{job.symbol} {job.kind}", sys.stderr)
 
     def progress(done: int, total: int, rows: int) -> None:
@@ -108,7 +109,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 def _backfill_on_worker(redis_url: str, job: Any, progress: Any) -> dict[str, Any]:
     result = client_app(redis_url).send_task(
-        "tasks.backfill", kwargs={"symbol": job.symbol, "kind": job.kind, "start": job.start, "end": job.end}
+        "tasks.backfill",
+        kwargs={"symbol": job.symbol, "kind": job.kind, "start": job.start, "end": job.end, "market": job.market},
     )
     print(f"task {result.id} sent; waiting for a worker ...", file=sys.stderr)
     while not result.ready():
