@@ -51,7 +51,6 @@ class Group:
     id: str
     streams: tuple[str, ...]
     market: str = SPOT
-    """The market all its streams belong to (groups never mix markets)."""
 
     @property
     def symbols(self) -> list[str]:
@@ -61,11 +60,12 @@ class Group:
         )
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "streams": list(self.streams), "market": self.market})
+        # Spot's records keep their shape, which is what groups saved before markets had.
+        market = {} if self.market == SPOT else {"market": self.market}
+        return json.dumps({"id": self.id, "streams": list(self.streams), **market})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Group:
-        """A stored group; one stored before markets existed is spot's."""
         data = json.loads(text)
         return cls(id=data["id"], streams=tuple(data["streams"]), market=data.get("market", SPOT))
 
