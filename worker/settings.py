@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.streams import COINM, SPOT, USDM
+
 
 def _setting(default: Any, doc: str, low: float | None = None, high: float | None = None) -> Any:
     """A setting with its documentation and, for numbers, the inclusive range it must be in."""
@@ -250,6 +252,12 @@ class Settings:
                 f"DATABASE_URL={self.database_url!r} is not supported: use sqlite:///path/to/file.db "
                 "or postgresql+psycopg://user:password@host/database"
             )
+
+    def rest_url(self, market: str) -> str:
+        """The REST base URL of a market (`spot`, `usdm`, `coinm`)."""
+        return {SPOT: self.binance_rest_url, USDM: self.binance_usdm_rest_url, COINM: self.binance_coinm_rest_url}[
+            market
+        ]
 
     @property
     def default_stream_kinds(self) -> list[str]:

@@ -171,12 +171,6 @@ class Market:
     """Tables (without the prefix) filled from REST only: snapshots, open interest, funding."""
     st: int | None
     """The `st` of this market's futures payloads; None for spot, whose payloads have none."""
-    rest_api: str
-    """The path of its REST API under the market's base URL: `/api/v3`, `/fapi/v1`, `/dapi/v1`."""
-
-    @property
-    def futures(self) -> bool:
-        return self.st is not None
 
     def table(self, kind: str) -> str:
         """The table recording `kind` in this market, e.g. ("usdm", "aggTrade") -> "usdm_agg_trades"."""
@@ -192,6 +186,10 @@ class Market:
     @property
     def tables(self) -> tuple[str, ...]:
         return tuple(self.table_prefix + table for table in self.base_tables)
+
+    @property
+    def futures(self) -> bool:
+        return self.st is not None
 
     def gap_kind(self, kind: str) -> str:
         """How the `gaps` table names a kind of this market: spot's as they always were
@@ -216,18 +214,15 @@ _FUTURES_KINDS = (
 _FUTURES_REST_TABLES = ("depth_snapshots", "open_interest", "funding_rates")
 
 MARKETS: dict[str, Market] = {
-    SPOT: Market(SPOT, "", SUPPORTED_KINDS, ("depth_snapshots",), st=None, rest_api="/api/v3"),
+    SPOT: Market(SPOT, "", SUPPORTED_KINDS, ("depth_snapshots",), st=None),
     # `<s>@trade` is undocumented on USDⓈ-M, but streamed (binance-protocol.md).
-    USDM: Market(
-        USDM, "usdm_", (*_FUTURES_KINDS, "trade", "compositeIndex"), _FUTURES_REST_TABLES, st=1, rest_api="/fapi/v1"
-    ),
+    USDM: Market(USDM, "usdm_", (*_FUTURES_KINDS, "trade", "compositeIndex"), _FUTURES_REST_TABLES, st=1),
     COINM: Market(
         COINM,
         "coinm_",
         (*_FUTURES_KINDS, "indexPrice", "markPriceKline", "indexPriceKline"),
         _FUTURES_REST_TABLES,
         st=2,
-        rest_api="/dapi/v1",
     ),
 }
 """Market name -> its definition; spot first."""

@@ -193,7 +193,7 @@ class Backfiller:
         with self.engine.begin() as conn:
             found = [gap for one in series for gap in find_gaps(conn, one, since_ms)]
             report.gaps_found = record_gaps(conn, found, now_ms())
-            pending = open_gaps(conn, self.rest.market.name)
+            pending = open_gaps(conn, self.rest.market)
         for index, gap in enumerate(pending):
             try:
                 status, rows = self._repair(gap, heartbeat)

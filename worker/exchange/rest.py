@@ -33,7 +33,7 @@ from worker.exchange.ratelimit import (
 )
 from worker.keys import RedisKeys
 from worker.settings import Settings
-from worker.streams import COINM, SPOT, USDM, Market, market_named
+from worker.streams import COINM, SPOT, USDM
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class RestRules:
     """What differs between Binance's REST APIs (spot's `/api/v3`, the futures' `/fapi/v1`
     and `/dapi/v1`): the request weights, the deepest snapshot, the budget pool they
-    spend and the settings that name their base URL and budget, for messages."""
+    spend and the setting of that budget, for messages."""
 
     weights: Mapping[str, int]
     """Weight per endpoint whose weight does not depend on its parameters."""
@@ -51,7 +51,6 @@ class RestRules:
     kline_weights: tuple[tuple[int, int], ...]
     """(most klines, weight), ascending, likewise for klines."""
     pool: str
-    url_setting: str
     budget_setting: str
 
     @property
@@ -64,7 +63,6 @@ SPOT_RULES = RestRules(
     depth_weights=((100, 5), (500, 25), (1000, 50), (5000, 250)),
     kline_weights=((1000, 2),),
     pool="",
-    url_setting="BINANCE_REST_URL",
     budget_setting="REST_WEIGHT_BUDGET_PER_MINUTE",
 )
 """GET /api/v3/...: depth 5 up to 100 levels, 25 to 500, 50 to 1000, 250 to 5000."""
@@ -80,7 +78,6 @@ REST_RULES: dict[str, RestRules] = {
             _FUTURES_DEPTH_WEIGHTS,
             _FUTURES_KLINE_WEIGHTS,
             FUTURES_POOL,
-            f"BINANCE_{market.upper()}_REST_URL",
             "FUTURES_REST_WEIGHT_BUDGET_PER_MINUTE",
         )
         for market in (USDM, COINM)
@@ -109,6 +106,16 @@ class BinanceError(RuntimeError):
         self.code = code
         self.msg = msg
         self.url = url
+
+
+API_PATHS: dict[str, str] = {SPOT: "/api/v3", USDM: "/fapi/v1", COINM: "/dapi/v1"}
+"""The path of each market's REST API under its base URL."""
+
+REST_URL_SETTINGS: dict[str, str] = {
+    SPOT: "BINANCE_REST_URL",
+    USDM: "BINANCE_USDM_REST_URL",
+    COINM: "BINANCE_COINM_REST_URL",
+}
 
 
 class UnknownSymbol(ValueError):
@@ -197,9 +204,10 @@ class BinanceRest:
         self, base_url: str, timeout: float = 10.0, pacer: RequestPacer | None = None, market: str = SPOT
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.market = market
+        self.api_path = API_PATHS[market]
         self.timeout = timeout
-        self.market: Market = market_named(market)
-        self.rules = REST_RULES[self.market.name]
+        self.rules = REST_RULES[market]
         self.pacer = pacer or RequestPacer(PROCESS_STATES[self.rules.pool], budget_setting=self.rules.budget_setting)
         self.session = requests.Session()
         self._server_offset_ms: int | None = None
@@ -209,7 +217,7 @@ class BinanceRest:
         """The client a task uses for `market`: base URL, budget and longest wait from the
         settings, shared through Redis (`client`, normally `tasks.resources.redis_client()`)
         or, when it is None, kept in this process. The futures markets share one budget."""
-        rules = REST_RULES[market_named(market).name]
+        rules = REST_RULES[market]
         state: LimitState = (
             PROCESS_STATES[rules.pool]
             if client is None
@@ -224,8 +232,7 @@ class BinanceRest:
             max_wait_seconds=settings.rest_max_wait_seconds,
             budget_setting=rules.budget_setting,
         )
-        base_url = getattr(settings, rules.url_setting.lower())
-        return cls(base_url, settings.rest_timeout_seconds, pacer, market)
+        return cls(settings.rest_url(market), settings.rest_timeout_seconds, pacer, market)
 
     def get(self, path: str, params: Mapping[str, Any] | None = None, weight: int | None = None) -> Any:
         """GET <the market's API>/<path>; returns the decoded JSON answer. `weight` for
@@ -235,7 +242,7 @@ class BinanceRest:
         RestUnavailable when a ban lasts too long or every attempt failed.
         """
         weight = self._weight(path) if weight is None else weight
-        url = f"{self.base_url}{self.market.rest_api}/{path}"
+        url = f"{self.base_url}{self.api_path}/{path}"
         failure = ""
         for attempt in range(1, ATTEMPTS + 1):
             self.pacer.before_request(weight)
@@ -259,7 +266,7 @@ class BinanceRest:
                 self.pacer.sleep(delay)
         raise RestUnavailable(
             f"GET {url} failed {ATTEMPTS} times, last with {failure}; check that "
-            f"{self.rules.url_setting} is reachable from this machine"
+            f"{REST_URL_SETTINGS[self.market]} is reachable from this machine"
         )
 
     def _back_off_as_told(self, response: requests.Response) -> None:
@@ -292,7 +299,7 @@ class BinanceRest:
         listing fetched (one request, weight 20, where asking each symbol would cost 20
         per symbol) to name them all.
         """
-        if len(symbols) > SYMBOLS_PER_REQUEST or self.market.futures:
+        if len(symbols) > SYMBOLS_PER_REQUEST or self.market != SPOT:
             # The futures APIs take no `symbols`: their whole listing is one request of weight 1.
             return self._statuses_from_listing(symbols)
         try:
@@ -311,7 +318,7 @@ class BinanceRest:
 
     def _listing(self) -> dict[str, str]:
         """Every symbol Binance lists, with its status; cached a minute per process."""
-        api = self.base_url + self.market.rest_api
+        api = self.base_url + self.api_path
         cached = _LISTINGS.get(api)
         if cached is None or time.monotonic() - cached[0] > LISTING_CACHE_SECONDS:
             listing = {entry["symbol"]: _status(entry) for entry in self.get("exchangeInfo", {})["symbols"]}
@@ -373,7 +380,7 @@ class BinanceRest:
             return self.rules.weights[path]
         except KeyError:
             raise ValueError(
-                f"no request weight known for endpoint {path!r} of {self.market.rest_api}: add Binance's "
+                f"no request weight known for endpoint {path!r} of {self.api_path}: add Binance's "
                 "weight for it to its RestRules in worker.exchange.rest, so that the shared budget counts it"
             ) from None
 

@@ -30,6 +30,7 @@ from worker.settings import Settings
 from worker.store.books import book_tables, wanted_books
 from worker.store.depth import snapshot_row
 from worker.store.storage import store_rows
+from worker.streams import market_named
 from worker.times import now_ms
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def take_snapshots(
     this every drain interval, and on a stack without order books it must not touch the
     database (a new worker's first tasks would only compete to create the schema).
     """
-    keys, market = RedisKeys(settings.redis_prefix), rest.market
+    keys, market = RedisKeys(settings.redis_prefix), market_named(rest.market)
     recorded = wanted_books(client, keys, market.name)
     needed = {as_text(s) for s in client.smembers(keys.books_needing_snapshot(market.name))}
     if not recorded:
