@@ -78,6 +78,8 @@ beat_schedule = {
     "backfill": _every("tasks.backfill", _settings.backfill_interval_seconds),
     # Checks every drain interval which books need a snapshot; most runs fetch nothing.
     "snapshot-books": _every("tasks.snapshot_books", _settings.drain_interval_seconds),
+    # One exchangeInfo request per futures market with subscribed contracts; none without.
+    "check-listings": _every("tasks.check_listings", _settings.listing_check_interval_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
     # Futures only; a run with no futures subscription asks nothing.
     "open-interest": _every("tasks.poll_open_interest", _settings.open_interest_interval_seconds),

@@ -17,7 +17,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,15 @@ from bench.depth import FULL_DEPTH, QUICK_DEPTH, measure_depth
 from bench.drain import measure_drain
 from bench.ingest import measure_ingest
 from bench.legacy import measure_legacy
+from bench.market import FULL_MARKET, QUICK_MARKET, MarketSize, measure_market
 from bench.service import measure_service
 from worker.ops.local_postgres import PostgresError, PostgresServer, check_server, start_private_server
 from worker.settings import Settings
 
-PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth")
+DEFAULT_PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth")
+PARTS = (*DEFAULT_PARTS, "market")
+"""`market` (bench/market.py) runs only when named: 10 minutes at 40,000 msg/s and then
+the search for the highest sustained rate, 20 minutes or more, would triple a full run."""
 DATABASE_PARTS = ("drain", "service")
 """The parts that follow --database-url; the others always store into SQLite files."""
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
@@ -99,7 +103,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Settings.drain_interval_seconds,
         help="DRAIN_INTERVAL_SECONDS of the service under test (default %(default)s)",
     )
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of %(default)s")
+    parser.add_argument(
+        "--parts",
+        default=",".join(DEFAULT_PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (default %(default)s)",
+    )
+    market = parser.add_argument_group("the market part (--parts market; SQLite only)")
+    market.add_argument(
+        "--market-duration",
+        type=float,
+        help=f"seconds of the measured window (default {FULL_MARKET.seconds:g}; {QUICK_MARKET.seconds:g} with --quick)",
+    )
+    market.add_argument(
+        "--market-rate",
+        type=float,
+        help=f"messages per second in all (default {FULL_MARKET.rate:g}; {QUICK_MARKET.rate:g} with --quick)",
+    )
+    market.add_argument(
+        "--market-symbols",
+        type=int,
+        help=f"symbols listed and recorded (default {FULL_MARKET.symbols}; {QUICK_MARKET.symbols} with --quick)",
+    )
+    market.add_argument(
+        "--find-max",
+        action=argparse.BooleanOptionalAction,
+        help=(
+            "afterwards, the highest rate sustained without a growing backlog, in steps of "
+            f"{FULL_MARKET.step:g} msg/s of {FULL_MARKET.step_seconds:g} s each (default: on; off with --quick)"
+        ),
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file (default %(default)s)")
     database = parser.add_mutually_exclusive_group()
     database.add_argument(
@@ -119,6 +151,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    for name, value in (("--market-duration", args.market_duration), ("--market-rate", args.market_rate)):
+        if value is not None and not value > 0:
+            parser.error(f"{name} must be a number > 0, not {value:g}")
+    if args.market_symbols is not None and args.market_symbols < 1:
+        parser.error(f"--market-symbols must be at least 1, not {args.market_symbols}")
+    if args.find_max is None:
+        args.find_max = not args.quick
     if args.duration is None:
         args.duration = 5.0 if args.quick else 120.0
     if args.scale_duration is None:
@@ -166,8 +205,19 @@ def run(args: argparse.Namespace, workdir: Path, databases: Databases | None = N
     if "depth" in parts:
         _progress("depth: 200 symbols x depth@100ms, storage, rebuilding an hour")
         results["depth"] = measure_depth(workdir, QUICK_DEPTH if args.quick else FULL_DEPTH, Settings.drain_batch_size)
+    if "market" in parts:
+        size = market_size(args)
+        _progress(f"market: {size.symbols:,} symbols, {size.rate:,.0f} msg/s for {size.seconds:g} s (SQLite)")
+        results["market"] = measure_market(workdir, size, args.drain_interval, args.find_max)
     results["targets"] = report.targets(results)
     return results
+
+
+def market_size(args: argparse.Namespace) -> MarketSize:
+    """--quick's or the full size, with what --market-* overrides."""
+    base = QUICK_MARKET if args.quick else FULL_MARKET
+    overrides = {"seconds": args.market_duration, "rate": args.market_rate, "symbols": args.market_symbols}
+    return replace(base, **{name: value for name, value in overrides.items() if value is not None})
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -22,6 +22,25 @@ def latency_summary(latencies_ms: Sequence[int]) -> dict[str, float | int]:
         "p99_ms": percentile(latencies_ms, 0.99),
         "max_ms": float(max(latencies_ms)),
     }
+
+
+def histogram_summary(counts: Mapping[int, int]) -> dict[str, float | int]:
+    """`latency_summary` of values kept as {value: how many times}: a long run's
+    millions of latencies in a few thousand entries, with the same nearest ranks."""
+    samples = sum(counts.values())
+    if not samples:
+        return {"samples": 0}
+    ordered = sorted(counts.items())
+
+    def rank_value(fraction: float) -> float:
+        rank, seen = max(1, -(-samples * fraction // 1)), 0
+        for value, count in ordered:
+            seen += count
+            if seen >= rank:
+                return float(value)
+        return float(ordered[-1][0])
+
+    return {"samples": samples, "p50_ms": rank_value(0.50), "p99_ms": rank_value(0.99), "max_ms": float(ordered[-1][0])}
 
 
 def paired_ratio(measured: Sequence[float], reference: Sequence[float]) -> float:

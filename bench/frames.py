@@ -8,7 +8,6 @@ realistic without a second copy of the payload format.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 from fake_binance import streams
@@ -44,25 +43,3 @@ def trade_frames(count: int, symbols: Sequence[str] = DEFAULT_SYMBOLS) -> list[b
 
 def _frame(symbol: str, kind: str, payload: bytes) -> bytes:
     return streams.combined_frame(f"{symbol.lower()}@{kind}".encode(), payload)
-
-
-def websocket_wire(frames: Sequence[bytes]) -> bytes:
-    """The frames as a server writes them on the wire: unmasked, final, text opcode.
-
-    Pre-encoding the whole stream lets the blast server send with one buffer write,
-    so it is always faster than any Python receiver it is measured against.
-    """
-    parts: list[bytes] = []
-    for frame in frames:
-        parts.append(_header(len(frame)))
-        parts.append(frame)
-    return b"".join(parts)
-
-
-def _header(length: int) -> bytes:
-    """RFC 6455 frame header: FIN + text opcode, then the payload length."""
-    if length < 126:
-        return struct.pack("!BB", 0x81, length)
-    if length < 1 << 16:
-        return struct.pack("!BBH", 0x81, 126, length)
-    return struct.pack("!BBQ", 0x81, 127, length)

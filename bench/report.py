@@ -16,6 +16,8 @@ BURST_RATIO = 2.0
 MEMORY_GROWTH = 0.10
 DEPTH_EVENTS_PER_SECOND = 2000
 REBUILD_SECONDS_PER_HOUR = 10.0
+MARKET_RECORDER_ROLES = ("streams process", "drain process")
+"""The market part's processes held to the memory target; the others are shown."""
 
 
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -58,6 +60,27 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             REBUILD_SECONDS_PER_HOUR,
             "seconds per hour replayed",
         )
+    if "market" in results:
+        verdicts.update(_market_targets(results["market"]))
+    return verdicts
+
+
+def _market_targets(market: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Issue 19's targets for the whole market: p99 per kind, nothing lost or doubled,
+    resident sizes flat."""
+    verdicts = {
+        f"market_latency_{kind}": _at_most(figures.get("p99_ms"), LATENCY_P99_MS, f"{kind} p99 latency, ms")
+        for kind, figures in market["latency"].items()
+    }
+    ids = market["ids"]
+    verdicts["market_ids"] = {
+        "what": "trade and aggTrade ids sent: missing + stored twice",
+        "value": ids["missing"] + ids["duplicates"],
+        "met": ids["missing"] == ids["duplicates"] == 0 and ids["ids_sent"] > 0,
+    }
+    recorder = [track for track in market["memory"] if track["role"] in MARKET_RECORDER_ROLES and track["processes"]]
+    growth = max((_growth(track) for track in recorder), default=float("inf"))
+    verdicts["market_memory"] = _at_most(growth, MEMORY_GROWTH, "largest RSS growth of a streams or drain process")
     return verdicts
 
 
@@ -104,6 +127,8 @@ def table(results: dict[str, Any]) -> str:
         add(sqlite, *_legacy_rows(results["legacy"], results.get("ingest")))
     if "depth" in results:
         add(sqlite, *_depth_rows(results["depth"], verdicts))
+    if "market" in results:
+        add(sqlite, *_market_rows(results["market"], verdicts))
     return _format(rows)
 
 
@@ -283,6 +308,78 @@ def _depth_rows(depth: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
             _yes(verdicts["depth_rebuild"]),
         ),
     ]
+
+
+def _market_rows(market: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
+    part = "8 market"
+    ids = market["ids"]
+    shape = (
+        f"{market['symbols']:,} symbols, {market['streams']:,} streams in {market['groups']} groups, "
+        f"{market['offered_messages_per_second']:,.0f} msg/s for {market['seconds']:.0f} s"
+    )
+    rows: list[Row] = [
+        (
+            part,
+            f"{kind} {figures['from']}->committed, {shape}",
+            _latency_text(figures),
+            f"{figures.get('samples', 0):,} rows",
+            f"p99 {verdicts[f'market_latency_{kind}']['target']} ms",
+            _yes(verdicts[f"market_latency_{kind}"]),
+        )
+        for kind, figures in market["latency"].items()
+    ]
+    rows.append(
+        (
+            part,
+            f"trade and aggTrade ids vs the fake's ledger, {ids['streams_checked']:,} streams",
+            f"{ids['missing']} missing, {ids['duplicates']} twice, {ids['extra']} extra",
+            f"{ids['ids_sent']:,} ids sent",
+            "0 missing, 0 twice",
+            _yes(verdicts["market_ids"]),
+        )
+    )
+    breaks = str(market["book_continuity_breaks"])
+    rows.append((part, "book continuity breaks (gaps of kind depth)", breaks, "", "", ""))
+    cpu = ", ".join(f"{role} {cores:.2f}" for role, cores in market["cpu_cores"].items())
+    rows.append((part, "CPU, cores", cpu, f"over {market['seconds']:.0f} s", "", ""))
+    for track in market["memory"]:
+        judged = track["role"] in MARKET_RECORDER_ROLES  # Redis's size follows its backlog
+        for process in track["processes"]:
+            rows.append(
+                (
+                    part,
+                    f"RSS of the {track['role']} ({process['pid']})",
+                    f"{process['start_kb'] / 1024:.1f} -> {process['end_kb'] / 1024:.1f} MiB",
+                    f"{process['growth']:+.1%}",
+                    f"<= {MEMORY_GROWTH:.0%}" if judged else "",
+                    ("yes" if process["growth"] <= MEMORY_GROWTH else "NO") if judged else "",
+                )
+            )
+    for table_name, stored in market["storage"].items():
+        rows.append(
+            (
+                part,
+                f"{table_name}: bytes stored per hour (table + indexes)",
+                f"{stored['bytes_per_hour'] / 2**20:,.1f} MiB",
+                f"{stored['rows_per_hour']:,.0f} rows, {stored['bytes_per_row']:.0f} B/row",
+                "",
+                "",
+            )
+        )
+    search = market.get("find_max")
+    if search:
+        tried = ", ".join(f"{s['rate']:,.0f} {'ok' if s['sustained'] else 'growing'}" for s in search["steps"])
+        rows.append(
+            (
+                part,
+                f"highest rate without a growing backlog for {search['step_seconds']:g} s",
+                f"{search['highest_sustained_messages_per_second']:,.0f} msg/s",
+                tried,
+                "",
+                "",
+            )
+        )
+    return rows
 
 
 def _yes(verdict: dict[str, Any]) -> str:

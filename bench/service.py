@@ -141,7 +141,7 @@ def measure_service(
                 s for s in FakeExchangeConfig(extra_symbols=scale_symbols).all_symbols() if s.startswith("SYM")
             ]
             scale = _phase(service, generated, warmup, scale_duration)
-            ids = _compare_with_sent(service)
+            ids = compare_with_sent(service)
     finally:
         databases.drop(database_url)
     return {
@@ -276,7 +276,7 @@ def settle(service: Settling, timeout: float = SETTLE_TIMEOUT_SECONDS) -> None:
         time.sleep(0.2)
 
 
-def _compare_with_sent(service: Service) -> dict[str, Any]:
+def compare_with_sent(service: Service) -> dict[str, Any]:
     """Every trade and aggregate-trade id the fake sent, against the database.
 
     The drain may still be storing the last frames: compared again until they match

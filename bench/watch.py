@@ -34,6 +34,9 @@ from worker.times import now_ms
 
 POLL_SECONDS = 0.01
 TABLES = ("trades", "agg_trades")
+TIME_COLUMNS = {"book_tickers": "received_at"}
+"""Tables whose rows carry no event time (spot's bookTicker has none): there a row's
+latency starts when the subscription task received it."""
 ID_COLUMNS = {"trades": "trade_id", "agg_trades": "agg_id"}
 
 
@@ -68,12 +71,14 @@ class RowWatcher:
     during a run), so `rowid > last seen` is exactly the new rows.
     """
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, tables: Sequence[str] = TABLES, receive_lags: bool = True) -> None:
         # Autocommit: every SELECT is its own read transaction and sees the last commit.
         self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
         self.receive_lags: list[int] = []  # received_at - event_time of the rows seen
+        self.tables = tuple(tables)
+        self.keep_receive_lags = receive_lags  # off for long runs: a list entry per row
         try:
-            self.last_rowid = {table: self._max_rowid(table) for table in TABLES}
+            self.last_rowid = {table: self._max_rowid(table) for table in self.tables}
         except sqlite3.OperationalError:
             self.conn.close()
             raise
@@ -82,16 +87,22 @@ class RowWatcher:
         return int(self.conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {table}").fetchone()[0])
 
     def new_latencies(self) -> list[int]:
-        latencies: list[int] = []
-        for table in TABLES:
+        return [latency for table in self.new_latencies_by_table().values() for latency in table]
+
+    def new_latencies_by_table(self) -> dict[str, list[int]]:
+        """Each watched table's new rows, as latencies in ms (see TIME_COLUMNS)."""
+        latencies: dict[str, list[int]] = {}
+        for table in self.tables:
+            time_column = TIME_COLUMNS.get(table, "event_time")
             rows = self.conn.execute(
-                f"SELECT rowid, event_time, received_at FROM {table} WHERE rowid > ? ORDER BY rowid",
+                f"SELECT rowid, {time_column}, received_at FROM {table} WHERE rowid > ? ORDER BY rowid",
                 (self.last_rowid[table],),
             ).fetchall()
             seen = now_ms()
+            latencies[table] = [seen - event_time for _, event_time, _ in rows]
             if rows:
                 self.last_rowid[table] = rows[-1][0]
-                latencies.extend(seen - event_time for _, event_time, _ in rows)
+            if rows and self.keep_receive_lags:
                 self.receive_lags.extend(received - event_time for _, event_time, received in rows)
         return latencies
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fake_binance import listing
+
 MARKET_EPOCH_MS = 1_767_225_600_000
 """2026-01-01T00:00:00Z: time of trade number 0 unless --genesis-ms says otherwise.
 
@@ -83,12 +85,27 @@ class FakeExchangeConfig:
         2400, "REST request weight per UTC minute shared by /fapi and /dapi, as on Binance since 2026-06-30."
     )
     ban_seconds: int = _option(120, "Length of the HTTP 418 ban for ignoring a 429.")
+    market_load_rate: float = _option(
+        0.0,
+        "Market-load mode when > 0: spot lists --market-load-symbols symbols (instead of "
+        "--symbols and --extra-symbols) and sends their trade, aggTrade, bookTicker and "
+        "depth@100ms streams at this many messages per second in all, skewed by symbol "
+        "rank (fake_binance/listing.py); 0 = off.",
+    )
+    market_load_symbols: int = _option(
+        listing.DEFAULT_SYMBOLS, "Symbols the market-load mode lists: the real busiest ones first, then generated."
+    )
+    market_load_exponent: float = _option(
+        listing.DEFAULT_EXPONENT, "Zipf exponent of the market-load mode's per-symbol rates (rank ** -exponent)."
+    )
 
     def all_symbols(self) -> tuple[str, ...]:
         """Listed symbols followed by the generated extra ones, in a fixed order.
 
         The order matters: a symbol's position fixes its trade id base, so the same
-        configuration always yields the same ids.
+        configuration always yields the same ids. In market-load mode: the load's listing.
         """
+        if self.market_load_rate > 0:
+            return listing.market_symbols(self.market_load_symbols)
         extra = tuple(f"SYM{i:04d}USDT" for i in range(1, self.extra_symbols + 1))
         return tuple(self.symbols) + extra

@@ -26,6 +26,8 @@ from aiohttp import web
 from fake_binance.context import CONTEXT, Context
 from fake_binance.futures import FuturesVenue
 from fake_binance.hub import now_ms
+from fake_binance.listing import LoadPlan
+from fake_binance.load import LoadHub
 from fake_binance.market import UnknownSymbol
 from fake_binance.rest import json_response as _json
 
@@ -127,6 +129,15 @@ def _set_rate(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     return {"trades_per_second": rate}
 
 
+def _set_load_rate(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    """The market-load mode's total rate (messages per second), from the next tick on."""
+    if not isinstance(ctx.hub, LoadHub):
+        raise ControlError("set_load_rate needs the market-load mode (--market-load-rate)")
+    rate = _number(body, "messages_per_second", minimum=1)
+    ctx.hub.set_plan(LoadPlan.build(len(ctx.market.symbols), rate, ctx.hub.plan.exponent))
+    return {"messages_per_second": rate, "scheduled_messages_per_second": ctx.hub.schedule.messages_per_second}
+
+
 def _pause_data(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     seconds = _number(body, "seconds")
     ctx.hub.pause(seconds)
@@ -174,6 +185,7 @@ _ACTIONS: dict[str, Callable[[Context, dict[str, Any]], dict[str, Any]]] = {
     "close_all": _close_all,
     "rest_fault": _rest_fault,
     "set_rate": _set_rate,
+    "set_load_rate": _set_load_rate,
     "pause_data": _pause_data,
     "mute_stream": _mute_stream,
     "reset_stats": _reset_stats,

@@ -28,7 +28,6 @@ import math
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from decimal import Decimal
 
 UPDATES_PER_TRADE = 3
 DEPTH = 500  # levels beyond the mid's extreme positions, on each side
@@ -154,8 +153,20 @@ class OrderBook:
 
 
 def _decimal(units: int, exponent: int) -> str:
-    """units * 10**exponent with Binance's 8 decimals, exactly (no float rounding)."""
-    return f"{Decimal(units).scaleb(exponent):.8f}"
+    """units * 10**exponent with Binance's 8 decimals, exactly (no float rounding);
+    exponent >= -8, as the book's tick and lot are.
+
+    Integer arithmetic rather than Decimal: a depth diff formats every level it
+    carries, and this runs for each (the market-load mode diffs thousands a second).
+    """
+    if exponent >= 0:
+        return f"{units * 10**exponent}.00000000"
+    whole, fraction = divmod(units, 10**-exponent)
+    return f"{whole}.{fraction:0{-exponent}d}{_ZEROS[: _DECIMALS + exponent]}"
+
+
+_DECIMALS = 8
+_ZEROS = "0" * _DECIMALS
 
 
 def _coprime_near(n: int, start: int) -> int:

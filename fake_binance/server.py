@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -23,6 +23,8 @@ from fake_binance.context import CONTEXT, Context
 from fake_binance.contracts import COINM, USDM, Lifecycle, futures_contracts
 from fake_binance.futures import MARKET, PUBLIC, FuturesVenue
 from fake_binance.hub import Hub, now_ms
+from fake_binance.listing import LoadPlan
+from fake_binance.load import LoadHub
 from fake_binance.market import Market
 from fake_binance.ratelimit import RequestGate
 from fake_binance.stats import Stats
@@ -50,7 +52,8 @@ def build_app(config: FakeExchangeConfig) -> web.Application:
     """The fake exchange for `config`; start it with any aiohttp runner."""
     market = Market(config.all_symbols(), _clock(config))
     spot_gate = RequestGate(config.weight_limit, config.ban_seconds)
-    app = _market_app(config, market, SpotVenue(market, frozenset(config.halted_symbols)), spot_gate)
+    spot = SpotVenue(market, frozenset(config.halted_symbols))
+    app = _market_app(config, market, spot, spot_gate, _spot_hub(config, market, spot))
     rest.install(app, rest.SPOT_RULES, rest.SPOT_ENDPOINTS)
     app.add_routes(ws.routes())
     contracts = futures_contracts(config.usdm_symbols, config.coinm_symbols, now_ms())
@@ -71,13 +74,27 @@ def _clock(config: FakeExchangeConfig) -> TradeClock:
     return TradeClock(config.genesis_ms, config.trades_per_second)
 
 
-def _market_app(config: FakeExchangeConfig, market: Market, venue: Venue, gate: RequestGate) -> web.Application:
-    """The application of one market: its context, control endpoints and life cycle."""
+def _spot_hub(config: FakeExchangeConfig, market: Market, venue: Venue) -> Callable[[Stats], Hub]:
+    """Spot's publisher: the market-load one when that mode is on (`load.LoadHub`)."""
+    if config.market_load_rate > 0:
+        plan = LoadPlan.build(len(market.symbols), config.market_load_rate, config.market_load_exponent)
+        return lambda stats: LoadHub(market, venue, stats, plan)
+    return lambda stats: Hub(market, venue, stats)
+
+
+def _market_app(
+    config: FakeExchangeConfig,
+    market: Market,
+    venue: Venue,
+    gate: RequestGate,
+    hub: Callable[[Stats], Hub] | None = None,
+) -> web.Application:
+    """The application of one market: its context, control endpoints and life cycle
+    (`hub` builds its publisher from its counters; default the ordinary one)."""
     stats = Stats()
     app = web.Application(middlewares=[rest.api_middleware], handler_args={"max_line_size": _MAX_REQUEST_LINE_BYTES})
-    app[CONTEXT] = Context(
-        config=config, market=market, venue=venue, hub=Hub(market, venue, stats), stats=stats, gate=gate
-    )
+    publisher = hub(stats) if hub else Hub(market, venue, stats)
+    app[CONTEXT] = Context(config=config, market=market, venue=venue, hub=publisher, stats=stats, gate=gate)
     app.add_routes(control.ROUTES)
     app.cleanup_ctx.append(_background_tasks)
     app.on_shutdown.append(_close_connections)

@@ -24,6 +24,14 @@ class _Tally:
             self.first = ident if self.first is None else min(self.first, ident)
             self.last = ident if self.last is None else max(self.last, ident)
 
+    def add_range(self, idents: tuple[int, int] | None, count: int) -> None:
+        """`count` messages at once, whose ids (if any) span `idents` (first, last)."""
+        self.count += count
+        if idents is not None:
+            first, last = idents
+            self.first = first if self.first is None else min(self.first, first)
+            self.last = last if self.last is None else max(self.last, last)
+
     def as_dict(self) -> dict[str, int]:
         if self.first is None or self.last is None:
             return {"count": self.count}
@@ -56,6 +64,14 @@ class Stats:
         if tally is None:
             tally = self._sent[(symbol, kind)] = _Tally()
         tally.add(ident)
+
+    def record_sent_range(self, symbol: str, kind: str, idents: tuple[int, int] | None, count: int) -> None:
+        """Count `count` written messages of one stream at once (the market-load mode)."""
+        self.messages_sent_total += count
+        tally = self._sent.get((symbol, kind))
+        if tally is None:
+            tally = self._sent[(symbol, kind)] = _Tally()
+        tally.add_range(idents, count)
 
     def note_streamset(self, key: str, open_count: int) -> None:
         """Remember the most connections ever open at once with one stream set.

@@ -113,6 +113,20 @@ class Session:
         self._outbox.append((frame, symbol, kind, ident))
         self._wakeup.set()
 
+    def write_wire(self, data: bytes) -> None:
+        """Hand ready-made websocket frames (`wire.frame_header` + payload, whole frames)
+        to the transport at once: the market-load mode's path, one write per tick.
+        aiohttp's own writes (pings, replies) also write whole frames synchronously, so
+        the two never interleave inside a frame."""
+        transport = self._request.transport if self._request else None
+        if transport is not None and not transport.is_closing() and self._closing is None:
+            transport.write(data)
+
+    def _unsent_bytes(self) -> int:
+        """Bytes written to the transport that the kernel has not taken yet."""
+        transport = self._request.transport if self._request else None
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     def _send_control(self, frame: bytes) -> None:
         self._outbox.append((frame, None, None, None))
         self._wakeup.set()
@@ -136,6 +150,7 @@ class Session:
             "opened_at": self.opened_at,
             "combined": self.combined,
             "route": self.route,
+            "unsent_bytes": self._unsent_bytes(),
         }
 
     def announce_shutdown(self, grace_seconds: float) -> None:

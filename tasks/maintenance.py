@@ -1,4 +1,4 @@
-"""Periodic tasks run by beat: drain, supervise, and the status snapshot."""
+"""Periodic tasks run by beat: drain, supervise, the futures listing check, and the status snapshot."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from celery.signals import worker_ready
 from sqlalchemy.exc import SQLAlchemyError
 
 from tasks.resources import engine, redis_client
-from tasks.subscriptions import start_group
+from tasks.subscriptions import changing_subscriptions, start_group
 from tasks.workers import node_processes
 from worker import app
+from worker.exchange.listings import ListingWatch, check_listings
+from worker.exchange.rest import BinanceRest
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.status import collect_status
@@ -19,6 +21,7 @@ from worker.settings import get_settings
 from worker.shutdown import shutting_down
 from worker.store.drain import Drainer, DrainLanes, drain_lanes, take_a_lane
 from worker.store.failures import clear_storage_error, record_storage_error
+from worker.times import now_ms
 
 # A drain run's window, in drain intervals: it asks for relief after it, and the next
 # tick's run takes over (ticks before that return at once). Ten: one hand-over per
@@ -91,3 +94,20 @@ def _supervise_when_a_worker_starts(**_: Any) -> None:
 def status() -> dict[str, Any]:
     """A snapshot of groups, buffers, tables and dead letters (see `worker.ops.status`)."""
     return collect_status(get_settings(), redis_client(), engine())
+
+
+@app.task(name="tasks.check_listings")
+def check_listings_task() -> dict[str, Any]:
+    """Stop recording the futures contracts that stopped trading (worker/exchange/listings.py)."""
+    settings = get_settings()
+    client = redis_client()
+    keys = RedisKeys(settings.redis_prefix)
+    with changing_subscriptions():
+        changes = check_listings(
+            GroupRegistry(client, keys),
+            ListingWatch(client, keys),
+            engine(),
+            lambda market: BinanceRest.from_settings(settings, client, market),
+            now_ms(),
+        )
+    return {"changes": [vars(change) for change in changes]}

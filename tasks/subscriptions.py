@@ -10,14 +10,23 @@ from redis.lock import Lock
 from tasks.resources import redis_client
 from tasks.workers import stream_processes
 from worker import app
+from worker.exchange.listings import ListingWatch, refuse_untradable
 from worker.exchange.rest import BinanceRest
-from worker.groups import Group, GroupRegistry, normalize_stream_kinds, normalize_symbols, stream_names
+from worker.groups import (
+    Group,
+    GroupRegistry,
+    default_kinds,
+    normalize_market,
+    normalize_stream_kinds,
+    normalize_symbols,
+    stream_names,
+)
 from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
-from worker.ops.status import book_statuses
+from worker.ops.status import book_statuses, silent_streams_of
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.streams import ALL_MARKET_STREAMS, stream_kind
+from worker.streams import SPOT, market_named, stream_kind
 
 SUBSCRIPTIONS_LOCK_SECONDS = 30
 
@@ -26,7 +35,7 @@ def _registry() -> GroupRegistry:
     return GroupRegistry(redis_client(), RedisKeys(get_settings().redis_prefix))
 
 
-def _changing_subscriptions() -> Lock:
+def changing_subscriptions() -> Lock:
     return redis_client().lock(
         RedisKeys(get_settings().redis_prefix).subscriptions_lock,
         timeout=SUBSCRIPTIONS_LOCK_SECONDS,
@@ -50,46 +59,60 @@ def start_group(group: Group) -> bool:
 
 
 @app.task(name="tasks.subscribe")
-def subscribe(symbols: list[str], streams: list[str] | None = None) -> dict[str, Any]:
-    """Record `streams` (default: settings) of `symbols`; returns the groups that do.
+def subscribe(symbols: list[str], streams: list[str] | None = None, market: str = SPOT) -> dict[str, Any]:
+    """Record `streams` (default: settings) of `symbols` on `market` (`spot`, `usdm`,
+    `coinm`); returns the groups that do.
 
     Types and shapes are checked first (InvalidSubscription names the bad element), then
-    the symbols against Binance before anything is recorded, so a typo fails here with
-    Binance's message instead of becoming a silent, empty stream.
+    the symbols against the market's exchangeInfo before anything is recorded, so a
+    typo fails here with Binance's message instead of becoming a silent, empty stream.
+    A futures contract that no longer trades (settling, delivered) is refused: it
+    streams nothing.
     """
     settings = get_settings()
+    market = normalize_market(market)
     symbols = normalize_symbols(symbols)
-    kinds = normalize_stream_kinds(settings.default_stream_kinds if streams is None else streams)
-    statuses = BinanceRest.from_settings(settings, redis_client()).symbol_statuses(symbols)
+    kinds = normalize_stream_kinds(
+        default_kinds(settings.default_stream_kinds, market) if streams is None else streams, market
+    )
+    statuses = BinanceRest.from_settings(settings, redis_client(), market).symbol_statuses(symbols)
+    if market != SPOT:
+        refuse_untradable(statuses, market)
+        ListingWatch(redis_client(), RedisKeys(settings.redis_prefix)).note(market, statuses)
     registry = _registry()
     requested = stream_names(symbols, kinds)
-    with _changing_subscriptions():
-        _, new_groups = registry.place(requested, settings.max_streams_per_connection)
+    with changing_subscriptions():
+        _, new_groups = registry.place(requested, settings.max_streams_per_connection, market)
         for group in new_groups:
             start_group(group)
     requested_set = set(requested)
     return {
+        "market": market,
         "symbols": statuses,
         "streams": requested,
-        "groups": sorted(gid for gid, g in registry.wanted().items() if requested_set & set(g.streams)),
+        "groups": sorted(
+            gid for gid, g in registry.wanted().items() if g.market == market and requested_set & set(g.streams)
+        ),
         "new_groups": [g.id for g in new_groups],
         **registry.note_waiting(stream_processes().total(), new_groups),
     }
 
 
 @app.task(name="tasks.unsubscribe")
-def unsubscribe(symbols: list[str]) -> dict[str, Any]:
-    """Stop recording `symbols`, and all-market streams such as `!miniTicker@arr` named
-    among them. A group that also holds other streams keeps them: its task unsubscribes
-    the removed ones on the open connection, so the others lose nothing; a group left
-    empty stops."""
-    market_wide = [s for s in symbols if s in ALL_MARKET_STREAMS] if isinstance(symbols, list) else []
+def unsubscribe(symbols: list[str], market: str = SPOT) -> dict[str, Any]:
+    """Stop recording `symbols` on `market`, and all-market streams such as
+    `!miniTicker@arr` named among them. A group that also holds other streams keeps
+    them: its task unsubscribes the removed ones on the open connection, so the others
+    lose nothing; a group left empty stops."""
+    market = normalize_market(market)
+    all_market = market_named(market).all_market_streams
+    market_wide = [s for s in symbols if s in all_market] if isinstance(symbols, list) else []
     named = [s for s in symbols if s not in market_wide] if market_wide else symbols
     listed = normalize_symbols(named) if named or not market_wide else []
     registry = _registry()
-    with _changing_subscriptions():
-        stopped, shrunk = registry.remove_symbols(listed, market_wide)
-    return {"stopped": stopped, "shrunk": shrunk}
+    with changing_subscriptions():
+        stopped, shrunk = registry.remove_symbols(listed, market_wide, market)
+    return {"market": market, "stopped": stopped, "shrunk": shrunk}
 
 
 @app.task(name="tasks.stream_group", bind=True)
@@ -109,6 +132,10 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
         # `current` is the group as it is now: books appear once depth streams join it.
         if any(stream_kind(stream) == "depth" for stream in current.streams):
             progress = {**progress, "books": _books_of(client, settings.redis_prefix, current.streams)}
+        # What `status` warns of: a stream storing nothing while this connection is up.
+        silent = silent_streams_of(client, RedisKeys(settings.redis_prefix), current, settings.stale_stream_seconds)
+        if silent:
+            progress = {**progress, "silent_streams": {stream: round(seconds) for stream, seconds in silent.items()}}
         self.update_state(state="PROGRESS", meta=progress)
         # retry=False: a report during a Redis outage fails at once and is skipped.
         self.send_event("task-progress", retry=False, result=progress, **progress)

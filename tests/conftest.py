@@ -22,6 +22,7 @@ from worker.keys import RedisKeys
 from worker.ops.clients import client_app
 from worker.ops.local_postgres import INSTALL_HINT, PostgresServer, find_postgres_bin
 from worker.ops.local_stack import LocalStack
+from worker.ops.stack_record import RECORDED_VARIABLES
 from worker.store.storage import create_schema, make_engine
 
 # Short intervals so that end-to-end tests see the periodic tasks act within seconds.
@@ -31,14 +32,7 @@ FAST_ENV = {
     "LEASE_TTL_SECONDS": "3",
 }
 # Settings of the machine running the tests must not leak into the stacks they start.
-_SERVICE_VARIABLES = (
-    "REDIS_URL",
-    "DATABASE_URL",
-    "BINANCE_WS_URL",
-    "BINANCE_REST_URL",
-    "BINANCE_USDM_REST_URL",
-    "BINANCE_COINM_REST_URL",
-)
+_SERVICE_VARIABLES = RECORDED_VARIABLES
 
 
 @pytest.fixture(scope="session")

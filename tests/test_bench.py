@@ -208,3 +208,58 @@ def test_the_postgresql_watcher_sees_each_new_row_of_its_symbols_once(postgres_s
     finally:
         watcher.close()
         engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """`--parts market --quick --find-max`: 300 symbols x 4 kinds (two groups) at 2,000
+    msg/s, then two steps of the search: (the figures, the table)."""
+    output = tmp_path_factory.mktemp("bench-market") / "latest.json"
+    done = run_bench("--parts", "market", "--quick", "--find-max", "--output", str(output))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(output.read_text()), done.stdout
+
+
+@pytest.mark.slow
+def test_the_market_part_records_every_kind_of_every_symbol_and_loses_no_id(
+    market: tuple[dict[str, Any], str],
+) -> None:
+    results, table = market
+    figures = results["market"]
+    assert (figures["symbols"], figures["streams"], figures["groups"]) == (300, 1200, 2)
+    assert figures["kinds"] == ["trade", "aggTrade", "bookTicker", "depth@100ms"]
+    assert 0.5 < figures["top_10_share"] < 1 and 1000 < figures["offered_messages_per_second"] < 3000
+    for kind, latency in figures["latency"].items():
+        assert latency["samples"] > 0, kind
+        assert 0 <= latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"] < 60_000
+        assert latency["from"] == ("receive" if kind == "bookTicker" else "event")
+    ids = figures["ids"]
+    assert ids["ids_sent"] > 0 and ids["streams_checked"] > 300
+    assert ids["missing"] == ids["duplicates"] == ids["extra"] == 0
+    assert isinstance(figures["book_continuity_breaks"], int) and figures["book_continuity_breaks"] >= 0
+    cpu = figures["cpu_cores"]
+    assert set(cpu) == {
+        "streams processes", "drain (default worker)", "redis", "beat", "fake exchange", "benchmark (the watcher)",
+    }  # fmt: skip
+    assert cpu["streams processes"] > 0 and cpu["fake exchange"] > 0
+    roles = [track["role"] for track in figures["memory"]]
+    assert roles.count("streams process") == 1
+    assert {"redis-server", "beat process", "fake exchange process"} <= set(roles)
+    assert len(figures["memory"][0]["processes"]) == 2  # one process per group
+    assert all(p["start_kb"] > 0 and p["end_kb"] > 0 for track in figures["memory"] for p in track["processes"])
+    for table_name in ("trades", "agg_trades", "book_tickers", "depth_updates"):
+        stored = figures["storage"][table_name]
+        assert stored["bytes_per_hour"] > 0 and stored["rows_per_hour"] > 0 and stored["bytes_per_row"] > 20
+    search = figures["find_max"]
+    assert 1 <= len(search["steps"]) <= 2 and search["highest_sustained_messages_per_second"] in (0, 1000, 2000)
+    assert {"market_ids", "market_memory", "market_latency_trade", "market_latency_depth@100ms"} <= set(
+        results["targets"]
+    )
+    assert results["targets"]["market_ids"]["met"] is True
+    assert "8 market" in table and "highest rate without a growing backlog" in table
+
+
+def test_bad_market_options_are_one_line_errors() -> None:
+    done = run_bench("--parts", "market", "--market-rate", "0")
+    assert done.returncode == 2 and "--market-rate must be a number > 0" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
+import hashlib
+import uuid
 
-from worker.groups import Group, InvalidSubscription, group_id, normalize_symbols, place_streams, stream_names
+import pytest
+import redis
+
+from worker.groups import (
+    Group,
+    GroupRegistry,
+    InvalidSubscription,
+    group_id,
+    normalize_symbols,
+    place_streams,
+    stream_names,
+)
 from worker.ingest.session import MAX_URL_CHARS, split_streams_for_url
+from worker.keys import RedisKeys
 
 
 def test_symbols_are_upper_cased_and_deduplicated() -> None:
@@ -87,3 +100,44 @@ def test_a_symbols_streams_stay_together_and_new_ids_never_reuse_a_living_groups
     assert [g.streams for g in new] == [("dotusdt@trade", "dotusdt@ticker")]
     _, again = place_streams([Group(living.id, (*living.streams, "adausdt@ticker"))], ["solusdt@trade"], 4)
     assert again[0].streams == ("solusdt@trade",) and again[0].id != living.id
+
+
+def test_spot_group_ids_are_what_they_were_and_futures_ids_differ_per_market() -> None:
+    # The sha1 of "btcusdt@aggTrade": groups saved in Redis before markets existed keep their id.
+    assert group_id(["btcusdt@aggTrade"]) == "g" + hashlib.sha1(b"btcusdt@aggTrade").hexdigest()[:12]
+    ids = {market: group_id(["btcusdt@aggTrade"], market) for market in ("spot", "usdm", "coinm")}
+    assert len(set(ids.values())) == 3
+
+
+def test_a_group_saved_before_markets_is_spot_and_futures_groups_keep_their_market() -> None:
+    old = Group.from_json('{"id": "gabc", "streams": ["btcusdt@trade"]}')
+    assert old == Group("gabc", ("btcusdt@trade",), "spot") and "market" not in old.to_json()
+    usdm = Group("gdef", ("btcusdt@aggTrade",), "usdm")
+    assert Group.from_json(usdm.to_json()) == usdm
+
+
+def test_usdm_streams_are_grouped_by_route_and_never_join_another_markets_group(redis_client: redis.Redis) -> None:
+    registry = GroupRegistry(redis_client, RedisKeys(f"t{uuid.uuid4().hex[:8]}"))
+    _, spot = registry.place(["btcusdt@aggTrade"], 1024)
+    usdm_streams = stream_names(["BTCUSDT"], ["aggTrade", "markPrice", "depth@100ms", "bookTicker", "forceOrder"])
+    _, usdm = registry.place(usdm_streams, 1024, "usdm")
+    _, coinm = registry.place(["btcusd_perp@aggTrade", "btcusd_perp@depth@100ms"], 1024, "coinm")
+
+    assert {(g.path, g.streams) for g in usdm} == {
+        ("/market/stream", ("btcusdt@aggTrade", "btcusdt@markPrice", "btcusdt@forceOrder")),
+        ("/public/stream", ("btcusdt@depth@100ms", "btcusdt@bookTicker")),
+    }
+    assert [(g.market, g.path) for g in spot + coinm] == [("spot", "/stream"), ("coinm", "/stream")]
+    # Later streams join the group of their market and route, the spot group stays as it was.
+    grown, new = registry.place(["ethusdt@depth@100ms"], 1024, "usdm")
+    assert not new and [g.path for g in grown] == ["/public/stream"]
+    assert registry.get(spot[0].id) == spot[0]
+    # Unsubscribing a symbol on one market leaves the others' streams of that symbol.
+    stopped, _ = registry.remove_symbols(["BTCUSDT"], market="usdm")
+    assert sorted(stopped) == sorted(g.id for g in usdm if g.path == "/market/stream")
+    assert registry.get(spot[0].id) == spot[0]
+
+
+def test_futures_connections_go_to_the_route_path() -> None:
+    url, _ = split_streams_for_url("ws://127.0.0.1:9/usdm", ["btcusdt@aggTrade"], "/market/stream")
+    assert url == "ws://127.0.0.1:9/usdm/market/stream?streams=btcusdt@aggTrade"

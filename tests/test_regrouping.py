@@ -68,7 +68,7 @@ def test_symbols_join_and_leave_a_running_group_on_its_open_connection(roomy: Lo
     wait_until(lambda: rows(roomy, "ETHUSDT"), 30, "ETHUSDT trades, subscribed live")
     assert call(roomy, "tasks.subscribe", ["BNBUSDT"], ["trade"])["groups"] == first["groups"]
     left = call(roomy, "tasks.unsubscribe", ["ETHUSDT"])
-    assert left == {"stopped": [], "shrunk": first["groups"]}
+    assert left == {"market": "spot", "stopped": [], "shrunk": first["groups"]}
     wait_until(lambda: rows(roomy, "BNBUSDT"), 30, "BNBUSDT trades, subscribed live")
     wait_until(
         lambda: [c["streams"] for c in fake_stats(roomy)["open_connections"]] == [["btcusdt@trade", "bnbusdt@trade"]],
@@ -78,7 +78,11 @@ def test_symbols_join_and_leave_a_running_group_on_its_open_connection(roomy: Lo
 
     connections = fake_stats(roomy)["connections"]
     assert connections["opened_total"] == 1 and connections["closed_for_rate_limit"] == 0
-    assert call(roomy, "tasks.unsubscribe", ["BTCUSDT", "BNBUSDT"]) == {"stopped": first["groups"], "shrunk": []}
+    assert call(roomy, "tasks.unsubscribe", ["BTCUSDT", "BNBUSDT"]) == {
+        "market": "spot",
+        "stopped": first["groups"],
+        "shrunk": [],
+    }
     wait_until(lambda: fake_stats(roomy)["connections"]["open"] == 0, 15, "the connection to close")
     sent = fake_stats(roomy)["sent"]["BTCUSDT"]["trade"]
     wait_until(
@@ -100,7 +104,7 @@ def test_past_the_process_count_subscribe_and_status_say_so_and_name_the_fix(one
     assert status.returncode == 1
     assert "is waiting: no free streams process" in status.stdout and "--scale worker-streams=2" in status.stdout
     row = next(line.split() for line in status.stdout.splitlines() if line.startswith(waiting_group))
-    assert row[3] == "waiting" and "NOT RUNNING" not in status.stdout  # its STATE column
+    assert row[4] == "waiting" and "NOT RUNNING" not in status.stdout  # its STATE column
     as_json = json.loads(status_command(one_process, "--json").stdout)
     (shown,) = [group for group in as_json["groups"] if group["id"] == waiting_group]
     assert shown["state"] == "waiting" and not shown["live"]

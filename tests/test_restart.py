@@ -117,6 +117,8 @@ def test_a_second_shell_finds_the_running_stack_and_the_readme_commands_work(tmp
         backfill = second_shell(tmp_path, "backfill", "BTCUSDT", "kline_1m", "--start", "-10m", "--end", "now")
         status = second_shell(tmp_path, "status")
         chart = second_shell(tmp_path, "chart", "BTCUSDT", "--start", "-5m", "-o", "btc.png")
+        # The fake's futures URLs come from stack.json too (Binance's own are unreachable here).
+        futures = second_shell(tmp_path, "subscribe", "BTCUSD_PERP", "--market", "coinm", "--streams", "aggTrade")
     finally:
         assert run.stop() == 0, run.output()
 
@@ -126,6 +128,7 @@ def test_a_second_shell_finds_the_running_stack_and_the_readme_commands_work(tmp
     assert {"trades", "depth_updates"} <= listed  # spot's tables, rows or not
     assert not {name for name in listed if name.startswith(("usdm_", "coinm_"))}  # empty futures tables are not
     assert chart.returncode == 0 and (tmp_path / "btc.png").exists(), chart.stderr
+    assert futures.returncode == 0 and '"BTCUSD_PERP": "TRADING"' in futures.stdout, futures.stderr
     assert not (tmp_path / "data" / "stack.json").exists()  # gone with the stack
 
 

@@ -4,13 +4,18 @@ A group is a set of at most `max_streams_per_connection` stream names, and a liv
 one: a later subscription joins a group with room, an unsubscribe takes its streams
 out, and the group's running task follows with SUBSCRIBE / UNSUBSCRIBE on its open
 connection (worker/ingest/runner.py). A new group is made only for streams that fit in
-no existing one; its id is a hash of its first streams and stays while they change.
+no existing one; its id is a hash of its first streams (and of its market, unless spot)
+and stays while they change.
+
+A group records one market, and on USDⓈ-M one route (`/public` or `/market`): streams
+of another market or route never join it, so every group is one connection URL.
 The wanted groups live in Redis, where the supervisor, the `status` command and every
 worker can see them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -21,7 +26,7 @@ from typing import Any
 import redis
 
 from worker.keys import RedisKeys, as_text
-from worker.streams import SPOT, validate_stream_kind
+from worker.streams import SPOT, market_named, validate_stream_kind
 
 # Set status fields only if the lease (KEYS[2]) still holds this token (ARGV[1]).
 _SET_STATUS_IF_HOLDER = """
@@ -53,6 +58,12 @@ class Group:
     market: str = SPOT
 
     @property
+    def path(self) -> str:
+        """The websocket path of its connection (`/stream`, or USDⓈ-M's `/public/stream`
+        or `/market/stream`): every stream of a group has the same one."""
+        return market_named(self.market).stream_path(self.streams[0])
+
+    @property
     def symbols(self) -> list[str]:
         """The symbols of its streams; an all-market stream (`!miniTicker@arr`) by its name."""
         return sorted(
@@ -70,8 +81,12 @@ class Group:
         return cls(id=data["id"], streams=tuple(data["streams"]), market=data.get("market", SPOT))
 
 
-def group_id(streams: Iterable[str]) -> str:
-    digest = hashlib.sha1("/".join(sorted(streams)).encode()).hexdigest()
+def group_id(streams: Iterable[str], market: str = SPOT) -> str:
+    """A hash of the streams, and of the market unless spot: `btcusdt@aggTrade` is a
+    stream of spot and of USDⓈ-M, and their groups must differ. Spot's ids are what
+    they always were, so wanted groups saved in Redis keep theirs."""
+    text = "/".join(sorted(streams))
+    digest = hashlib.sha1((text if market == SPOT else f"{market}|{text}").encode()).hexdigest()
     return f"g{digest[:12]}"
 
 
@@ -111,12 +126,20 @@ def normalize_symbols(symbols: object) -> list[str]:
     return list(result)
 
 
-def normalize_stream_kinds(kinds: object) -> list[str]:
-    """Check a caller's stream kinds, in their canonical spelling, duplicates removed."""
+def normalize_market(market: object) -> str:
+    """The market a caller named (`spot`, `usdm`, `coinm`), or InvalidSubscription saying which exist."""
+    try:
+        return market_named(market if isinstance(market, str) else repr(market)).name
+    except ValueError as error:
+        raise InvalidSubscription(str(error)) from None
+
+
+def normalize_stream_kinds(kinds: object, market: str = SPOT) -> list[str]:
+    """Check a caller's stream kinds against `market`'s, in their canonical spelling, duplicates removed."""
     result: list[str] = []
     for position, raw in enumerate(_list_of_strings(kinds, "streams", "['trade', 'kline_1m']")):
         try:
-            kind = validate_stream_kind(raw)
+            kind = validate_stream_kind(raw, market)
         except ValueError as error:
             raise InvalidSubscription(f"streams[{position}]: {error}") from None
         if kind not in result:
@@ -124,6 +147,17 @@ def normalize_stream_kinds(kinds: object) -> list[str]:
     if not result:
         raise InvalidSubscription("no stream kinds given: pass a list such as ['trade'], or none for DEFAULT_STREAMS")
     return result
+
+
+def default_kinds(kinds: Sequence[str], market: str) -> list[str]:
+    """The kinds of DEFAULT_STREAMS (`kinds`) that `market` streams: COIN-M has no
+    `trade`, so its default is the rest. All of them when none fits, for the error
+    to name them."""
+    fitting = []
+    for kind in kinds:
+        with contextlib.suppress(ValueError):
+            fitting.append(validate_stream_kind(kind, market))
+    return fitting or list(kinds)
 
 
 def stream_names(symbols: Sequence[str], kinds: Sequence[str]) -> list[str]:
@@ -135,12 +169,13 @@ def stream_names(symbols: Sequence[str], kinds: Sequence[str]) -> list[str]:
 
 
 def place_streams(
-    groups: Sequence[Group], streams: Sequence[str], max_per_group: int
+    groups: Sequence[Group], streams: Sequence[str], max_per_group: int, market: str = SPOT
 ) -> tuple[list[Group], list[Group]]:
     """Put streams into the groups with room first, then into new groups: (grown, new).
 
     Each symbol's streams go, together, to the first group they fit in, so the groups
     fill up one after the other and a group is only started when the others are full.
+    `groups` and `streams` are of one market (`market`) and one path.
     """
     slots = [list(group.streams) for group in groups]
     for chunk in _by_symbol(streams, max_per_group):
@@ -150,14 +185,14 @@ def place_streams(
             slots.append(target)
         target.extend(chunk)
     grown = [
-        Group(g.id, tuple(slot))
+        Group(g.id, tuple(slot), g.market)
         for g, slot in zip(groups, slots[: len(groups)], strict=True)
         if len(slot) != len(g.streams)
     ]
     taken = {g.id for g in groups}
     new = []
     for slot in slots[len(groups) :]:
-        new.append(Group(_unused_id(slot, taken), tuple(slot)))
+        new.append(Group(_unused_id(slot, taken, market), tuple(slot), market))
         taken.add(new[-1].id)
     return grown, new
 
@@ -170,12 +205,12 @@ def _by_symbol(streams: Sequence[str], max_per_group: int) -> list[list[str]]:
     return [chunk[i : i + max_per_group] for chunk in per_symbol.values() for i in range(0, len(chunk), max_per_group)]
 
 
-def _unused_id(streams: Sequence[str], taken: set[str]) -> str:
+def _unused_id(streams: Sequence[str], taken: set[str], market: str) -> str:
     """group_id(streams), unless a living group that started with them still has that id."""
-    gid, salt = group_id(streams), 0
+    gid, salt = group_id(streams, market), 0
     while gid in taken:
         salt += 1
-        gid = group_id([*streams, f"#{salt}"])
+        gid = group_id([*streams, f"#{salt}"], market)
     return gid
 
 
@@ -229,27 +264,37 @@ class GroupRegistry:
             pipe.delete(self.keys.stop(group.id))
             pipe.execute()
 
-    def place(self, streams: Sequence[str], max_per_group: int) -> tuple[list[Group], list[Group]]:
-        """Add the streams not yet recorded to wanted groups with room (their running
-        tasks subscribe them within a second) and to new wanted groups: (grown, new).
-        The caller holds the subscriptions lock and starts the new groups."""
-        wanted = self.wanted()
+    def place(self, streams: Sequence[str], max_per_group: int, market: str = SPOT) -> tuple[list[Group], list[Group]]:
+        """Add `market`'s streams not yet recorded to its wanted groups with room (their
+        running tasks subscribe them within a second) and to new wanted groups: (grown,
+        new). Each stream joins a group of its path only. The caller holds the
+        subscriptions lock and starts the new groups."""
+        wanted = {gid: group for gid, group in self.wanted().items() if group.market == market}
         covered = self.covered_streams(wanted)
-        grown, new = place_streams(
-            sorted(wanted.values(), key=lambda g: g.id), [s for s in streams if s not in covered], max_per_group
-        )
+        by_path: dict[str, list[str]] = {}
+        for stream in streams:
+            if stream not in covered:
+                by_path.setdefault(market_named(market).stream_path(stream), []).append(stream)
+        grown, new = [], []
+        for path, path_streams in by_path.items():
+            groups = sorted((g for g in wanted.values() if g.path == path), key=lambda g: g.id)
+            path_grown, path_new = place_streams(groups, path_streams, max_per_group, market)
+            grown += path_grown
+            new += path_new
         for group in (*grown, *new):
             self.want(group)
         return grown, new
 
     def covered_streams(self, wanted: Mapping[str, Group] | None = None) -> set[str]:
-        """Every stream some wanted group records."""
+        """Every stream some wanted group (of `wanted`, default: all) records."""
         groups = self.wanted() if wanted is None else wanted
         return {stream for group in groups.values() for stream in group.streams}
 
-    def remove_symbols(self, symbols: Sequence[str], streams: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    def remove_symbols(
+        self, symbols: Sequence[str], streams: Sequence[str] = (), market: str = SPOT
+    ) -> tuple[list[str], list[str]]:
         """Take the symbols' streams, and the named `streams` (all-market ones such as
-        `!miniTicker@arr`), out of their groups: (stopped, shrunk) group ids.
+        `!miniTicker@arr`), out of `market`'s groups: (stopped, shrunk) group ids.
 
         A group that keeps other streams stays, and its running task unsubscribes the
         removed ones on the open connection; a group left empty is stopped.
@@ -258,11 +303,13 @@ class GroupRegistry:
         named = set(streams)
         stopped, shrunk = [], []
         for group in self.wanted().values():
+            if group.market != market:
+                continue
             keep = tuple(s for s in group.streams if s.split("@", 1)[0] not in lowered and s not in named)
             if len(keep) == len(group.streams):
                 continue
             if keep:
-                self.want(Group(group.id, keep))
+                self.want(Group(group.id, keep, group.market))
                 shrunk.append(group.id)
             else:
                 self.unwant(group.id)

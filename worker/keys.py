@@ -49,7 +49,8 @@ class RedisKeys:
     def stored_at(self) -> str:
         """Hash: `<table>:<SYMBOL>` -> epoch ms of the last drain round that stored rows of
         that symbol in that table, for the tables of the streams `status` watches for
-        silence (trades, agg_trades, depth_updates: see `worker.store.drain.WATCHED_TABLES`)."""
+        silence (trades, agg_trades, depth_updates, futures' mark prices, in every market:
+        see `worker.store.drain.WATCHED_TABLES`)."""
         return f"{self.prefix}:stored-at"
 
     @property
@@ -156,6 +157,11 @@ class RedisKeys:
         head, _, _group = list_key.rpartition(":")
         named = head.rpartition(":")[2]
         return named if named in MARKETS and head == f"{self.prefix}:frames:{named}" else SPOT
+
+    def listing_statuses(self, market: str) -> str:
+        """Hash: subscribed futures symbol -> its exchangeInfo status when last looked at
+        (worker/exchange/listings.py)."""
+        return f"{self.prefix}:listing-statuses:{market_named(market).name}"
 
     def lease(self, group_id: str) -> str:
         """String with a TTL: the token of the one task allowed to hold the connection."""

@@ -22,6 +22,11 @@ def _setting(default: Any, doc: str, low: float | None = None, high: float | Non
     return field(default=default, metadata={"doc": doc, "range": (low, high)})
 
 
+def _base_url(default: str, of: str, appended: str) -> Any:
+    """A base URL of Binance's: the code appends the paths, so a fake exchange is a matter of URLs."""
+    return _setting(default, f"Base URL of Binance's {of}; {appended} is appended.")
+
+
 # A positive interval or timeout: zero or less would busy-loop or never wait.
 _POSITIVE = 0.001
 # What SQLAlchemy URLs the storage layer supports (worker/store/storage.py).
@@ -37,18 +42,22 @@ class Settings:
         "sqlite:///data/binance.db",
         "SQLAlchemy URL of the database (a SQLite file under ./data/ by default; postgresql+psycopg://... works too).",
     )
-    binance_ws_url: str = _setting(
-        "wss://data-stream.binance.vision",
-        "Base URL of Binance's websocket streams; /stream?streams=... is appended.",
+    binance_ws_url: str = _base_url("wss://data-stream.binance.vision", "websocket streams", "/stream?streams=...")
+    binance_rest_url: str = _base_url("https://api.binance.com", "REST API", "/api/v3/...")
+    binance_usdm_ws_url: str = _base_url(
+        "wss://fstream.binance.com",
+        "USDⓈ-M futures streams",
+        "/public/stream?streams=... (books, bookTicker) or /market/stream?streams=... (the rest)",
     )
-    binance_rest_url: str = _setting(
-        "https://api.binance.com", "Base URL of Binance's REST API; /api/v3/... is appended."
-    )
-    binance_usdm_rest_url: str = _setting(
-        "https://fapi.binance.com", "Base URL of Binance's USDⓈ-M futures REST API; /fapi/v1/... is appended."
-    )
-    binance_coinm_rest_url: str = _setting(
-        "https://dapi.binance.com", "Base URL of Binance's COIN-M futures REST API; /dapi/v1/... is appended."
+    binance_usdm_rest_url: str = _base_url("https://fapi.binance.com", "USDⓈ-M futures REST API", "/fapi/v1/...")
+    binance_coinm_ws_url: str = _base_url("wss://dstream.binance.com", "COIN-M futures streams", "/stream?streams=...")
+    binance_coinm_rest_url: str = _base_url("https://dapi.binance.com", "COIN-M futures REST API", "/dapi/v1/...")
+    listing_check_interval_seconds: float = _setting(
+        60.0,
+        "How often beat asks the futures markets' exchangeInfo for the status of the subscribed "
+        "contracts: one that stops trading (a delivery contract settling, a perpetual delisted) "
+        "is unsubscribed and its change recorded in `listing_changes`.",
+        _POSITIVE,
     )
     default_streams: str = _setting("trade,ticker", "Stream kinds recorded when subscribe() is called without streams.")
     startup_symbols: str = _setting("", "Symbols (comma-separated) that `binance-recorder run` subscribes at start-up.")
@@ -135,8 +144,8 @@ class Settings:
     )
     stale_stream_seconds: float = _setting(
         300.0,
-        "`status` warns (exit 1) when a subscribed trade, aggTrade or diff-depth stream stores nothing "
-        "for this long while its group's connection is up (other streams of the group may flow); "
+        "`status` warns (exit 1) when a subscribed trade, aggTrade, diff-depth or (futures) markPrice "
+        "stream stores nothing for this long while its group's connection is up (other streams of the group may flow); "
         "raise it for illiquid symbols, 0 turns the check off.",
         0,
     )
@@ -252,6 +261,10 @@ class Settings:
                 f"DATABASE_URL={self.database_url!r} is not supported: use sqlite:///path/to/file.db "
                 "or postgresql+psycopg://user:password@host/database"
             )
+
+    def ws_url(self, market: str) -> str:
+        """The websocket base URL of a market (`spot`, `usdm`, `coinm`)."""
+        return {SPOT: self.binance_ws_url, USDM: self.binance_usdm_ws_url, COINM: self.binance_coinm_ws_url}[market]
 
     def rest_url(self, market: str) -> str:
         """The REST base URL of a market (`spot`, `usdm`, `coinm`)."""

@@ -75,10 +75,29 @@ DEPTH_KINDS: tuple[str, ...] = ("depth", "depth5", "depth10", "depth20")
 
 FAST_SPEED = "100ms"
 
-ALL_MARKET_STREAMS: tuple[str, ...] = ("!miniTicker@arr", "!ticker_1h@arr", "!ticker_4h@arr", "!ticker_1d@arr")
-"""Streams of every symbol at once (a JSON list per event); subscribed by their full name."""
+SPEEDS: dict[str, str] = {**dict.fromkeys(DEPTH_KINDS, FAST_SPEED), "markPrice": "1s"}
+"""Kinds with a faster variant, `<kind>@<speed>`: the depth kinds every 100 ms (default
+1 s on spot, 250 ms on futures), futures' mark price every second (default 3 s)."""
 
-_CANONICAL_KINDS = {kind.lower(): kind for kind in SUPPORTED_KINDS if kind != "kline"}
+PAIR_KINDS: tuple[str, ...] = ("continuousKline", "indexPriceKline", "indexPrice")
+"""Futures kinds named by a pair (`btcusdt_perpetual@continuousKline_1m`, `btcusd@indexPrice`),
+not by a contract's symbol: recorded when a stream carries them, not subscribed per symbol."""
+
+PUBLIC_ROUTE_KINDS: tuple[str, ...] = (*DEPTH_KINDS, "bookTicker", "trade")
+"""The USDⓈ-M kinds on the `/public` route (order books and bookTicker; the undocumented
+`@trade` was observed there, binance-protocol.md); every other kind goes to `/market`.
+A stream on the other route is acknowledged and then never delivers."""
+
+ALL_MARKET_STREAMS: tuple[str, ...] = ("!miniTicker@arr", "!ticker_1h@arr", "!ticker_4h@arr", "!ticker_1d@arr")
+"""Spot's streams of every symbol at once (a JSON list per event); subscribed by their full name."""
+
+FUTURES_ALL_MARKET_STREAMS: tuple[str, ...] = (
+    "!markPrice@arr", "!markPrice@arr@1s", "!forceOrder@arr", "!miniTicker@arr", "!ticker@arr",
+)  # fmt: skip
+"""The futures markets' all-market streams the recorder subscribes (each carries both
+markets since 2026-06-30: the drain stores each element in its own market's table)."""
+
+FUTURES_KLINE_INTERVALS: tuple[str, ...] = tuple(interval for interval in KLINE_INTERVALS if interval != "1s")
 
 
 def stream_kind(stream_name: str) -> str:
@@ -108,44 +127,57 @@ def kind_table(kind: str) -> str:
     return KIND_TABLES.get(kind) or FUTURES_KIND_TABLES[kind]
 
 
-def validate_stream_kind(kind: str) -> str:
-    """The canonical spelling of a kind a user asked for, e.g. "aggtrade" -> "aggTrade".
+def validate_stream_kind(kind: str, market: str = "spot") -> str:
+    """The canonical spelling of a kind a user asked for in `market`, e.g. "aggtrade" -> "aggTrade".
 
     Kinds are accepted in any case, intervals only as Binance spells them: "1m" is a
     minute and "1M" a month. An all-market stream (`!miniTicker@arr`) is its own
-    stream name, spelled exactly as Binance does. Raises ValueError naming the bad kind and the valid ones.
+    stream name, spelled exactly as Binance does. Raises ValueError naming the bad kind
+    and the valid ones (of that market).
     """
-    if kind in ALL_MARKET_STREAMS:
+    spec = market_named(market)
+    if kind in spec.all_market_streams:
         return kind
     base, at, speed = kind.partition("@")
     if at:
-        return _with_speed(base, speed, kind)
+        return _with_speed(base, speed, kind, spec)
     prefix, underscore, interval = kind.partition("_")
-    if prefix.lower() == "kline" and underscore:
-        if interval in KLINE_INTERVALS:
-            return f"kline_{interval}"
-        raise ValueError(f"unknown kline interval {interval!r} in {kind!r}: use one of {', '.join(KLINE_INTERVALS)}")
-    canonical = _CANONICAL_KINDS.get(kind.lower())
+    family = next((k for k in spec.kinds if k in KLINE_KINDS and k.lower() == prefix.lower()), None)
+    if family in spec.subscribable and underscore:
+        if interval in spec.kline_intervals:
+            return f"{family}_{interval}"
+        raise ValueError(
+            f"unknown kline interval {interval!r} in {kind!r}: use one of {', '.join(spec.kline_intervals)}"
+        )
+    canonical = {k.lower(): k for k in spec.subscribable if k not in KLINE_KINDS}.get(kind.lower())
     if canonical is None:
-        raise ValueError(f"unknown stream kind {kind!r}: use one of {valid_kinds_text()}")
+        raise ValueError(f"unknown stream kind {kind!r}: use one of {valid_kinds_text(market=spec.name)}")
     return canonical
 
 
-def _with_speed(base: str, speed: str, kind: str) -> str:
-    """`depth@100ms`, `depth20@100ms`: only the depth kinds have a faster variant."""
-    canonical = validate_stream_kind(base)
-    if canonical not in DEPTH_KINDS or speed != FAST_SPEED:
+def _with_speed(base: str, speed: str, kind: str, market: Market) -> str:
+    """`depth@100ms`, `depth20@100ms`, futures' `markPrice@1s`: only these kinds have a
+    faster variant."""
+    canonical = validate_stream_kind(base, market.name)
+    if SPEEDS.get(canonical) != speed or canonical not in market.kinds:
         raise ValueError(
-            f"unknown stream kind {kind!r}: only {', '.join(DEPTH_KINDS)} take a speed, and it is @{FAST_SPEED}"
+            f"unknown stream kind {kind!r}: only {', '.join(k for k in SPEEDS if k in market.kinds)} take a speed, "
+            f"and it is {', '.join(sorted({f'@{SPEEDS[k]}' for k in SPEEDS if k in market.kinds}))}"
         )
     return f"{canonical}@{speed}"
 
 
-def valid_kinds_text(separator: str = ", ") -> str:
-    """The kinds a user may ask for, with the kline intervals spelled out, for messages."""
-    kline = f"kline_<interval> ({separator.join(KLINE_INTERVALS)})"
-    kinds = ", ".join(kline if kind == "kline" else kind for kind in SUPPORTED_KINDS)
-    return f"{kinds} (depth kinds also as <kind>@{FAST_SPEED}), or all-market {', '.join(ALL_MARKET_STREAMS)}"
+def valid_kinds_text(separator: str = ", ", market: str = "spot") -> str:
+    """The kinds a user may ask for in `market`, with the kline intervals spelled out, for messages."""
+    spec = market_named(market)
+    kinds = ", ".join(
+        f"{kind}_<interval> ({separator.join(spec.kline_intervals)})" if kind in KLINE_KINDS else kind
+        for kind in spec.subscribable
+    )
+    mark = ", markPrice@1s" if "markPrice" in spec.kinds else ""
+    return (
+        f"{kinds} (depth kinds also as <kind>@{FAST_SPEED}{mark}), or all-market {', '.join(spec.all_market_streams)}"
+    )
 
 
 # Markets. A market decides three things, all here: the prefix of its tables (spot has
@@ -171,6 +203,22 @@ class Market:
     """Tables (without the prefix) filled from REST only: snapshots, open interest, funding."""
     st: int | None
     """The `st` of this market's futures payloads; None for spot, whose payloads have none."""
+    all_market_streams: tuple[str, ...] = ALL_MARKET_STREAMS
+    kline_intervals: tuple[str, ...] = KLINE_INTERVALS
+    routed: bool = False
+    """Whether streams go to the path that carries them (USDⓈ-M's `/public` and `/market`)."""
+
+    @property
+    def subscribable(self) -> tuple[str, ...]:
+        """The kinds `subscribe` takes for a symbol: all but those named by a pair."""
+        return tuple(kind for kind in self.kinds if kind not in PAIR_KINDS)
+
+    def stream_path(self, stream: str) -> str:
+        """The websocket path carrying `stream` on this market: USDⓈ-M routes by kind
+        (`/public/stream`, `/market/stream`), spot and COIN-M have one `/stream`."""
+        if not self.routed:
+            return "/stream"
+        return "/public/stream" if stream_kind(stream) in PUBLIC_ROUTE_KINDS else "/market/stream"
 
     def table(self, kind: str) -> str:
         """The table recording `kind` in this market, e.g. ("usdm", "aggTrade") -> "usdm_agg_trades"."""
@@ -216,13 +264,24 @@ _FUTURES_REST_TABLES = ("depth_snapshots", "open_interest", "funding_rates")
 MARKETS: dict[str, Market] = {
     SPOT: Market(SPOT, "", SUPPORTED_KINDS, ("depth_snapshots",), st=None),
     # `<s>@trade` is undocumented on USDⓈ-M, but streamed (binance-protocol.md).
-    USDM: Market(USDM, "usdm_", (*_FUTURES_KINDS, "trade", "compositeIndex"), _FUTURES_REST_TABLES, st=1),
+    USDM: Market(
+        USDM,
+        "usdm_",
+        (*_FUTURES_KINDS, "trade", "compositeIndex"),
+        _FUTURES_REST_TABLES,
+        st=1,
+        all_market_streams=FUTURES_ALL_MARKET_STREAMS,
+        kline_intervals=FUTURES_KLINE_INTERVALS,
+        routed=True,
+    ),
     COINM: Market(
         COINM,
         "coinm_",
         (*_FUTURES_KINDS, "indexPrice", "markPriceKline", "indexPriceKline"),
         _FUTURES_REST_TABLES,
         st=2,
+        all_market_streams=FUTURES_ALL_MARKET_STREAMS,
+        kline_intervals=FUTURES_KLINE_INTERVALS,
     ),
 }
 """Market name -> its definition; spot first."""

@@ -117,16 +117,23 @@ REST_URL_SETTINGS: dict[str, str] = {
     COINM: "BINANCE_COINM_REST_URL",
 }
 
+SYMBOL_EXAMPLES: dict[str, str] = {
+    SPOT: "spot symbols look like BTCUSDT",
+    USDM: "USDⓈ-M symbols look like BTCUSDT or BTCUSDT_261225",
+    COINM: "COIN-M symbols look like BTCUSD_PERP or BTCUSD_261225",
+}
+
 
 class UnknownSymbol(ValueError):
     """A symbol Binance does not list. One plain message argument, so that Celery can
     carry it to a caller's `.get()` intact."""
 
 
-def _unknown_symbol(symbol: str, binance_msg: str, count: int = 1) -> UnknownSymbol:
+def _unknown_symbol(symbol: str, binance_msg: str, count: int = 1, market: str = SPOT) -> UnknownSymbol:
     what = "unknown symbol" if count == 1 else f"{count} unknown symbols:"
+    where = "" if market == SPOT else f" on {market}"
     return UnknownSymbol(
-        f"{what} {symbol}: Binance says {binance_msg!r}; check the spelling (spot symbols look like BTCUSDT)"
+        f"{what} {symbol}{where}: Binance says {binance_msg!r}; check the spelling ({SYMBOL_EXAMPLES[market]})"
     )
 
 
@@ -141,14 +148,14 @@ LISTING_CACHE_SECONDS = 60.0
 _LISTINGS: dict[str, tuple[float, dict[str, str]]] = {}
 
 
-def _raise_for_unknown(symbols: Sequence[str], binance_msg: str, listing: Mapping[str, str]) -> None:
+def _raise_for_unknown(symbols: Sequence[str], binance_msg: str, listing: Mapping[str, str], market: str) -> None:
     """UnknownSymbol naming the symbols Binance does not list (the first 5,000 of them)."""
     unknown = [symbol for symbol in symbols if symbol not in listing]
     if unknown:
         named = ", ".join(unknown[:MAX_SYMBOLS_NAMED])
         if len(unknown) > MAX_SYMBOLS_NAMED:
             named += f" and {len(unknown) - MAX_SYMBOLS_NAMED} more"
-        raise _unknown_symbol(named, binance_msg, len(unknown))
+        raise _unknown_symbol(named, binance_msg, len(unknown), market)
 
 
 class TradeRow(TypedDict):
@@ -298,32 +305,41 @@ class BinanceRest:
         Binance's -1121 does not say which symbol is unknown, so only then is the whole
         listing fetched (one request, weight 20, where asking each symbol would cost 20
         per symbol) to name them all.
+
+        The futures markets' exchangeInfo takes no symbols: their whole listing is asked
+        (weight 1, so fresh each time: a contract that just settled is seen as such).
         """
-        if len(symbols) > SYMBOLS_PER_REQUEST or self.market != SPOT:
-            # The futures APIs take no `symbols`: their whole listing is one request of weight 1.
-            return self._statuses_from_listing(symbols)
+        if self.market != SPOT:
+            return self._statuses_from_listing(symbols, self.listing())
+        if len(symbols) > SYMBOLS_PER_REQUEST:
+            return self._statuses_from_listing(symbols, self._listing())
         try:
             info = self.get("exchangeInfo", {"symbols": json.dumps(list(symbols), separators=(",", ":"))})
         except BinanceError as error:
             if error.code != INVALID_SYMBOL:
                 raise
-            _raise_for_unknown(symbols, error.msg, self._listing())
+            _raise_for_unknown(symbols, error.msg, self._listing(), self.market)
             raise
         return {entry["symbol"]: entry["status"] for entry in info["symbols"]}
 
-    def _statuses_from_listing(self, symbols: Sequence[str]) -> dict[str, str]:
-        listing = self._listing()
-        _raise_for_unknown(symbols, "Invalid symbol.", listing)
+    def _statuses_from_listing(self, symbols: Sequence[str], listing: Mapping[str, str]) -> dict[str, str]:
+        _raise_for_unknown(symbols, "Invalid symbol.", listing, self.market)
         return {symbol: listing[symbol] for symbol in symbols}
 
-    def _listing(self) -> dict[str, str]:
-        """Every symbol Binance lists, with its status; cached a minute per process."""
-        api = self.base_url + self.api_path
-        cached = _LISTINGS.get(api)
-        if cached is None or time.monotonic() - cached[0] > LISTING_CACHE_SECONDS:
-            listing = {entry["symbol"]: _status(entry) for entry in self.get("exchangeInfo", {})["symbols"]}
-            cached = _LISTINGS[api] = (time.monotonic(), listing)
+    def _listing(self, max_age_seconds: float = LISTING_CACHE_SECONDS) -> dict[str, str]:
+        """Every symbol Binance lists, with its status; cached `max_age_seconds` per process."""
+        url = self.base_url + self.api_path
+        cached = _LISTINGS.get(url)
+        if cached is None or time.monotonic() - cached[0] > max_age_seconds:
+            entries = self.get("exchangeInfo", {})["symbols"]
+            # COIN-M's entries say `contractStatus` where the others say `status`.
+            listing = {entry["symbol"]: entry.get("status") or entry["contractStatus"] for entry in entries}
+            cached = _LISTINGS[url] = (time.monotonic(), listing)
         return cached[1]
+
+    def listing(self) -> dict[str, str]:
+        """Every symbol of the market with its status now (not a cached copy)."""
+        return self._listing(max_age_seconds=0)
 
     def klines(
         self,
@@ -401,11 +417,6 @@ def _by_limit(table: tuple[tuple[int, int], ...], limit: int, what: str) -> int:
         if 1 <= limit <= most:
             return weight
     raise ValueError(f"{what} limit {limit} is out of range: Binance accepts 1 to {table[-1][0]}")
-
-
-def _status(entry: Mapping[str, Any]) -> str:
-    """A listing entry's trading status: COIN-M's exchangeInfo says `contractStatus`."""
-    return str(entry.get("status") or entry.get("contractStatus"))
 
 
 def _retry_after_seconds(response: requests.Response) -> float | None:

@@ -91,7 +91,12 @@ class GroupRunner:
         self.budget = ConnectBudget(client, self.keys.connect_attempts, settings.connect_attempts_per_5_minutes)
         self.buffer = FrameBuffer(client, self.keys)
         self.writer = FrameWriter(
-            client, self.keys, group.id, settings.local_buffer_max_frames, settings.redis_buffer_max_frames
+            client,
+            self.keys,
+            group.id,
+            settings.local_buffer_max_frames,
+            settings.redis_buffer_max_frames,
+            market=group.market,
         )
         self.current: StreamSession | None = None
         self.successor: StreamSession | None = None
@@ -114,7 +119,7 @@ class GroupRunner:
             return ALREADY_RUNNING
         self.fence.renewed(sent_at)
         self.fence.start()
-        self.buffer.register(self.group.id)
+        self.buffer.register(self.group.id, self.group.market)
         self._status(
             state="starting",
             worker=self.owner,
@@ -188,7 +193,12 @@ class GroupRunner:
             return
         if self.current is not None:
             log.info("group %s: rotating (%s)", self.group.id, why)
-        session = StreamSession(self.settings.binance_ws_url, self.group.streams, self.writer.pending.append)
+        session = StreamSession(
+            self.settings.ws_url(self.group.market),
+            self.group.streams,
+            self.writer.pending.append,
+            path=self.group.path,
+        )
         session.start()
         self.successor, self._successor_started = session, now
 

@@ -3,7 +3,9 @@
 This is the hot path: for every frame it does a deque append, a counter increment and
 one prefix check (for `serverShutdown`), nothing else. No JSON parsing, no database,
 no Redis round trip per message. Pings are answered by websocket-client itself
-(`recv_data` sends the pong echoing the ping's payload).
+(`recv_data` sends the pong echoing the ping's payload), however rarely they come
+(spot every 20 s, futures every 3 minutes): the socket's short read timeout only wakes
+the loop, and silence is judged by data frames (worker/ingest/runner.py), not pings.
 
 A session runs in a thread so that its owner (worker/ingest/runner.py) can flush on a steady
 clock and hold two sessions at once while rotating a connection without a gap.
@@ -25,7 +27,8 @@ import websocket
 MAX_URL_CHARS = 4000
 # Streams per SUBSCRIBE or UNSUBSCRIBE request.
 SUBSCRIBE_BATCH = 200
-# Binance allows 5 incoming messages per second per connection; stay below: 4 a second.
+# Binance allows 5 incoming messages per second per connection on spot, 10 on futures
+# (pongs count too); stay below both: 4 a second.
 SUBSCRIBE_SPACING_SECONDS = 0.25
 # How long a closing connection may still deliver the frames that were in flight.
 CLOSE_TIMEOUT_SECONDS = 2.0
@@ -67,9 +70,10 @@ class _ReadAhead:
         return getattr(self._sock, name)
 
 
-def split_streams_for_url(base_url: str, streams: Sequence[str]) -> tuple[str, list[str]]:
-    """The connection URL with as many streams as fit, and the streams left to SUBSCRIBE."""
-    url = f"{base_url.rstrip('/')}/stream?streams="
+def split_streams_for_url(base_url: str, streams: Sequence[str], path: str = "/stream") -> tuple[str, list[str]]:
+    """The connection URL (`path` on `base_url`: `/stream`, or USDⓈ-M's `/public/stream`
+    or `/market/stream`) with as many streams as fit, and the streams left to SUBSCRIBE."""
+    url = f"{base_url.rstrip('/')}{path}?streams="
     in_url: list[str] = []
     length = len(url)
     for stream in streams:
@@ -104,8 +108,9 @@ class StreamSession:
         streams: Sequence[str],
         sink: Callable[[bytes], None],
         connect_timeout: float = 10.0,
+        path: str = "/stream",
     ) -> None:
-        self.url, late_streams = split_streams_for_url(base_url, streams)
+        self.url, late_streams = split_streams_for_url(base_url, streams, path)
         # Appended by the owner's thread, taken by the receiving thread: deque operations are atomic.
         self._control: deque[tuple[str, list[str]]] = deque(control_requests("SUBSCRIBE", late_streams))
         self._next_control_at = 0.0

@@ -31,11 +31,13 @@ from worker.ops.clients import TaskFailed, call_task, database, existing_databas
 from worker.ops.local_stack import LocalStack, StackError, wait_for_redis
 from worker.ops.stack_record import StackRecord, recorded_stack_env, stop_stack
 from worker.settings import Settings, split_list
+from worker.streams import MARKETS, SPOT, market_named
 
 DEFAULT_LOCAL_SYMBOLS = "BTCUSDT,ETHUSDT,BNBUSDT"
 # Not 9808, the port of the widely used celery-exporter: a Celery shop that scrapes its
 # queues with it may run both exporters on one host.
 DEFAULT_METRICS_PORT = 9836
+MARKET_CHOICES = "|".join(MARKETS)
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
 EXIT_STACK = 3
@@ -141,8 +143,10 @@ def _start_services(stack: LocalStack, settings: Settings, args: argparse.Namesp
         output.say(f"exchange: bundled fake exchange at {base} (Binance is not reachable or --exchange fake)")
     else:
         output.say(f"exchange: {settings.binance_ws_url} and {settings.binance_rest_url}")
-        stack.env.setdefault("BINANCE_REST_URL", settings.binance_rest_url)
-        stack.env.setdefault("BINANCE_WS_URL", settings.binance_ws_url)
+        for market in MARKETS:
+            prefix = "BINANCE" if market == SPOT else f"BINANCE_{market.upper()}"
+            stack.env.setdefault(f"{prefix}_REST_URL", settings.rest_url(market))
+            stack.env.setdefault(f"{prefix}_WS_URL", settings.ws_url(market))
     stack.start_workers(settings.stream_worker_concurrency)
     stack.start_beat()
     names = ["worker-streams", "worker"]
@@ -194,10 +198,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
 # -- subscribe / unsubscribe / status ------------------------------------------------------
 
 
+def _market(args: argparse.Namespace) -> str:
+    """The --market asked for, checked here: a typo is one line and exit 2, before any task."""
+    return market_named(args.market).name
+
+
 def cmd_subscribe(args: argparse.Namespace) -> int:
     settings = args.settings
     result = call_task(
-        settings.redis_url, "tasks.subscribe", [args.symbols, split_list(args.streams) or None], args.timeout
+        settings.redis_url,
+        "tasks.subscribe",
+        [args.symbols, split_list(args.streams) or None, _market(args)],
+        args.timeout,
     )
     print(json.dumps(result, indent=2))
     if result.get("warning"):
@@ -208,7 +220,8 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
 def cmd_unsubscribe(args: argparse.Namespace) -> int:
     settings = args.settings
-    print(json.dumps(call_task(settings.redis_url, "tasks.unsubscribe", [args.symbols], args.timeout), indent=2))
+    result = call_task(settings.redis_url, "tasks.unsubscribe", [args.symbols, _market(args)], args.timeout)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -217,7 +230,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from worker.ops.status import collect_status, problems
 
     settings = args.settings
-    snapshot = collect_status(settings, redis_client(settings), existing_database(settings))
+    market = _market(args) if args.market else None
+    snapshot = collect_status(settings, redis_client(settings), existing_database(settings), market)
     found = problems(snapshot, settings)
     if args.json:
         print(json.dumps({**snapshot, "healthy": not found, "problems": found}, indent=2))
@@ -304,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("unsubscribe", cmd_unsubscribe, "stop recording symbols"),
     ):
         sub = commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]} (needs a running worker).")
-        sub.add_argument("symbols", nargs="+", help="symbols such as BTCUSDT")
+        sub.add_argument("symbols", nargs="+", help="symbols such as BTCUSDT (USDⓈ-M), BTCUSD_PERP (COIN-M)")
+        sub.add_argument("--market", default=SPOT, help=f"{MARKET_CHOICES} (default: spot)")
         if name == "subscribe":
             sub.add_argument("--streams", default="", help="comma-separated stream kinds (default: DEFAULT_STREAMS)")
         sub.add_argument("--timeout", type=float, default=30, help="seconds to wait for the worker's answer")
@@ -317,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 0 healthy, 1 unhealthy (the problems are listed), 2 bad input.",
     )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--market", default="", help=f"show only the groups of one market: {MARKET_CHOICES}")
     status.set_defaults(func=cmd_status)
 
     metrics = commands.add_parser(

@@ -239,6 +239,10 @@ class LocalStack:
         base = self._wait_for_line(process, re.compile(r"listening on (http://\S+)")).group(1)
         self.env["BINANCE_REST_URL"] = base
         self.env["BINANCE_WS_URL"] = base.replace("http://", "ws://")
+        # The fake serves the futures markets under path prefixes of the same port (docs/fake-exchange.md).
+        for market in ("usdm", "coinm"):
+            self.env[f"BINANCE_{market.upper()}_REST_URL"] = f"{base}/{market}"
+            self.env[f"BINANCE_{market.upper()}_WS_URL"] = f"{base.replace('http://', 'ws://')}/{market}"
         return base
 
     def start_workers(self, stream_concurrency: int, default_concurrency: int = 2) -> None:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from worker.exchange.listings import TRADING
 from worker.streams import MARKETS, SPOT
 from worker.times import utc_text
 
@@ -53,6 +54,7 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     groups = [
         (
             g["id"],
+            g["market"],
             ",".join(g["symbols"]),
             g["streams"],
             g["state"] if g["live"] or g["state"] == "waiting" else "NOT RUNNING",
@@ -70,7 +72,10 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
         if t["rows"] or name in SPOT_TABLES
     ]
     parts = [
-        table(["GROUP", "SYMBOLS", "STREAMS", "STATE", "UP", "MSG/S", "LAST MSG", "RECONNECTS", "BACKLOG"], groups)
+        table(
+            ["GROUP", "MARKET", "SYMBOLS", "STREAMS", "STATE", "UP", "MSG/S", "LAST MSG", "RECONNECTS", "BACKLOG"],
+            groups,
+        )
         if groups
         else "no groups subscribed: run `binance-recorder subscribe BTCUSDT`",
         "",
@@ -83,6 +88,8 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     ]
     if snapshot.get("books"):
         parts[2:2] = [_books_table(snapshot["books"], now), ""]
+    if snapshot.get("listing_changes"):
+        parts[2:2] = [_listing_changes_text(snapshot["listing_changes"]), ""]
     parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(parts)
 
@@ -92,6 +99,20 @@ def _drains_text(drains: Sequence[dict[str, Any]]) -> str:
     if not drains:
         return "no run storing"
     return ", ".join(f"lane {drain['lane']} by {drain['holder']}" for drain in drains)
+
+
+def _listing_changes_text(changes: Sequence[dict[str, Any]]) -> str:
+    """One line per futures contract whose status changed, newest first; stopped ones say so."""
+    lines = []
+    for change in changes:
+        line = (
+            f"{change['market']} {change['symbol']}: {change['old_status'] or 'unknown'} -> "
+            f"{change['new_status']} at {utc_text(change['changed_at'])}"
+        )
+        if change["new_status"] != TRADING:
+            line += "; its streams were stopped (the contract no longer trades)"
+        lines.append(line)
+    return "listing changes:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _books_table(books: Sequence[dict[str, Any]], now: int) -> str:

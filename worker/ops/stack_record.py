@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 STACK_RECORD = "stack.json"
-RECORDED_VARIABLES = ("REDIS_URL", "DATABASE_URL", "BINANCE_REST_URL", "BINANCE_WS_URL")
+RECORDED_VARIABLES = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "BINANCE_REST_URL",
+    "BINANCE_WS_URL",
+    "BINANCE_USDM_REST_URL",
+    "BINANCE_USDM_WS_URL",
+    "BINANCE_COINM_REST_URL",
+    "BINANCE_COINM_WS_URL",
+)
 STOP_TIMEOUT_SECONDS = 15.0
 # How long a live run gets to stop its stack in order before the rest is stopped for it.
 OWNER_STOP_TIMEOUT_SECONDS = 60.0

@@ -14,14 +14,15 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from worker.buffer import FrameBuffer
+from worker.exchange.listings import recent_listing_changes
 from worker.groups import MORE_STREAM_PROCESSES, Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
 from worker.store.books import RESYNCING, book_states
-from worker.store.drain import WATCHED_TABLES, drain_holders, stored_at_field
+from worker.store.drain import WATCHED_KINDS, drain_holders, stored_at_field
 from worker.store.failures import storage_advice, storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS
-from worker.streams import KIND_TABLES, stream_kind
+from worker.streams import SPOT, market_named, stream_kind
 from worker.times import now_ms
 
 # Share of Redis's maxmemory past which `status` warns: with `noeviction` a full Redis
@@ -33,49 +34,68 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
-# The stream kinds whose silence `status` reports: those storing into a watched table.
-WATCHED_KINDS = {kind: table for kind, table in KIND_TABLES.items() if table in WATCHED_TABLES}
-
-
-def group_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]:
+def group_statuses(client: redis.Redis, keys: RedisKeys, market: str | None = None) -> list[dict[str, Any]]:
+    """The wanted groups (of `market` only, if given) with their connection's record."""
     registry = GroupRegistry(client, keys)
-    buffer = FrameBuffer(client, keys)
     stored = {as_text(field): int(ms) for field, ms in client.hgetall(keys.stored_at).items()}
-    result = []
-    for gid, group in sorted(registry.wanted().items()):
-        record = registry.status(gid)
-        result.append(
-            {
-                "id": gid,
-                "symbols": group.symbols,
-                "streams": len(group.streams),
-                "state": record.get("state", "queued"),
-                "live": registry.has_live_lease(gid),
-                "worker": record.get("worker"),
-                "connected_since": _int_or_none(record.get("connected_since")),
-                "streams_changed_at": _int_or_none(record.get("streams_changed_at")),
-                "stored_at": watched_streams(group, stored),
-                "messages": int(record.get("messages", 0)),
-                "messages_per_second": float(record.get("messages_per_second", 0)),
-                "last_message_at": _int_or_none(record.get("last_message_at")),
-                "reconnects": int(record.get("reconnects", 0)),
-                "rotations": int(record.get("rotations", 0)),
-                "last_error": record.get("last_error") or None,
-                "backlog": buffer.backlog(keys.frames(gid)),
-            }
-        )
-    return result
+    return [
+        group_status(registry, FrameBuffer(client, keys), group, stored)
+        for _gid, group in sorted(registry.wanted().items())
+        if market is None or group.market == market
+    ]
+
+
+def group_status(registry: GroupRegistry, buffer: FrameBuffer, group: Group, stored: dict[str, int]) -> dict[str, Any]:
+    """One group's figures: its connection's record in Redis, its backlog, and when each
+    of its watched streams last stored (`stored`: the drain's `stored_at` marks)."""
+    record = registry.status(group.id)
+    return {
+        "id": group.id,
+        "market": group.market,
+        "symbols": group.symbols,
+        "streams": len(group.streams),
+        "state": record.get("state", "queued"),
+        "live": registry.has_live_lease(group.id),
+        "worker": record.get("worker"),
+        "connected_since": _int_or_none(record.get("connected_since")),
+        "streams_changed_at": _int_or_none(record.get("streams_changed_at")),
+        "stored_at": watched_streams(group, stored),
+        "messages": int(record.get("messages", 0)),
+        "messages_per_second": float(record.get("messages_per_second", 0)),
+        "last_message_at": _int_or_none(record.get("last_message_at")),
+        "reconnects": int(record.get("reconnects", 0)),
+        "rotations": int(record.get("rotations", 0)),
+        "last_error": record.get("last_error") or None,
+        "backlog": buffer.backlog(registry.keys.frames(group.id, group.market)),
+    }
+
+
+def watched_fields(group: Group) -> dict[str, str]:
+    """Each watched stream of `group` (trade, aggTrade, diff depth, mark price; not the
+    all-market ones) -> its field in the drain's `stored_at` hash."""
+    market = market_named(group.market)
+    fields = {}
+    for stream in group.streams:
+        kind = stream_kind(stream)
+        if kind in WATCHED_KINDS and kind in market.kinds and not stream.startswith("!"):
+            fields[stream] = stored_at_field(market.table(kind), stream.partition("@")[0].upper())
+    return fields
 
 
 def watched_streams(group: Group, stored: dict[str, int]) -> dict[str, int | None]:
-    """When each trade, aggTrade and diff-depth stream of `group` last stored rows (None:
+    """When each watched stream of `group` last stored rows in its market's table (None:
     never), from the drain's `stored_at` marks (`stored`): one HGETALL for all groups."""
-    result = {}
-    for stream in group.streams:
-        table = WATCHED_KINDS.get(stream_kind(stream))
-        if table is not None and not stream.startswith("!"):
-            result[stream] = stored.get(stored_at_field(table, stream.partition("@")[0].upper()))
-    return result
+    return {stream: stored.get(field) for stream, field in watched_fields(group).items()}
+
+
+def silent_streams_of(client: redis.Redis, keys: RedisKeys, group: Group, stale_seconds: float) -> dict[str, float]:
+    """`silent_streams` of one group, reading only its own marks (for its recording
+    task's progress report, every few seconds)."""
+    fields = list(dict.fromkeys(watched_fields(group).values()))
+    values = client.hmget(keys.stored_at, fields) if fields else []
+    stored = {field: int(value) for field, value in zip(fields, values, strict=True) if value is not None}
+    status = group_status(GroupRegistry(client, keys), FrameBuffer(client, keys), group, stored)
+    return silent_streams(status, now_ms(), stale_seconds)
 
 
 def silent_streams(group: dict[str, Any], now: int, stale_seconds: float) -> dict[str, float]:
@@ -126,20 +146,24 @@ def book_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]:
     ]
 
 
-def collect_status(settings: Settings, client: redis.Redis, engine: Engine) -> dict[str, Any]:
+def collect_status(
+    settings: Settings, client: redis.Redis, engine: Engine, market: str | None = None
+) -> dict[str, Any]:
+    """The snapshot; `market` narrows the groups to that market's."""
     keys = RedisKeys(settings.redis_prefix)
     counters = {as_text(k): int(v) for k, v in client.hgetall(keys.counters).items()}
     buffer = FrameBuffer(client, keys)
     drains = drain_holders(client, keys, settings.drain_lanes)
     return {
         "generated_at": now_ms(),
-        "groups": group_statuses(client, keys),
+        "groups": group_statuses(client, keys, market),
         "tables": table_statuses(engine),
         "backlog": sum(buffer.backlog(key) for key in buffer.list_keys()),
         "drains": [{"lane": lane, "holder": holder} for lane, holder in drains.items()],
         "storage_error": storage_error(client, keys),
         "redis_memory": redis_memory(client),
         "books": book_statuses(client, keys),
+        "listing_changes": recent_listing_changes(engine),
         "dead_letters": counters.get("dead_letters", 0),
         "frames_drained": counters.get("frames_drained", 0),
         "frames_trimmed": counters.get("frames_trimmed", 0),
@@ -153,7 +177,8 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
     stale_ms = 2 * settings.silence_timeout_seconds * 1000
     behind = 20 * settings.drain_batch_size
     for group in snapshot["groups"]:
-        name = f"group {group['id']} ({', '.join(group['symbols'])})"
+        where = "" if group["market"] == SPOT else f"{group['market']} "
+        name = f"{where}group {group['id']} ({', '.join(group['symbols'])})"
         if not group["live"] and group["state"] == "waiting":
             found.append(f"{name} is waiting: {group['last_error']}")
         elif not group["live"]:

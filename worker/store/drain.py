@@ -282,10 +282,17 @@ class Drainer:
         pipe.hincrby(self.keys.counters, "dead_letters", len(batch.dead_letters))
 
 
-WATCHED_TABLES = ("trades", "agg_trades", "depth_updates")
-"""Tables of the streams whose silence `status` reports (`STALE_STREAM_SECONDS`): a
-trade or book stream that stores nothing while its connection is up is one Binance
-stopped sending, or a symbol that stopped trading. Their rows start with the symbol."""
+WATCHED_KINDS = ("trade", "aggTrade", "depth", "markPrice")
+"""Kinds of the streams whose silence `status` reports (`STALE_STREAM_SECONDS`): a
+trade, book or mark-price stream that stores nothing while its connection is up is one
+Binance stopped sending (a futures stream on the wrong route, a settled contract), or
+a symbol that stopped trading. A futures mark price comes every 3 s whatever trades."""
+
+WATCHED_TABLES: dict[str, str] = {
+    market.table(kind): kind for market in MARKETS.values() for kind in WATCHED_KINDS if kind in market.kinds
+}
+"""The tables of the watched kinds in every market (`usdm_agg_trades`...) -> their kind.
+Their rows start with the symbol."""
 
 
 def stored_at_field(table: str, symbol: str) -> str:

@@ -446,6 +446,22 @@ gaps = Table(
     UniqueConstraint("symbol", "kind", "first_missing"),
 )
 
+# Not a data table (not in TABLES): the status changes of the futures contracts the
+# recorder followed, noticed by tasks.check_listings (worker/exchange/listings.py); a
+# contract that stopped trading was unsubscribed at `changed_at`. `old_status` is NULL
+# when the contract was subscribed before its status was first noted.
+listing_changes = Table(
+    "listing_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("symbol", String(32), nullable=False),
+    Column("market", String(8), nullable=False),
+    Column("changed_at", BigInteger, nullable=False),
+    Column("old_status", String(24), nullable=True),
+    Column("new_status", String(24), nullable=False),
+    UniqueConstraint("symbol", "market", "changed_at"),
+)
+
 # Keeps the shape of the original script's table for the people who query it.
 market_data = CreateView(
     select(trades.c.symbol, trades.c.price, trades.c.trade_time.label("timestamp")),

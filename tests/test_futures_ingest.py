@@ -1,0 +1,194 @@
+"""Recording the futures markets end to end: `subscribe --market usdm|coinm` through the
+CLI, streams on the route that carries them, rows in the markets' tables, `status` per
+market, a silent futures stream reported, and a delivery contract that settles stopped
+and said so (real stack: Redis, the fake exchange's /usdm and /coinm, workers, beat,
+SQLite)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import requests
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from tests.conftest import call, launch_stack, status_command, wait_until
+from worker.groups import GroupRegistry
+from worker.keys import RedisKeys
+from worker.ops.clients import client_app
+from worker.ops.local_stack import LocalStack
+from worker.settings import get_settings
+from worker.store.storage import make_engine
+
+STALE_SECONDS = 3
+USDM_STREAMS = "aggTrade,markPrice,forceOrder,bookTicker,depth@100ms"
+USDM_TABLES = ("usdm_agg_trades", "usdm_mark_prices", "usdm_book_tickers", "usdm_depth_updates", "usdm_liquidations")
+COINM_TABLES = ("coinm_agg_trades", "coinm_depth_updates")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    stack = launch_stack(
+        tmp_path_factory.mktemp("futures"),
+        env={"STALE_STREAM_SECONDS": str(STALE_SECONDS), "LISTING_CHECK_INTERVAL_SECONDS": "1"},
+        stream_concurrency=6,
+    )
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def db(stack: LocalStack) -> Iterator[Engine]:
+    engine = make_engine(stack.env["DATABASE_URL"])
+    yield engine
+    engine.dispose()
+
+
+def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.ops.cli", *args], env=stack.env, capture_output=True, text=True, timeout=60
+    )
+
+
+def rows(db: Engine, table: str, where: str = "") -> int:
+    with db.connect() as conn:
+        return int(conn.execute(text(f"select count(*) from {table} {where}")).scalar_one())
+
+
+def futures_control(stack: LocalStack, market: str, action: str, **fields: object) -> dict[str, Any]:
+    url = f"{stack.env[f'BINANCE_{market.upper()}_REST_URL']}/fake/control"
+    response = requests.post(url, json={"action": action, **fields}, timeout=5)
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
+
+
+def progress_of(stack: LocalStack, stream: str) -> dict[str, Any]:
+    """The progress the recording task of `stream`'s group last reported (what Flower shows)."""
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    keys = RedisKeys(get_settings().redis_prefix)
+    (group,) = [g for g in GroupRegistry(client, keys).wanted().values() if stream in g.streams]
+    task_id = GroupRegistry(client, keys).status(group.id)["task_id"]
+    info = client_app(stack.env["REDIS_URL"]).AsyncResult(task_id).info
+    return info if isinstance(info, dict) else {}
+
+
+def test_usdm_and_coinm_streams_fill_their_tables_beside_spot(stack: LocalStack, db: Engine) -> None:
+    usdm = cli(stack, "subscribe", "BTCUSDT", "--market", "usdm", "--streams", USDM_STREAMS)
+    assert usdm.returncode == 0, usdm.stderr
+    usdm_result = json.loads(usdm.stdout)
+    assert usdm_result["market"] == "usdm" and usdm_result["symbols"] == {"BTCUSDT": "TRADING"}
+    # /public carries the book and bookTicker, /market the rest: two connections.
+    assert len(usdm_result["new_groups"]) == 2
+    coinm = cli(stack, "subscribe", "BTCUSD_PERP", "--market", "coinm", "--streams", "aggTrade,depth@100ms")
+    assert coinm.returncode == 0, coinm.stderr
+    assert len(json.loads(coinm.stdout)["new_groups"]) == 1  # COIN-M has one route
+    # The same stream name on spot is another group: ids never collide across markets.
+    spot = call(stack, "tasks.subscribe", ["BTCUSDT"], ["aggTrade"])
+    assert not set(spot["groups"]) & set(usdm_result["groups"])
+
+    for table in (*USDM_TABLES, *COINM_TABLES, "agg_trades"):
+        wait_until(lambda table=table: rows(db, table), 60, f"rows in {table}")  # type: ignore[misc]
+    with db.connect() as conn:
+        for table, symbol in (("usdm_agg_trades", "BTCUSDT"), ("coinm_agg_trades", "BTCUSD_PERP")):
+            first, last, count, distinct = conn.execute(
+                text(
+                    f"select min(agg_id), max(agg_id), count(*), count(distinct agg_id) from {table} where symbol = :s"
+                ),
+                {"s": symbol},
+            ).one()
+            assert count == distinct == last - first + 1, (table, first, last, count)
+        # Every futures row is its market's: nothing of BTCUSD_PERP in USDⓈ-M's tables or the reverse.
+        assert rows(db, "usdm_agg_trades", "where symbol = 'BTCUSD_PERP'") == 0
+        assert rows(db, "coinm_agg_trades", "where symbol = 'BTCUSDT'") == 0
+
+    done = wait_until(lambda: (d := status_command(stack)).returncode == 0 and d, 30, "status to be healthy")
+    group_lines = [line.split() for line in done.stdout.splitlines() if line.startswith("g")]
+    assert {line[1] for line in group_lines} == {"spot", "usdm", "coinm"}, done.stdout
+    only_coinm = json.loads(status_command(stack, "--json", "--market", "coinm").stdout)
+    assert [(g["market"], g["symbols"]) for g in only_coinm["groups"]] == [("coinm", ["BTCUSD_PERP"])]
+
+    gone = cli(stack, "unsubscribe", "BTCUSD_PERP", "--market", "coinm")
+    assert gone.returncode == 0, gone.stderr
+    assert json.loads(gone.stdout)["stopped"] == [only_coinm["groups"][0]["id"]]
+    remaining = json.loads(status_command(stack, "--json").stdout)["groups"]
+    assert sorted(g["market"] for g in remaining) == ["spot", "usdm", "usdm"]
+    # Unsubscribing BTCUSDT on spot leaves USDⓈ-M's BTCUSDT recording.
+    call(stack, "tasks.unsubscribe", ["BTCUSDT"])
+    assert sorted(g["market"] for g in json.loads(status_command(stack, "--json").stdout)["groups"]) == ["usdm", "usdm"]
+    before = rows(db, "usdm_agg_trades")
+    wait_until(lambda: rows(db, "usdm_agg_trades") > before, 30, "USDⓈ-M trades to go on")
+
+
+def test_a_silent_usdm_stream_is_reported_by_status_and_in_the_task_progress(stack: LocalStack, db: Engine) -> None:
+    call(stack, "tasks.subscribe", ["ETHUSDT"], ["aggTrade", "markPrice"], market="usdm")
+    stream = "ethusdt@markPrice"
+    wait_until(lambda: rows(db, "usdm_mark_prices", "where symbol = 'ETHUSDT'"), 30, "ETHUSDT mark prices")
+    futures_control(stack, "usdm", "mute_stream", stream=stream, seconds=120)
+    try:
+        done = wait_until(
+            lambda: (d := status_command(stack)).returncode == 1 and f"stream {stream} " in d.stdout and d,
+            30,
+            f"status to warn about {stream}",
+        )
+        (problem,) = [line for line in done.stdout.splitlines() if stream in line]
+        assert "of usdm group" in problem and "while its connection is up" in problem, problem
+        # Flower shows it too: the recording task's progress names the silent stream.
+        wait_until(lambda: stream in progress_of(stack, stream).get("silent_streams", {}), 15, "the task's report")
+    finally:
+        futures_control(stack, "usdm", "mute_stream", stream=stream, seconds=0)
+    wait_until(lambda: status_command(stack).returncode == 0, 30, f"status healthy once {stream} stores again")
+
+
+def test_a_settling_delivery_contract_is_stopped_and_recorded(stack: LocalStack, db: Engine) -> None:
+    info = requests.get(f"{stack.env['BINANCE_USDM_REST_URL']}/fapi/v1/exchangeInfo", timeout=5).json()
+    (contract,) = [s["symbol"] for s in info["symbols"] if s["contractType"] == "CURRENT_QUARTER"]
+    result = call(stack, "tasks.subscribe", [contract], ["aggTrade", "depth@100ms"], market="usdm")
+    where = f"where symbol = '{contract}'"
+    wait_until(lambda: rows(db, "usdm_agg_trades", where), 30, f"{contract} trades")
+
+    futures_control(stack, "usdm", "settle", symbol=contract, delist_after_seconds=600)
+
+    def stopped() -> list[Any]:
+        with db.connect() as conn:
+            return list(conn.execute(text(f"select market, old_status, new_status from listing_changes {where}")))
+
+    changes = wait_until(stopped, 30, f"a listing change of {contract}")
+    assert [tuple(change) for change in changes][0] == ("usdm", "TRADING", "DELIVERING")
+    groups = json.loads(status_command(stack, "--json").stdout)["groups"]
+    # It joined BTCUSDT's and ETHUSDT's groups, which go on without it.
+    held = [g for g in groups if g["id"] in result["groups"]]
+    assert held and all(contract not in g["symbols"] and g["symbols"] for g in held), groups
+    shown = status_command(stack).stdout
+    assert f"usdm {contract}: TRADING -> DELIVERING at " in shown and "its streams were stopped" in shown
+    # Subscribing it again is refused: it streams nothing.
+    again = cli(stack, "subscribe", contract, "--market", "usdm", "--streams", "aggTrade")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert f"{contract} is " in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ("subscribe", "BTCUSDT", "--market", "options"),
+            "error: unknown market 'options': use one of spot, usdm, coinm",
+        ),
+        (("unsubscribe", "BTCUSDT", "--market", "usd-m"), "error: unknown market 'usd-m'"),
+        (("status", "--market", "eurm"), "error: unknown market 'eurm'"),
+        (("subscribe", "BTCUSDT", "--market", "coinm"), "error: unknown symbol BTCUSDT on coinm: Binance says"),
+        (("subscribe", "BTCUSDT", "--market", "usdm", "--streams", "avgPrice"), "unknown stream kind 'avgPrice'"),
+        (("subscribe", "BTCUSD_PERP", "--market", "spot"), "error: unknown symbol BTCUSD_PERP: Binance says"),
+    ],
+)
+def test_bad_market_symbol_or_kind_is_one_line_and_exit_2(
+    stack: LocalStack, args: tuple[str, ...], expected: str
+) -> None:
+    done = cli(stack, *args)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert expected in done.stderr, done.stderr

@@ -1,0 +1,137 @@
+"""Futures contracts that stop trading: noticed, recorded, and no longer subscribed.
+
+A delivery contract settles (`TRADING` -> `DELIVERING`, then it leaves exchangeInfo); a
+delisted perpetual becomes `SETTLING` and stays listed. Either way Binance keeps the
+connection and the subscription and sends nothing more, which is indistinguishable
+from a quiet market on the socket. So beat asks each futures market's exchangeInfo
+(weight 1, one request per market) for the status of the contracts subscribed there;
+a contract whose status changed gets a row in `listing_changes`, and one that no
+longer trades is unsubscribed (its group stops or shrinks, as after `unsubscribe`).
+
+Nothing here assumes a funding interval: what a perpetual's funding does is in its
+mark-price stream (`T`), recorded as Binance sends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from worker.exchange.rest import BinanceRest
+from worker.groups import GroupRegistry, InvalidSubscription
+from worker.keys import RedisKeys, as_text
+from worker.store.storage import insert_or_ignore, listing_changes
+from worker.streams import FUTURES_MARKETS
+
+TRADING = "TRADING"
+GONE = "DELISTED"
+"""The status recorded for a contract that left exchangeInfo (a delivered contract)."""
+
+
+@dataclass(frozen=True)
+class ListingChange:
+    symbol: str
+    market: str
+    changed_at: int
+    old_status: str | None
+    new_status: str
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the change ends the contract's trading (and its recording)."""
+        return self.new_status != TRADING
+
+
+class ListingWatch:
+    """The status each subscribed futures contract had when last looked at (Redis)."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def note(self, market: str, statuses: Mapping[str, str]) -> None:
+        if statuses:
+            mapping: dict[Any, Any] = dict(statuses)  # redis-py's key type is a union a str dict does not match
+            self.client.hset(self.keys.listing_statuses(market), mapping=mapping)
+
+    def known(self, market: str) -> dict[str, str]:
+        raw = self.client.hgetall(self.keys.listing_statuses(market))
+        return {as_text(symbol): as_text(status) for symbol, status in raw.items()}
+
+    def forget(self, market: str, symbols: list[str]) -> None:
+        if symbols:
+            self.client.hdel(self.keys.listing_statuses(market), *symbols)
+
+
+def refuse_untradable(statuses: Mapping[str, str], market: str) -> None:
+    """InvalidSubscription for futures contracts that do not trade: they would stream nothing."""
+    untradable = {symbol: status for symbol, status in statuses.items() if status != TRADING}
+    if untradable:
+        named = ", ".join(f"{symbol} is {status}" for symbol, status in untradable.items())
+        raise InvalidSubscription(
+            f"{named} on {market}, not {TRADING}: a contract that settles or is delisted streams nothing; "
+            "subscribe a trading contract (the perpetual, or the next quarter's)"
+        )
+
+
+def subscribed_symbols(registry: GroupRegistry, market: str) -> list[str]:
+    """The symbols of `market`'s wanted groups (not its all-market streams)."""
+    symbols = {
+        symbol
+        for group in registry.wanted().values()
+        if group.market == market
+        for symbol in group.symbols
+        if not symbol.startswith("!")
+    }
+    return sorted(symbols)
+
+
+def check_listings(
+    registry: GroupRegistry, watch: ListingWatch, engine: Engine, rest_of: Callable[[str], BinanceRest], now: int
+) -> list[ListingChange]:
+    """Compare the subscribed futures contracts' statuses with exchangeInfo's; record
+    every change and unsubscribe the contracts that stopped trading. Markets with
+    nothing subscribed cost no request."""
+    changes: list[ListingChange] = []
+    for market in FUTURES_MARKETS:
+        symbols = subscribed_symbols(registry, market.name)
+        if not symbols:
+            continue
+        listing = rest_of(market.name).listing()
+        known = watch.known(market.name)
+        for symbol in symbols:
+            status, before = listing.get(symbol, GONE), known.get(symbol)
+            if before != status:
+                watch.note(market.name, {symbol: status})
+                if before is not None or status != TRADING:  # not a first look at a trading contract
+                    changes.append(ListingChange(symbol, market.name, now, before, status))
+    if changes:
+        with engine.begin() as conn:
+            conn.execute(
+                insert_or_ignore(conn.dialect.name, listing_changes),
+                [vars(change) for change in changes],
+            )
+    for market in FUTURES_MARKETS:
+        ended = [c.symbol for c in changes if c.market == market.name and c.stopped]
+        if ended:
+            registry.remove_symbols(ended, market=market.name)
+            watch.forget(market.name, ended)
+    return changes
+
+
+def recent_listing_changes(engine: Engine, limit: int = 20) -> list[dict[str, object]]:
+    """The latest changes, newest first, for `status`."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(listing_changes)
+            .order_by(listing_changes.c.changed_at.desc(), listing_changes.c.id.desc())
+            .limit(limit)
+        ).mappings()
+        return [
+            {key: row[key] for key in ("symbol", "market", "changed_at", "old_status", "new_status")} for row in rows
+        ]
