@@ -131,7 +131,7 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
         # fields: the figures go in `result`, the one of them meant for a task's output.
         # `current` is the group as it is now: books appear once depth streams join it.
         if any(stream_kind(stream) == "depth" for stream in current.streams):
-            progress = {**progress, "books": _books_of(client, settings.redis_prefix, current.streams)}
+            progress = {**progress, "books": _books_of(client, settings.redis_prefix, current)}
         # What `status` warns of: a stream storing nothing while this connection is up.
         silent = silent_streams_of(client, RedisKeys(settings.redis_prefix), current, settings.stale_stream_seconds)
         if silent:
@@ -147,8 +147,9 @@ def stream_group(self: Any, group_id: str) -> dict[str, str]:
     return {"group": group_id, "ended": reason}
 
 
-def _books_of(client: redis.Redis, prefix: str, streams: tuple[str, ...]) -> dict[str, dict[str, object]]:
-    """The order books this group's diff-depth streams feed, as the drain follows them:
-    Flower shows them beside the connection's figures (the drain itself sends no events)."""
-    symbols = {stream.split("@", 1)[0].upper() for stream in streams if stream_kind(stream) == "depth"}
-    return {book.pop("symbol"): book for book in book_statuses(client, RedisKeys(prefix)) if book["symbol"] in symbols}
+def _books_of(client: redis.Redis, prefix: str, group: Group) -> dict[str, dict[str, object]]:
+    """The order books this group's diff-depth streams feed (of its market), as the drain
+    follows them: Flower shows them beside the connection's figures (the drain sends no events)."""
+    symbols = {stream.split("@", 1)[0].upper() for stream in group.streams if stream_kind(stream) == "depth"}
+    books = book_statuses(client, RedisKeys(prefix), group.market)
+    return {book.pop("symbol"): book for book in books if book["symbol"] in symbols}

@@ -299,7 +299,8 @@ def test_book_steps_skip_unknown_instants_and_export_streams_them(engine: Engine
 
 
 def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
-    book = {"symbol": SYMBOL, "state": RESYNCING, "gap_since": T0, "last_update_id": 9, "last_event_time": T0}
+    book = {"symbol": SYMBOL, "market": "spot", "state": RESYNCING, "gap_since": T0}
+    book.update(last_update_id=9, last_event_time=T0)
     snapshot: dict[str, Any] = {
         "generated_at": T0 + 61_000,
         "groups": [],
@@ -314,6 +315,10 @@ def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
     ]
     assert problems({**snapshot, "generated_at": T0 + 30_000}, Settings()) == []
     assert problems({**snapshot, "books": [{**book, "state": SYNCED, "gap_since": None}]}, Settings()) == []
+    assert problems({**snapshot, "books": [{**book, "market": "usdm"}]}, Settings()) == [
+        "usdm order book of BTCUSDT unknown for 61s: "
+        "is beat running tasks.snapshot_books, and can it reach BINANCE_USDM_REST_URL?"
+    ]
 
 
 # -- REST snapshots (tasks.snapshot_books' work) against the fake ----------------------------

@@ -35,6 +35,7 @@ from worker.exchange.snapshots import take_snapshots
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.book import BookUnknown, book_at
+from worker.ops.status import book_statuses
 from worker.settings import Settings
 from worker.store.books import RESYNCING, SYNCED, BookState
 from worker.store.drain import Drainer
@@ -171,6 +172,10 @@ def test_a_usdm_book_rebuilds_equal_to_the_fakes_and_resyncs_after_lost_updates(
     wait_until(lambda: events_drained_after(redis_client, engine, recorder, snapshot_id) >= 10, 10, "events on top")
     update_id = assert_equals_the_fakes(fake, engine, last_event(engine)[1])
     assert update_id > snapshot_id
+    # status shows the book with its market; spot's books are none.
+    [shown] = book_statuses(redis_client, RedisKeys("test"))
+    assert (shown["symbol"], shown["market"], shown["state"]) == (SYMBOL, "usdm", SYNCED)
+    assert book_statuses(redis_client, RedisKeys("test"), "spot") == []
 
     # Lost updates: the fake publishes nothing for a second, and the ids move on.
     before_pause = last_event(engine)
