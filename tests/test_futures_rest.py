@@ -136,7 +136,7 @@ def test_kinds_futures_rest_cannot_backfill_are_refused_by_name() -> None:
         HistoryJob.checked("BTCUSDT", "trade", 0, 1, "usdm")
     with pytest.raises(NotBackfillable, match="'kline_1s' cannot be backfilled from REST"):
         HistoryJob.checked("BTCUSDT", "kline_1s", 0, 1, "coinm")
-    with pytest.raises(ValueError, match="unknown stream kind 'fundingRate'"):
+    with pytest.raises(NotBackfillable, match="fundingRate is a futures series: give the market, --market usdm"):
         HistoryJob.checked("BTCUSDT", "fundingRate", 0, 1)  # spot has no funding
     with pytest.raises(ValueError, match="unknown market 'futures'"):
         HistoryJob.checked("BTCUSDT", "aggTrade", 0, 1, "futures")
@@ -176,7 +176,7 @@ def test_the_backfill_command_takes_a_market(settings: Settings, redis_url: str,
     assert "market=coinm" in done.stdout and "complete=True" in done.stdout
     assert len(stored(db, "coinm_funding_rates", "symbol", "funding_time")) == 12  # every 4 h
     bad = subprocess.run([*command, "--start", "-2d"], env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown stream kind 'fundingRate'")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: fundingRate is a futures series")
     assert "Traceback" not in bad.stderr
 
 

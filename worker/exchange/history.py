@@ -177,7 +177,9 @@ def series_for(symbol: str, kind: str, market: str = SPOT) -> Series:
     kind REST cannot backfill.
     """
     futures = market_named(market).futures
-    if futures and kind == FUNDING_KIND:
+    if kind == FUNDING_KIND:
+        if not futures:
+            raise NotBackfillable(f"{FUNDING_KIND} is a futures series: give the market, --market usdm or coinm")
         return FundingSeries(symbol, market)
     kind = validate_stream_kind(kind)
     if kind == "trade" and not futures:
