@@ -194,7 +194,7 @@ async def exchange_info(request: web.Request) -> web.Response:
             "serverTime": now_ms(),
             "rateLimits": rate_limits(ctx),
             "exchangeFilters": [],
-            "symbols": [_symbol_info(s, s in ctx.config.halted_symbols) for s in wanted],
+            "symbols": [symbol_info(s, s in ctx.config.halted_symbols) for s in wanted],
         }
     )
 
@@ -234,7 +234,7 @@ def rate_limits(ctx: Context) -> list[dict[str, Any]]:
     ]
 
 
-def _symbol_info(symbol: str, halted: bool) -> dict[str, Any]:
+def symbol_info(symbol: str, halted: bool) -> dict[str, Any]:
     base, quote = base_and_quote(symbol)
     return {
         "symbol": symbol,

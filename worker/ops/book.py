@@ -170,22 +170,48 @@ def book_at(engine: Engine, symbol: str, at_ms: int, levels: int | None = None, 
     """
     symbol, book_market = symbol.strip().upper(), market_named(market)
     with engine.connect() as conn:
-        target = _last_event_at(conn, book_market, symbol, at_ms)
-        snapshot_ids = _snapshot_ids(conn, book_market, symbol)
-        index = bisect.bisect_right(snapshot_ids, target[0]) if target else 0
-        if target is None or index == 0:
-            raise BookUnknown(_before_first_message(conn, book_market, symbol, at_ms, snapshot_ids))
-        replay = _Replay(conn, book_market, symbol, snapshot_ids)
-        replay.start(snapshot_ids[index - 1])
-        for event in _events(conn, book_market, symbol, replay.update_id, target[0]):
-            replay.step(*event)
-        following = _event_after(conn, book_market, symbol, target[0])
-        if replay.levels is None or replay.update_id != target[0]:
-            raise BookUnknown(_gap_message(replay, at_ms))
-        if following is not None and following[1] > target[0]:
-            replay.levels, replay.break_first_id = None, following[1] + 1
-            raise BookUnknown(_gap_message(replay, at_ms))
-        bids, asks = replay.levels.top(levels)
+        return _book_through(conn, book_market, symbol, _last_event_at(conn, book_market, symbol, at_ms), at_ms, levels)
+
+
+def book_after_update(
+    engine: Engine, symbol: str, update_id: int, levels: int | None = None, market: str = SPOT
+) -> Book:
+    """The book of `market`'s `symbol` right after the diff whose last update id is `update_id`.
+
+    What a replay serves as `/api/v3/depth`: the book after the last diff it sent, so
+    that the next diff starts at `update_id + 1`. Raises BookUnknown as `book_at` does.
+    """
+    symbol, book_market = symbol.strip().upper(), market_named(market)
+    depth_updates = book_tables(book_market)[1]
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(depth_updates.c.event_time).where(
+                depth_updates.c.symbol == symbol, depth_updates.c.final_update_id == update_id
+            )
+        ).first()
+        at_ms = 0 if row is None else row[0]
+        return _book_through(conn, book_market, symbol, None if row is None else (update_id, at_ms), at_ms, levels)
+
+
+def _book_through(
+    conn: Connection, market: Market, symbol: str, target: tuple[int, int] | None, at_ms: int, levels: int | None
+) -> Book:
+    """The book after the diff `target` (final update id, event time), asked for at `at_ms`."""
+    snapshot_ids = _snapshot_ids(conn, market, symbol)
+    index = bisect.bisect_right(snapshot_ids, target[0]) if target else 0
+    if target is None or index == 0:
+        raise BookUnknown(_before_first_message(conn, market, symbol, at_ms, snapshot_ids))
+    replay = _Replay(conn, market, symbol, snapshot_ids)
+    replay.start(snapshot_ids[index - 1])
+    for event in _events(conn, market, symbol, replay.update_id, target[0]):
+        replay.step(*event)
+    following = _event_after(conn, market, symbol, target[0])
+    if replay.levels is None or replay.update_id != target[0]:
+        raise BookUnknown(_gap_message(replay, at_ms))
+    if following is not None and following[1] > target[0]:
+        replay.levels, replay.break_first_id = None, following[1] + 1
+        raise BookUnknown(_gap_message(replay, at_ms))
+    bids, asks = replay.levels.top(levels)
     return Book(symbol, replay.update_id, target[1], bids, asks)
 
 

@@ -1,4 +1,4 @@
-"""`binance-recorder`: run the stack locally, subscribe, look at status, metrics, backfill, export, chart, book.
+"""`binance-recorder`: run the stack locally, subscribe, look at status, metrics, backfill, export, chart, book, replay.
 
 Exit codes: 0 success, 1 something is unhealthy or a task failed (for `stop`: a process
 would not die), 2 bad usage or bad input (argparse's convention) or a bad setting, 3 a

@@ -1,5 +1,5 @@
 """The data commands of `binance-recorder`: backfill history, export rows, draw a chart,
-rebuild an order book.
+rebuild an order book, replay a window as Binance.
 
 They work on the database and Binance's REST API directly, so they need Redis (for the
 shared REST weight budget) and the database, but no running worker — except
@@ -31,6 +31,7 @@ def add_data_commands(commands: Any) -> None:
     _add_export(commands)
     _add_chart(commands)
     _add_book(commands)
+    _add_replay(commands)
 
 
 def _time_range(parser: argparse.ArgumentParser) -> None:
@@ -279,3 +280,96 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"--size {text!r} is not WIDTHxHEIGHT, e.g. 1200x700") from None
     return width, height
+
+
+# -- replay -----------------------------------------------------------------------------
+
+
+def _add_replay(commands: Any) -> None:
+    parser = commands.add_parser(
+        "replay",
+        help="serve a recorded window as Binance's websocket and REST API, for backtests",
+        description="Serve the frames recorded in [--start, --end) as Binance's websocket streams and its "
+        "market-data REST API, at the replay's clock: point a Binance client's base URLs at the two URLs of "
+        "the first line. The clock stands at --start until the first subscription. Runs until Ctrl-C.",
+    )
+    _time_range(parser)
+    parser.add_argument(
+        "--speed", default="1", help="1 = real time, 10 = ten times faster, max = as fast as clients read (default: 1)"
+    )
+    parser.add_argument("--symbols", default="", help="comma-separated symbols (default: all recorded in the window)")
+    parser.add_argument(
+        "--streams", default="", help="comma-separated stream kinds, e.g. trade,depth@100ms (default: all recorded)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=9443, help="port to listen on; 0 for any free one (default: 9443)")
+    parser.add_argument(
+        "--gaps",
+        choices=["close", "continue"],
+        default="close",
+        help="at a recorded gap, close the connections that carry it as Binance's disconnect would, "
+        "or send on (default: close)",
+    )
+    parser.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from worker.replay.server import serve
+    from worker.replay.session import ReplayWindow, Session
+    from worker.settings import split_list
+
+    engine, start, end = _database_and_range(args)
+    window = ReplayWindow(
+        engine,
+        start,
+        end,
+        [symbol.upper() for symbol in split_list(args.symbols)] or None,
+        split_list(args.streams) or None,
+        _speed(args.speed),
+        close_on_gaps=args.gaps == "close",
+    )
+    _check_recorded(window)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    async def replay() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await serve(Session(window), args.host, args.port, say, stop)
+
+    asyncio.run(replay())
+    say("replay stopped")
+    return 0
+
+
+def _speed(text: str) -> float | None:
+    if text.strip().lower() == "max":
+        return None
+    try:
+        speed = float(text)
+    except ValueError:
+        speed = 0.0
+    if not 0 < speed < float("inf"):
+        raise ValueError(f"--speed {text!r}: give a positive number (1 = real time, 10 = ten times faster) or max")
+    return speed
+
+
+def _check_recorded(window: Any) -> None:
+    """One line and exit 2 for a window with nothing to replay: an unknown symbol, a
+    stream kind never recorded in it (ValueError from `events`, raised at the call)."""
+    from worker.replay.events import events
+
+    kinds = window.streams or [None]
+    for kind in kinds:
+        found = events(window.engine, window.start_ms, window.end_ms, window.symbols, None if kind is None else [kind])
+        if next(iter(found), None) is None:
+            what = f"{kind} frames" if kind else "frames"
+            raise ValueError(
+                f"no {what} were recorded in the window: check --start, --end"
+                f"{' and --streams' if kind else ''} (binance-recorder status lists what is recorded)"
+            )

@@ -123,6 +123,16 @@ def _checked_symbols(
     return names
 
 
+def recorded_symbols(engine: Engine, start_ms: int, end_ms: int) -> list[str]:
+    """The symbols with rows received in [start_ms, end_ms), sorted."""
+    found: set[str] = set()
+    with engine.connect() as conn:
+        for table_name in STREAM_TABLES:
+            query = _in_window(select(TABLES[table_name].c.symbol).distinct(), table_name, start_ms, end_ms)
+            found.update(conn.scalars(query))
+    return sorted(found)
+
+
 def _has_rows(conn: Connection, table_name: str, symbol: str, start_ms: int, end_ms: int) -> bool:
     table = TABLES[table_name]
     query = _in_window(select(table.c.symbol), table_name, start_ms, end_ms).where(table.c.symbol == symbol)

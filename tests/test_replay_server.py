@@ -1,0 +1,390 @@
+"""`binance-recorder replay` as a real process, on a recording a real stack made of the
+fake exchange (trades and depth@100ms of BTCUSDT, with a lost stretch of depth that the
+drain recorded as a gap), to plain websocket clients and to python-binance unmodified
+but for its base URLs (examples/python_binance_replay.py, the script docs/replay.md shows).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import websocket
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from tests.conftest import fake_control, launch_stack, wait_until
+from worker.store.storage import make_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+SYMBOL = "BTCUSDT"
+CLEAN_SECONDS = 6
+"""Seconds of depth recorded before the lost stretch: the window of the client tests."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    env: dict[str, str]
+    engine: Engine
+    start: int  # a second after the first diff on the first snapshot
+    end: int  # just after a diff that nothing else was received with, before the gap
+    gap_begins: int  # the receive time of the last diff before the lost stretch
+    after_gap: int  # a second of diffs after the book is known again, chosen as `end` is
+
+
+def rows(engine: Engine, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(text(sql), params)]
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.ops.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def depth_span(engine: Engine) -> int:
+    """Milliseconds of diffs received since the first snapshot."""
+    found = rows(
+        engine,
+        "select max(u.received_at) - min(s.received_at) from depth_updates u, depth_snapshots s "
+        "where u.symbol = :s and s.symbol = :s",
+        s=SYMBOL,
+    )
+    return found[0][0] or 0
+
+
+def quiet_end(engine: Engine, after: int) -> int:
+    """A window end just after a diff received at or after `after` such that the next
+    diff's event time is later: the diffs received before it are then exactly those
+    with event times up to it, the rows `book --at` applies."""
+    diffs = rows(
+        engine,
+        "select received_at, event_time from depth_updates where symbol = :s and received_at >= :a "
+        "order by final_update_id",
+        s=SYMBOL,
+        a=after,
+    )
+    for (received, _), (_, next_event_time) in zip(diffs, diffs[1:], strict=False):
+        if next_event_time > received + 1:
+            return received + 1
+    raise AssertionError("no quiet point among the recorded diffs")
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
+    stack = launch_stack(tmp_path_factory.mktemp("replay"), fake_args=["--trades-per-second", "10"])
+    try:
+        engine = make_engine(stack.env["DATABASE_URL"])
+        done = cli(stack.env, "subscribe", SYMBOL, "--streams", "trade,aggTrade,bookTicker,depth@100ms")
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: depth_span(engine) > (CLEAN_SECONDS + 1) * 1000, 40, "seconds of depth recorded")
+        fake_control(stack, "pause_data", seconds=1.5)  # the diffs of the pause are lost: a depth gap
+        gap = wait_until(
+            lambda: rows(
+                engine, "select first_missing, last_missing from gaps where kind = 'depth' and last_missing > 0"
+            ),
+            30,
+            "the depth gap recorded and the book known again",
+        )[0]
+        wait_until(
+            lambda: (
+                rows(engine, "select max(event_time) from depth_updates where symbol = :s", s=SYMBOL)[0][0]
+                > gap[1] + 1500
+            ),
+            20,
+            "diffs after the gap",
+        )
+        env = dict(stack.env)
+    finally:
+        stack.stop()
+    first_diff = rows(
+        engine,
+        "select min(u.received_at) from depth_updates u where u.symbol = :s and u.final_update_id > "
+        "(select min(last_update_id) from depth_snapshots where symbol = :s)",
+        s=SYMBOL,
+    )[0][0]
+    start = first_diff + 1000
+    gap_begins = rows(engine, "select min(received_at) from depth_updates where event_time = :e", e=gap[0])[0][0]
+    after_gap = quiet_end(engine, gap[1] + 1000)
+    yield Recording(env, engine, start, quiet_end(engine, start + 3500), gap_begins, after_gap)
+
+
+class Replay:
+    """A `binance-recorder replay` process and its two base URLs."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker.ops.cli", "replay", "--port", "0", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        first = self.process.stdout.readline()
+        assert first.startswith("replay: ws://127.0.0.1:"), first + self.process.stderr.read()  # type: ignore[union-attr]
+        self.ws, _, self.http = first.split()[1:4]
+
+    def get(self, path: str, **params: Any) -> requests.Response:
+        return requests.get(f"{self.http}{path}", params=params, timeout=10)
+
+    def stop(self) -> str:
+        """Ctrl-C, as a user stops it: the rest of its output."""
+        self.process.send_signal(signal.SIGINT)
+        out, err = self.process.communicate(timeout=20)
+        assert self.process.returncode == 0, err
+        return out
+
+
+@pytest.fixture
+def replay_of(recording: Recording) -> Iterator[Any]:
+    started: list[Replay] = []
+
+    def start(*args: str, end: int | None = None, start: int | None = None) -> Replay:
+        window = ["--start", str(start or recording.start), "--end", str(end or recording.end)]
+        started.append(Replay(recording.env, *window, "--symbols", SYMBOL, *args))
+        return started[-1]
+
+    yield start
+    for replay in started:
+        if replay.process.poll() is None:
+            replay.process.kill()
+            replay.process.wait()
+
+
+def window_rows(recording: Recording, table: str, key: str, end: int | None = None) -> list[int]:
+    return [
+        row[0]
+        for row in rows(
+            recording.engine,
+            f"select {key} from {table} where symbol = :s and received_at >= :a and received_at < :b order by {key}",
+            s=SYMBOL,
+            a=recording.start,
+            b=end or recording.end,
+        )
+    ]
+
+
+def receive(socket: websocket.WebSocket) -> Any:
+    return json.loads(socket.recv())
+
+
+def test_the_websocket_speaks_binances_protocol(recording: Recording, replay_of: Any) -> None:
+    replay = replay_of("--speed", "2")  # slow enough that frames still come after the second subscription
+    assert replay.get("/api/v3/time").json() == {"serverTime": recording.start}  # it stands until a subscription
+    socket = websocket.create_connection(f"{replay.ws}/ws", timeout=10)
+    socket.send(json.dumps({"method": "SUBSCRIBE", "params": [f"{SYMBOL.lower()}@trade"], "id": 1}))
+    assert receive(socket) == {"result": None, "id": 1}  # the acknowledgement before any frame
+    first = receive(socket)
+    assert first["e"] == "trade" and first["t"] == window_rows(recording, "trades", "trade_id")[0]
+
+    socket.send(json.dumps({"method": "SUBSCRIBE", "params": [f"{SYMBOL.lower()}@depth@100ms"], "id": "two"}))
+    answers = []
+    while not answers or answers[-1] != {"result": None, "id": "two"}:
+        answers.append(receive(socket))
+        assert answers[-1].get("e") != "depthUpdate", "a diff came before its acknowledgement"
+    diff = receive(socket)
+    while diff.get("e") != "depthUpdate":
+        diff = receive(socket)
+    socket.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": 3}))
+    socket.send(json.dumps({"method": "SET_PROPERTY", "params": ["combined", True], "id": 4}))
+    replies = replies_by_id(socket, {3, 4})
+    assert replies[3]["result"] == [f"{SYMBOL.lower()}@trade", f"{SYMBOL.lower()}@depth@100ms"]
+    enveloped = receive(socket)
+    assert set(enveloped) == {"stream", "data"} and enveloped["stream"].startswith(SYMBOL.lower())
+
+    for request, code in (
+        ("not json", 3),
+        (json.dumps({"method": "FETCH", "id": 5}), 2),
+        (json.dumps({"method": "SUBSCRIBE", "params": ["btcusdt@trade"], "id": -1}), 2),
+        (json.dumps({"method": "SET_PROPERTY", "params": ["combined", "yes"], "id": 6}), 1),
+        (json.dumps({"method": "GET_PROPERTY", "params": ["speed"], "id": 7}), 0),
+    ):
+        socket.send(request)
+        error = next(message for message in iter(lambda: receive(socket), None) if "error" in message)
+        assert error["error"]["code"] == code and error["error"]["msg"], request
+    socket.pong(b"unasked")  # taken without a word, as Binance takes them
+    socket.send(json.dumps({"method": "GET_PROPERTY", "params": ["combined"], "id": 8}))
+    assert replies_by_id(socket, {8})[8]["result"] is True
+    socket.ping(b"are you there")
+    while (frame := socket.recv_data(control_frame=True))[0] != websocket.ABNF.OPCODE_PONG:
+        pass
+    assert frame[1] == b"are you there"
+    socket.close()
+
+
+def replies_by_id(socket: websocket.WebSocket, ids: set[Any]) -> dict[Any, Any]:
+    replies: dict[Any, Any] = {}
+    while set(replies) != ids:
+        message = receive(socket)
+        if "id" in message and "result" in message:
+            replies[message["id"]] = message
+    return replies
+
+
+def test_raw_and_combined_sockets_carry_every_recorded_trade_and_rest_answers_at_the_clock(
+    recording: Recording, replay_of: Any
+) -> None:
+    replay = replay_of("--speed", "10")
+    stream = f"{SYMBOL.lower()}@trade"
+    raw = websocket.create_connection(f"{replay.ws}/ws/{stream}", timeout=10)
+    combined = websocket.create_connection(f"{replay.ws}/stream?streams={stream}", timeout=10)
+    expected = window_rows(recording, "trades", "trade_id")
+    assert [receive(raw)["t"] for _ in expected] == expected  # every one, in order, nothing dropped
+    envelopes = [receive(combined)]
+    while envelopes[-1]["data"]["t"] != expected[-1]:
+        envelopes.append(receive(combined))
+    joined = expected.index(envelopes[0]["data"]["t"])  # it joined the running replay
+    assert [envelope["data"]["t"] for envelope in envelopes] == expected[joined:]
+    assert {envelope["stream"] for envelope in envelopes} == {stream}
+
+    wait_until(lambda: replay.get("/replay/status").json()["ended"], 30, "the window sent")
+    assert replay.get("/api/v3/time").json()["serverTime"] == recording.end
+    answer = replay.get("/api/v3/depth", symbol=SYMBOL, limit=5)
+    last_diff = rows(
+        recording.engine,
+        "select max(final_update_id) from depth_updates where symbol = :s and received_at < :e",
+        s=SYMBOL,
+        e=recording.end,
+    )[0][0]
+    assert answer.json()["lastUpdateId"] == last_diff and len(answer.json()["bids"]) == 5
+    assert answer.headers["X-MBX-USED-WEIGHT-1M"]
+    latest = replay.get("/api/v3/trades", symbol=SYMBOL, limit=3).json()
+    assert [trade["id"] for trade in latest] == expected[-3:]  # nothing received after the clock
+    latest_agg = replay.get("/api/v3/aggTrades", symbol=SYMBOL, limit=2).json()
+    assert [trade["a"] for trade in latest_agg] == window_rows(recording, "agg_trades", "agg_id")[-2:]
+    best = replay.get("/api/v3/ticker/bookTicker", symbol=SYMBOL).json()
+    [(bid, ask)] = rows(
+        recording.engine,
+        "select bid_price, ask_price from book_tickers where symbol = :s and received_at < :e "
+        "order by update_id desc limit 1",
+        s=SYMBOL,
+        e=recording.end,
+    )
+    assert (float(best["bidPrice"]), float(best["askPrice"])) == (bid, ask)
+    assert [s["symbol"] for s in replay.get("/api/v3/exchangeInfo").json()["symbols"]] == [SYMBOL]
+    assert replay.get("/api/v3/ping").json() == {}
+    for params, code in (({}, -1102), ({"symbol": "XRPUSDT"}, -1121), ({"symbol": SYMBOL, "limit": 0}, -1130)):
+        refused = replay.get("/api/v3/depth", **params)
+        assert refused.status_code == 400 and refused.json()["code"] == code
+    assert "frames sent" in replay.stop()
+
+
+@pytest.mark.slow  # 24 s measured: python-binance notices a close only after 10 s without a frame
+def test_python_binance_gets_the_trades_and_ends_with_the_rebuilt_book(recording: Recording, replay_of: Any) -> None:
+    replay = replay_of("--speed", "10")
+    script = ROOT / "examples" / "python_binance_replay.py"
+    done = subprocess.run(
+        [sys.executable, str(script), replay.http, replay.ws, SYMBOL], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    trades = [int(line.split()[1]) for line in lines if line.startswith("trade ")]
+    assert trades == window_rows(recording, "trades", "trade_id")
+    book = json.loads(lines[-1])
+    assert book["clock"] == recording.end
+    rebuilt = cli(recording.env, "book", SYMBOL, "--at", str(book["clock"]), "--levels", "10", "--json")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    expected = json.loads(rebuilt.stdout)
+    assert (book["bids"], book["asks"]) == (expected["bids"], expected["asks"])
+
+
+def test_a_recorded_gap_closes_the_connection_and_a_reconnect_resyncs_after_it(
+    recording: Recording, replay_of: Any
+) -> None:
+    replay = replay_of("--speed", "max", start=recording.gap_begins - 2000, end=recording.after_gap)
+    [gap] = replay.get("/replay/gaps").json()
+    assert gap["kind"] == "depth" and gap["symbol"] == SYMBOL and gap["begins"] == recording.gap_begins
+    stream = f"{SYMBOL.lower()}@depth@100ms"
+    socket = websocket.create_connection(f"{replay.ws}/ws/{stream}", timeout=10)
+    diffs, close = frames_until_close(socket)
+    assert int.from_bytes(close[:2], "big") == 1001  # closed at the gap, as Binance's disconnect
+    assert b"recorded gap in BTCUSDT depth" in close
+    assert diffs and diffs[-1]["E"] <= recording.gap_begins
+    socket = websocket.create_connection(f"{replay.ws}/ws/{stream}", timeout=10)
+    snapshot = replay.get("/api/v3/depth", symbol=SYMBOL, limit=5000).json()
+    assert snapshot["lastUpdateId"] > diffs[-1]["u"] + 1  # the book recorded after the gap, not before it
+    book = {side: {float(p): float(q) for p, q in snapshot[side]} for side in ("bids", "asks")}
+    applied = snapshot["lastUpdateId"]
+    last = last_sent_at_the_end(replay)
+    while applied != last:
+        diff = receive(socket)
+        if diff["u"] <= applied:
+            continue
+        assert diff["U"] <= applied + 1, "a diff is missing after the resync"
+        for side, key in (("bids", "b"), ("asks", "a")):
+            for price, qty in diff[key]:
+                book[side][float(price)] = float(qty)
+        applied = diff["u"]
+    book = {side: {price: qty for price, qty in levels.items() if qty} for side, levels in book.items()}
+    rebuilt = json.loads(cli(recording.env, "book", SYMBOL, "--at", str(recording.after_gap), "--json").stdout)
+    assert applied == rebuilt["update_id"]
+    assert sorted(book["bids"].items(), reverse=True)[:10] == [tuple(level) for level in rebuilt["bids"][:10]]
+    assert sorted(book["asks"].items())[:10] == [tuple(level) for level in rebuilt["asks"][:10]]
+
+
+def frames_until_close(socket: websocket.WebSocket) -> tuple[list[Any], bytes]:
+    """The frames a socket receives until it is closed, and the close frame's code and reason."""
+    frames = []
+    while True:
+        opcode, data = socket.recv_data()
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return frames, data
+        frames.append(json.loads(data))
+
+
+def last_sent_at_the_end(replay: Replay) -> int:
+    """`u` of the last diff of the window, once the replay has sent it."""
+    status = wait_until(lambda: (s := replay.get("/replay/status").json())["ended"] and s, 30, "the window sent")
+    return int(status["lastDiffs"][SYMBOL]["u"])
+
+
+def test_gaps_continue_sends_on(recording: Recording, replay_of: Any) -> None:
+    replay = replay_of(
+        "--speed", "max", "--gaps", "continue", start=recording.gap_begins - 500, end=recording.after_gap
+    )
+    socket = websocket.create_connection(f"{replay.ws}/ws/{SYMBOL.lower()}@depth@100ms", timeout=10)
+    diffs = [receive(socket)]
+    last = last_sent_at_the_end(replay)
+    while diffs[-1]["u"] != last:
+        diffs.append(receive(socket))
+    breaks = [later for earlier, later in zip(diffs, diffs[1:], strict=False) if later["U"] > earlier["u"] + 1]
+    assert len(breaks) == 1  # the lost stretch went by, the socket stayed open
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--symbols", "XRPUSDT"], "no recorded XRPUSDT rows"),
+        (["--streams", "kline_1m"], "no kline_1m frames were recorded in the window"),
+        (["--speed", "fast"], "--speed 'fast'"),
+        (["--end", "1000000000000"], "is not before the end"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(recording: Recording, args: list[str], says: str) -> None:
+    window = ["--start", str(recording.start), "--end", str(recording.end), "--port", "0"]
+    done = cli(recording.env, "replay", *window, *args)
+    assert done.returncode == 2 and says in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(recording: Recording, replay_of: Any) -> None:
+    replay = replay_of()
+    port = replay.http.rsplit(":", 1)[1]
+    done = cli(recording.env, "replay", "--start", str(recording.start), "--end", str(recording.end), "--port", port)
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_the_docs_show_the_script_the_test_runs() -> None:
+    script = (ROOT / "examples" / "python_binance_replay.py").read_text()
+    assert f"```python\n{script}```" in (ROOT / "docs" / "replay.md").read_text()
