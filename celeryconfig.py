@@ -82,6 +82,8 @@ beat_schedule = {
     "check-listings": _every("tasks.check_listings", _settings.listing_check_interval_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
     "archive-days": _every("tasks.archive_days", _settings.archive_interval_seconds),
+    # Futures only; a run with no futures subscription asks nothing.
+    "open-interest": _every("tasks.poll_open_interest", _settings.open_interest_interval_seconds),
 }
 if _settings.audit_enabled:
     beat_schedule["audit"] = _every("tasks.audit", _settings.audit_interval_seconds)

@@ -9,6 +9,7 @@ from worker import app
 from worker.exchange.archive import DayReport, checked_job, run_backfill
 from worker.exchange.backfill import repair_wanted_streams
 from worker.settings import get_settings
+from worker.streams import SPOT
 
 
 @app.task(name="tasks.backfill", bind=True)
@@ -19,16 +20,19 @@ def backfill(
     start: int | None = None,
     end: int | None = None,
     source: str = "rest",
+    market: str = SPOT,
 ) -> dict[str, Any]:
     """Without arguments: find and fill the gaps of the last BACKFILL_LOOKBACK_SECONDS in
     every wanted trade, aggTrade and kline stream, one run at a time.
 
-    With `symbol`, `kind` ("trade", "aggTrade" or "kline_<interval>"), `start` and `end`
-    (ms since the epoch, end excluded): fetch that range. `source` "rest" (the default,
-    trades excepted) resumes an earlier run of the same range; "auto" takes closed days
-    from the public data archive and the rest from REST; "archive" the archive only.
-    Progress shows as state PROGRESS with meta {"done", "total", "rows", "days"} (done
-    and total in ms of the range; days: a line per finished day, its source and rows).
+    With `symbol`, `kind` ("trade", "aggTrade", "kline_<interval>", futures also
+    "fundingRate"), `start` and `end` (ms since the epoch, end excluded) of `market` (spot,
+    usdm, coinm): fetch that range. `source` "rest" (the default, spot trades excepted)
+    resumes an earlier run of the same range; "auto" takes closed days from spot's public
+    data archive and the rest from REST (a futures market's is REST); "archive" the
+    archive only. Progress shows as state PROGRESS with meta {"done", "total", "rows",
+    "days"} (done and total in ms of the range; days: a line per finished day, its source
+    and rows).
     """
     settings = get_settings()
     if (symbol, kind, start, end) == (None, None, None, None):
@@ -42,5 +46,5 @@ def backfill(
     def day_done(report: DayReport) -> None:
         days.append(report.line())
 
-    job = checked_job(symbol, kind, start, end, source)
+    job = checked_job(symbol, kind, start, end, source, market)
     return run_backfill(settings, redis_client(), engine(), job, source, progress, day_done)

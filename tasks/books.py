@@ -12,6 +12,7 @@ from worker.keys import RedisKeys
 from worker.lease import Lease
 from worker.ops.status import book_statuses
 from worker.settings import get_settings
+from worker.streams import MARKETS, SPOT
 
 # A run fetches at most a few snapshots a second (the weight budget paces it); a run
 # whose worker was killed frees the lock this long afterwards.
@@ -31,7 +32,14 @@ def snapshot_books() -> dict[str, Any]:
     if not lock.acquire():
         return {"skipped": "another snapshot run is in progress"}
     try:
-        done = take_snapshots(settings, client, engine, BinanceRest.from_settings(settings, client))
-        return {**done, "books": book_statuses(client, keys)}
+        done = {
+            market: take_snapshots(settings, client, engine, BinanceRest.from_settings(settings, client, market))
+            for market in MARKETS
+        }
+        return {
+            **done[SPOT],
+            "futures": {m: done[m] for m in MARKETS if m != SPOT},
+            "books": book_statuses(client, keys),
+        }
     finally:
         lock.release()

@@ -226,6 +226,7 @@ def test_history_of_three_hours_of_klines_resumes_after_an_interruption(
         "kind": "kline_1m",
         "start": start,
         "end": start + 3 * HOUR,
+        "market": "spot",
         "rows": 180,
         "rows_this_run": 120,
         "resumed": True,

@@ -180,7 +180,7 @@ def store_snapshot(engine: Engine, row: tuple) -> None:
 
 
 def needing(client: redis.Redis, keys: RedisKeys) -> set[bytes]:
-    return client.smembers(keys.books_needing_snapshot)
+    return client.smembers(keys.books_needing_snapshot())
 
 
 def test_a_book_syncs_on_a_straddling_snapshot_and_a_break_records_a_gap_until_the_resync(
@@ -188,7 +188,7 @@ def test_a_book_syncs_on_a_straddling_snapshot_and_a_break_records_a_gap_until_t
 ) -> None:
     assert drain(engine, redis_client, keys, [event(1, 3), event(4, 6)]) == {SYMBOL: RESYNCING}
     assert needing(redis_client, keys) == {SYMBOL.encode()}
-    redis_client.delete(keys.books_needing_snapshot)  # as tasks.snapshot_books does
+    redis_client.delete(keys.books_needing_snapshot())  # as tasks.snapshot_books does
     store_snapshot(engine, snapshot(5, [["10", "1"]], [["11", "1"]]))  # between U=4 and u=6
     assert drain(engine, redis_client, keys, [event(7, 8)]) == {SYMBOL: SYNCED}
     assert drain(engine, redis_client, keys, [event(7, 8), event(9, 9)]) == {SYMBOL: SYNCED}  # an overlap
@@ -299,7 +299,8 @@ def test_book_steps_skip_unknown_instants_and_export_streams_them(engine: Engine
 
 
 def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
-    book = {"symbol": SYMBOL, "state": RESYNCING, "gap_since": T0, "last_update_id": 9, "last_event_time": T0}
+    book = {"symbol": SYMBOL, "market": "spot", "state": RESYNCING, "gap_since": T0}
+    book.update(last_update_id=9, last_event_time=T0)
     snapshot: dict[str, Any] = {
         "generated_at": T0 + 61_000,
         "groups": [],
@@ -314,6 +315,10 @@ def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
     ]
     assert problems({**snapshot, "generated_at": T0 + 30_000}, Settings()) == []
     assert problems({**snapshot, "books": [{**book, "state": SYNCED, "gap_since": None}]}, Settings()) == []
+    assert problems({**snapshot, "books": [{**book, "market": "usdm"}]}, Settings()) == [
+        "usdm order book of BTCUSDT unknown for 61s: "
+        "is beat running tasks.snapshot_books, and can it reach BINANCE_USDM_REST_URL?"
+    ]
 
 
 # -- REST snapshots (tasks.snapshot_books' work) against the fake ----------------------------
@@ -328,7 +333,7 @@ def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
     from worker.groups import Group, GroupRegistry
     from worker.store.storage import depth_snapshots
 
-    redis_client.sadd(keys.books_needing_snapshot, "XRPUSDT")  # no longer recorded
+    redis_client.sadd(keys.books_needing_snapshot(), "XRPUSDT")  # no longer recorded
     no_database = lambda: pytest.fail("the database was opened without a book to snapshot")  # noqa: E731
     GroupRegistry(redis_client, keys).want(Group("g0", ("ethusdt@trade",)))
     with running_fake() as fake:
@@ -338,12 +343,12 @@ def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
         rest = BinanceRest.from_settings(settings, redis_client)
         assert take_snapshots(settings, redis_client, no_database, rest) == {"stored": [], "failed": {}}
         GroupRegistry(redis_client, keys).want(Group("g1", ("btcusdt@depth@100ms", "ethusdt@trade")))
-        redis_client.sadd(keys.books_needing_snapshot, "XRPUSDT")
+        redis_client.sadd(keys.books_needing_snapshot(), "XRPUSDT")
         assert take_snapshots(settings, redis_client, lambda: engine, rest) == {"stored": ["BTCUSDT"], "failed": {}}
         assert sum(int(redis_client.get(key)) for key in redis_client.keys(f"{keys.prefix}:rest:weight:*")) == 50
         assert needing(redis_client, keys) == set()
         assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == []  # not due for an hour
-        redis_client.sadd(keys.books_needing_snapshot, "BTCUSDT")  # the drain found a break
+        redis_client.sadd(keys.books_needing_snapshot(), "BTCUSDT")  # the drain found a break
         assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == ["BTCUSDT"]
         with engine.connect() as conn:
             update_id, bids = conn.execute(

@@ -418,7 +418,7 @@ def test_two_lanes_following_one_book_at_once_never_hide_a_break_nor_spoil_the_s
     with pg_engine.connect() as conn:
         breaks = conn.execute(select(gaps.c.first_missing, gaps.c.last_missing).where(gaps.c.symbol == BOOK)).all()
     if lost:
-        assert state.state == RESYNCING and redis_client.sismember(keys.books_needing_snapshot, BOOK)
+        assert state.state == RESYNCING and redis_client.sismember(keys.books_needing_snapshot(), BOOK)
         assert any(start <= BOOK_T0 + 100 * 150 and end >= BOOK_T0 + 100 * 160 for start, end in breaks), breaks
         with pytest.raises(BookUnknown):
             book_at(pg_engine, BOOK, BOOK_T0 + 100 * 175)
@@ -426,7 +426,7 @@ def test_two_lanes_following_one_book_at_once_never_hide_a_break_nor_spoil_the_s
         assert breaks  # the race did happen: a run that read the state before the other's save saw a (false) break
         book = book_at(pg_engine, BOOK, BOOK_T0 + 100 * 180)
         assert (book.update_id, book.bids) == (180, [(10.0, 180.0)])  # every update there, in order
-        assert state.state == SYNCED or redis_client.sismember(keys.books_needing_snapshot, BOOK)
+        assert state.state == SYNCED or redis_client.sismember(keys.books_needing_snapshot(), BOOK)
     # Whichever state won, the next snapshot brings the book back.
     store_snapshot(pg_engine, 205)
     synced.store_round(DrainReport(), [push(redis_client, keys, "new", tens(211, 221))])

@@ -36,7 +36,11 @@ COINM_TABLES = ("coinm_agg_trades", "coinm_depth_updates")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     stack = launch_stack(
         tmp_path_factory.mktemp("futures"),
-        env={"STALE_STREAM_SECONDS": str(STALE_SECONDS), "LISTING_CHECK_INTERVAL_SECONDS": "1"},
+        env={
+            "STALE_STREAM_SECONDS": str(STALE_SECONDS),
+            "LISTING_CHECK_INTERVAL_SECONDS": "1",
+            "OPEN_INTEREST_INTERVAL_SECONDS": "1",
+        },
         stream_concurrency=6,
     )
     yield stack
@@ -123,6 +127,32 @@ def test_usdm_and_coinm_streams_fill_their_tables_beside_spot(stack: LocalStack,
     assert sorted(g["market"] for g in json.loads(status_command(stack, "--json").stdout)["groups"]) == ["usdm", "usdm"]
     before = rows(db, "usdm_agg_trades")
     wait_until(lambda: rows(db, "usdm_agg_trades") > before, 30, "USDⓈ-M trades to go on")
+
+
+def test_futures_books_sync_from_beats_snapshots_and_open_interest_is_polled(stack: LocalStack, db: Engine) -> None:
+    """Beat's snapshot task fetches the futures books' snapshots from /fapi and /dapi, the
+    drain syncs them by `pu`, `book --market` rebuilds the fake's book, and beat's open
+    interest poll fills each market's table."""
+    call(stack, "tasks.subscribe", ["SOLUSDT"], ["depth@100ms"], market="usdm")
+    call(stack, "tasks.subscribe", ["ETHUSD_PERP"], ["depth@100ms"], market="coinm")
+
+    def books() -> dict[tuple[str, str], str]:
+        done = status_command(stack, "--json")
+        return {(b["market"], b["symbol"]): b["state"] for b in json.loads(done.stdout)["books"]}
+
+    wanted = {("usdm", "SOLUSDT"): "synced", ("coinm", "ETHUSD_PERP"): "synced"}
+    wait_until(lambda: wanted.items() <= books().items(), 40, "both futures books synced")
+    for market, symbol in (("usdm", "SOLUSDT"), ("coinm", "ETHUSD_PERP")):
+        args = ("book", symbol, "--market", market, "--at", "-1s", "--levels", "50", "--json")
+        # -1s may still be before the first event on the snapshot the book synced on.
+        done = wait_until(lambda: (d := cli(stack, *args)).returncode == 0 and d, 20, f"{symbol}'s book")  # noqa: B023
+        book = json.loads(done.stdout)
+        base = stack.env[f"BINANCE_{market.upper()}_REST_URL"]
+        truth = requests.get(f"{base}/fake/book", params={"symbol": symbol, "update_id": book["update_id"]}, timeout=5)
+        for side in ("bids", "asks"):
+            assert book[side] == [[float(p), float(q)] for p, q in truth.json()[side][:50]], (symbol, side)
+    wait_until(lambda: rows(db, "usdm_open_interest", "where symbol = 'SOLUSDT'") >= 2, 30, "two open interest polls")
+    wait_until(lambda: rows(db, "coinm_open_interest", "where symbol = 'ETHUSD_PERP'"), 30, "COIN-M open interest")
 
 
 def test_a_silent_usdm_stream_is_reported_by_status_and_in_the_task_progress(stack: LocalStack, db: Engine) -> None:

@@ -96,19 +96,18 @@ class RedisKeys:
         """Lease of the one periodic audit run (tasks.audit from beat) in progress."""
         return f"{self.prefix}:lock:audit"
 
-    def rest_weight(self, minute: int) -> str:
-        """Integer with a TTL: REST request weight spent in one UTC minute (epoch ms // 60000)."""
-        return f"{self.prefix}:rest:weight:{minute}"
+    def rest_weight(self, minute: int, pool: str = "") -> str:
+        """Integer with a TTL: REST request weight spent in one UTC minute (epoch ms // 60000)
+        of a budget pool (spot's "", or "futures": /fapi and /dapi share one at Binance)."""
+        return f"{self.prefix}:rest{_pool(pool)}:weight:{minute}"
 
-    @property
-    def rest_backoff_until(self) -> str:
-        """Epoch ms before which no REST request may be sent (Binance answered 429)."""
-        return f"{self.prefix}:rest:backoff-until"
+    def rest_backoff_until(self, pool: str = "") -> str:
+        """Epoch ms before which no REST request of the pool may be sent (Binance answered 429)."""
+        return f"{self.prefix}:rest{_pool(pool)}:backoff-until"
 
-    @property
-    def rest_banned_until(self) -> str:
-        """Epoch ms until which Binance bans this IP (it answered 418)."""
-        return f"{self.prefix}:rest:banned-until"
+    def rest_banned_until(self, pool: str = "") -> str:
+        """Epoch ms until which Binance bans this IP from the pool's APIs (it answered 418)."""
+        return f"{self.prefix}:rest{_pool(pool)}:banned-until"
 
     def backfill_job(self, job: str) -> str:
         """JSON cursor of one history backfill job ("<symbol>:<kind>:<start>:<end>")."""
@@ -119,6 +118,11 @@ class RedisKeys:
         return f"{self.prefix}:lock:backfill:{job}"
 
     @property
+    def open_interest_lock(self) -> str:
+        """Lease of the one open interest poll (tasks.poll_open_interest) in progress."""
+        return f"{self.prefix}:lock:open-interest"
+
+    @property
     def retention_lock(self) -> str:
         return f"{self.prefix}:lock:retention"
 
@@ -126,20 +130,18 @@ class RedisKeys:
     def archive_lock(self) -> str:
         return f"{self.prefix}:lock:archive"
 
-    @property
-    def books(self) -> str:
-        """Set of symbols whose diff-depth stream the drain has seen (see `book`)."""
-        return f"{self.prefix}:books"
+    def books(self, market: str = SPOT) -> str:
+        """Set of a market's symbols whose diff-depth stream the drain has seen (see `book`)."""
+        return f"{self.prefix}:books{_market(market)}"
 
-    def book(self, symbol: str) -> str:
+    def book(self, symbol: str, market: str = SPOT) -> str:
         """Hash: one symbol's book continuity as the drain sees it (state, last update
         id and event time, gap since, updates per second); see worker/store/books.py."""
-        return f"{self.prefix}:book:{symbol}"
+        return f"{self.prefix}:book{_market(market)}:{symbol}"
 
-    @property
-    def books_needing_snapshot(self) -> str:
-        """Set of symbols whose book must be (re)synced from a REST depth snapshot."""
-        return f"{self.prefix}:books:needs-snapshot"
+    def books_needing_snapshot(self, market: str = SPOT) -> str:
+        """Set of a market's symbols whose book must be (re)synced from a REST depth snapshot."""
+        return f"{self.prefix}:books{_market(market)}:needs-snapshot"
 
     @property
     def snapshot_lock(self) -> str:
@@ -189,6 +191,15 @@ class RedisKeys:
     def stream_processes(self, worker: str) -> str:
         """Integer with a TTL: how many processes a worker consuming `streams` has."""
         return f"{self.prefix}:stream-processes:{worker}"
+
+
+def _pool(pool: str) -> str:
+    return f":{pool}" if pool else ""
+
+
+def _market(market: str) -> str:
+    """The part of a key naming a futures market; spot's keys keep the names they always had."""
+    return "" if market == SPOT else f":{market_named(market).name}"
 
 
 def as_text(value: bytes | str) -> str:

@@ -163,6 +163,19 @@ class Settings:
         1,
         6000,
     )
+    futures_rest_weight_budget_per_minute: int = _setting(
+        1200,
+        "REST request weight all workers together may spend per UTC minute on the futures APIs, "
+        "/fapi and /dapi together (Binance allows 2400 per IP for both); separate from spot's budget.",
+        1,
+        2400,
+    )
+    open_interest_interval_seconds: float = _setting(
+        60.0,
+        "How often beat polls the open interest of every subscribed futures symbol (weight 1 each, "
+        "from the futures budget): Binance streams none.",
+        _POSITIVE,
+    )
     rest_max_wait_seconds: float = _setting(
         300.0,
         "Longest a REST request waits out a Binance back-off (429) or IP ban (418); a "

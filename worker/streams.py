@@ -235,6 +235,22 @@ class Market:
     def tables(self) -> tuple[str, ...]:
         return tuple(self.table_prefix + table for table in self.base_tables)
 
+    @property
+    def futures(self) -> bool:
+        return self.st is not None
+
+    def gap_kind(self, kind: str) -> str:
+        """How the `gaps` table names a kind of this market: spot's as they always were
+        (`aggTrade`, `depth`), a futures market's with its name (`usdm:aggTrade`), so that
+        one table holds every market's gaps and a symbol listed in two markets keeps two."""
+        return kind if self.st is None else f"{self.name}:{kind}"
+
+
+def split_gap_kind(gap_kind: str) -> tuple[Market, str]:
+    """(market, kind) of a `gaps` row's kind, as `Market.gap_kind` wrote it."""
+    named, colon, kind = gap_kind.partition(":")
+    return (market_named(named), kind) if colon else (MARKETS[SPOT], gap_kind)
+
 
 # What both futures markets stream. COIN-M's quantities are contracts, its symbols
 # `BTCUSD_PERP` and `BTCUSD_251226`; the payloads have the same fields.

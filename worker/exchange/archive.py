@@ -49,6 +49,7 @@ from worker.exchange.rest import MAX_LIMIT, BinanceRest
 from worker.keys import RedisKeys
 from worker.settings import Settings
 from worker.store.storage import store_rows
+from worker.streams import SPOT
 
 DAY_MS = 86_400_000
 MICROSECONDS_ABOVE = 10**13
@@ -448,8 +449,8 @@ def run_backfill(
     """A history range by `source`: `rest` is REST's resumable job (`run_history`);
     `auto` and `archive` the layered backfill, under the same lock. Klines longer than a
     day (3d, 1w) have no daily files, so `auto` takes them from REST too."""
-    series = series_for(job.symbol, job.kind)
-    if source == "rest" or (source == "auto" and series.step > DAY_MS):
+    series = series_for(job.symbol, job.kind, job.market)
+    if source == "rest" or job.market != SPOT or (source == "auto" and series.step > DAY_MS):
         return run_history(settings, client, engine, job, progress)
     keys = RedisKeys(settings.redis_prefix)
     lock = _lock(settings, client, keys.backfill_job_lock(job.name), "history")
@@ -480,13 +481,16 @@ def run_backfill(
     }
 
 
-def checked_job(symbol: Any, kind: Any, start: Any, end: Any, source: Any) -> HistoryJob:
+def checked_job(symbol: Any, kind: Any, start: Any, end: Any, source: Any, market: Any = SPOT) -> HistoryJob:
     """The job of a backfill by `source`, or ValueError saying what is wrong: REST alone
     cannot find trades by time, the layered backfill can (the archive's days, and
-    aggTrades' first trade id for the rest)."""
+    aggTrades' first trade id for the rest). The archive read here is spot's: a futures
+    market's `auto` is REST."""
     if source not in SOURCES:
         raise ValueError(f"source {source!r} is not one of {', '.join(SOURCES)}")
-    job = HistoryJob.checked(symbol, kind, start, end, by_time=source == "rest")
+    if market != SPOT and source == "archive":
+        raise ValueError(f"the archive backfill reads spot's files only: backfill {market} with --source rest")
+    job = HistoryJob.checked(symbol, kind, start, end, market, by_time=source == "rest" or market != SPOT)
     if source == "archive" and series_for(job.symbol, job.kind).step > DAY_MS:
         raise ValueError(f"the archive has no daily files of {job.kind} (only up to kline_1d): use --source rest")
     return job

@@ -27,7 +27,7 @@ import redis
 from sqlalchemy.engine import Engine
 
 from worker.exchange.gaps import FILLED, UNFILLABLE, Gap, close_gap, find_gaps, open_gaps, record_gaps, stored_keys
-from worker.exchange.history import Series, series_by_time, series_for, series_of_streams
+from worker.exchange.history import Series, TimeRangedSeries, series_by_time, series_for, series_of_streams
 from worker.exchange.ratelimit import RestUnavailable
 from worker.exchange.rest import MAX_LIMIT, BinanceError, BinanceRest, UnknownSymbol
 from worker.groups import SYMBOL_PATTERN, GroupRegistry
@@ -35,6 +35,7 @@ from worker.keys import RedisKeys
 from worker.lease import Lease
 from worker.settings import Settings
 from worker.store.storage import store_rows
+from worker.streams import MARKETS, SPOT, market_named, split_gap_kind
 from worker.times import now_ms
 
 log = logging.getLogger(__name__)
@@ -113,17 +114,20 @@ class RepairReport:
 
 @dataclass(frozen=True)
 class HistoryJob:
-    """A time range [start, end) of one symbol's stream kind to fetch from REST."""
+    """A time range [start, end) of one market's symbol's stream kind to fetch from REST."""
 
     symbol: str
     kind: str
     start: int
     end: int
+    market: str = SPOT
 
     @classmethod
-    def checked(cls, symbol: Any, kind: Any, start: Any, end: Any, by_time: bool = True) -> HistoryJob:
+    def checked(
+        cls, symbol: Any, kind: Any, start: Any, end: Any, market: Any = SPOT, by_time: bool = True
+    ) -> HistoryJob:
         """The job, or ValueError saying what is wrong with the arguments; `by_time`
-        False admits trades too (the archive's layered backfill finds them by time)."""
+        False admits spot trades too (the archive's layered backfill finds them by time)."""
         if symbol is None or kind is None or start is None or end is None:
             raise ValueError(
                 "a history backfill needs symbol, kind, start and end (ms since the epoch, "
@@ -137,11 +141,18 @@ class HistoryJob:
                 raise ValueError(f"{name}={value!r} must be a time in ms since the epoch (an integer)")
         if start >= end:
             raise ValueError(f"start={start} must be before end={end} (ms since the epoch, end excluded)")
-        return cls(symbol, (series_by_time(symbol, kind) if by_time else series_for(symbol, kind)).kind, start, end)
+        market = market_named(str(market)).name
+        series = series_by_time(symbol, kind, market) if by_time else series_for(symbol, kind, market)
+        return cls(symbol, series.kind, start, end, series.market.name)
 
     @property
     def name(self) -> str:
-        return f"{self.symbol}:{self.kind}:{self.start}:{self.end}"
+        """The job's key; a futures market's carries its name (`BTCUSDT:usdm:aggTrade:...`)."""
+        return f"{self.symbol}:{market_named(self.market).gap_kind(self.kind)}:{self.start}:{self.end}"
+
+    @property
+    def series(self) -> TimeRangedSeries:
+        return series_by_time(self.symbol, self.kind, self.market)
 
 
 @dataclass
@@ -186,7 +197,7 @@ class Backfiller:
         with self.engine.begin() as conn:
             found = [gap for one in series for gap in find_gaps(conn, one, since_ms)]
             report.gaps_found = record_gaps(conn, found, now_ms())
-            pending = open_gaps(conn)
+            pending = open_gaps(conn, self.rest.market)
         for index, gap in enumerate(pending):
             try:
                 status, rows = self._repair(gap, heartbeat)
@@ -202,7 +213,8 @@ class Backfiller:
 
     def _repair(self, gap: Gap, heartbeat: Callable[[], Any]) -> tuple[str, int]:
         """Fill one gap and record the outcome; returns (status, rows fetched)."""
-        series = series_for(gap.symbol, gap.kind)
+        market, kind = split_gap_kind(gap.kind)
+        series = series_for(gap.symbol, kind, market.name)
         rows, refusal = 0, None
         try:
             for page in copy_pages(
@@ -239,7 +251,7 @@ class Backfiller:
         copied; a range that reaches into the future stays resumable, so running it
         again later fetches what has happened since.
         """
-        series = series_by_time(job.symbol, job.kind)
+        series = job.series
         total = job.end - job.start
         state = self._load(job)
         resumed, rows_before = state != JobState(), state.rows
@@ -310,23 +322,31 @@ def run_history(
         progress(done, total, rows)
 
     try:
-        return _backfiller(settings, client, engine, keys).history(job, renewing_progress)
+        return _backfiller(settings, client, engine, keys, job.market).history(job, renewing_progress)
     finally:
         lock.release()
 
 
 def repair_wanted_streams(settings: Settings, client: redis.Redis, engine: Engine) -> dict[str, Any]:
     """Find and fill the gaps of the last BACKFILL_LOOKBACK_SECONDS in every wanted
-    trade, aggTrade and kline stream, one run at a time across all workers."""
+    trade, aggTrade and kline stream, one run at a time across all workers. Each market
+    is repaired through its own REST client; spot's report is the result, a futures
+    market's is added under its name once it has streams to repair."""
     keys = RedisKeys(settings.redis_prefix)
     lock = _lock(settings, client, keys.backfill_lock, "backfill")
     if not lock.acquire():
         return {"skipped": "another backfill is running"}
     try:
-        groups = GroupRegistry(client, keys).wanted().values()
-        series = series_of_streams([stream for group in groups for stream in group.streams])
+        groups = list(GroupRegistry(client, keys).wanted().values())
         since = now_ms() - settings.backfill_lookback_seconds * 1000
-        return _backfiller(settings, client, engine, keys).repair_recent_gaps(series, since, lock.renew).as_dict()
+        reports: dict[str, Any] = {}
+        for market in MARKETS:
+            streams = [stream for group in groups if group.market == market for stream in group.streams]
+            if market != SPOT and not streams:
+                continue  # no futures client is built, no Binance host asked, for a spot-only recorder
+            backfiller = _backfiller(settings, client, engine, keys, market)
+            reports[market] = backfiller.repair_recent_gaps(series_of_streams(streams, market), since, lock.renew)
+        return {**reports.pop(SPOT).as_dict(), **{market: report.as_dict() for market, report in reports.items()}}
     finally:
         lock.release()
 
@@ -336,6 +356,8 @@ def _lock(settings: Settings, client: redis.Redis, key: str, owner: str) -> Leas
     return Lease(client, key, ttl_seconds=ttl, owner=owner)
 
 
-def _backfiller(settings: Settings, client: redis.Redis, engine: Engine, keys: RedisKeys) -> Backfiller:
-    rest = BinanceRest.from_settings(settings, client)
+def _backfiller(
+    settings: Settings, client: redis.Redis, engine: Engine, keys: RedisKeys, market: str = SPOT
+) -> Backfiller:
+    rest = BinanceRest.from_settings(settings, client, market)
     return Backfiller(engine, rest, client, keys)

@@ -16,6 +16,7 @@ from sqlalchemy import Connection, and_, func, select, update
 
 from worker.exchange.history import Series
 from worker.store.storage import gaps, insert_or_ignore
+from worker.streams import SPOT, split_gap_kind
 
 OPEN, FILLED, UNFILLABLE = "open", "filled", "unfillable"
 
@@ -42,7 +43,7 @@ def find_gaps(conn: Connection, series: Series, since_ms: int) -> list[Gap]:
     )
     holes = select(rows.c.key, rows.c.next_key).where(rows.c.next_key > rows.c.key + series.step)
     return [
-        Gap(series.symbol, series.kind, key + series.step, next_key - series.step)
+        Gap(series.symbol, series.gap_kind, key + series.step, next_key - series.step)
         for key, next_key in conn.execute(holes.order_by(rows.c.key))
     ]
 
@@ -62,10 +63,11 @@ def record_gaps(conn: Connection, found: list[Gap], now_ms: int) -> int:
     return conn.execute(statement, values, execution_options={"preserve_rowcount": True}).rowcount
 
 
-def open_gaps(conn: Connection) -> list[Gap]:
-    """Every gap not yet filled or given up, oldest first."""
+def open_gaps(conn: Connection, market: str = SPOT) -> list[Gap]:
+    """Every gap of `market` not yet filled or given up, oldest first."""
     query = select(gaps.c.symbol, gaps.c.kind, gaps.c.first_missing, gaps.c.last_missing, gaps.c.id)
-    return [Gap(*row) for row in conn.execute(query.where(gaps.c.status == OPEN).order_by(gaps.c.id))]
+    found = [Gap(*row) for row in conn.execute(query.where(gaps.c.status == OPEN).order_by(gaps.c.id))]
+    return [gap for gap in found if split_gap_kind(gap.kind)[0].name == market]
 
 
 def close_gap(

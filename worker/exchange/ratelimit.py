@@ -9,6 +9,11 @@ Retry-After seconds) or a 418 (IP ban) is recorded there too, so that every work
 waits, not only the one that was told: the next request of any of them during a
 back-off would earn the ban.
 
+Binance keeps two such budgets per IP: spot's (`/api`) and the futures one that `/fapi`
+and `/dapi` share (2,400 a minute since COIN-M moved onto the USDⓈ-M engine). Each is a
+pool here ("" and "futures"), with its own keys, count and bans: spending one never
+slows the other.
+
 Without Redis (a one-off call such as checking symbols) a process-local state does
 the same for the calling process alone.
 """
@@ -89,23 +94,25 @@ return 0
 
 
 class RedisLimitState:
-    """The state in Redis, shared by all workers; every update is one atomic script."""
+    """The state of one budget pool in Redis, shared by all workers; every update is one
+    atomic script."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, pool: str = "") -> None:
         self.client = client
         self.keys = keys
+        self.pool = pool
         self._reserve = client.register_script(_RESERVE)
         self._raise_to = client.register_script(_RAISE_TO)
 
     def reserve(self, minute: int, weight: int, budget: int) -> bool:
-        key = self.keys.rest_weight(minute)
+        key = self.keys.rest_weight(minute, self.pool)
         return bool(self._reserve(keys=[key], args=[weight, budget, _WEIGHT_KEY_TTL_MS]))
 
     def raise_used(self, minute: int, used: int) -> None:
-        self._raise_to(keys=[self.keys.rest_weight(minute)], args=[used, _WEIGHT_KEY_TTL_MS])
+        self._raise_to(keys=[self.keys.rest_weight(minute, self.pool)], args=[used, _WEIGHT_KEY_TTL_MS])
 
     def used(self, minute: int) -> int:
-        return int(self.client.get(self.keys.rest_weight(minute)) or 0)
+        return int(self.client.get(self.keys.rest_weight(minute, self.pool)) or 0)
 
     def block(self, kind: str, until_ms: int, now_ms: int) -> None:
         # The key expires with its deadline: a stale ban never outlives itself.
@@ -117,7 +124,7 @@ class RedisLimitState:
         return max((int(backoff or 0), BACKOFF), (int(ban or 0), BAN))
 
     def _block_key(self, kind: str) -> str:
-        return self.keys.rest_banned_until if kind == BAN else self.keys.rest_backoff_until
+        return self.keys.rest_banned_until(self.pool) if kind == BAN else self.keys.rest_backoff_until(self.pool)
 
 
 class LocalLimitState:
@@ -158,8 +165,10 @@ class LocalLimitState:
         return self._used if minute == self._minute else 0
 
 
-PROCESS_STATE = LocalLimitState()
-"""The state of every client in this process that was given no Redis."""
+FUTURES_POOL = "futures"
+PROCESS_STATES: dict[str, LocalLimitState] = {"": LocalLimitState(), FUTURES_POOL: LocalLimitState()}
+"""The state of every client in this process that was given no Redis, per budget pool."""
+PROCESS_STATE = PROCESS_STATES[""]
 
 
 @dataclass
@@ -173,6 +182,8 @@ class RequestPacer:
     state: LimitState
     budget_per_minute: int = 3000
     max_wait_seconds: float = 300.0
+    budget_setting: str = "REST_WEIGHT_BUDGET_PER_MINUTE"
+    """The setting that sets this pool's budget, named in messages."""
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
 
@@ -192,8 +203,9 @@ class RequestPacer:
                 return
             wait_ms = MINUTE_MS - now % MINUTE_MS
             log.info(
-                "REST weight budget of %d per minute spent; waiting %.1f s for the next minute",
+                "REST weight budget of %d per minute (%s) spent; waiting %.1f s for the next minute",
                 self.budget_per_minute,
+                self.budget_setting,
                 wait_ms / 1000,
             )
             self.sleep(wait_ms / 1000)
@@ -225,7 +237,7 @@ class RequestPacer:
             raise RestUnavailable(
                 f"Binance {what} until {utc_text(until)} UTC, {wait_ms / 1000:.0f} s from now, longer than "
                 f"REST_MAX_WAIT_SECONDS={self.max_wait_seconds:g}; retry after that time "
-                "(and lower REST_WEIGHT_BUDGET_PER_MINUTE if it happens again)"
+                f"(and lower {self.budget_setting} if it happens again)"
             )
         log.info("Binance %s; waiting %.1f s", what, wait_ms / 1000)
         self.sleep(wait_ms / 1000)

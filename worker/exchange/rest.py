@@ -14,7 +14,8 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict
 
 import redis
 import requests
@@ -22,8 +23,9 @@ import requests
 from worker.exchange.ratelimit import (
     BACKOFF,
     BAN,
+    FUTURES_POOL,
     MINUTE_MS,
-    PROCESS_STATE,
+    PROCESS_STATES,
     LimitState,
     RedisLimitState,
     RequestPacer,
@@ -35,20 +37,57 @@ from worker.streams import COINM, SPOT, USDM
 
 log = logging.getLogger(__name__)
 
-REQUEST_WEIGHTS: dict[str, int] = {
-    "ping": 1,
-    "time": 1,
-    "exchangeInfo": 20,
-    "klines": 2,
-    "aggTrades": 4,
-    "historicalTrades": 25,
+
+@dataclass(frozen=True)
+class RestRules:
+    """What differs between Binance's REST APIs (spot's `/api/v3`, the futures' `/fapi/v1`
+    and `/dapi/v1`): the request weights, the deepest snapshot, the budget pool they
+    spend and the setting of that budget, for messages."""
+
+    weights: Mapping[str, int]
+    """Weight per endpoint whose weight does not depend on its parameters."""
+    depth_weights: tuple[tuple[int, int], ...]
+    """(most levels, weight), ascending: a depth request costs the first that holds its limit."""
+    kline_weights: tuple[tuple[int, int], ...]
+    """(most klines, weight), ascending, likewise for klines."""
+    pool: str
+    budget_setting: str
+
+    @property
+    def max_depth_limit(self) -> int:
+        return self.depth_weights[-1][0]
+
+
+SPOT_RULES = RestRules(
+    weights={"ping": 1, "time": 1, "exchangeInfo": 20, "aggTrades": 4, "historicalTrades": 25},
+    depth_weights=((100, 5), (500, 25), (1000, 50), (5000, 250)),
+    kline_weights=((1000, 2),),
+    pool="",
+    budget_setting="REST_WEIGHT_BUDGET_PER_MINUTE",
+)
+"""GET /api/v3/...: depth 5 up to 100 levels, 25 to 500, 50 to 1000, 250 to 5000."""
+
+_FUTURES_WEIGHTS = {"ping": 1, "time": 1, "exchangeInfo": 1, "aggTrades": 20, "openInterest": 1, "fundingRate": 1}
+_FUTURES_DEPTH_WEIGHTS = ((50, 2), (100, 5), (500, 10), (1000, 20))
+_FUTURES_KLINE_WEIGHTS = ((99, 1), (499, 2), (1000, 5), (1500, 10))
+REST_RULES: dict[str, RestRules] = {
+    SPOT: SPOT_RULES,
+    **{
+        market: RestRules(
+            _FUTURES_WEIGHTS,
+            _FUTURES_DEPTH_WEIGHTS,
+            _FUTURES_KLINE_WEIGHTS,
+            FUTURES_POOL,
+            "FUTURES_REST_WEIGHT_BUDGET_PER_MINUTE",
+        )
+        for market in (USDM, COINM)
+    },
 }
-"""Binance's request weight per endpoint (the forms this client sends)."""
-
-DEPTH_WEIGHTS: tuple[tuple[int, int], ...] = ((100, 5), (500, 25), (1000, 50), (5000, 250))
-"""GET /api/v3/depth costs by its limit: up to 100 levels 5, 500 25, 1000 50, 5000 250."""
-
-MAX_DEPTH_LIMIT = 5000
+"""Each market's rules. The futures APIs weigh alike (depth 2/5/10/20 up to 50/100/500/1000
+levels, at most 1,000; aggTrades 20; klines by their limit) and spend one budget: since
+2026-06-30 `/fapi` and `/dapi` share 2,400 a minute per IP (binance-protocol.md).
+`fundingRate` has a limit of its own (500 requests per 5 minutes with fundingInfo) and is
+counted 1 here, far below it at any poll this service makes."""
 
 MAX_LIMIT = 1000
 """Most rows Binance returns per page of klines, aggTrades and historicalTrades."""
@@ -77,9 +116,6 @@ REST_URL_SETTINGS: dict[str, str] = {
     USDM: "BINANCE_USDM_REST_URL",
     COINM: "BINANCE_COINM_REST_URL",
 }
-
-LISTING_WEIGHTS: dict[str, int] = {SPOT: 20, USDM: 1, COINM: 1}
-"""The weight of a market's whole `exchangeInfo`."""
 
 SYMBOL_EXAMPLES: dict[str, str] = {
     SPOT: "spot symbols look like BTCUSDT",
@@ -142,10 +178,21 @@ class AggTradeRow(TypedDict):
     l: int  # noqa: E741  (Binance's field name)
     T: int
     m: bool
-    M: bool
+    M: NotRequired[bool]  # spot only
+    nq: NotRequired[str]  # futures: quantity without RPI orders, where Binance sends it
 
 
-"""A row of /api/v3/aggTrades: agg id, price, qty, first/last trade id, time, maker."""
+"""A row of /api/v3/aggTrades (/fapi, /dapi): agg id, price, qty, first/last trade id, time, maker."""
+
+
+class FundingRow(TypedDict):
+    """A row of /fapi/v1/fundingRate (/dapi): older fundings have no (or an empty) mark price."""
+
+    symbol: str
+    fundingTime: int
+    fundingRate: str
+    markPrice: str
+
 
 KlineRow = list[Any]
 """A row of /api/v3/klines: [open time, o, h, l, c, volume, close time, quote volume,
@@ -153,7 +200,7 @@ trades, taker buy base volume, taker buy quote volume, ignore]."""
 
 
 class BinanceRest:
-    """A client of Binance's REST API.
+    """A client of one market's Binance REST API (spot's by default).
 
     Without a `pacer` the weight budget is kept in this process only, which is fine
     for a one-off call; workers build theirs with `from_settings` and Redis, so that
@@ -167,34 +214,41 @@ class BinanceRest:
         self.market = market
         self.api_path = API_PATHS[market]
         self.timeout = timeout
+        self.rules = REST_RULES[market]
+        self.pacer = pacer or RequestPacer(PROCESS_STATES[self.rules.pool], budget_setting=self.rules.budget_setting)
         self.session = requests.Session()
-        self.pacer = pacer or RequestPacer(PROCESS_STATE)
         self._server_offset_ms: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None, market: str = SPOT) -> BinanceRest:
-        """The client of `market`'s API a task uses: budget and longest wait from the
-        settings, shared through Redis (`client`, normally
-        `tasks.resources.redis_client()`) or, when it is None, kept in this process."""
+        """The client a task uses for `market`: base URL, budget and longest wait from the
+        settings, shared through Redis (`client`, normally `tasks.resources.redis_client()`)
+        or, when it is None, kept in this process. The futures markets share one budget."""
+        rules = REST_RULES[market]
         state: LimitState = (
-            PROCESS_STATE if client is None else RedisLimitState(client, RedisKeys(settings.redis_prefix))
+            PROCESS_STATES[rules.pool]
+            if client is None
+            else RedisLimitState(client, RedisKeys(settings.redis_prefix), rules.pool)
         )
+        futures = rules.pool == FUTURES_POOL
         pacer = RequestPacer(
             state,
-            budget_per_minute=settings.rest_weight_budget_per_minute,
+            budget_per_minute=(
+                settings.futures_rest_weight_budget_per_minute if futures else settings.rest_weight_budget_per_minute
+            ),
             max_wait_seconds=settings.rest_max_wait_seconds,
+            budget_setting=rules.budget_setting,
         )
         return cls(settings.rest_url(market), settings.rest_timeout_seconds, pacer, market)
 
     def get(self, path: str, params: Mapping[str, Any] | None = None, weight: int | None = None) -> Any:
-        """GET <API_PATHS[market]>/<path> (/api/v3/<path> on spot); returns the decoded
-        JSON answer. `weight` for endpoints whose weight depends on the parameters
-        (default: REQUEST_WEIGHTS[path]).
+        """GET <the market's API>/<path>; returns the decoded JSON answer. `weight` for
+        endpoints whose weight depends on the parameters (default: the rules' weight).
 
         Raises BinanceError for an answer Binance refused (4xx other than 429/418),
         RestUnavailable when a ban lasts too long or every attempt failed.
         """
-        weight = _weight(path) if weight is None else weight
+        weight = self._weight(path) if weight is None else weight
         url = f"{self.base_url}{self.api_path}/{path}"
         failure = ""
         for attempt in range(1, ATTEMPTS + 1):
@@ -277,7 +331,7 @@ class BinanceRest:
         url = self.base_url + self.api_path
         cached = _LISTINGS.get(url)
         if cached is None or time.monotonic() - cached[0] > max_age_seconds:
-            entries = self.get("exchangeInfo", {}, LISTING_WEIGHTS[self.market])["symbols"]
+            entries = self.get("exchangeInfo", {})["symbols"]
             # COIN-M's entries say `contractStatus` where the others say `status`.
             listing = {entry["symbol"]: entry.get("status") or entry["contractStatus"] for entry in entries}
             cached = _LISTINGS[url] = (time.monotonic(), listing)
@@ -297,7 +351,7 @@ class BinanceRest:
     ) -> list[KlineRow]:
         """Klines by open time, ascending; bounds inclusive; the newest may be open."""
         params = {"interval": interval, "startTime": start_ms, "endTime": end_ms, "limit": limit}
-        return self._symbol_get(symbol, "klines", params)
+        return self._symbol_get(symbol, "klines", params, _by_limit(self.rules.kline_weights, limit, "kline"))
 
     def agg_trades(
         self,
@@ -317,8 +371,34 @@ class BinanceRest:
         return self._symbol_get(symbol, "historicalTrades", {"fromId": from_id, "limit": limit})
 
     def depth(self, symbol: str, limit: int) -> dict[str, Any]:
-        """The order book now: {"lastUpdateId", "bids", "asks"}, best levels first."""
-        return self._symbol_get(symbol, "depth", {"limit": limit}, depth_weight(limit))
+        """The order book now: {"lastUpdateId", "bids", "asks"} (futures: also "E", "T"),
+        best levels first. A limit deeper than the market serves (futures: 1,000) asks
+        for its deepest."""
+        limit = min(limit, self.rules.max_depth_limit)
+        return self._symbol_get(symbol, "depth", {"limit": limit}, self.depth_weight(limit))
+
+    def open_interest(self, symbol: str) -> dict[str, Any]:
+        """Futures only: {"symbol", "openInterest", "time"} now (COIN-M adds pair and contract type)."""
+        return self._symbol_get(symbol, "openInterest", {})
+
+    def funding_rates(self, symbol: str, start_ms: int, end_ms: int | None, limit: int) -> list[FundingRow]:
+        """Futures only: the fundings of a perpetual from `start_ms` to `end_ms`
+        (inclusive), oldest first, at most `limit` (Binance: 1,000)."""
+        params = {"startTime": start_ms, "endTime": end_ms, "limit": limit}
+        return self._symbol_get(symbol, "fundingRate", params)
+
+    def depth_weight(self, limit: int) -> int:
+        """The weight of a depth request; a limit Binance refuses raises ValueError."""
+        return _by_limit(self.rules.depth_weights, limit, "depth")
+
+    def _weight(self, path: str) -> int:
+        try:
+            return self.rules.weights[path]
+        except KeyError:
+            raise ValueError(
+                f"no request weight known for endpoint {path!r} of {self.api_path}: add Binance's "
+                "weight for it to its RestRules in worker.exchange.rest, so that the shared budget counts it"
+            ) from None
 
     def _symbol_get(self, symbol: str, path: str, params: Mapping[str, Any], weight: int | None = None) -> Any:
         """GET an endpoint about one symbol; Binance's -1121 becomes UnknownSymbol."""
@@ -331,22 +411,12 @@ class BinanceRest:
             raise
 
 
-def depth_weight(limit: int) -> int:
-    """The weight of a depth request; a limit Binance refuses raises ValueError."""
-    for most, weight in DEPTH_WEIGHTS:
+def _by_limit(table: tuple[tuple[int, int], ...], limit: int, what: str) -> int:
+    """The weight of a request whose weight grows with its `limit`; ValueError past the table."""
+    for most, weight in table:
         if 1 <= limit <= most:
             return weight
-    raise ValueError(f"depth limit {limit} is out of range: Binance accepts 1 to {MAX_DEPTH_LIMIT}")
-
-
-def _weight(path: str) -> int:
-    try:
-        return REQUEST_WEIGHTS[path]
-    except KeyError:
-        raise ValueError(
-            f"no request weight known for endpoint {path!r}: add Binance's weight for it "
-            "to worker.exchange.rest.REQUEST_WEIGHTS, so that the shared budget counts it"
-        ) from None
+    raise ValueError(f"{what} limit {limit} is out of range: Binance accepts 1 to {table[-1][0]}")
 
 
 def _retry_after_seconds(response: requests.Response) -> float | None:

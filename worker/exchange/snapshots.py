@@ -8,7 +8,9 @@ DEPTH_SNAPSHOT_INTERVAL_SECONDS each recorded book gets a fresh one, so that
 rebuilding a book never replays more than that much diff-depth.
 
 Only `tasks.snapshot_books` calls this, never the subscription task (which does no
-REST): every request spends the shared weight budget (50 per 1000-level snapshot).
+REST): every request spends the shared weight budget of its market (spot: 50 per
+1000-level snapshot; futures: 20, at most 1,000 levels, from the futures budget).
+Each market's books are taken with that market's client (`BinanceRest.market`).
 """
 
 from __future__ import annotations
@@ -18,22 +20,23 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Table, func, select
 from sqlalchemy.engine import Engine
 
 from worker.exchange.ratelimit import RestUnavailable
 from worker.exchange.rest import BinanceError, BinanceRest, UnknownSymbol
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
-from worker.store.books import wanted_books
+from worker.store.books import book_tables, wanted_books
 from worker.store.depth import snapshot_row
-from worker.store.storage import depth_snapshots, store_rows
+from worker.store.storage import store_rows
+from worker.streams import market_named
 from worker.times import now_ms
 
 log = logging.getLogger(__name__)
 
 
-def _due_for_refresh(conn: Connection, symbols: set[str], since_ms: int) -> set[str]:
+def _due_for_refresh(conn: Connection, depth_snapshots: Table, symbols: set[str], since_ms: int) -> set[str]:
     """The symbols without a snapshot received since `since_ms`."""
     newest = dict(
         conn.execute(
@@ -48,22 +51,25 @@ def _due_for_refresh(conn: Connection, symbols: set[str], since_ms: int) -> set[
 def take_snapshots(
     settings: Settings, client: redis.Redis, database: Callable[[], Engine], rest: BinanceRest
 ) -> dict[str, Any]:
-    """Fetch and store the snapshots that are needed or due; returns what was done.
+    """Fetch and store the snapshots that the books of `rest`'s market need or are due
+    for; returns what was done.
 
     `database()` gives the engine, and is only called when a book is recorded: beat runs
     this every drain interval, and on a stack without order books it must not touch the
     database (a new worker's first tasks would only compete to create the schema).
     """
-    keys = RedisKeys(settings.redis_prefix)
-    recorded = wanted_books(client, keys)
-    needed = {as_text(s) for s in client.smembers(keys.books_needing_snapshot)}
+    keys, market = RedisKeys(settings.redis_prefix), market_named(rest.market)
+    recorded = wanted_books(client, keys, market.name)
+    needed = {as_text(s) for s in client.smembers(keys.books_needing_snapshot(market.name))}
     if not recorded:
         if needed:
-            client.srem(keys.books_needing_snapshot, *needed)
+            client.srem(keys.books_needing_snapshot(market.name), *needed)
         return {"stored": [], "failed": {}}
     engine = database()
+    depth_snapshots = book_tables(market)[0]
     with engine.connect() as conn:
-        due = _due_for_refresh(conn, recorded, now_ms() - int(settings.depth_snapshot_interval_seconds * 1000))
+        since = now_ms() - int(settings.depth_snapshot_interval_seconds * 1000)
+        due = _due_for_refresh(conn, depth_snapshots, recorded, since)
     stored, failed = [], {}
     for symbol in sorted((needed & recorded) | due):
         try:
@@ -73,10 +79,10 @@ def take_snapshots(
             log.warning("depth snapshot of %s failed: %s", symbol, error)
             continue
         with engine.begin() as conn:
-            store_rows(conn, {"depth_snapshots": [snapshot_row(symbol, snapshot, now_ms())]})
+            store_rows(conn, {depth_snapshots.name: [snapshot_row(symbol, snapshot, now_ms())]})
         stored.append(symbol)
     # Taken out whether fetched or no longer recorded: a drain that still finds only
     # older snapshots puts the symbol back.
     if needed:
-        client.srem(keys.books_needing_snapshot, *needed)
+        client.srem(keys.books_needing_snapshot(market.name), *needed)
     return {"stored": stored, "failed": failed}

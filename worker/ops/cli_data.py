@@ -49,6 +49,14 @@ def _time_range(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end", default="now", help="same forms; excluded (default: %(default)s)")
 
 
+def _market_option(parser: argparse.ArgumentParser) -> None:
+    from worker.streams import MARKETS, SPOT
+
+    parser.add_argument(
+        "--market", choices=list(MARKETS), default=SPOT, help="spot, or the futures usdm / coinm (default: spot)"
+    )
+
+
 def _parsed_range(args: argparse.Namespace) -> tuple[int, int]:
     from worker.times import check_range, parse_time
 
@@ -73,9 +81,18 @@ def _add_backfill(commands: Any) -> None:
         "archive alone.",
     )
     parser.add_argument("symbol", help="e.g. BTCUSDT")
-    parser.add_argument("kind", help="trade, aggTrade or kline_<interval> (e.g. kline_1m, kline_1h)")
+    parser.add_argument(
+        "kind", help="trade, aggTrade or kline_<interval> (e.g. kline_1m, kline_1h); futures also fundingRate"
+    )
     _time_range(parser)
-    parser.add_argument("--source", choices=SOURCES, default="auto", help="where rows come from (default: auto)")
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="auto",
+        help="where rows come from: auto = spot's public data archive for closed days, REST for the rest "
+        "(a futures market's auto is REST) (default: auto)",
+    )
+    _market_option(parser)
     parser.add_argument(
         "--worker", action="store_true", help="run it on a Celery worker (progress also in Flower) instead of here"
     )
@@ -87,7 +104,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from worker.store.storage import create_schema, make_engine
 
     start, end = _parsed_range(args)
-    job = checked_job(args.symbol, args.kind, start, end, args.source)
+    job = checked_job(args.symbol, args.kind, start, end, args.source, args.market)
     bar = ProgressBar(f"{job.symbol} {job.kind}", sys.stderr)
 
     def progress(done: int, total: int, rows: int) -> None:
@@ -115,7 +132,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 def _backfill_on_worker(redis_url: str, job: Any, source: str, progress: Any) -> dict[str, Any]:
     kwargs = {"symbol": job.symbol, "kind": job.kind, "start": job.start, "end": job.end, "source": source}
-    result = client_app(redis_url).send_task("tasks.backfill", kwargs=kwargs)
+    result = client_app(redis_url).send_task("tasks.backfill", kwargs={**kwargs, "market": job.market})
     print(f"task {result.id} sent; waiting for a worker ...", file=sys.stderr)
     while not result.ready():
         # One read of state and meta together: read apart, the task may finish between
@@ -273,6 +290,7 @@ def _add_book(commands: Any) -> None:
     )
     parser.add_argument("--levels", type=int, default=20, help="levels per side; 0 for all (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help='print {"symbol", "update_id", "time", "bids", "asks"}')
+    _market_option(parser)
     parser.set_defaults(func=cmd_book)
 
 
@@ -287,7 +305,9 @@ def cmd_book(args: argparse.Namespace) -> int:
     at = parse_time(args.at)
     engine = existing_database(args.settings)
     try:
-        book = book_at(engine, args.symbol, at, args.levels or None, args.settings.archive_path)
+        book = book_at(
+            engine, args.symbol, at, args.levels or None, archive_dir=args.settings.archive_path, market=args.market
+        )
     except BookUnknown as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

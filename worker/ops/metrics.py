@@ -45,6 +45,7 @@ from worker.store.books import RESYNCING, SYNCED
 from worker.store.drain import ROWS_STORED_COUNTER, drain_holders, drain_lanes
 from worker.store.failures import storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS, gaps
+from worker.streams import SPOT
 from worker.times import now_ms
 
 PREFIX = "binance_recorder"
@@ -246,7 +247,9 @@ class RecorderCollector(Collector):
         )
 
     def _books(self) -> Iterator[Metric]:
-        books = book_statuses(self.client, self.keys)
+        # Spot's books: their series are labelled by symbol only, which a futures book of
+        # the same symbol would repeat.
+        books = book_statuses(self.client, self.keys, SPOT)
         by_state = _family(GaugeMetricFamily, "books", "Recorded order books by state (synced, resyncing).", ("state",))
         for state in sorted({SYNCED, RESYNCING, *(book["state"] for book in books)}):
             by_state.add_metric([state], sum(1 for book in books if book["state"] == state))

@@ -131,6 +131,7 @@ def _books_table(books: Sequence[dict[str, Any]], now: int) -> str:
     rows = [
         (
             b["symbol"],
+            b["market"],
             b["state"] if b["gap_since"] is None else f"{b['state']} (gap since {utc_text(b['gap_since'])})",
             b["last_update_id"] if b["last_update_id"] is not None else "-",
             b["updates_per_second"],
@@ -138,7 +139,7 @@ def _books_table(books: Sequence[dict[str, Any]], now: int) -> str:
         )
         for b in books
     ]
-    return table(["BOOK", "STATE", "LAST UPDATE ID", "UPD/S", "LAST UPDATE"], rows)
+    return table(["BOOK", "MARKET", "STATE", "LAST UPDATE ID", "UPD/S", "LAST UPDATE"], rows)
 
 
 class ProgressBar:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from worker.buffer import FrameBuffer
 from worker.exchange.audit import latest_audits
 from worker.exchange.listings import recent_listing_changes
+from worker.exchange.rest import REST_URL_SETTINGS
 from worker.groups import MORE_STREAM_PROCESSES, Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
@@ -23,7 +24,7 @@ from worker.store.books import RESYNCING, book_states
 from worker.store.drain import WATCHED_KINDS, drain_holders, stored_at_field
 from worker.store.failures import storage_advice, storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS
-from worker.streams import SPOT, market_named, stream_kind
+from worker.streams import MARKETS, SPOT, market_named, stream_kind
 from worker.times import now_ms
 
 # Share of Redis's maxmemory past which `status` warns: with `noeviction` a full Redis
@@ -115,16 +116,15 @@ def recording_figures(
     client: redis.Redis, keys: RedisKeys, group: Group, progress: dict[str, object], stale_seconds: float
 ) -> dict[str, object]:
     """A recording task's progress figures with what `status` says of its group: the
-    order books its diff-depth streams feed, as the drain follows them (the drain sends
+    order books its diff-depth streams feed (of its market), as the drain follows them (the drain sends
     no events, so Flower shows them here), and its streams storing nothing while the
     connection is up. `group` is the group as it is now: books appear once depth
     streams join it."""
     figures = dict(progress)
     depth_symbols = {stream.split("@", 1)[0].upper() for stream in group.streams if stream_kind(stream) == "depth"}
     if depth_symbols:
-        figures["books"] = {
-            book.pop("symbol"): book for book in book_statuses(client, keys) if book["symbol"] in depth_symbols
-        }
+        books = book_statuses(client, keys, group.market)
+        figures["books"] = {book.pop("symbol"): book for book in books if book["symbol"] in depth_symbols}
     silent = silent_streams_of(client, keys, group, stale_seconds)
     if silent:
         figures["silent_streams"] = {stream: round(seconds) for stream, seconds in silent.items()}
@@ -152,18 +152,22 @@ BOOK_RESYNC_PATIENCE_MS = 60_000
 one snapshot request, a few seconds, unless snapshots fail or the stream is stuck."""
 
 
-def book_statuses(client: redis.Redis, keys: RedisKeys) -> list[dict[str, Any]]:
-    """Per symbol with a diff-depth stream: the book's state as the drain follows it."""
+def book_statuses(client: redis.Redis, keys: RedisKeys, market: str | None = None) -> list[dict[str, Any]]:
+    """Per market (or only `market`) and symbol with a diff-depth stream: the book's state
+    as the drain follows it."""
     return [
         {
             "symbol": symbol,
+            "market": name,
             "state": book.state,
             "gap_since": book.gap_since,
             "last_update_id": book.last_update_id,
             "last_event_time": book.last_event_time,
             "updates_per_second": book.updates_per_second,
         }
-        for symbol, book in book_states(client, keys).items()
+        for name in MARKETS
+        if market in (None, name)
+        for symbol, book in book_states(client, keys, name).items()
     ]
 
 
@@ -184,7 +188,7 @@ def collect_status(
         "drains": [{"lane": lane, "holder": holder} for lane, holder in drains.items()],
         "storage_error": storage_error(client, keys),
         "redis_memory": redis_memory(client),
-        "books": book_statuses(client, keys),
+        "books": book_statuses(client, keys, market),
         "listing_changes": recent_listing_changes(engine),
         "dead_letters": counters.get("dead_letters", 0),
         "frames_drained": counters.get("frames_drained", 0),
@@ -224,9 +228,11 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
     for book in snapshot.get("books", []):
         unknown_since = book["gap_since"]
         if book["state"] == RESYNCING and unknown_since is not None and now - unknown_since > BOOK_RESYNC_PATIENCE_MS:
+            market = book["market"]
             found.append(
-                f"order book of {book['symbol']} unknown for {(now - unknown_since) / 1000:.0f}s: is beat running "
-                "tasks.snapshot_books, and can it reach BINANCE_REST_URL?"
+                f"{'' if market == SPOT else market + ' '}order book of {book['symbol']} unknown for "
+                f"{(now - unknown_since) / 1000:.0f}s: is beat running tasks.snapshot_books, and can it reach "
+                f"{REST_URL_SETTINGS[market]}?"
             )
     found.extend(_storage_problems(snapshot))
     return found

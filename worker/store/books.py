@@ -2,21 +2,30 @@
 
 A diff-depth event is only useful on top of the book it changes, so one lost event
 corrupts every book after it. The drain, not the socket thread, checks that each
-symbol's events chain (`U` = previous `u` + 1; an event with `u` at or below the last
-one is a rotation overlap or a replayed batch, and is skipped) because it sees the
-events in order and in batches, where the check costs nothing.
+symbol's events chain (an event with `u` at or below the last one is a rotation
+overlap or a replayed batch, and is skipped) because it sees the events in order and
+in batches, where the check costs nothing.
+
+What chains differs by market, and is said once, by `predecessor`: the update id an
+event continues from. A spot event continues from `U - 1` (spot's ids are per symbol and
+contiguous: `U` = previous `u` + 1). A futures event carries it as `pu`, the previous
+event's `u`, because futures ids are engine-wide and skip between a symbol's events. An
+event continues a book at id X when its predecessor is at most X: after an event that is
+Binance's `U = previous u + 1` (spot) and `pu = previous u` (futures); after a snapshot
+at `lastUpdateId` it is the straddling rule of each (spot `U <= lastUpdateId + 1`,
+futures `U <= lastUpdateId <= u`, or the first event after the snapshot).
 
 A break (reconnect, rotation without overlap, Redis trim, lost frames) makes the
 book unknown: a `gaps` row (kind `depth`, the event times of the last update before
 and the first update after, in ms) records it, and the symbol goes into the
 "needs snapshot" set, from which `tasks.snapshot_books` (worker/exchange/snapshots.py)
 fetches a REST snapshot. Once a stored snapshot sits inside the events that followed
-the break (Binance's rule: `lastUpdateId >= first U - 1`), the book is synced again
+the break (its lastUpdateId at least the predecessor of the first event after it), the book is synced again
 and the gap's end is the first event applied on top of the snapshot. A snapshot that
 is older than the break (REST lags the streams) leaves the symbol in the set, so a
 newer one is fetched.
 
-The state per symbol lives in Redis (`RedisKeys.book`), where `status` reads it.
+The state per market and symbol lives in Redis (`RedisKeys.book`), where `status` reads it.
 """
 
 from __future__ import annotations
@@ -26,20 +35,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, Table, func, select, update
 
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys, as_text
-from worker.store.storage import depth_snapshots, depth_updates, gaps, insert_or_ignore
-from worker.streams import stream_kind
+from worker.store.storage import TABLES, gaps, insert_or_ignore
+from worker.streams import SPOT, Market, market_named, stream_kind
 
 SYNCED, RESYNCING = "synced", "resyncing"
 DEPTH_GAP_KIND = "depth"
 UNFILLABLE = "unfillable"  # Binance serves no order-book history: a depth gap stays a gap
 GAP_REASON = "order book unknown: diff-depth updates were lost and REST serves no past books"
 
-# Column positions of a depth_updates row (see storage.depth_updates).
-_SYMBOL, _FINAL, _FIRST, _TIME = 0, 1, 2, 3
+# Column positions of a depth_updates row (see storage.depth_updates); futures rows
+# add prev_final_update_id (`pu`) after the levels.
+_SYMBOL, _FINAL, _FIRST, _TIME, _PU = 0, 1, 2, 3, 6
+
+
+def predecessor(first: int, pu: int | None) -> int:
+    """The update id a diff-depth event continues from: its `pu` (futures), else `U - 1`
+    (spot, whose events carry none)."""
+    return first - 1 if pu is None else pu
 
 
 @dataclass
@@ -49,13 +65,13 @@ class BookState:
     state: str = RESYNCING
     last_update_id: int | None = None
     last_event_time: int | None = None
-    resync_from: int | None = None  # first U after the break: a snapshot must reach it
+    resync_from: int | None = None  # predecessor of the first event after the break: a snapshot must reach it
     gap_since: int | None = None  # event time of the last update before the break
     updates_per_second: float = 0.0
 
     @classmethod
-    def load(cls, client: redis.Redis, keys: RedisKeys, symbol: str) -> BookState:
-        return cls.from_hash(client.hgetall(keys.book(symbol)))
+    def load(cls, client: redis.Redis, keys: RedisKeys, symbol: str, market: str = SPOT) -> BookState:
+        return cls.from_hash(client.hgetall(keys.book(symbol, market)))
 
     @classmethod
     def from_hash(cls, stored: dict[Any, Any]) -> BookState:
@@ -86,6 +102,7 @@ class FollowedBooks:
 
     books: dict[str, BookState]
     needing_snapshot: list[str]
+    market: str = SPOT
 
     @property
     def states(self) -> dict[str, str]:
@@ -94,18 +111,23 @@ class FollowedBooks:
     def save(self, client: redis.Redis, keys: RedisKeys) -> None:
         with client.pipeline(transaction=True) as pipe:
             for symbol, book in self.books.items():
-                pipe.hset(keys.book(symbol), mapping={name: value for name, value in book.as_fields().items()})
-            pipe.sadd(keys.books, *self.books)
+                pipe.hset(keys.book(symbol, self.market), mapping={k: v for k, v in book.as_fields().items()})
+            pipe.sadd(keys.books(self.market), *self.books)
             if self.needing_snapshot:
-                pipe.sadd(keys.books_needing_snapshot, *self.needing_snapshot)
+                pipe.sadd(keys.books_needing_snapshot(self.market), *self.needing_snapshot)
             pipe.execute()
 
 
 def follow_books(
-    conn: Connection, client: redis.Redis, keys: RedisKeys, rows: Sequence[tuple[Any, ...]], now_ms: int
+    conn: Connection,
+    client: redis.Redis,
+    keys: RedisKeys,
+    rows: Sequence[tuple[Any, ...]],
+    now_ms: int,
+    market: str = SPOT,
 ) -> FollowedBooks:
-    """Follow each symbol's events in `rows` (depth_updates rows, as received, stored in
-    `conn`'s transaction): record breaks in `gaps` and resyncs, in that transaction.
+    """Follow each symbol's events in `rows` (`market`'s depth_updates rows, as received,
+    stored in `conn`'s transaction): record breaks in `gaps` and resyncs, in that transaction.
     A replayed batch (the drain died before its ack) is followed again harmlessly: its
     events are at or below the saved update ids, and a gaps row is keyed by its start."""
     by_symbol: dict[str, list[tuple[Any, ...]]] = {}
@@ -115,15 +137,16 @@ def follow_books(
     # 200 symbols took 0.19 s with a round trip per symbol, 0.01 s like this.
     with client.pipeline(transaction=False) as pipe:
         for symbol in by_symbol:
-            pipe.hgetall(keys.book(symbol))
+            pipe.hgetall(keys.book(symbol, market))
         stored = pipe.execute()
     followed = FollowedBooks(
-        {symbol: BookState.from_hash(raw) for symbol, raw in zip(by_symbol, stored, strict=True)}, []
+        {symbol: BookState.from_hash(raw) for symbol, raw in zip(by_symbol, stored, strict=True)}, [], market
     )
+    book_market = market_named(market)
     for symbol, events in by_symbol.items():
         book = followed.books[symbol]
-        _follow(conn, book, symbol, events, now_ms)
-        if book.state == RESYNCING and _try_resync(conn, book, symbol):
+        _follow(conn, book_market, book, symbol, events, now_ms)
+        if book.state == RESYNCING and _try_resync(conn, book_market, book, symbol):
             followed.needing_snapshot.append(symbol)
     return followed
 
@@ -133,16 +156,19 @@ RATE_SMOOTHING_MS = 10_000
 drain round (one every flush, 50 ms) holds about one event of a depth@100ms book."""
 
 
-def _follow(conn: Connection, book: BookState, symbol: str, events: list[tuple[Any, ...]], now_ms: int) -> None:
+def _follow(
+    conn: Connection, market: Market, book: BookState, symbol: str, events: list[tuple[Any, ...]], now_ms: int
+) -> None:
     previous_time = book.last_event_time
     applied_times = []
     for event in events:
-        final, first, event_time = event[_FINAL], event[_FIRST], event[_TIME]
+        final, event_time = event[_FINAL], event[_TIME]
+        continues_from = predecessor(event[_FIRST], event[_PU] if market.futures else None)
         last = book.last_update_id
         if last is not None and final <= last:
             continue  # a rotation overlap or a replayed batch: already followed
-        if last is None or first > last + 1:
-            _break(conn, book, symbol, first, event_time, now_ms)
+        if last is None or continues_from > last:
+            _break(conn, market, book, symbol, continues_from, event_time, now_ms)
         book.last_update_id, book.last_event_time = final, event_time
         applied_times.append(event_time)
     if applied_times and previous_time is not None and applied_times[-1] > previous_time:
@@ -156,29 +182,32 @@ def _update_rate(book: BookState, events: int, elapsed_ms: int) -> None:
     book.updates_per_second += weight * (rate - book.updates_per_second)
 
 
-def _break(conn: Connection, book: BookState, symbol: str, first: int, event_time: int, now_ms: int) -> None:
-    """Events are missing before `first` (or this is the first event ever seen)."""
+def _break(
+    conn: Connection, market: Market, book: BookState, symbol: str, continues_from: int, event_time: int, now_ms: int
+) -> None:
+    """Events are missing up to `continues_from` (or this is the first event ever seen)."""
     if book.state == SYNCED and book.last_event_time is not None:
         book.gap_since = book.last_event_time
         row = {
-            "symbol": symbol, "kind": DEPTH_GAP_KIND, "first_missing": book.gap_since,
+            "symbol": symbol, "kind": market.gap_kind(DEPTH_GAP_KIND), "first_missing": book.gap_since,
             "last_missing": event_time, "found_at": now_ms, "status": UNFILLABLE,
             "rows_fetched": 0, "reason": GAP_REASON,
         }  # fmt: skip
         conn.execute(insert_or_ignore(conn.dialect.name, gaps), row)
     book.state = RESYNCING
-    book.resync_from = first
+    book.resync_from = continues_from
 
 
-def _try_resync(conn: Connection, book: BookState, symbol: str) -> bool:
+def _try_resync(conn: Connection, market: Market, book: BookState, symbol: str) -> bool:
     """Synced again once a stored snapshot falls inside the events since the break.
     Returns whether a newer snapshot than the stored ones is needed."""
     if book.resync_from is None or book.last_update_id is None:
         return True
+    depth_snapshots, depth_updates = book_tables(market)
     snapshot_id = conn.scalar(
         select(func.min(depth_snapshots.c.last_update_id)).where(
             depth_snapshots.c.symbol == symbol,
-            depth_snapshots.c.last_update_id >= book.resync_from - 1,
+            depth_snapshots.c.last_update_id >= book.resync_from,
         )
     )
     if snapshot_id is None:
@@ -194,26 +223,39 @@ def _try_resync(conn: Connection, book: BookState, symbol: str) -> bool:
     if book.gap_since is not None and known_again is not None:
         conn.execute(
             update(gaps)
-            .where(gaps.c.symbol == symbol, gaps.c.kind == DEPTH_GAP_KIND, gaps.c.first_missing == book.gap_since)
+            .where(
+                gaps.c.symbol == symbol,
+                gaps.c.kind == market.gap_kind(DEPTH_GAP_KIND),
+                gaps.c.first_missing == book.gap_since,
+            )
             .values(last_missing=known_again)
         )
     book.state, book.resync_from, book.gap_since = SYNCED, None, None
     return False
 
 
-def wanted_books(client: redis.Redis, keys: RedisKeys) -> set[str]:
-    """Symbols whose diff-depth stream is wanted now."""
+def book_tables(market: Market) -> tuple[Table, Table]:
+    """(depth_snapshots, depth_updates) of `market`: the two tables a book is made of."""
+    return TABLES[market.table_prefix + "depth_snapshots"], TABLES[market.table_prefix + "depth_updates"]
+
+
+def wanted_books(client: redis.Redis, keys: RedisKeys, market: str = SPOT) -> set[str]:
+    """The symbols of `market` whose diff-depth stream is wanted now."""
     groups = GroupRegistry(client, keys).wanted().values()
     return {
         stream.partition("@")[0].upper()
         for group in groups
+        if group.market == market
         for stream in group.streams
         if not stream.startswith("!") and stream_kind(stream) == "depth"
     }
 
 
-def book_states(client: redis.Redis, keys: RedisKeys) -> dict[str, BookState]:
-    """The book state of every symbol whose diff depth is recorded now, by symbol (the
-    drain keeps the state of an unsubscribed book: a new subscription continues it)."""
-    followed = {as_text(s) for s in client.smembers(keys.books)}
-    return {symbol: BookState.load(client, keys, symbol) for symbol in sorted(followed & wanted_books(client, keys))}
+def book_states(client: redis.Redis, keys: RedisKeys, market: str = SPOT) -> dict[str, BookState]:
+    """The book state of every symbol of `market` whose diff depth is recorded now, by symbol
+    (the drain keeps the state of an unsubscribed book: a new subscription continues it)."""
+    followed = {as_text(s) for s in client.smembers(keys.books(market))}
+    return {
+        symbol: BookState.load(client, keys, symbol, market)
+        for symbol in sorted(followed & wanted_books(client, keys, market))
+    }

@@ -223,9 +223,12 @@ class Drainer:
             stored = store_rows(conn, rows)
             # Order-book continuity is checked here, where the events are stored (see
             # worker/store/books.py); the states are saved once the rows are committed.
-            depth_rows = rows.get("depth_updates")
-            books = follow_books(conn, self.client, self.keys, depth_rows, now_ms()) if depth_rows else None
-        if books is not None:
+            followed = [
+                follow_books(conn, self.client, self.keys, depth_rows, now_ms(), market.name)
+                for market in MARKETS.values()
+                if (depth_rows := rows.get(market.table("depth")))
+            ]
+        for books in followed:
             books.save(self.client, self.keys)
         self._acknowledge(claims, parsed, stored, stored_marks(rows, now_ms()))
         report.batches += len(claims)
