@@ -28,7 +28,7 @@ from sqlalchemy.exc import ArgumentError
 from bench import report
 from bench.burst import measure_burst
 from bench.database import SQLITE, Databases
-from bench.depth import FULL_DEPTH, QUICK_DEPTH, measure_depth
+from bench.depth import DEPTH_PARTS, FULL_DEPTH, QUICK_DEPTH, measure_depth
 from bench.drain import measure_drain
 from bench.ingest import measure_ingest
 from bench.legacy import measure_legacy
@@ -37,7 +37,7 @@ from bench.service import measure_service
 from worker.ops.local_postgres import PostgresError, PostgresServer, check_server, start_private_server
 from worker.settings import Settings
 
-DEFAULT_PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth")
+DEFAULT_PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth", "depth_usdm")
 PARTS = (*DEFAULT_PARTS, "market")
 """`market` (bench/market.py) runs only when named: 10 minutes at 40,000 msg/s and then
 the search for the highest sustained rate, 20 minutes or more, would triple a full run."""
@@ -202,9 +202,11 @@ def run(args: argparse.Namespace, workdir: Path, databases: Databases | None = N
     if "legacy" in parts:
         _progress("old design: INSERT and COMMIT per message")
         results["legacy"] = measure_legacy(workdir, sizes.ingest_frames, sizes.legacy_seconds)
-    if "depth" in parts:
-        _progress("depth: 200 symbols x depth@100ms, storage, rebuilding an hour")
-        results["depth"] = measure_depth(workdir, QUICK_DEPTH if args.quick else FULL_DEPTH, Settings.drain_batch_size)
+    for part, market in DEPTH_PARTS.items():
+        if part in parts:
+            _progress(f"{part}: 200 {market} symbols x depth@100ms, storage, rebuilding an hour")
+            depth_sizes = QUICK_DEPTH if args.quick else FULL_DEPTH
+            results[part] = measure_depth(workdir, depth_sizes, Settings.drain_batch_size, market)
     if "market" in parts:
         size = market_size(args)
         _progress(f"market: {size.symbols:,} symbols, {size.rate:,.0f} msg/s for {size.seconds:g} s (SQLite)")

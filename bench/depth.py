@@ -1,4 +1,5 @@
-"""Part 7, order books: diff depth at 2,000 events/s, its storage, and rebuilding a book.
+"""Part 7, order books: diff depth at 2,000 events/s, its storage, and rebuilding a book,
+for spot (`depth`) and for USDⓈ-M futures (`depth_usdm`), the same measures on each.
 
 - drain capacity: the real Drainer (parse, store, continuity check per symbol) on a
   backlog of depth@100ms frames of 200 interleaved symbols in a real redis-server;
@@ -14,6 +15,10 @@
 
 Events change LEVELS_PER_EVENT levels (half bids, half asks; one in five removed),
 about what a liquid symbol's depth@100ms event carries; the generator is seeded.
+A futures event is what USDⓈ-M sends: it also carries `pu` (the previous event's `u`,
+which continuity follows: its update ids jump between events, as Binance's do) and `T`,
+goes to a USDⓈ-M group and so to `usdm_depth_updates`, and the book is rebuilt from
+`usdm_depth_snapshots` by `pu` (`book_at(..., market="usdm")`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import orjson
 import redis
+from sqlalchemy import func, select
 
 from bench.figures import latency_summary
 from bench.procs import service_env
@@ -38,7 +44,8 @@ from worker.ops.book import book_at
 from worker.ops.local_stack import LocalStack
 from worker.store.depth import pack_levels, snapshot_row, unpack_levels
 from worker.store.drain import Drainer
-from worker.store.storage import create_schema, make_engine, store_rows
+from worker.store.storage import create_schema, gaps, make_engine, store_rows
+from worker.streams import SPOT, USDM, market_named
 from worker.times import now_ms
 
 SYMBOLS = 200
@@ -48,8 +55,9 @@ SNAPSHOT_LEVELS = 1000
 FLUSH_MS = 50
 POLL_SECONDS = 0.01
 HOUR_EVENTS = 3600 * EVENTS_PER_SECOND_PER_SYMBOL
-GROUP = Group("bench-depth", ("btcusdt@depth@100ms",))
 KEYS = RedisKeys("bench")
+DEPTH_PARTS = {"depth": SPOT, "depth_usdm": USDM}
+"""The bench's depth parts and the market each measures: the same figures side by side."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +72,13 @@ FULL_DEPTH = DepthSizes(backlog_seconds=15, sustained_seconds=60, rebuild_events
 
 
 class DepthFeed:
-    """Chained depth@100ms events of many symbols, around a price of 100."""
+    """Chained depth@100ms events of many symbols of `market`, around a price of 100."""
 
-    def __init__(self, symbols: list[str], seed: int = 7) -> None:
+    def __init__(self, symbols: list[str], seed: int = 7, market: str = SPOT) -> None:
         self.symbols = symbols
         self.rng = random.Random(seed)
         self.next_id = dict.fromkeys(symbols, 1)
+        self.futures = market_named(market).futures
 
     def levels(self, side: str) -> list[list[str]]:
         base = 100.0 if side == "a" else 99.99
@@ -82,11 +91,21 @@ class DepthFeed:
         return chosen
 
     def event(self, symbol: str, event_time: int) -> dict[str, Any]:
-        first = self.next_id[symbol]
+        previous = self.next_id[symbol] - 1
+        # A futures book's ids are the engine's, shared by every symbol: they jump
+        # between its events, and `pu` says which event came before.
+        first = previous + 1 + (self.rng.randrange(50) if self.futures else 0)
         final = first + self.rng.randrange(1, 6)  # one event covers several update ids
         self.next_id[symbol] = final + 1
-        return {"e": "depthUpdate", "E": event_time, "s": symbol, "U": first, "u": final,
-                "b": self.levels("b"), "a": self.levels("a")}  # fmt: skip
+        event = {"e": "depthUpdate", "E": event_time, "s": symbol, "U": first, "u": final,
+                 "b": self.levels("b"), "a": self.levels("a")}  # fmt: skip
+        return {**event, "T": event_time, "pu": previous} if self.futures else event
+
+    def row(self, event: dict[str, Any]) -> tuple[Any, ...]:
+        """The event as its market's depth_updates row (futures add `pu` and `T`)."""
+        levels = (pack_levels(event["b"]), pack_levels(event["a"]))
+        futures = (event["pu"], event["T"]) if self.futures else ()
+        return (event["s"], event["u"], event["U"], event["E"], *levels, *futures, None)
 
     def frames(self, event_time: int) -> list[bytes]:
         """One 100 ms tick: an event of every symbol, as combined-stream frames."""
@@ -101,40 +120,66 @@ class DepthFeed:
         return snapshot_row(symbol, {"lastUpdateId": last_update_id, "bids": bids, "asks": asks}, 0)
 
 
-def measure_depth(workdir: Path, sizes: DepthSizes, batch_size: int) -> dict[str, Any]:
-    directory = workdir / "depth"
+@dataclass(frozen=True)
+class Book:
+    """Which market's books a run measures: its group and tables."""
+
+    market: str
+
+    @property
+    def group(self) -> Group:
+        return Group(f"bench-depth-{self.market}", ("btcusdt@depth@100ms",), self.market)
+
+    @property
+    def updates(self) -> str:
+        return market_named(self.market).table("depth")
+
+    @property
+    def snapshots(self) -> str:
+        return market_named(self.market).table_prefix + "depth_snapshots"
+
+    def feed(self, symbols: list[str]) -> DepthFeed:
+        return DepthFeed(symbols, market=self.market)
+
+
+def measure_depth(workdir: Path, sizes: DepthSizes, batch_size: int, market: str = SPOT) -> dict[str, Any]:
+    """The part's figures for `market`'s books (spot's `depth`, or `usdm` for `depth_usdm`)."""
+    book = Book(market)
+    directory = workdir / f"depth-{market}"
     symbols = [f"SYM{i:04d}USDT" for i in range(1, SYMBOLS + 1)]
     with LocalStack(directory, env=service_env()) as stack:
         client = redis.Redis.from_url(stack.start_redis())
-        capacity = _drain_capacity(client, directory / "capacity.db", symbols, sizes, batch_size)
-        sustained = _sustained(client, directory / "sustained.db", symbols, sizes, batch_size)
+        capacity = _drain_capacity(client, directory / "capacity.db", book, symbols, sizes, batch_size)
+        sustained = _sustained(client, directory / "sustained.db", book, symbols, sizes, batch_size)
     return {
+        "market": market,
+        "table": book.updates,
         "symbols": SYMBOLS,
         "levels_per_event": LEVELS_PER_EVENT,
         "drain_capacity": capacity,
         "sustained": sustained,
-        "storage": _storage(directory / "sustained.db", directory / "json.db"),
-        "rebuild": _rebuild(directory / "rebuild.db", sizes.rebuild_events),
+        "storage": _storage(directory / "sustained.db", directory / "json.db", book.updates),
+        "rebuild": _rebuild(directory / "rebuild.db", book, sizes.rebuild_events),
     }
 
 
-def _prepared(client: redis.Redis, db: Path, symbols: list[str], batch_size: int) -> tuple[Drainer, str]:
+def _prepared(client: redis.Redis, db: Path, book: Book, symbols: list[str], batch_size: int) -> tuple[Drainer, str]:
     """A fresh database whose books start on a snapshot at id 0, and a registered list."""
     client.flushdb()
-    GroupRegistry(client, KEYS).want(GROUP)
+    GroupRegistry(client, KEYS).want(book.group)
     engine = make_engine(f"sqlite:///{db}")
     create_schema(engine)
-    feed = DepthFeed(symbols)
+    feed = book.feed(symbols)
     with engine.begin() as conn:
-        store_rows(conn, {"depth_snapshots": [feed.snapshot(s, 0) for s in symbols]})
-    return Drainer(client, KEYS, engine, batch_size), FrameBuffer(client, KEYS).register(GROUP.id)
+        store_rows(conn, {book.snapshots: [feed.snapshot(s, 0) for s in symbols]})
+    return Drainer(client, KEYS, engine, batch_size), FrameBuffer(client, KEYS).register(book.group.id, book.market)
 
 
 def _drain_capacity(
-    client: redis.Redis, db: Path, symbols: list[str], sizes: DepthSizes, batch_size: int
+    client: redis.Redis, db: Path, book: Book, symbols: list[str], sizes: DepthSizes, batch_size: int
 ) -> dict[str, Any]:
-    drainer, key = _prepared(client, db, symbols, batch_size)
-    feed = DepthFeed(symbols)
+    drainer, key = _prepared(client, db, book, symbols, batch_size)
+    feed = book.feed(symbols)
     ticks = sizes.backlog_seconds * EVENTS_PER_SECOND_PER_SYMBOL
     for tick in range(ticks):
         event_time = 1_700_000_000_000 + tick * 100
@@ -142,15 +187,21 @@ def _drain_capacity(
     started = time.perf_counter()
     report = drainer.drain(time_budget=600)
     seconds = time.perf_counter() - started
-    rows = report.rows["depth_updates"]
+    rows = report.rows[book.updates]
     if rows != ticks * len(symbols) or client.llen(key):
-        raise RuntimeError(f"the drainer stored {dict(report.rows)}, expected {ticks * len(symbols)} depth rows")
+        raise RuntimeError(f"the drainer stored {dict(report.rows)}, expected {ticks * len(symbols)} {book.updates}")
+    with drainer.engine.connect() as conn:
+        breaks = conn.execute(select(func.count()).select_from(gaps)).scalar_one()
+    if breaks:  # every event continues the one before (`U`, or `pu` on futures)
+        raise RuntimeError(f"the drainer found {breaks} breaks in chained {book.market} depth events")
     return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds, "batch_size": batch_size}
 
 
-def _sustained(client: redis.Redis, db: Path, symbols: list[str], sizes: DepthSizes, batch_size: int) -> dict[str, Any]:
-    drainer, key = _prepared(client, db, symbols, batch_size)
-    feed = DepthFeed(symbols)
+def _sustained(
+    client: redis.Redis, db: Path, book: Book, symbols: list[str], sizes: DepthSizes, batch_size: int
+) -> dict[str, Any]:
+    drainer, key = _prepared(client, db, book, symbols, batch_size)
+    feed = book.feed(symbols)
     # Built before the clock starts, with the event time filled in when pushed, so that
     # making the frames does not compete with the drain for the interpreter.
     ticks = [feed.frames(0) for _ in range(int(sizes.sustained_seconds * EVENTS_PER_SECOND_PER_SYMBOL))]
@@ -158,7 +209,7 @@ def _sustained(client: redis.Redis, db: Path, symbols: list[str], sizes: DepthSi
     pushed: dict[str, float] = {}
     producer = threading.Thread(target=_produce, args=(client, key, ticks, pushed), daemon=True)
     latencies: list[int] = []
-    watcher = threading.Thread(target=_watch, args=(db, stop, latencies), daemon=True)
+    watcher = threading.Thread(target=_watch, args=(db, book.updates, stop, latencies), daemon=True)
     watcher.start()
     producer.start()
     # As tasks.drain runs it: a window that stores what arrives, woken by each flush.
@@ -179,8 +230,11 @@ def _produce(client: redis.Redis, key: str, ticks: list[list[bytes]], pushed: di
     started = next_at = time.monotonic()
     events = 0
     for frames in ticks:
-        stamp = f'"E":{now_ms()},'.encode()
-        frames = [frame.replace(b'"E":0,', stamp, 1) for frame in frames]
+        now = now_ms()
+        # The event time, and a futures event's transaction time, stamped when pushed.
+        frames = [
+            frame.replace(b'"E":0,', b'"E":%d,' % now, 1).replace(b'"T":0,', b'"T":%d,' % now, 1) for frame in frames
+        ]
         half = len(frames) // 2
         for part in (frames[:half], frames[half:]):
             with client.pipeline(transaction=False) as pipe:
@@ -193,13 +247,11 @@ def _produce(client: redis.Redis, key: str, ticks: list[list[bytes]], pushed: di
     pushed.update(events=events, seconds=time.monotonic() - started)
 
 
-def _watch(db: Path, stop: threading.Event, latencies: list[int]) -> None:
+def _watch(db: Path, table: str, stop: threading.Event, latencies: list[int]) -> None:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
     last = 0
     while not stop.is_set():
-        rows = conn.execute(
-            "SELECT rowid, event_time FROM depth_updates WHERE rowid > ? ORDER BY rowid", (last,)
-        ).fetchall()
+        rows = conn.execute(f"SELECT rowid, event_time FROM {table} WHERE rowid > ? ORDER BY rowid", (last,)).fetchall()
         seen = now_ms()
         if rows:
             last = rows[-1][0]
@@ -215,22 +267,22 @@ def _table_bytes(conn: sqlite3.Connection, table: str) -> int:
     return int(conn.execute(f"SELECT sum(pgsize) FROM dbstat WHERE name IN ({marks})", names).fetchone()[0])
 
 
-def _storage(packed_db: Path, json_db: Path) -> dict[str, Any]:
-    """Bytes per symbol-hour of depth_updates as stored, and with the levels as JSON text."""
+def _storage(packed_db: Path, json_db: Path, table: str) -> dict[str, Any]:
+    """Bytes per symbol-hour of the depth table as stored, and with the levels as JSON text."""
     packed = sqlite3.connect(packed_db)
-    rows = packed.execute("SELECT * FROM depth_updates").fetchall()
-    packed_bytes = _table_bytes(packed, "depth_updates")
+    rows = packed.execute(f"SELECT * FROM {table}").fetchall()
+    packed_bytes = _table_bytes(packed, table)
     json_db.unlink(missing_ok=True)
     as_json = sqlite3.connect(json_db)
-    # The same table and indexes, with TEXT levels.
-    for (sql,) in packed.execute("SELECT sql FROM sqlite_master WHERE tbl_name = 'depth_updates' AND sql IS NOT NULL"):
+    # The same table and indexes, with TEXT levels (the 5th and 6th columns in every market).
+    for (sql,) in packed.execute("SELECT sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL", (table,)):
         as_json.execute(sql.replace("BLOB", "TEXT"))
     as_json.executemany(
-        "INSERT INTO depth_updates VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(*row[:4], _as_json(row[4]), _as_json(row[5]), row[6]) for row in rows],
+        f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})",
+        [(*row[:4], _as_json(row[4]), _as_json(row[5]), *row[6:]) for row in rows],
     )
     as_json.commit()
-    json_bytes = _table_bytes(as_json, "depth_updates")
+    json_bytes = _table_bytes(as_json, table)
     packed.close()
     as_json.close()
     per_hour = HOUR_EVENTS / len(rows)
@@ -248,26 +300,26 @@ def _as_json(packed: bytes) -> str:
     return orjson.dumps([[f"{p:.8f}", f"{q:.8f}"] for p, q in unpack_levels(packed)]).decode()
 
 
-def _rebuild(db: Path, events: int) -> dict[str, Any]:
+def _rebuild(db: Path, book: Book, events: int) -> dict[str, Any]:
     """One symbol: a 1,000-level snapshot, then `events` depth@100ms events."""
     db.unlink(missing_ok=True)
     engine = make_engine(f"sqlite:///{db}")
     create_schema(engine)
-    feed = DepthFeed(["BTCUSDT"])
+    feed = book.feed(["BTCUSDT"])
     start = 1_700_000_000_000
     rows, json_levels = [], []
     for n in range(events):
         e = feed.event("BTCUSDT", start + n * 100)
-        rows.append(("BTCUSDT", e["u"], e["U"], e["E"], pack_levels(e["b"]), pack_levels(e["a"]), None))
+        rows.append(feed.row(e))
         json_levels.append((orjson.dumps(e["b"]), orjson.dumps(e["a"])))
     with engine.begin() as conn:
-        store_rows(conn, {"depth_snapshots": [feed.snapshot("BTCUSDT", 0)], "depth_updates": rows})
+        store_rows(conn, {book.snapshots: [feed.snapshot("BTCUSDT", 0)], book.updates: rows})
     started = time.perf_counter()
-    book = book_at(engine, "BTCUSDT", start + events * 100, levels=20)
+    rebuilt = book_at(engine, "BTCUSDT", start + events * 100, levels=20, market=book.market)
     rebuild_seconds = time.perf_counter() - started
     engine.dispose()
-    if book.update_id != rows[-1][1]:
-        raise RuntimeError(f"rebuilt to update {book.update_id}, expected {rows[-1][1]}")
+    if rebuilt.update_id != rows[-1][1]:
+        raise RuntimeError(f"rebuilt to update {rebuilt.update_id}, expected {rows[-1][1]}")
     started = time.perf_counter()
     for bids, asks in ((row[4], row[5]) for row in rows):
         unpack_levels(bids), unpack_levels(asks)

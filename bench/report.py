@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.depth import DEPTH_PARTS
+
 Row = tuple[str, ...]
 
 INGEST_RATIO = 0.8
@@ -47,22 +49,28 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         }
     if "burst" in results:
         verdicts["burst"] = _at_most(results["burst"]["ratio"], BURST_RATIO, "burst stored / bare receive loop")
-    if "depth" in results:
-        depth = results["depth"]
-        limit = LATENCY_P99_MS
-        verdicts["depth_capacity"] = _at_least(
-            depth["drain_capacity"]["rows_per_second"], DEPTH_EVENTS_PER_SECOND, "depth rows/s the drain takes"
-        )
-        verdicts["depth_latency"] = _at_most(depth["sustained"]["latency"].get("p99_ms"), limit, "p99 latency, ms")
-        rebuild = depth["rebuild"]
-        verdicts["depth_rebuild"] = _at_most(
-            rebuild["book_at_seconds"] / rebuild["replayed_hours"],
-            REBUILD_SECONDS_PER_HOUR,
-            "seconds per hour replayed",
-        )
+    for part in DEPTH_PARTS:
+        if part in results:
+            verdicts.update(_depth_targets(part, results[part]))
     if "market" in results:
         verdicts.update(_market_targets(results["market"]))
     return verdicts
+
+
+def _depth_targets(part: str, depth: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`<part>_capacity`, `_latency` and `_rebuild`: the same targets for spot's and USDⓈ-M's books."""
+    rebuild = depth["rebuild"]
+    return {
+        f"{part}_capacity": _at_least(
+            depth["drain_capacity"]["rows_per_second"], DEPTH_EVENTS_PER_SECOND, "depth rows/s the drain takes"
+        ),
+        f"{part}_latency": _at_most(depth["sustained"]["latency"].get("p99_ms"), LATENCY_P99_MS, "p99 latency, ms"),
+        f"{part}_rebuild": _at_most(
+            rebuild["book_at_seconds"] / rebuild["replayed_hours"],
+            REBUILD_SECONDS_PER_HOUR,
+            "seconds per hour replayed",
+        ),
+    }
 
 
 def _market_targets(market: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -125,8 +133,9 @@ def table(results: dict[str, Any]) -> str:
         add(sqlite, _burst_row(results["burst"], verdicts["burst"]))
     if "legacy" in results:
         add(sqlite, *_legacy_rows(results["legacy"], results.get("ingest")))
-    if "depth" in results:
-        add(sqlite, *_depth_rows(results["depth"], verdicts))
+    for part in DEPTH_PARTS:
+        if part in results:
+            add(sqlite, *_depth_rows(part, results[part], verdicts))
     if "market" in results:
         add(sqlite, *_market_rows(results["market"], verdicts))
     return _format(rows)
@@ -271,41 +280,44 @@ def _legacy_rows(legacy: dict[str, Any], ingest: dict[str, Any] | None) -> list[
     ]
 
 
-def _depth_rows(depth: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
+def _depth_rows(part: str, depth: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
     capacity, sustained, storage, rebuild = (depth[k] for k in ("drain_capacity", "sustained", "storage", "rebuild"))
+    # Results saved before the futures part have no market: they are spot's.
+    market, table = depth.get("market", "spot"), depth.get("table", "depth_updates")
+    label = f"7 {part.replace('_', ' ')}"
     return [
         (
-            "7 depth",
-            f"drain rows/s, {depth['symbols']} symbols depth@100ms, {depth['levels_per_event']} levels/event",
+            label,
+            f"drain rows/s, {depth['symbols']} {market} symbols depth@100ms, {depth['levels_per_event']} levels/event",
             f"{capacity['rows_per_second']:,.0f}",
             f"{capacity['rows']:,} rows as a backlog",
-            verdicts["depth_capacity"]["target"],
-            _yes(verdicts["depth_capacity"]),
+            verdicts[f"{part}_capacity"]["target"],
+            _yes(verdicts[f"{part}_capacity"]),
         ),
         (
-            "7 depth",
+            label,
             f"event->committed at {sustained['offered_events_per_second']:,.0f} events/s, "
             "the drain storing as frames arrive",
             _latency_text(sustained["latency"]),
             f"{sustained['latency'].get('samples', 0):,} rows",
-            f"p99 {verdicts['depth_latency']['target']} ms",
-            _yes(verdicts["depth_latency"]),
+            f"p99 {verdicts[f'{part}_latency']['target']} ms",
+            _yes(verdicts[f"{part}_latency"]),
         ),
         (
-            "7 depth",
-            "bytes per symbol-hour of depth_updates (table + indexes)",
+            label,
+            f"bytes per symbol-hour of {table} (table + indexes)",
             f"{storage['packed_bytes_per_symbol_hour'] / 2**20:,.1f} MiB packed float64",
             f"{storage['json_bytes_per_symbol_hour'] / 2**20:,.1f} MiB as JSON text",
             "",
             "",
         ),
         (
-            "7 depth",
+            label,
             f"book_at after {rebuild['events']:,} events ({rebuild['replayed_hours']:g} h of depth@100ms)",
             f"{rebuild['book_at_seconds']:.2f} s",
             f"decode {rebuild['decode_packed_seconds']:.2f} s packed, {rebuild['decode_json_seconds']:.2f} s JSON",
-            f"{verdicts['depth_rebuild']['target']} s/h",
-            _yes(verdicts["depth_rebuild"]),
+            f"{verdicts[f'{part}_rebuild']['target']} s/h",
+            _yes(verdicts[f"{part}_rebuild"]),
         ),
     ]
 

@@ -104,13 +104,17 @@ def test_every_target_has_a_verdict(results: dict[str, Any]) -> None:
     assert set(results["targets"]) == {
         "ingest", "drain", "end_to_end", "memory", "scale_latency", "scale_ids", "burst",
         "depth_capacity", "depth_latency", "depth_rebuild",
+        "depth_usdm_capacity", "depth_usdm_latency", "depth_usdm_rebuild",
     }  # fmt: skip
     assert all(isinstance(verdict["met"], bool) for verdict in results["targets"].values())
 
 
-def test_depth_part_reports_drain_latency_storage_and_rebuild(results: dict[str, Any]) -> None:
-    depth = results["depth"]
-    assert depth["symbols"] == 200
+@pytest.mark.parametrize(("part", "table"), [("depth", "depth_updates"), ("depth_usdm", "usdm_depth_updates")])
+def test_depth_parts_report_drain_latency_storage_and_rebuild(results: dict[str, Any], part: str, table: str) -> None:
+    """Spot's books and USDⓈ-M's (events with `pu`, stored in usdm_depth_updates and
+    rebuilt by `pu`): the same figures, side by side in the table."""
+    depth = results[part]
+    assert depth["table"] == table and depth["symbols"] == 200
     assert depth["drain_capacity"]["rows_per_second"] > 0
     sustained = depth["sustained"]
     assert 1000 < sustained["offered_events_per_second"] <= 2100
@@ -118,7 +122,9 @@ def test_depth_part_reports_drain_latency_storage_and_rebuild(results: dict[str,
     storage = depth["storage"]
     assert 0 < storage["packed_bytes_per_symbol_hour"] < storage["json_bytes_per_symbol_hour"]
     assert depth["rebuild"]["book_at_seconds"] > 0 and depth["rebuild"]["events"] == 3600
-    assert {"depth_capacity", "depth_latency", "depth_rebuild"} <= set(results["targets"])
+    assert {f"{part}_capacity", f"{part}_latency", f"{part}_rebuild"} <= set(results["targets"])
+    rows = [line for line in report.table(results).splitlines() if f"bytes per symbol-hour of {table} " in line]
+    assert len(rows) == 1 and rows[0].split("  ")[0] == f"7 {part.replace('_', ' ')}", rows
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,32 @@ def test_stream_kinds_and_table_names_name_tables(name: str, table: str) -> None
     assert resolve_source(name).table == table
 
 
+@pytest.mark.parametrize(
+    ("name", "market", "table"),
+    [("aggTrade", "usdm", "usdm_agg_trades"), ("agg_trades", "coinm", "coinm_agg_trades"),
+     ("kline_1h", "usdm", "usdm_klines"), ("markPrice", "usdm", "usdm_mark_prices"),
+     ("forceOrder", "coinm", "coinm_liquidations"), ("openInterest", "usdm", "usdm_open_interest"),
+     ("fundingRate", "coinm", "coinm_funding_rates"), ("markPriceKline_1m", "coinm", "coinm_mark_price_klines"),
+     ("depth", "usdm", "usdm_depth_updates"), ("usdm_mark_prices", "spot", "usdm_mark_prices")],
+)  # fmt: skip
+def test_a_market_names_its_own_tables(name: str, market: str, table: str) -> None:
+    assert resolve_source(name, market=market).table == table
+
+
+def test_futures_errors_name_the_market(engine: Engine, tmp_path: Path) -> None:
+    error = lambda *args, **kwargs: export_error(engine, tmp_path, *args, **kwargs)  # noqa: E731
+    message = error("markPrice", "BTCUSDT", T, T + MINUTE)
+    assert "unknown table or stream kind 'markPrice' in spot" in message and "avgPrice" in message
+    message = error("trade", "BTCUSD_PERP", T, T + MINUTE, market="coinm")
+    assert "unknown table or stream kind 'trade' in coinm" in message and "coinm_liquidations" in message
+    assert "usdm_mark_prices is a table of usdm, not coinm" in error("usdm_mark_prices", "X", T, T + 1, market="coinm")
+    message = error("forceOrder", "BTCUSDT", T, T + MINUTE, market="usdm")
+    assert "the usdm_liquidations table is empty: record the forceOrder stream first" in message
+    assert "binance-recorder subscribe BTCUSDT --market usdm --streams forceOrder" in message
+    message = error("fundingRate", "BTCUSDT", T, T + MINUTE, market="usdm")
+    assert "binance-recorder backfill BTCUSDT fundingRate --market usdm" in message
+
+
 def test_a_large_export_streams_in_chunks_with_bounded_memory(engine: Engine, tmp_path: Path) -> None:
     rows = trade_rows("BTCUSDT", 300_000)
     store(engine, {"trades": rows})

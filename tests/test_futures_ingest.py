@@ -6,10 +6,12 @@ SQLite)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,12 +21,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from tests.conftest import call, launch_stack, status_command, wait_until
+from tests.test_metrics import collect
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
 from worker.ops.local_stack import LocalStack
-from worker.settings import get_settings
-from worker.store.storage import make_engine
+from worker.settings import Settings, get_settings
+from worker.store.storage import TABLE_COLUMNS, make_engine
 
 STALE_SECONDS = 3
 USDM_STREAMS = "aggTrade,markPrice,forceOrder,bookTicker,depth@100ms"
@@ -222,3 +225,71 @@ def test_bad_market_symbol_or_kind_is_one_line_and_exit_2(
     done = cli(stack, *args)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert expected in done.stderr, done.stderr
+
+
+def test_export_chart_and_metrics_know_the_futures_markets(stack: LocalStack, db: Engine, tmp_path: Path) -> None:
+    """`export` and `chart --market` read the market's tables (a futures book rebuilt by
+    `pu`, liquidations said to be a sample), and /metrics labels books by market."""
+    call(stack, "tasks.subscribe", ["DOGEUSDT"], ["aggTrade", "markPrice", "forceOrder", "depth@100ms"], market="usdm")
+    call(stack, "tasks.subscribe", ["ETHUSD_PERP"], ["aggTrade"], market="coinm")
+    where = "where symbol = 'DOGEUSDT'"
+    for table in ("usdm_agg_trades", "usdm_mark_prices", "usdm_liquidations", "usdm_open_interest"):
+        wait_until(lambda table=table: rows(db, table, where), 40, f"DOGEUSDT rows in {table}")  # type: ignore[misc]
+    wait_until(lambda: rows(db, "coinm_agg_trades", "where symbol = 'ETHUSD_PERP'"), 30, "ETHUSD_PERP trades")
+
+    trades = export(stack, tmp_path, "DOGEUSDT", "aggTrade")
+    assert tuple(trades[0]) == TABLE_COLUMNS["usdm_agg_trades"] and len(trades) > 1
+    ids = [int(row[1]) for row in trades[1:]]
+    assert ids == sorted(ids) and all(row[0] == "DOGEUSDT" for row in trades[1:])
+    liquidations = cli(stack, "export", "DOGEUSDT", "forceOrder", "--market", "usdm", "-o", str(tmp_path / "l.csv"))
+    assert liquidations.returncode == 0, liquidations.stderr
+    assert "at most one liquidation per symbol per second" in liquidations.stdout, liquidations.stdout
+    for kind in ("markPrice", "openInterest"):
+        table = f"usdm_{'mark_prices' if kind == 'markPrice' else 'open_interest'}"
+        assert tuple(export(stack, tmp_path, "DOGEUSDT", kind)[0]) == TABLE_COLUMNS[table]
+
+    wait_until(lambda: cli(stack, "book", "DOGEUSDT", "--market", "usdm", "--at", "-1s").returncode == 0, 30, "a book")
+    books = export(stack, tmp_path, "DOGEUSDT", "book", "--start", "-20s", "--step", "200ms", "--levels", "5")
+    last = books[-1]
+    base = stack.env["BINANCE_USDM_REST_URL"]
+    truth = requests.get(f"{base}/fake/book", params={"symbol": "DOGEUSDT", "update_id": last[1]}, timeout=5).json()
+    assert [float(value) for value in last[2:12]] == [float(v) for level in truth["bids"][:5] for v in level]
+    assert [float(value) for value in last[12:22]] == [float(v) for level in truth["asks"][:5] for v in level]
+
+    for symbol, market, source in (
+        ("DOGEUSDT", "usdm", "usdm_agg_trades"),
+        ("ETHUSD_PERP", "coinm", "coinm_agg_trades"),
+    ):
+        chart = cli(stack, "chart", symbol, "--market", market, "--start", "-5m", "-o", str(tmp_path / f"{symbol}.png"))
+        assert chart.returncode == 0 and f"PNG from {source} " in chart.stdout, chart.stdout + chart.stderr
+        assert (tmp_path / f"{symbol}.png").read_bytes().startswith(b"\x89PNG")
+
+    settings = Settings.from_env(stack.env)
+    page = collect(settings, redis.Redis.from_url(stack.env["REDIS_URL"]), db)
+    assert page.value("binance_recorder_book_synced", market="usdm", symbol="DOGEUSDT") == 1
+    assert (page.value("binance_recorder_books", market="usdm", state="synced") or 0) >= 1
+
+
+def export(stack: LocalStack, tmp_path: Path, symbol: str, kind: str, *args: str) -> list[list[str]]:
+    """`export SYMBOL KIND --market usdm` of the last ten minutes, read back."""
+    path = tmp_path / f"{symbol}-{kind}.csv"
+    done = cli(stack, "export", symbol, kind, "--market", "usdm", "--start", "-10m", *args, "-o", str(path))
+    assert done.returncode == 0, done.stderr
+    with path.open(newline="") as file:
+        return list(csv.reader(file))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("export", "BTCUSDT", "markPrice"), "error: unknown table or stream kind 'markPrice' in spot: use one of"),
+        (("export", "BTCUSDT", "avgPrice", "--market", "usdm"), "unknown table or stream kind 'avgPrice' in usdm"),
+        (("export", "BTCUSDT", "kline_1s", "--market", "usdm"), "error: unknown kline interval '1s': use one of 1m"),
+        (("chart", "BTCUSDT", "--market", "eurm"), "invalid choice: 'eurm'"),
+    ],
+)
+def test_bad_export_or_chart_input_is_one_line_and_exit_2(
+    stack: LocalStack, args: tuple[str, ...], expected: str
+) -> None:
+    done = cli(stack, *args)
+    assert done.returncode == 2 and expected in done.stderr, done.stderr

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 from tests.conftest import call, clean_env, launch_stack, wait_until
 from tests.test_drain import push, trade_frame
 from worker.buffer import FrameBuffer, FrameWriter
-from worker.exchange.ratelimit import MINUTE_MS, RedisLimitState
+from worker.exchange.ratelimit import FUTURES_POOL, MINUTE_MS, RedisLimitState
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.local_stack import LocalStack, free_port
@@ -112,7 +112,7 @@ def recording(stack: tuple[LocalStack, str]) -> tuple[LocalStack, str, str]:
     def ready() -> bool:
         page = scrape(url)
         return (page.value("binance_recorder_group_messages_total", group=group) or 0) > 0 and all(
-            page.value("binance_recorder_book_synced", symbol=symbol) == 1 for symbol in SYMBOLS
+            page.value("binance_recorder_book_synced", market="spot", symbol=symbol) == 1 for symbol in SYMBOLS
         )
 
     wait_until(ready, 60, "messages counted and both books synced in /metrics")
@@ -156,11 +156,15 @@ def test_the_scrape_shows_the_recording_groups_figures(recording: tuple[LocalSta
     assert page.value("binance_recorder_dead_letters_total") == 0
     assert 0 <= page.value("binance_recorder_table_newest_row_age_seconds", table="trades") < 10  # type: ignore[operator]
 
-    assert page.by("binance_recorder_books", "state") == {"synced": 2, "resyncing": 0}
-    assert page.value("binance_recorder_book_updates_per_second", symbol="BTCUSDT") > 0  # type: ignore[operator]
-    used = page.value("binance_recorder_rest_weight_used")
-    assert used is not None and 0 <= used <= page.value("binance_recorder_rest_weight_budget") == 3000
-    assert page.value("binance_recorder_rest_blocked_seconds") == 0
+    books = page.samples["binance_recorder_books"]
+    assert {labels: count for labels, count in books.items() if count} == {(("market", "spot"), ("state", "synced")): 2}
+    assert page.value("binance_recorder_books", market="usdm", state="resyncing") == 0  # every market, even unused
+    rate = page.value("binance_recorder_book_updates_per_second", market="spot", symbol="BTCUSDT")
+    assert rate is not None and rate > 0
+    used = page.value("binance_recorder_rest_weight_used", pool="spot")
+    assert used is not None and 0 <= used <= page.value("binance_recorder_rest_weight_budget", pool="spot") == 3000
+    assert page.value("binance_recorder_rest_weight_budget", pool="futures") == 1200
+    assert page.value("binance_recorder_rest_blocked_seconds", pool="spot") == 0
     assert page.value("binance_recorder_redis_memory_used_bytes") > 2**16  # type: ignore[operator]
     assert page.value("binance_recorder_redis_memory_max_bytes") == 0  # the local stack sets no maxmemory
     assert 0 < page.value("binance_recorder_scrape_duration_seconds") < 1  # type: ignore[operator]
@@ -289,17 +293,20 @@ def test_gaps_by_kind_and_status(redis_client: redis.Redis, keys: RedisKeys, eng
     }
 
 
-def test_rest_weight_and_a_ban(redis_client: redis.Redis, keys: RedisKeys, engine: Engine) -> None:
-    limits = RedisLimitState(redis_client, keys)
+def test_rest_weight_and_a_ban_per_pool(redis_client: redis.Redis, keys: RedisKeys, engine: Engine) -> None:
+    spot, futures = RedisLimitState(redis_client, keys), RedisLimitState(redis_client, keys, FUTURES_POOL)
     minute = now_ms() // MINUTE_MS
     for spent_in in (minute, minute + 1):  # the scrape may fall in the next minute
-        limits.reserve(spent_in, 40, 3000)
-    limits.block("ban", now_ms() + 120_000, now_ms())
+        spot.reserve(spent_in, 40, 3000)
+        futures.reserve(spent_in, 25, 2400)
+    spot.block("ban", now_ms() + 120_000, now_ms())
 
     page = collect(settings_for(keys), redis_client, engine)
 
-    assert page.value("binance_recorder_rest_weight_used") == 40
-    assert 110 < page.value("binance_recorder_rest_blocked_seconds") <= 120  # type: ignore[operator]
+    assert page.value("binance_recorder_rest_weight_used", pool="spot") == 40
+    assert page.value("binance_recorder_rest_weight_used", pool="futures") == 25
+    assert 110 < page.value("binance_recorder_rest_blocked_seconds", pool="spot") <= 120  # type: ignore[operator]
+    assert page.value("binance_recorder_rest_blocked_seconds", pool="futures") == 0
 
 
 def test_an_unreachable_redis_or_database_is_a_zero_not_a_failed_scrape(

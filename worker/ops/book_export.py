@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from worker.ops.book import book_steps
 from worker.ops.export import FORMATS, check_directory
+from worker.streams import SPOT
 from worker.times import check_range
 
 ROWS_PER_WRITE = 10_000
@@ -34,10 +35,11 @@ def book_columns(levels: int) -> list[str]:
 
 
 def _flat_rows(
-    engine: Engine, symbol: str, start: int, end: int, step: int, levels: int, archive_dir: Path | None
+    engine: Engine, symbol: str, window: tuple[int, int, int], levels: int, archive_dir: Path | None, market: str
 ) -> Iterator[list[Any]]:
     padding: list[Any] = [None, None]
-    for at, update_id, bids, asks in book_steps(engine, symbol, start, end, step, levels, archive_dir):
+    start, end, step = window
+    for at, update_id, bids, asks in book_steps(engine, symbol, start, end, step, levels, archive_dir, market):
         row: list[Any] = [at, update_id]
         for side in (bids, asks):
             for price, qty in side:
@@ -57,9 +59,11 @@ def export_book(
     fmt: str = "csv",
     progress: Callable[[int], None] | None = None,
     archive_dir: Path | None = None,
+    market: str = SPOT,
 ) -> int:
-    """Write the book of `symbol` every `step_ms` in [start_ms, end_ms) to `path`; returns the rows.
-    With `archive_dir` (ARCHIVE_DIR), days deleted from the database come from the day files."""
+    """Write the book of `symbol` in `market` every `step_ms` in [start_ms, end_ms) to
+    `path`; returns the rows. With `archive_dir` (ARCHIVE_DIR), days deleted from the
+    database come from the day files."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     if levels < 1:
@@ -69,7 +73,7 @@ def export_book(
     check_directory(target)
     partial = target.with_name(target.name + ".partial")
     columns = book_columns(levels)
-    rows = _flat_rows(engine, symbol, start_ms, end_ms, step_ms, levels, archive_dir)
+    rows = _flat_rows(engine, symbol, (start_ms, end_ms, step_ms), levels, archive_dir, market)
     writer = _write_csv if fmt == "csv" else _write_parquet
     try:
         written = writer(partial, columns, rows, progress or (lambda _: None))

@@ -34,7 +34,7 @@ from worker.ops.export import (
     resolve_source,
 )
 from worker.store.storage import TABLES, TIME_COLUMNS
-from worker.streams import INTERVAL_MS, KLINE_INTERVALS
+from worker.streams import INTERVAL_MS, SPOT, Market, market_named
 from worker.times import check_range, utc_datetime
 
 DAY_MS = 86_400_000
@@ -88,7 +88,11 @@ class _Spec:
 _SPECS = {
     "klines": _Spec("open_time", "open", "high", "low", "close", "volume"),
     "trades": _Spec("trade_id", "price", "price", "price", "price", "qty"),
+    "agg_trades": _Spec("agg_id", "price", "price", "price", "price", "qty"),
 }
+_TRADE_TABLES = ("trades", "agg_trades")
+"""The tables a chart falls back to when no klines cover the window, in preference
+order (a futures market is usually recorded by aggTrade; COIN-M has no trade stream)."""
 
 
 @dataclass(frozen=True)
@@ -113,21 +117,22 @@ def draw_chart(
     width_px: int = 1200,
     height_px: int = 700,
     interval: str | None = None,
+    market: str = SPOT,
 ) -> ChartSummary:
-    """Draw `symbol` from start_ms (included) to end_ms (excluded) into a PNG of exactly
-    width_px x height_px; raise ValueError saying why when there is nothing to draw."""
+    """Draw `symbol` of `market` from start_ms (included) to end_ms (excluded) into a PNG
+    of exactly width_px x height_px; raise ValueError saying why when there is nothing to draw."""
     symbol = symbol.strip().upper()
     check_range(start_ms, end_ms)
     _check_size(width_px, height_px)
-    preferred = resolve_source("klines", interval).interval
+    preferred = resolve_source("klines", interval, market).interval
     target = Path(path)
     check_directory(target)
     max_points = width_px // _PIXELS_PER_POINT
     with engine.connect() as conn:
-        source, covered = _chart_source(conn, symbol, start_ms, end_ms, preferred)
+        source, covered = _chart_source(conn, symbol, start_ms, end_ms, preferred, market_named(market))
         buckets = _load_buckets(conn, source, symbol, start_ms, end_ms, max_points)
     title = f"{symbol} — {_describe(source, buckets.step_ms)}, {_range_text(start_ms, end_ms)}"
-    _render(buckets, source.table == "klines", title, target, width_px, height_px, (start_ms, end_ms))
+    _render(buckets, source.base == "klines", title, target, width_px, height_px, (start_ms, end_ms))
     return ChartSummary(target, source.label, len(buckets.time_ms), covered, end_ms - start_ms)
 
 
@@ -140,25 +145,27 @@ def _check_size(width_px: int, height_px: int) -> None:
 
 
 def _chart_source(
-    conn: Connection, symbol: str, start_ms: int, end_ms: int, preferred: str | None
+    conn: Connection, symbol: str, start_ms: int, end_ms: int, preferred: str | None, market: Market
 ) -> tuple[Source, int]:
     """The source whose rows span most of the window, and that span (ms).
 
     Candidates in order of preference: the interval asked for, the kline intervals
-    from the smallest up, trades; a later one wins only by covering more. One indexed
-    min/max per candidate.
+    from the smallest up, trades, aggregate trades (those the market records); a later
+    one wins only by covering more. One indexed min/max per candidate.
     """
-    candidates = [Source("klines", i) for i in dict.fromkeys([preferred, *KLINE_INTERVALS]) if i] + [Source("trades")]
+    intervals = dict.fromkeys([preferred, *market.kline_intervals])
+    trades = [Source(base, market=market.name) for base in _TRADE_TABLES if market.table_prefix + base in TABLES]
+    candidates = [Source("klines", i, market.name) for i in intervals if i] + trades
     best, best_covered = None, 0
     for source in candidates:
         covered = _covered_ms(conn, source, symbol, start_ms, end_ms)
         if covered > best_covered:
             best, best_covered = source, covered
     if best is None:
-        trades = Source("trades")
+        klines = no_rows_message(conn, Source("klines", market=market.name), symbol, start_ms, end_ms)
         raise ValueError(
-            f"nothing to chart: {no_rows_message(conn, Source('klines'), symbol, start_ms, end_ms)}"
-            f"; and {no_rows_message(conn, trades, symbol, start_ms, end_ms)}"
+            f"nothing to chart: {klines}"
+            + "".join(f"; and {no_rows_message(conn, source, symbol, start_ms, end_ms)}" for source in trades)
         )
     return best, best_covered
 
@@ -194,7 +201,7 @@ def _load_buckets(
     bucket, first_time, open_, high, low, close, volume = columns
     # A candle starts at its first kline's open time: weekly and monthly klines do not
     # start at multiples of their length since the epoch. Trade buckets start on the grid.
-    starts = first_time if source.table == "klines" else bucket * step
+    starts = first_time if source.base == "klines" else bucket * step
     return _Buckets(starts.astype(np.int64), open_, high, low, close, volume, step_ms=step)
 
 
@@ -212,7 +219,7 @@ def _bucket_statement(source: Source, symbol: str, start_ms: int, end_ms: int, s
     bucket's first and last row, found again by key, so that SQLite and PostgreSQL both
     answer it (neither has a portable first()/last() aggregate)."""
     table = TABLES[source.table]
-    spec = _SPECS[source.table]
+    spec = _SPECS[source.base]
     time_column = table.c[TIME_COLUMNS[source.table]]
     bucket = (time_column // step_ms).label("bucket")
     grouped = (
@@ -255,8 +262,8 @@ def _same_row(alias: Any, source: Source, symbol: str, key: str, value: Any) -> 
 
 
 def _describe(source: Source, step_ms: int) -> str:
-    if source.table == "trades":
-        return f"trades, last price and volume per {_duration(step_ms)}"
+    if source.base in _TRADE_TABLES:
+        return f"{source.label}, last price and volume per {_duration(step_ms)}"
     if source.interval and step_ms == CANDLE_MS[source.interval]:
         return source.label
     return f"{source.label} as {_duration(step_ms)} candles"

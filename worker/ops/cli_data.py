@@ -211,9 +211,12 @@ def _add_export(commands: Any) -> None:
     parser.add_argument(
         "kind",
         help="trade, aggTrade, kline_<interval>, ticker, miniTicker, bookTicker, avgPrice, depth, ... "
-        "(or a table name); `book` writes the rebuilt order book every --step",
+        "(or a table name); futures also markPrice, forceOrder (liquidations: at most one per symbol per "
+        "second, a sample by Binance's design), openInterest, fundingRate; `book` writes the rebuilt order "
+        "book every --step",
     )
     _time_range(parser)
+    _market_option(parser)
     parser.add_argument("--format", choices=["csv", "parquet"], default="csv", help="(default: %(default)s)")
     parser.add_argument("-o", "--output", help="file to write (default: SYMBOL-KIND.FORMAT here)")
     parser.add_argument("--step", default="1s", help="book only: time between rows, e.g. 100ms, 1s, 1m (default: 1s)")
@@ -228,7 +231,7 @@ def _database_and_range(args: argparse.Namespace) -> tuple[Engine, int, int]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from worker.ops.export import export_rows
+    from worker.ops.export import export_rows, resolve_source
 
     engine, start, end = _database_and_range(args)
     path = Path(args.output or f"{args.symbol.upper()}-{args.kind}.{args.format}")
@@ -248,9 +251,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         fmt=args.format,
         progress=progress,
         archive_dir=args.settings.archive_path,
+        market=args.market,
     )
     print(file=sys.stderr)
-    print(f"{rows} rows -> {path}")
+    lossy = resolve_source(args.kind, market=args.market).lossy
+    print(f"{rows} rows -> {path}" + (f" ({lossy})" if lossy else ""))
     return 0
 
 
@@ -262,7 +267,9 @@ def _export_book(args: argparse.Namespace, engine: Engine, start: int, end: int,
     step = parse_duration_ms(args.step)
     try:
         archive = args.settings.archive_path
-        rows = export_book(engine, args.symbol, start, end, step, args.levels, path, args.format, progress, archive)
+        rows = export_book(
+            engine, args.symbol, start, end, step, args.levels, path, args.format, progress, archive, args.market
+        )
     except BookUnknown as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -337,13 +344,15 @@ def _add_chart(commands: Any) -> None:
     parser = commands.add_parser(
         "chart",
         help="draw a PNG of price and volume for a symbol and time range",
-        description="Price on top, volume below; candles from klines when recorded, else the trade price.",
+        description="Price on top, volume below; candles from klines when recorded, else the trade (or "
+        "aggregate trade) price. --market usdm / coinm charts a futures contract from its market's tables.",
     )
     parser.add_argument("symbol", help="e.g. BTCUSDT")
     _time_range(parser)
     parser.add_argument("--interval", help="kline interval to prefer (default: the finest recorded)")
     parser.add_argument("--size", default="1200x700", help="WIDTHxHEIGHT in pixels (default: %(default)s)")
     parser.add_argument("-o", "--output", help="PNG to write (default: SYMBOL.png here)")
+    _market_option(parser)
     parser.set_defaults(func=cmd_chart)
 
 
@@ -354,7 +363,15 @@ def cmd_chart(args: argparse.Namespace) -> int:
     width, height = _size(args.size)
     path = Path(args.output or f"{args.symbol.upper()}.png")
     summary = draw_chart(
-        engine, args.symbol, start, end, path, width_px=width, height_px=height, interval=args.interval
+        engine,
+        args.symbol,
+        start,
+        end,
+        path,
+        width_px=width,
+        height_px=height,
+        interval=args.interval,
+        market=args.market,
     )
     print(summary.describe(width, height))
     return 0

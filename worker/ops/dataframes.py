@@ -3,6 +3,7 @@
     from worker.ops.dataframes import load
 
     trades = load("trade", "BTCUSDT", "2026-11-24", "2026-11-26")  # pandas
+    marks = load("markPrice", "BTCUSDT", "-1d", "now", market="usdm")  # usdm_mark_prices
     candles = load("kline_1m", "ETHUSDT", "-7d", "now")
     book = Selection("depth", "BTCUSDT", "-1h", "now").polars()  # where polars is installed
 
@@ -29,6 +30,7 @@ from worker.ops.export import resolve_source, source_chunks
 from worker.settings import get_settings
 from worker.store.dayfiles import parquet_schema, record_batch
 from worker.store.storage import TABLES
+from worker.streams import SPOT
 from worker.times import check_range, parse_time
 
 if TYPE_CHECKING:
@@ -50,9 +52,11 @@ def load(
     interval: str | None = None,
     database_url: str | None = None,
     archive_dir: str | Path | None = None,
+    market: str = SPOT,
 ) -> pd.DataFrame:
     """`symbol`'s rows of a stream kind ("trade", "aggTrade", "kline_1m", "depth", ...) or
-    table ("trades", "usdm_mark_prices", ...) with start <= time < end, as pandas.
+    table ("trades", "usdm_mark_prices", ...) with start <= time < end, as pandas; a
+    kind of `market` (spot, usdm, coinm) reads that market's table.
 
     Integer columns (ids, counts, ms times) are pandas' nullable `Int64`, so a NULL
     (`event_time` of a REST-backfilled row) is `<NA>` rather than turning the whole
@@ -60,7 +64,7 @@ def load(
     `pd.to_datetime(frame.trade_time, unit="ms", utc=True)`. For polars:
     `Selection(...).polars()`, with the same arguments.
     """
-    return Selection(kind_or_table, symbol, start, end, interval, database_url, archive_dir).pandas()
+    return Selection(kind_or_table, symbol, start, end, interval, database_url, archive_dir, market).pandas()
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Selection:
     interval: str | None = None
     database_url: str | None = None
     archive_dir: str | Path | None = None
+    market: str = SPOT
 
     def pandas(self) -> pd.DataFrame:
         import pandas as pd
@@ -97,7 +102,7 @@ class Selection:
         """One Arrow table, the common ground of pandas, polars and DuckDB."""
         import pyarrow as pa
 
-        source = resolve_source(self.kind_or_table, self.interval)
+        source = resolve_source(self.kind_or_table, self.interval, self.market)
         start_ms, end_ms = _ms(self.start), _ms(self.end)
         check_range(start_ms, end_ms)
         settings = get_settings()

@@ -16,7 +16,7 @@ import csv
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -30,11 +30,16 @@ from sqlalchemy import (
 
 from worker.store import dayfiles
 from worker.store.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
-from worker.streams import KIND_TABLES, KLINE_INTERVALS, valid_kinds_text
+from worker.streams import (
+    FUTURES_MARKETS,
+    KLINE_KINDS,
+    MARKETS,
+    SPOT,
+    Market,
+    kind_table,
+    market_named,
+)
 from worker.times import check_range, iso_ms
-
-if TYPE_CHECKING:
-    pass
 
 CHUNK_ROWS = 20_000
 """Rows fetched and written at a time. Measured on 300k trades: an export's peak Python
@@ -43,10 +48,46 @@ memory is about 16 MB at 20k rows (two chunks are alive while the next one is fe
 
 FORMATS = ("csv", "parquet")
 
-_TABLE_NAMES: dict[str, str] = {
-    **{kind.lower(): table for kind, table in KIND_TABLES.items()},
-    **{table: table for table in TABLES},
+REST_KINDS: dict[str, str] = {"openInterest": "open_interest", "fundingRate": "funding_rates"}
+"""Futures data polled or backfilled from REST, not streamed: the name a user exports
+it by -> its table (without the market's prefix)."""
+
+LOSSY_TABLES: dict[str, str] = {
+    "liquidations": "Binance streams at most one liquidation per symbol per second (forceOrder), "
+    "so these rows are a sample of the liquidations, not all of them",
 }
+"""Tables (without the market's prefix) whose rows are fewer than what happened, by
+Binance's design -> what an export of them says so."""
+
+
+def _kind_tables(market: Market) -> dict[str, str]:
+    """The exportable kinds of `market` -> their base table: kinds and REST data whose
+    table has a `symbol` column (pair-keyed tables such as continuous klines have none)."""
+    kinds = {kind: kind_table(kind) for kind in market.kinds}
+    if market.futures:
+        kinds |= REST_KINDS
+    return {kind: table for kind, table in kinds.items() if "symbol" in TABLES[market.table_prefix + table].c}
+
+
+def _market_tables(market: Market) -> dict[str, str]:
+    """`market`'s tables that hold rows of a symbol over time, full name -> base name."""
+    futures = tuple(m.table_prefix for m in FUTURES_MARKETS)
+    return {
+        name: name.removeprefix(market.table_prefix)
+        for name, table in TABLES.items()
+        if (name.startswith(market.table_prefix) if market.futures else not name.startswith(futures))
+        and "symbol" in table.c
+        and name in TIME_COLUMNS
+    }
+
+
+def _table_names(market: Market) -> dict[str, str]:
+    """What a user may name a source by in `market`, lower-cased -> the base table: its
+    kinds, its tables by full name and (for a futures market) without the prefix."""
+    tables = _market_tables(market)
+    kinds = {kind.lower(): table for kind, table in _kind_tables(market).items()}
+    return {**kinds, **{base: base for base in tables.values()}, **tables}
+
 
 _MAX_SYMBOLS_SHOWN = 10
 
@@ -56,21 +97,43 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Source:
-    """A table, narrowed to one kline interval when the user asked for `kline_<interval>`."""
+    """A market's table, narrowed to one kline interval when the user asked for
+    `kline_<interval>`. `base` is the table's name without the market's prefix, the
+    same in every market (`agg_trades` is spot's, `usdm_agg_trades` USDⓈ-M's)."""
 
-    table: str
+    base: str
     interval: str | None = None
+    market: str = SPOT
+
+    @property
+    def table(self) -> str:
+        return MARKETS[self.market].table_prefix + self.base
 
     @property
     def label(self) -> str:
         return f"{self.table} {self.interval}" if self.interval else self.table
 
     @property
-    def kind(self) -> str:
-        """The stream that fills this source, for messages that say how to record it."""
-        if self.table == "klines":
-            return f"kline_{self.interval or '1m'}"
-        return next(kind for kind, table in KIND_TABLES.items() if table == self.table)
+    def lossy(self) -> str | None:
+        """Why this source holds fewer rows than happened, when Binance designed it so."""
+        return LOSSY_TABLES.get(self.base)
+
+    @property
+    def kind(self) -> str | None:
+        """The stream or REST data that fills this source, for messages that say how to
+        record it; None for a table no kind fills (gaps, listings...)."""
+        kinds = _kind_tables(MARKETS[self.market])
+        kind = next((kind for kind, base in kinds.items() if base == self.base), None)
+        return f"{kind}_{self.interval or '1m'}" if kind in KLINE_KINDS else kind
+
+    def record_command(self, symbol: str) -> str:
+        """How to record this source: a subscription's stream; funding rates are
+        backfilled, open interest polled for every subscribed futures symbol."""
+        market = f" --market {self.market}" if self.market != SPOT else ""
+        if self.kind == "fundingRate":
+            return f"binance-recorder backfill {symbol} fundingRate{market}"
+        streams = f" --streams {self.kind}" if self.kind and self.kind not in REST_KINDS else ""
+        return f"binance-recorder subscribe {symbol}{market}{streams}"
 
     def equals(self, symbol: str) -> dict[str, str]:
         """The column values that select this source's rows of `symbol`."""
@@ -85,37 +148,59 @@ class Source:
         return [time_column >= start_ms, time_column < end_ms]
 
 
-def resolve_source(table_or_kind: str, interval: str | None = None) -> Source:
-    """`"kline_1m"` -> klines of 1m, `"aggTrade"` or `"agg_trades"` -> agg_trades.
+def resolve_source(table_or_kind: str, interval: str | None = None, market: str = SPOT) -> Source:
+    """`"kline_1m"` -> klines of 1m, `"aggTrade"` or `"agg_trades"` -> agg_trades, in
+    `market`'s tables (`market="usdm"`: usdm_klines, usdm_agg_trades).
 
     Kinds and table names are accepted in any case; intervals only as Binance spells
     them, because "1m" is a minute and "1M" a month.
     """
     name = table_or_kind.strip()
-    prefix, underscore, kind_interval = name.partition("_")
-    if prefix.lower() == "kline" and underscore:
-        return _klines_source(kind_interval, interval)
-    table = _TABLE_NAMES.get(name.lower())
+    spec = _market_of_table(name.lower(), market_named(market))
+    names = _table_names(spec)
+    prefix, underscore, kind_interval = name.rpartition("_") if "kline" in name.lower() else ("", "", "")
+    if underscore and prefix.lower() in names and names[prefix.lower()].endswith("klines"):
+        return _klines_source(names[prefix.lower()], kind_interval, interval, spec)
+    table = names.get(name.lower())
     if table is None:
-        raise ValueError(f"unknown table or stream kind {table_or_kind!r}: use one of {_valid_names()}")
-    if table == "klines":
-        return _klines_source(interval, None)
+        raise ValueError(
+            f"unknown table or stream kind {table_or_kind!r} in {spec.name}: use one of {_valid_names(spec)}"
+        )
+    if table.endswith("klines"):
+        return _klines_source(table, interval, None, spec)
     if interval is not None:
-        raise ValueError(f"an interval only applies to klines, not to {table}: leave it out")
-    return Source(table)
+        raise ValueError(f"an interval only applies to klines, not to {spec.table_prefix + table}: leave it out")
+    return Source(table, market=spec.name)
 
 
-def _klines_source(interval: str | None, requested: str | None) -> Source:
+def _market_of_table(name: str, asked: Market) -> Market:
+    """The market of what the user named: `asked`, whose kinds and tables (with or without
+    the prefix) come first; else the market a full table name belongs to
+    (`usdm_mark_prices` is USDⓈ-M's without --market, as it was before markets)."""
+    if name in _table_names(asked):  # `agg_trades` in usdm is usdm_agg_trades
+        return asked
+    owner = next((market for market in MARKETS.values() if name in _market_tables(market)), None)
+    if owner is None:
+        return asked
+    if asked.futures:
+        raise ValueError(f"{name} is a table of {owner.name}, not {asked.name}: give --market {owner.name}")
+    return owner
+
+
+def _klines_source(base: str, interval: str | None, requested: str | None, market: Market) -> Source:
     if interval and requested and interval != requested:
-        raise ValueError(f"kline_{interval} and interval {requested!r} disagree: give the interval once")
+        raise ValueError(f"{base}_{interval} and interval {requested!r} disagree: give the interval once")
     interval = interval or requested
-    if interval is not None and interval not in KLINE_INTERVALS:
-        raise ValueError(f"unknown kline interval {interval!r}: use one of {', '.join(KLINE_INTERVALS)}")
-    return Source("klines", interval)
+    if interval is not None and interval not in market.kline_intervals:
+        raise ValueError(f"unknown kline interval {interval!r}: use one of {', '.join(market.kline_intervals)}")
+    return Source(base, interval, market.name)
 
 
-def _valid_names() -> str:
-    return f"{valid_kinds_text(separator=' ')}, or a table name: {', '.join(TABLES)}"
+def _valid_names(market: Market) -> str:
+    kinds = _kind_tables(market)
+    named = (f"{kind}_<interval>" if kind in KLINE_KINDS else kind for kind in kinds)
+    tables = (market.table_prefix + table for table in dict.fromkeys(kinds.values()))
+    return f"{', '.join(named)}, or a table name: {', '.join(tables)}"
 
 
 def check_directory(path: Path) -> None:
@@ -163,14 +248,15 @@ def no_rows_message(conn: Connection, source: Source, symbol: str, start_ms: int
 
 def _what_the_table_holds(conn: Connection, source: Source, symbol: str) -> str:
     table = TABLES[source.table]
-    if source.interval:
+    if source.interval is not None:
         intervals = _distinct(conn, table.c.interval, [table.c.symbol == symbol])
         if intervals:
             return f"its klines have the interval(s) {', '.join(intervals)}: ask for one of those"
     symbols = _distinct(conn, table.c.symbol, [], limit=_MAX_SYMBOLS_SHOWN + 1)
-    record = f"binance-recorder subscribe {symbol} --streams {source.kind}"
+    record = source.record_command(symbol)
+    what = f"the {source.kind} stream" if source.kind and source.kind not in REST_KINDS else "it"
     if not symbols:
-        return f"the {source.table} table is empty: record the {source.kind} stream first ({record})"
+        return f"the {source.table} table is empty: record {what} first ({record})"
     shown = ", ".join(symbols[:_MAX_SYMBOLS_SHOWN])
     more = " and more" if len(symbols) > _MAX_SYMBOLS_SHOWN else ""
     return f"the {source.table} table holds {shown}{more}; check the symbol, or record it first ({record})"
@@ -209,6 +295,7 @@ def export_rows(
     progress: Progress | None = None,
     chunk_rows: int = CHUNK_ROWS,
     archive_dir: Path | None = None,
+    market: str = SPOT,
 ) -> int:
     """Write `symbol`'s rows with start_ms <= time < end_ms to `path`; return the row count.
 
@@ -219,7 +306,7 @@ def export_rows(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    source = resolve_source(table_or_kind, interval)
+    source = resolve_source(table_or_kind, interval, market)
     symbol = symbol.strip().upper()
     check_range(start_ms, end_ms)
     target = Path(path)

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.buffer import CLOCK_MARK_PREFIX, FrameBuffer
-from worker.exchange.ratelimit import MINUTE_MS, RedisLimitState
+from worker.exchange.ratelimit import FUTURES_POOL, MINUTE_MS, RedisLimitState
 from worker.keys import RedisKeys, as_text
 from worker.ops.status import book_statuses, group_statuses, redis_memory
 from worker.settings import Settings
@@ -45,7 +45,7 @@ from worker.store.books import RESYNCING, SYNCED
 from worker.store.drain import ROWS_STORED_COUNTER, drain_holders, drain_lanes
 from worker.store.failures import storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS, gaps
-from worker.streams import SPOT
+from worker.streams import MARKETS, SPOT
 from worker.times import now_ms
 
 PREFIX = "binance_recorder"
@@ -247,43 +247,63 @@ class RecorderCollector(Collector):
         )
 
     def _books(self) -> Iterator[Metric]:
-        # Spot's books: their series are labelled by symbol only, which a futures book of
-        # the same symbol would repeat.
-        books = book_statuses(self.client, self.keys, SPOT)
-        by_state = _family(GaugeMetricFamily, "books", "Recorded order books by state (synced, resyncing).", ("state",))
-        for state in sorted({SYNCED, RESYNCING, *(book["state"] for book in books)}):
-            by_state.add_metric([state], sum(1 for book in books if book["state"] == state))
-        synced = _family(GaugeMetricFamily, "book_synced", "1 while the symbol's order book is known.", ("symbol",))
+        # Labelled by market too: BTCUSDT's spot and USDⓈ-M books are two books.
+        books = book_statuses(self.client, self.keys)
+        by_state = _family(
+            GaugeMetricFamily, "books", "Recorded order books by state (synced, resyncing).", ("market", "state")
+        )
+        states = sorted({SYNCED, RESYNCING, *(book["state"] for book in books)})
+        for market in MARKETS:
+            for state in states:
+                count = sum(1 for book in books if book["market"] == market and book["state"] == state)
+                by_state.add_metric([market, state], count)
+        synced = _family(
+            GaugeMetricFamily, "book_synced", "1 while the symbol's order book is known.", ("market", "symbol")
+        )
         rate = _family(
             GaugeMetricFamily,
             "book_updates_per_second",
             "Diff-depth events per second the drain follows.",
-            ("symbol",),
+            ("market", "symbol"),
         )
         for book in books:
-            synced.add_metric([book["symbol"]], int(book["state"] == SYNCED))
-            rate.add_metric([book["symbol"]], book["updates_per_second"])
+            synced.add_metric([book["market"], book["symbol"]], int(book["state"] == SYNCED))
+            rate.add_metric([book["market"], book["symbol"]], book["updates_per_second"])
         yield from (by_state, synced, rate)
 
     def _rest(self, now: int) -> Iterator[Metric]:
-        limits = RedisLimitState(self.client, self.keys)
-        yield _gauge(
+        """Per weight pool: spot's, and the futures' one that USDⓈ-M and COIN-M share."""
+        used = _family(
+            GaugeMetricFamily,
             "rest_weight_used",
             "REST request weight spent in the current UTC minute by all workers (Binance counts per IP and minute).",
-            limits.used(now // MINUTE_MS),
+            ("pool",),
         )
-        yield _gauge(
+        budget = _family(
+            GaugeMetricFamily,
             "rest_weight_budget",
-            "REST_WEIGHT_BUDGET_PER_MINUTE: the weight all workers may spend per minute.",
-            self.settings.rest_weight_budget_per_minute,
+            "The weight all workers may spend per minute: REST_WEIGHT_BUDGET_PER_MINUTE (spot), "
+            "FUTURES_REST_WEIGHT_BUDGET_PER_MINUTE (futures).",
+            ("pool",),
         )
-        until, _kind = limits.blocked_until()
-        yield _gauge(
+        blocked = _family(
+            GaugeMetricFamily,
             "rest_blocked_seconds",
             "Seconds before REST requests may be sent again after Binance answered 429 (back off) or 418 (IP ban); "
             "0: they may.",
-            _seconds(max(0, until - now)),
+            ("pool",),
         )
+        pools = (
+            (SPOT, "", self.settings.rest_weight_budget_per_minute),
+            (FUTURES_POOL, FUTURES_POOL, self.settings.futures_rest_weight_budget_per_minute),
+        )
+        for label, pool, pool_budget in pools:
+            limits = RedisLimitState(self.client, self.keys, pool)
+            used.add_metric([label], limits.used(now // MINUTE_MS))
+            budget.add_metric([label], pool_budget)
+            until, _kind = limits.blocked_until()
+            blocked.add_metric([label], _seconds(max(0, until - now)))
+        yield from (used, budget, blocked)
 
     def _database(self, now: int) -> Iterator[Metric]:
         """Figures from the database; a database that cannot be read (not created yet,
