@@ -173,6 +173,7 @@ def test_futures_errors_name_the_market(engine: Engine, tmp_path: Path) -> None:
     error = lambda *args, **kwargs: export_error(engine, tmp_path, *args, **kwargs)  # noqa: E731
     message = error("markPrice", "BTCUSDT", T, T + MINUTE)
     assert "unknown table or stream kind 'markPrice' in spot" in message and "avgPrice" in message
+    assert message.endswith("; markPrice is a kind of usdm, coinm: add --market usdm")
     message = error("trade", "BTCUSD_PERP", T, T + MINUTE, market="coinm")
     assert "unknown table or stream kind 'trade' in coinm" in message and "coinm_liquidations" in message
     assert "usdm_mark_prices is a table of usdm, not coinm" in error("usdm_mark_prices", "X", T, T + 1, market="coinm")

@@ -53,8 +53,7 @@ REST_KINDS: dict[str, str] = {"openInterest": "open_interest", "fundingRate": "f
 it by -> its table (without the market's prefix)."""
 
 LOSSY_TABLES: dict[str, str] = {
-    "liquidations": "Binance streams at most one liquidation per symbol per second (forceOrder), "
-    "so these rows are a sample of the liquidations, not all of them",
+    "liquidations": "a sample, not every liquidation: Binance streams at most one per symbol per second",
 }
 """Tables (without the market's prefix) whose rows are fewer than what happened, by
 Binance's design -> what an export of them says so."""
@@ -165,6 +164,7 @@ def resolve_source(table_or_kind: str, interval: str | None = None, market: str 
     if table is None:
         raise ValueError(
             f"unknown table or stream kind {table_or_kind!r} in {spec.name}: use one of {_valid_names(spec)}"
+            + _elsewhere(name, spec)
         )
     if table.endswith("klines"):
         return _klines_source(table, interval, None, spec)
@@ -194,6 +194,12 @@ def _klines_source(base: str, interval: str | None, requested: str | None, marke
     if interval is not None and interval not in market.kline_intervals:
         raise ValueError(f"unknown kline interval {interval!r}: use one of {', '.join(market.kline_intervals)}")
     return Source(base, interval, market.name)
+
+
+def _elsewhere(name: str, asked: Market) -> str:
+    """`; markPrice is a kind of usdm, coinm: add --market usdm` when another market has it."""
+    others = [market.name for market in MARKETS.values() if market != asked and name.lower() in _table_names(market)]
+    return f"; {name} is a kind of {', '.join(others)}: add --market {others[0]}" if others else ""
 
 
 def _valid_names(market: Market) -> str:
