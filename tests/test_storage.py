@@ -141,7 +141,7 @@ def batch_of_samples() -> dict[str, list[tuple[Any, ...]]]:
     return {table: [row] for table, row in SAMPLE_ROWS.items()}
 
 
-RECORD_TABLES = {"gaps", "listing_changes", "archived_days"}
+RECORD_TABLES = {"gaps", "listing_changes", "archived_days", "audits"}
 """The tables besides the data tables: backfill's gaps, futures listing changes, day files written."""
 
 
