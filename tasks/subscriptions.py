@@ -7,7 +7,7 @@ from typing import Any
 from tasks.resources import redis_client
 from tasks.workers import stream_processes
 from worker import app
-from worker.exchange.listings import ListingWatch, check_subscribable
+from worker.exchange.listings import ListingWatch, check_pairs, check_subscribable
 from worker.exchange.rest import BinanceRest
 from worker.groups import (
     Group,
@@ -24,7 +24,7 @@ from worker.keys import RedisKeys
 from worker.ops.status import recording_figures
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.streams import SPOT
+from worker.streams import SPOT, is_pair_kind
 
 
 def _registry() -> GroupRegistry:
@@ -65,7 +65,10 @@ def subscribe(symbols: list[str], streams: list[str] | None = None, market: str 
     )
     rest = BinanceRest.from_settings(settings, redis_client(), market)
     watch = ListingWatch(redis_client(), RedisKeys(settings.redis_prefix))
-    statuses = check_subscribable(rest, watch, symbols, market)
+    by_pair = [kind for kind in kinds if is_pair_kind(kind)]
+    if by_pair:
+        check_pairs(rest, symbols, market)
+    statuses = check_subscribable(rest, watch, symbols, market) if len(by_pair) < len(kinds) else {}
     registry = _registry()
     requested = stream_names(symbols, kinds)
     with registry.changing():
@@ -75,6 +78,7 @@ def subscribe(symbols: list[str], streams: list[str] | None = None, market: str 
     return {
         "market": market,
         "symbols": statuses,
+        **({"pairs": symbols} if by_pair else {}),
         "streams": requested,
         "groups": registry.groups_recording(requested, market),
         "new_groups": [g.id for g in new_groups],

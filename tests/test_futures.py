@@ -25,12 +25,23 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from worker.buffer import FrameBuffer, FrameWriter
+from worker.groups import Group, InvalidSubscription, normalize_stream_kinds, stream_names
 from worker.keys import RedisKeys
 from worker.store.drain import Drainer
 from worker.store.parsing import parse_frames
 from worker.store.partitions import PARTITIONED_TABLES
 from worker.store.storage import FUTURES_TABLES, TABLES, TIME_COLUMNS
-from worker.streams import COINM, FUTURES_MARKETS, MARKETS, SPOT, USDM, market_named, market_of_st, stream_kind
+from worker.streams import (
+    COINM,
+    FUTURES_MARKETS,
+    MARKETS,
+    SPOT,
+    USDM,
+    market_named,
+    market_of_st,
+    stream_kind,
+    stream_subject,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "futures"
 FILES = sorted(FIXTURES.glob("*.jsonl"))
@@ -427,6 +438,40 @@ def test_markets_name_their_tables() -> None:
 )
 def test_stream_kind_of_futures_streams(stream: str, kind: str) -> None:
     assert stream_kind(stream) == kind
+
+
+@pytest.mark.parametrize(
+    ("market", "kinds", "streams"),
+    [
+        (USDM, ["continuousKline_1m"], ["btcusdt_perpetual@continuousKline_1m"]),
+        (USDM, ["continuouskline_current_quarter_1h"], ["btcusdt_current_quarter@continuousKline_1h"]),
+        (USDM, ["continuousKline_next_quarter_1d"], ["btcusdt_next_quarter@continuousKline_1d"]),
+        (COINM, ["indexPrice", "indexPriceKline_1m"], ["btcusdt@indexPrice", "btcusdt@indexPriceKline_1m"]),
+        (COINM, ["indexPrice@1s"], ["btcusdt@indexPrice@1s"]),
+    ],
+)
+def test_pair_kinds_are_named_by_the_pair_and_their_streams_by_binance(
+    market: str, kinds: list[str], streams: list[str]
+) -> None:
+    names = stream_names(["BTCUSDT"], normalize_stream_kinds(kinds, market))
+    assert names == streams
+    group = Group("g", tuple(names), market)
+    assert group.symbols == ["BTCUSDT"]  # unsubscribe takes the pair the subscribe took
+    assert group.path == ("/market/stream" if market == USDM else "/stream")
+    assert [stream_subject(name) for name in names] == ["BTCUSDT"] * len(names)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("continuousKline_quarterly_1m", "unknown contract type 'quarterly'"),
+        ("continuousKline_1s", "unknown kline interval '1s'"),
+        ("indexPrice", "unknown stream kind 'indexPrice'"),  # COIN-M's only
+    ],
+)
+def test_bad_pair_kinds_say_what_to_use(kind: str, message: str) -> None:
+    with pytest.raises(InvalidSubscription, match=message):
+        normalize_stream_kinds([kind], USDM)
 
 
 def test_futures_tables_are_partitioned_only_on_binances_own_time() -> None:

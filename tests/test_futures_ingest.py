@@ -293,3 +293,28 @@ def test_bad_export_or_chart_input_is_one_line_and_exit_2(
 ) -> None:
     done = cli(stack, *args)
     assert done.returncode == 2 and expected in done.stderr, done.stderr
+
+
+def test_pair_kinds_are_subscribed_by_pair_and_fill_their_tables(stack: LocalStack, db: Engine) -> None:
+    # Pairs no other test here records by pair: unsubscribing a pair takes every stream named by it.
+    usdm = cli(stack, "subscribe", "DOGEUSDT", "--market", "usdm", "--streams", "continuousKline_1m")
+    assert usdm.returncode == 0, usdm.stderr
+    assert json.loads(usdm.stdout)["streams"] == ["dogeusdt_perpetual@continuousKline_1m"]
+    coinm = cli(stack, "subscribe", "ETHUSD", "--market", "coinm", "--streams", "indexPrice@1s,indexPriceKline_1m")
+    assert coinm.returncode == 0, coinm.stderr
+    assert json.loads(coinm.stdout)["pairs"] == ["ETHUSD"]
+    wait_until(
+        lambda: (
+            rows(db, "usdm_continuous_klines", "where pair = 'DOGEUSDT' and contract_type = 'PERPETUAL'")
+            and rows(db, "coinm_index_prices", "where pair = 'ETHUSD'")
+            and rows(db, "coinm_index_price_klines", "where pair = 'ETHUSD'")
+        ),
+        20,
+        "rows of the pair kinds",
+    )
+    refused = cli(stack, "subscribe", "ETHUSD_PERP", "--market", "coinm", "--streams", "indexPrice")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: unknown pair ETHUSD_PERP on coinm")
+    # The listing check (every second here) has not taken the pair for a delisted contract.
+    gone = cli(stack, "unsubscribe", "ETHUSD", "--market", "coinm")
+    assert gone.returncode == 0, gone.stderr
+    assert json.loads(gone.stdout)["stopped"] + json.loads(gone.stdout)["shrunk"], gone.stdout

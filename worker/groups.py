@@ -27,7 +27,16 @@ import redis
 from redis.lock import Lock
 
 from worker.keys import RedisKeys, as_text
-from worker.streams import SPOT, market_named, validate_stream_kind
+from worker.streams import (
+    PAIR_KINDS,
+    SPOT,
+    is_pair_kind,
+    market_named,
+    pair_stream_name,
+    stream_kind,
+    stream_subject,
+    validate_stream_kind,
+)
 
 # Set status fields only if the lease (KEYS[2]) still holds this token (ARGV[1]).
 _SET_STATUS_IF_HOLDER = """
@@ -67,9 +76,7 @@ class Group:
     @property
     def symbols(self) -> list[str]:
         """The symbols of its streams; an all-market stream (`!miniTicker@arr`) by its name."""
-        return sorted(
-            {stream if stream.startswith("!") else stream.split("@", 1)[0].upper() for stream in self.streams}
-        )
+        return sorted({stream_subject(stream) for stream in self.streams})
 
     def to_json(self) -> str:
         # Spot's records keep their shape, which is what groups saved before markets had.
@@ -165,8 +172,14 @@ def stream_names(symbols: Sequence[str], kinds: Sequence[str]) -> list[str]:
     """Binance stream names (lowercase symbol) in a stable order: by symbol, then kind;
     each once, so no group ever holds a stream twice. An all-market kind
     (`!miniTicker@arr`) is a stream of its own, named once."""
-    names = [kind if kind.startswith("!") else f"{symbol.lower()}@{kind}" for symbol in symbols for kind in kinds]
+    names = [_stream_name(symbol, kind) for symbol in symbols for kind in kinds]
     return list(dict.fromkeys(names))
+
+
+def _stream_name(symbol: str, kind: str) -> str:
+    if kind.startswith("!"):
+        return kind
+    return pair_stream_name(symbol, kind) if is_pair_kind(kind) else f"{symbol.lower()}@{kind}"
 
 
 def split_unsubscribe(names: object, market: str) -> tuple[list[str], list[str]]:
@@ -312,6 +325,19 @@ class GroupRegistry:
         asked = set(streams)
         return sorted(gid for gid, g in self.wanted().items() if g.market == market and asked & set(g.streams))
 
+    def contracts(self, market: str) -> list[str]:
+        """The symbols subscribed on `market`: not its all-market streams, nor the pairs
+        its pair kinds are named by (a pair has no status or open interest)."""
+        return sorted(
+            {
+                stream_subject(stream)
+                for group in self.wanted().values()
+                if group.market == market
+                for stream in group.streams
+                if not stream.startswith("!") and stream_kind(stream) not in PAIR_KINDS
+            }
+        )
+
     def covered_streams(self, wanted: Mapping[str, Group] | None = None) -> set[str]:
         """Every stream some wanted group (of `wanted`, default: all) records."""
         groups = self.wanted() if wanted is None else wanted
@@ -326,13 +352,13 @@ class GroupRegistry:
         A group that keeps other streams stays, and its running task unsubscribes the
         removed ones on the open connection; a group left empty is stopped.
         """
-        lowered = {symbol.lower() for symbol in symbols}
+        upper = {symbol.upper() for symbol in symbols}
         named = set(streams)
         stopped, shrunk = [], []
         for group in self.wanted().values():
             if group.market != market:
                 continue
-            keep = tuple(s for s in group.streams if s.split("@", 1)[0] not in lowered and s not in named)
+            keep = tuple(s for s in group.streams if stream_subject(s) not in upper and s not in named)
             if len(keep) == len(group.streams):
                 continue
             if keep:

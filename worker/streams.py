@@ -75,13 +75,21 @@ DEPTH_KINDS: tuple[str, ...] = ("depth", "depth5", "depth10", "depth20")
 
 FAST_SPEED = "100ms"
 
-SPEEDS: dict[str, str] = {**dict.fromkeys(DEPTH_KINDS, FAST_SPEED), "markPrice": "1s"}
+SPEEDS: dict[str, str] = {**dict.fromkeys(DEPTH_KINDS, FAST_SPEED), "markPrice": "1s", "indexPrice": "1s"}
 """Kinds with a faster variant, `<kind>@<speed>`: the depth kinds every 100 ms (default
-1 s on spot, 250 ms on futures), futures' mark price every second (default 3 s)."""
+1 s on spot, 250 ms on futures), futures' mark price and COIN-M's index price every
+second (default 3 s)."""
 
 PAIR_KINDS: tuple[str, ...] = ("continuousKline", "indexPriceKline", "indexPrice")
 """Futures kinds named by a pair (`btcusdt_perpetual@continuousKline_1m`, `btcusd@indexPrice`),
-not by a contract's symbol: recorded when a stream carries them, not subscribed per symbol."""
+not by a contract's symbol: `subscribe BTCUSD --streams indexPrice` names the pair, checked
+against the market's exchangeInfo `pair` field."""
+
+CONTRACT_TYPES: tuple[str, ...] = ("perpetual", "current_quarter", "next_quarter")
+"""The contract types of Binance's continuous klines, `<pair>_<contractType>@continuousKline_<i>`,
+the first the default: `continuousKline_1m` is the perpetual's, `continuousKline_current_quarter_1m`
+a quarter's (the kind spells the type between the name and the interval, as Binance's stream
+name does between the pair and the kind, so one `--streams` list can ask for several)."""
 
 PUBLIC_ROUTE_KINDS: tuple[str, ...] = (*DEPTH_KINDS, "bookTicker", "trade")
 """The USDⓈ-M kinds on the `/public` route (order books and bookTicker; the undocumented
@@ -98,6 +106,34 @@ FUTURES_ALL_MARKET_STREAMS: tuple[str, ...] = (
 markets since 2026-06-30: the drain stores each element in its own market's table)."""
 
 FUTURES_KLINE_INTERVALS: tuple[str, ...] = tuple(interval for interval in KLINE_INTERVALS if interval != "1s")
+
+
+def is_pair_kind(kind: str) -> bool:
+    """Whether a canonical kind (`indexPrice@1s`, `continuousKline_current_quarter_1m`) is named by a pair."""
+    return kind_family(kind.partition("@")[0]) in PAIR_KINDS
+
+
+def pair_stream_name(pair: str, kind: str) -> str:
+    """The stream of a pair kind: ("BTCUSDT", "continuousKline_1m") ->
+    "btcusdt_perpetual@continuousKline_1m", ("BTCUSDT", "continuousKline_next_quarter_1h")
+    -> "btcusdt_next_quarter@continuousKline_1h", ("BTCUSD", "indexPrice") -> "btcusd@indexPrice"."""
+    if kind_family(kind) != "continuousKline":
+        return f"{pair.lower()}@{kind}"
+    name, _, rest = kind.partition("_")
+    contract_type, _, interval = rest.rpartition("_")
+    return f"{pair.lower()}_{contract_type or CONTRACT_TYPES[0]}@{name}_{interval}"
+
+
+def stream_subject(stream_name: str) -> str:
+    """The symbol or pair a stream is named by, upper-case: "btcusdt@aggTrade" -> "BTCUSDT",
+    "btcusdt_perpetual@continuousKline_1m" -> "BTCUSDT" (its pair), the name of an
+    all-market stream (`!miniTicker@arr`) itself."""
+    if stream_name.startswith("!"):
+        return stream_name
+    subject = stream_name.partition("@")[0]
+    if stream_kind(stream_name) == "continuousKline":
+        subject = next((subject.removesuffix(f"_{t}") for t in CONTRACT_TYPES if subject.endswith(f"_{t}")), subject)
+    return subject.upper()
 
 
 def stream_kind(stream_name: str) -> str:
@@ -143,13 +179,19 @@ def validate_stream_kind(kind: str, market: str = "spot") -> str:
         return _with_speed(base, speed, kind, spec)
     prefix, underscore, interval = kind.partition("_")
     family = next((k for k in spec.kinds if k in KLINE_KINDS and k.lower() == prefix.lower()), None)
-    if family in spec.subscribable and underscore:
+    if family in spec.kinds and underscore:
+        contract_type, _, interval = interval.rpartition("_") if family == "continuousKline" else ("", "", interval)
+        if interval in spec.kline_intervals and contract_type in ("", *CONTRACT_TYPES):
+            return "_".join(part for part in (family, contract_type, interval) if part)
         if interval in spec.kline_intervals:
-            return f"{family}_{interval}"
+            raise ValueError(
+                f"unknown contract type {contract_type!r} in {kind!r}: use continuousKline_<interval> for the "
+                f"perpetual, or continuousKline_<type>_<interval> with a type of {', '.join(CONTRACT_TYPES)}"
+            )
         raise ValueError(
             f"unknown kline interval {interval!r} in {kind!r}: use one of {', '.join(spec.kline_intervals)}"
         )
-    canonical = {k.lower(): k for k in spec.subscribable if k not in KLINE_KINDS}.get(kind.lower())
+    canonical = {k.lower(): k for k in spec.kinds if k not in KLINE_KINDS}.get(kind.lower())
     if canonical is None:
         raise ValueError(f"unknown stream kind {kind!r}: use one of {valid_kinds_text(market=spec.name)}")
     return canonical
@@ -172,9 +214,9 @@ def valid_kinds_text(separator: str = ", ", market: str = "spot") -> str:
     spec = market_named(market)
     kinds = ", ".join(
         f"{kind}_<interval> ({separator.join(spec.kline_intervals)})" if kind in KLINE_KINDS else kind
-        for kind in spec.subscribable
+        for kind in spec.kinds
     )
-    mark = ", markPrice@1s" if "markPrice" in spec.kinds else ""
+    mark = "".join(f", {kind}@1s" for kind in ("markPrice", "indexPrice") if kind in spec.kinds)
     return (
         f"{kinds} (depth kinds also as <kind>@{FAST_SPEED}{mark}), or all-market {', '.join(spec.all_market_streams)}"
     )
@@ -207,11 +249,6 @@ class Market:
     kline_intervals: tuple[str, ...] = KLINE_INTERVALS
     routed: bool = False
     """Whether streams go to the path that carries them (USDⓈ-M's `/public` and `/market`)."""
-
-    @property
-    def subscribable(self) -> tuple[str, ...]:
-        """The kinds `subscribe` takes for a symbol: all but those named by a pair."""
-        return tuple(kind for kind in self.kinds if kind not in PAIR_KINDS)
 
     def stream_path(self, stream: str) -> str:
         """The websocket path carrying `stream` on this market: USDⓈ-M routes by kind

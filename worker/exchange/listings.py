@@ -79,6 +79,18 @@ def refuse_untradable(statuses: Mapping[str, str], market: str) -> None:
         )
 
 
+def check_pairs(rest: BinanceRest, pairs: list[str], market: str) -> None:
+    """InvalidSubscription unless every name is a pair of the market's exchangeInfo:
+    pair kinds (`indexPrice`, `continuousKline_<i>`) are named by a pair, not a contract."""
+    known = rest.pairs()
+    unknown = [pair for pair in pairs if pair not in known]
+    if unknown:
+        raise InvalidSubscription(
+            f"unknown pair {', '.join(unknown)} on {market}: pair kinds (continuousKline, indexPrice, "
+            f"indexPriceKline) take a pair such as {', '.join(sorted(known)[:3])}, not a contract"
+        )
+
+
 def check_subscribable(rest: BinanceRest, watch: ListingWatch, symbols: list[str], market: str) -> dict[str, str]:
     """The symbols' listing statuses from the market's exchangeInfo; unknown symbols
     raise with Binance's message, and on futures a contract that does not trade is
@@ -90,18 +102,6 @@ def check_subscribable(rest: BinanceRest, watch: ListingWatch, symbols: list[str
     return statuses
 
 
-def subscribed_symbols(registry: GroupRegistry, market: str) -> list[str]:
-    """The symbols of `market`'s wanted groups (not its all-market streams)."""
-    symbols = {
-        symbol
-        for group in registry.wanted().values()
-        if group.market == market
-        for symbol in group.symbols
-        if not symbol.startswith("!")
-    }
-    return sorted(symbols)
-
-
 def check_listings(
     registry: GroupRegistry, watch: ListingWatch, engine: Engine, rest_of: Callable[[str], BinanceRest], now: int
 ) -> list[ListingChange]:
@@ -110,7 +110,7 @@ def check_listings(
     nothing subscribed cost no request."""
     changes: list[ListingChange] = []
     for market in FUTURES_MARKETS:
-        symbols = subscribed_symbols(registry, market.name)
+        symbols = registry.contracts(market.name)
         if not symbols:
             continue
         listing = rest_of(market.name).listing()

@@ -28,12 +28,6 @@ from worker.times import now_ms
 log = logging.getLogger(__name__)
 
 
-def subscribed_symbols(client: redis.Redis, keys: RedisKeys, market: str) -> list[str]:
-    """The symbols of `market`'s wanted groups (all-market streams name none)."""
-    groups = GroupRegistry(client, keys).wanted().values()
-    return sorted({s for group in groups if group.market == market for s in group.symbols if not s.startswith("!")})
-
-
 def open_interest_row(answer: dict[str, Any], received_at: int) -> tuple[Any, ...]:
     """An openInterest answer as a `<m>_open_interest` row (COIN-M's extra fields are dropped)."""
     return (answer["symbol"], int(answer["time"]), float(answer["openInterest"]), received_at)
@@ -55,7 +49,7 @@ def poll_open_interest(
     keys = RedisKeys(settings.redis_prefix)
     result: dict[str, Any] = {}
     for market in FUTURES_MARKETS:
-        symbols = subscribed_symbols(client, keys, market.name)
+        symbols = GroupRegistry(client, keys).contracts(market.name)
         if not symbols:
             continue
         rest, rows, failed = rest_for(market.name), [], {}

@@ -337,6 +337,11 @@ class BinanceRest:
             cached = _LISTINGS[url] = (time.monotonic(), listing)
         return cached[1]
 
+    def pairs(self) -> set[str]:
+        """The pairs a futures market's contracts track (exchangeInfo's `pair`: BTCUSDT,
+        BTCUSD), which its pair kinds (`indexPrice`, `continuousKline_<i>`) are named by."""
+        return {entry["pair"] for entry in self.get("exchangeInfo", {})["symbols"] if entry.get("pair")}
+
     def listing(self) -> dict[str, str]:
         """Every symbol of the market with its status now (not a cached copy)."""
         return self._listing(max_age_seconds=0)
