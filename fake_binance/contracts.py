@@ -32,6 +32,9 @@ FUNDING_HOURS = {"SOLUSDT": 4, "DOGEUSDT": 1, "ETHUSD_PERP": 4}
 _DELIVERY_HOUR = 8
 
 
+ONBOARD_MS = 1_569_398_400_000  # 2019-09-25, when Binance's futures opened; every contract's onboard date
+
+
 @dataclass(frozen=True)
 class Contract:
     """One futures contract as exchangeInfo describes it."""

@@ -30,7 +30,7 @@ from collections.abc import Set
 from typing import Any
 
 from fake_binance import intervals
-from fake_binance.contracts import COINM, USDM, Contract, Lifecycle
+from fake_binance.contracts import COINM, ONBOARD_MS, USDM, Contract, Lifecycle
 from fake_binance.market import Kline, Market, Trade
 from fake_binance.market import decimal_str as _d
 from fake_binance.streams import (
@@ -72,6 +72,10 @@ _ALL_MARKET: dict[str, tuple[str, int]] = {
     "!ticker@arr": ("ticker@arr", SECOND_MS),
     "!miniTicker@arr": ("miniTicker@arr", SECOND_MS),
 }
+CONTRACT_INFO_WINDOW_MS = 3000
+"""`!contractInfo` (USDⓈ-M) is sent each second with the status changes of the last 3:
+each change is sent up to three times with the same `E`, which a recorder keyed by
+(symbol, event time) stores once, and none is lost to a late tick."""
 _TIMED_KINDS = {
     "markPrice": SLOW_MS,
     "markPrice@1s": SECOND_MS,
@@ -127,6 +131,8 @@ class FuturesVenue:
         return spec if not self.routed or _carries(route, spec.kind) else dataclasses.replace(spec, silent=True)
 
     def _parse(self, name: str) -> StreamSpec:
+        if name == "!contractInfo" and self.name == USDM:
+            return StreamSpec(name, None, "contractInfo@arr", every_ms=SECOND_MS, category=TIMED)
         if name in _ALL_MARKET:
             kind, every_ms = _ALL_MARKET[name]
             return StreamSpec(name, None, kind, every_ms=every_ms, category=TIMED)
@@ -305,12 +311,33 @@ class FuturesVenue:
 
     def _all_market_events(self, kind: str, moment: Moment) -> list[Event]:
         """Every trading contract of both markets, each tagged with its market."""
+        if kind == "contractInfo":
+            return [(encode(event), None) for event in self._contract_changes(moment.now)]
         trading = [i for i, c in enumerate(self._contracts) if self._lifecycle.trading(c.symbol)]
         if kind == "forceOrder":  # one frame per liquidation, not an array
             second = moment.now // 1000 - 1
             orders = [(i, self._liquidation(i, second)) for i in trading]
             return [(encode(self._tagged(i, o)), o["o"]["T"]) for i, o in orders if o is not None]
         return [(encode([self._tagged(i, self._symbol_payload(kind, i, moment)) for i in trading]), None)]
+
+    def _contract_changes(self, now: int) -> list[dict[str, Any]]:
+        """contractInfo events of this market's status changes in the last
+        CONTRACT_INFO_WINDOW_MS (the `settle` control's; the fake lists nothing new
+        while it runs). No brackets (`bks`): Binance sends them only on some changes."""
+        return [
+            {
+                "e": "contractInfo",
+                "E": at,
+                "s": c.symbol,
+                "ps": c.pair,
+                "ct": c.contract_type,
+                "dt": c.delivery_ms,
+                "ot": ONBOARD_MS,
+                "cs": self.status(c, at),
+            }  # fmt: skip
+            for c in self._mine
+            if now - CONTRACT_INFO_WINDOW_MS < (at := self._lifecycle.settled_at.get(c.symbol, 0)) <= now
+        ]
 
     def _liquidation(self, index: int, second: int) -> dict[str, Any] | None:
         """The forced order of contract `index` in one second, if it had one."""

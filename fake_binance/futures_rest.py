@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from fake_binance.context import CONTEXT
-from fake_binance.contracts import COINM, Contract
+from fake_binance.contracts import COINM, ONBOARD_MS, Contract
 from fake_binance.futures import COINM_CONTRACT_USD, FuturesVenue
 from fake_binance.hub import now_ms
 from fake_binance.rest import (
@@ -33,7 +33,6 @@ VENUE = web.AppKey("futures_venue", FuturesVenue)
 _FUNDING_DEFAULT_LIMIT = 100
 _FUNDING_MAX_LIMIT = 1000
 _KLINE_MAX = 1500
-_ONBOARD_MS = 1_569_398_400_000  # 2019-09-25, when Binance's futures opened
 _HISTORY_MS = 48 * 3_600_000
 
 
@@ -87,7 +86,7 @@ def _contract_info(venue: FuturesVenue, index: int, now: int) -> dict[str, Any]:
         "pair": c.pair,
         "contractType": c.contract_type,
         "deliveryDate": c.delivery_ms,
-        "onboardDate": _ONBOARD_MS,
+        "onboardDate": ONBOARD_MS,
         **({"contractStatus": status, "contractSize": COINM_CONTRACT_USD} if coinm else {"status": status}),
         "maintMarginPercent": "2.5000",
         "requiredMarginPercent": "5.0000",

@@ -217,6 +217,13 @@ def composite_index(d: Fields, stream: str | None) -> tuple[str, dict[str, Any]]
     }  # fmt: skip
 
 
+def contract_info(d: Fields, stream: str | None) -> tuple[str, dict[str, Any]]:
+    return "contract_info", {
+        "symbol": d["s"], "event_time": d["E"], "pair": d["ps"], "contract_type": d["ct"],
+        "delivery_date": d["dt"], "onboard_date": d["ot"], "status": d["cs"],
+    }  # fmt: skip
+
+
 MAPPINGS: dict[str, Callable[[Fields, str | None], tuple[str, dict[str, Any]]]] = {
     "trade": trade,
     "aggTrade": agg_trade,
@@ -232,6 +239,7 @@ MAPPINGS: dict[str, Callable[[Fields, str | None], tuple[str, dict[str, Any]]]] 
     "forceOrder": liquidation,
     "indexPriceUpdate": index_price,
     "compositeIndex": composite_index,
+    "contractInfo": contract_info,
 }
 """Event type -> (table without the market prefix, the row's columns but received_at)."""
 
@@ -241,6 +249,7 @@ NOT_STORED = {"e", "st", "ps", "o.ps", "k.B"}
 NOT_STORED_BY_EVENT = {
     "markPrice_kline": {"k.f", "k.L", "k.v", "k.n", "k.q", "k.V", "k.Q"},
     "indexPrice_kline": {"k.s", "k.f", "k.L", "k.v", "k.n", "k.q", "k.V", "k.Q"},
+    "contractInfo": {"bks"},  # the leverage brackets: account limits, not market data
 }
 
 

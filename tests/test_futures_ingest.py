@@ -181,7 +181,13 @@ def test_a_silent_usdm_stream_is_reported_by_status_and_in_the_task_progress(sta
 def test_a_settling_delivery_contract_is_stopped_and_recorded(stack: LocalStack, db: Engine) -> None:
     info = requests.get(f"{stack.env['BINANCE_USDM_REST_URL']}/fapi/v1/exchangeInfo", timeout=5).json()
     (contract,) = [s["symbol"] for s in info["symbols"] if s["contractType"] == "CURRENT_QUARTER"]
-    result = call(stack, "tasks.subscribe", [contract], ["aggTrade", "depth@100ms"], market="usdm")
+    # `!contractInfo` rides the aggTrade's /market connection: live once its trades are stored.
+    subscribed = cli(
+        stack, "subscribe", contract, "--market", "usdm", "--streams", "aggTrade,depth@100ms,!contractInfo"
+    )
+    assert subscribed.returncode == 0, subscribed.stderr
+    result = json.loads(subscribed.stdout)
+    assert "!contractInfo" in result["streams"]
     where = f"where symbol = '{contract}'"
     wait_until(lambda: rows(db, "usdm_agg_trades", where), 30, f"{contract} trades")
 
@@ -191,6 +197,7 @@ def test_a_settling_delivery_contract_is_stopped_and_recorded(stack: LocalStack,
         with db.connect() as conn:
             return list(conn.execute(text(f"select market, old_status, new_status from listing_changes {where}")))
 
+    wait_until(lambda: rows(db, "usdm_contract_info", f"{where} and status = 'DELIVERING'"), 15, "contractInfo")
     changes = wait_until(stopped, 30, f"a listing change of {contract}")
     assert [tuple(change) for change in changes][0] == ("usdm", "TRADING", "DELIVERING")
     groups = json.loads(status_command(stack, "--json").stdout)["groups"]

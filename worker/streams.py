@@ -61,6 +61,7 @@ FUTURES_KIND_TABLES: dict[str, str] = {
     "indexPriceKline": "index_price_klines",
     "indexPrice": "index_prices",
     "compositeIndex": "composite_index",
+    "contractInfo": "contract_info",
 }
 """The kinds only futures have -> their table (without the market's prefix); which
 futures market has which kind, `MARKETS` says."""
@@ -90,6 +91,9 @@ CONTRACT_TYPES: tuple[str, ...] = ("perpetual", "current_quarter", "next_quarter
 the first the default: `continuousKline_1m` is the perpetual's, `continuousKline_current_quarter_1m`
 a quarter's (the kind spells the type between the name and the interval, as Binance's stream
 name does between the pair and the kind, so one `--streams` list can ask for several)."""
+
+MARKET_WIDE_KINDS: tuple[str, ...] = ("contractInfo",)
+"""Kinds streamed only for the whole market (`!contractInfo`): no `<symbol>@` stream has them."""
 
 PUBLIC_ROUTE_KINDS: tuple[str, ...] = (*DEPTH_KINDS, "bookTicker", "trade")
 """The USDⓈ-M kinds on the `/public` route (order books and bookTicker; the undocumented
@@ -191,7 +195,7 @@ def validate_stream_kind(kind: str, market: str = "spot") -> str:
         raise ValueError(
             f"unknown kline interval {interval!r} in {kind!r}: use one of {', '.join(spec.kline_intervals)}"
         )
-    canonical = {k.lower(): k for k in spec.kinds if k not in KLINE_KINDS}.get(kind.lower())
+    canonical = {k.lower(): k for k in spec.symbol_kinds if k not in KLINE_KINDS}.get(kind.lower())
     if canonical is None:
         raise ValueError(f"unknown stream kind {kind!r}: use one of {valid_kinds_text(market=spec.name)}")
     return canonical
@@ -214,7 +218,7 @@ def valid_kinds_text(separator: str = ", ", market: str = "spot") -> str:
     spec = market_named(market)
     kinds = ", ".join(
         f"{kind}_<interval> ({separator.join(spec.kline_intervals)})" if kind in KLINE_KINDS else kind
-        for kind in spec.kinds
+        for kind in spec.symbol_kinds
     )
     mark = "".join(f", {kind}@1s" for kind in ("markPrice", "indexPrice") if kind in spec.kinds)
     return (
@@ -249,6 +253,11 @@ class Market:
     kline_intervals: tuple[str, ...] = KLINE_INTERVALS
     routed: bool = False
     """Whether streams go to the path that carries them (USDⓈ-M's `/public` and `/market`)."""
+
+    @property
+    def symbol_kinds(self) -> tuple[str, ...]:
+        """The kinds `subscribe` takes for a symbol or pair: all but the market-wide ones."""
+        return tuple(kind for kind in self.kinds if kind not in MARKET_WIDE_KINDS)
 
     def stream_path(self, stream: str) -> str:
         """The websocket path carrying `stream` on this market: USDⓈ-M routes by kind
@@ -304,10 +313,10 @@ MARKETS: dict[str, Market] = {
     USDM: Market(
         USDM,
         "usdm_",
-        (*_FUTURES_KINDS, "trade", "compositeIndex"),
+        (*_FUTURES_KINDS, "trade", "compositeIndex", "contractInfo"),
         _FUTURES_REST_TABLES,
         st=1,
-        all_market_streams=FUTURES_ALL_MARKET_STREAMS,
+        all_market_streams=(*FUTURES_ALL_MARKET_STREAMS, "!contractInfo"),
         kline_intervals=FUTURES_KLINE_INTERVALS,
         routed=True,
     ),

@@ -14,7 +14,7 @@ mark-price stream (`T`), recorded as Binance sends it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from worker.exchange.rest import BinanceRest
 from worker.groups import GroupRegistry, InvalidSubscription
 from worker.keys import RedisKeys, as_text
 from worker.store.storage import insert_or_ignore, listing_changes
-from worker.streams import FUTURES_MARKETS, SPOT
+from worker.streams import FUTURES_MARKETS, SPOT, USDM
 
 TRADING = "TRADING"
 GONE = "DELISTED"
@@ -105,33 +105,49 @@ def check_subscribable(rest: BinanceRest, watch: ListingWatch, symbols: list[str
 def check_listings(
     registry: GroupRegistry, watch: ListingWatch, engine: Engine, rest_of: Callable[[str], BinanceRest], now: int
 ) -> list[ListingChange]:
-    """Compare the subscribed futures contracts' statuses with exchangeInfo's; record
-    every change and unsubscribe the contracts that stopped trading. Markets with
-    nothing subscribed cost no request."""
+    """Compare the subscribed futures contracts' statuses with exchangeInfo's (see
+    `apply_statuses`). Markets with nothing subscribed cost no request."""
     changes: list[ListingChange] = []
     for market in FUTURES_MARKETS:
         symbols = registry.contracts(market.name)
-        if not symbols:
-            continue
-        listing = rest_of(market.name).listing()
-        known = watch.known(market.name)
-        for symbol in symbols:
-            status, before = listing.get(symbol, GONE), known.get(symbol)
-            if before != status:
-                watch.note(market.name, {symbol: status})
-                if before is not None or status != TRADING:  # not a first look at a trading contract
-                    changes.append(ListingChange(symbol, market.name, now, before, status))
+        if symbols:
+            listing = rest_of(market.name).listing()
+            statuses = {symbol: listing.get(symbol, GONE) for symbol in symbols}
+            changes += apply_statuses(registry, watch, engine, market.name, statuses, now)
+    return changes
+
+
+def apply_contract_info(
+    registry: GroupRegistry, watch: ListingWatch, engine: Engine, rows: Sequence[Sequence[Any]], now: int
+) -> list[ListingChange]:
+    """The statuses USDⓈ-M's `!contractInfo` pushed (`usdm_contract_info` rows, as the
+    drain stores them), applied to the subscribed contracts at once instead of at the
+    next exchangeInfo poll: a contract that stopped trading stops being recorded."""
+    subscribed = set(registry.contracts(USDM))
+    latest = {row[0]: row[6] for row in sorted(rows, key=lambda row: row[1]) if row[0] in subscribed}
+    return apply_statuses(registry, watch, engine, USDM, latest, now) if latest else []
+
+
+def apply_statuses(
+    registry: GroupRegistry, watch: ListingWatch, engine: Engine, market: str, statuses: Mapping[str, str], now: int
+) -> list[ListingChange]:
+    """Compare contracts' statuses with those last seen; record every change in
+    `listing_changes` and unsubscribe the contracts that stopped trading."""
+    known = watch.known(market)
+    changes = []
+    for symbol, status in statuses.items():
+        before = known.get(symbol)
+        if before != status:
+            watch.note(market, {symbol: status})
+            if before is not None or status != TRADING:  # not a first look at a trading contract
+                changes.append(ListingChange(symbol, market, now, before, status))
     if changes:
         with engine.begin() as conn:
-            conn.execute(
-                insert_or_ignore(conn.dialect.name, listing_changes),
-                [vars(change) for change in changes],
-            )
-    for market in FUTURES_MARKETS:
-        ended = [c.symbol for c in changes if c.market == market.name and c.stopped]
-        if ended:
-            registry.remove_symbols(ended, market=market.name)
-            watch.forget(market.name, ended)
+            conn.execute(insert_or_ignore(conn.dialect.name, listing_changes), [vars(change) for change in changes])
+    ended = [c.symbol for c in changes if c.stopped]
+    if ended:
+        registry.remove_symbols(ended, market=market)
+        watch.forget(market, ended)
     return changes
 
 

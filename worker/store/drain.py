@@ -61,13 +61,14 @@ import redis
 from sqlalchemy.engine import Engine
 
 from worker.buffer import Claim, FrameBuffer
+from worker.exchange.listings import ListingWatch, apply_contract_info
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.lease import Lease
 from worker.store.books import follow_books
 from worker.store.parsing import ParsedBatch, Row, parse_frames
 from worker.store.storage import store_rows
-from worker.streams import MARKETS
+from worker.streams import MARKETS, USDM
 from worker.times import now_ms
 
 # Prefix of the service counters (RedisKeys.counters) of rows stored, one per table.
@@ -230,6 +231,10 @@ class Drainer:
             ]
         for books in followed:
             books.save(self.client, self.keys)
+        if contract_info := rows.get(MARKETS[USDM].table("contractInfo")):
+            apply_contract_info(
+                self.registry, ListingWatch(self.client, self.keys), self.engine, contract_info, now_ms()
+            )
         self._acknowledge(claims, parsed, stored, stored_marks(rows, now_ms()))
         report.batches += len(claims)
         report.rows.update(stored)

@@ -406,6 +406,14 @@ def _composite_index_row(d: Payload, received_at: int | None) -> Row:
     )  # fmt: skip
 
 
+def _contract_info_row(d: Payload, received_at: int | None) -> Row:
+    """`bks` (the leverage brackets) is not stored."""
+    return (
+        _text(d, "s"), _int(d, "E"), _text(d, "ps"), _text(d, "ct"), _int(d, "dt"), _int(d, "ot"),
+        _text(d, "cs"), received_at,
+    )  # fmt: skip
+
+
 _ROW_BUILDERS: dict[str, RowBuilder] = {
     **_CHECKED_BUILDERS,
     "trade": _fast_trade_row,
@@ -435,6 +443,7 @@ _FUTURES_ROW_BUILDERS: dict[str, RowBuilder] = {
     "indexPriceKline": _index_price_kline_row,
     "indexPrice": _index_price_row,
     "compositeIndex": _composite_index_row,
+    "contractInfo": _contract_info_row,
 }
 """The futures markets' stream kind -> row builder (both markets' payloads are alike)."""
 
@@ -483,6 +492,7 @@ EVENT_KINDS: dict[str, str] = {
     "indexPrice_kline": "indexPriceKline",
     "indexPriceUpdate": "indexPrice",
     "compositeIndex": "compositeIndex",
+    "contractInfo": "contractInfo",
     "serverShutdown": CONTROL,
 }
 _PARTIAL_DEPTH_KINDS = frozenset({"depth5", "depth10", "depth20"})

@@ -387,6 +387,19 @@ def _composite_index_columns() -> list[Column[Any]]:
     ]
 
 
+def _contract_info_columns() -> list[Column[Any]]:
+    """USDⓈ-M's `!contractInfo`: a contract listed or its status changed (`TRADING`,
+    `DELIVERING`, `SETTLING`...), one row per event. Its brackets (`bks`, the leverage
+    tiers, sent only on some changes) are left out: they are account limits, not market data."""
+    return [
+        _symbol(),
+        _key("event_time"),
+        *_texts("pair", "contract_type"),
+        *_ints("delivery_date", "onboard_date"),
+        *_texts("status"),
+    ]
+
+
 def _open_interest_columns() -> list[Column[Any]]:
     """`GET /fapi/v1/openInterest` (`/dapi`), polled: Binance streams no open interest."""
     return [_symbol(), _key("time"), *_reals("open_interest")]
@@ -414,6 +427,7 @@ _FUTURES_TABLES: dict[str, tuple[Callable[[], list[Column[Any]]], str]] = {
     "index_price_klines": (lambda: _price_kline_columns(*_texts("pair", key=True)), "open_time"),
     "index_prices": (_index_price_columns, "event_time"),
     "composite_index": (_composite_index_columns, "event_time"),
+    "contract_info": (_contract_info_columns, "event_time"),
     "open_interest": (_open_interest_columns, "time"),
     "funding_rates": (_funding_rate_columns, "funding_time"),
 }
