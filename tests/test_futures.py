@@ -25,12 +25,13 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from worker.buffer import FrameBuffer, FrameWriter
-from worker.groups import Group, InvalidSubscription, normalize_stream_kinds, stream_names
+from worker.exchange.listings import ListingWatch
+from worker.groups import Group, GroupRegistry, InvalidSubscription, normalize_stream_kinds, stream_names
 from worker.keys import RedisKeys
 from worker.store.drain import Drainer
 from worker.store.parsing import parse_frames
 from worker.store.partitions import PARTITIONED_TABLES
-from worker.store.storage import FUTURES_TABLES, TABLES, TIME_COLUMNS
+from worker.store.storage import FUTURES_TABLES, TABLES, TIME_COLUMNS, listing_changes
 from worker.streams import (
     COINM,
     FUTURES_MARKETS,
@@ -487,3 +488,25 @@ def test_futures_tables_are_partitioned_only_on_binances_own_time() -> None:
     futures_partitioned = [t for t in PARTITIONED_TABLES if t in FUTURES_TABLES]
     assert "usdm_book_tickers" in futures_partitioned and "usdm_liquidations" not in futures_partitioned
     assert all(TIME_COLUMNS[t] != "received_at" for t in futures_partitioned)
+
+
+def test_a_contract_info_event_stops_a_subscribed_contract_when_it_is_stored(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine
+) -> None:
+    registry = GroupRegistry(redis_client, keys)
+    streams = ("btcusdt_261225@aggTrade", "btcusdt@aggTrade", "!contractInfo")
+    registry.want(Group("g1", streams, USDM))
+    ListingWatch(redis_client, keys).note(USDM, {"BTCUSDT_261225": "TRADING", "BTCUSDT": "TRADING"})
+    event = {"e": "contractInfo", "s": "BTCUSDT_261225", "ps": "BTCUSDT", "ct": "CURRENT_QUARTER", "dt": 9, "ot": 1}
+    # Out of time order: the latest status counts.
+    frames = [
+        orjson.dumps({"stream": "!contractInfo", "data": {**event, "E": at, "cs": status}})
+        for at, status in ((6, "DELIVERING"), (5, "TRADING"))
+    ]
+    push(redis_client, keys, [(USDM, frame) for frame in frames])
+    drain(redis_client, keys, engine)
+
+    assert registry.wanted()["g1"].streams == ("btcusdt@aggTrade", "!contractInfo")
+    with engine.connect() as conn:
+        changes = [tuple(row) for row in conn.execute(select(listing_changes.c.symbol, listing_changes.c.new_status))]
+    assert changes == [("BTCUSDT_261225", "DELIVERING")]
