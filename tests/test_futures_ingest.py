@@ -173,9 +173,23 @@ def test_a_silent_usdm_stream_is_reported_by_status_and_in_the_task_progress(sta
         assert "of usdm group" in problem and "while its connection is up" in problem, problem
         # Flower shows it too: the recording task's progress names the silent stream.
         wait_until(lambda: stream in progress_of(stack, stream).get("silent_streams", {}), 15, "the task's report")
+        # And /metrics: the stream's silence and the flag status's warning follows.
+        page = scrape_of(stack, db)
+        assert page.by("binance_recorder_stream_silent", "stream")[stream] == 1
+        assert page.by("binance_recorder_stream_stored_age_seconds", "stream")[stream] > STALE_SECONDS
     finally:
         futures_control(stack, "usdm", "mute_stream", stream=stream, seconds=0)
     wait_until(lambda: status_command(stack).returncode == 0, 30, f"status healthy once {stream} stores again")
+    wait_until(
+        lambda: scrape_of(stack, db).by("binance_recorder_stream_silent", "stream")[stream] == 0,
+        30,
+        f"/metrics to clear {stream}",
+    )
+
+
+def scrape_of(stack: LocalStack, db: Engine) -> Any:
+    """What /metrics shows of this stack now (the exporter's collector, without its HTTP server)."""
+    return collect(Settings.from_env(stack.env), redis.Redis.from_url(stack.env["REDIS_URL"]), db)
 
 
 def test_a_settling_delivery_contract_is_stopped_and_recorded(stack: LocalStack, db: Engine) -> None:
@@ -271,8 +285,7 @@ def test_export_chart_and_metrics_know_the_futures_markets(stack: LocalStack, db
         assert chart.returncode == 0 and f"PNG from {source} " in chart.stdout, chart.stdout + chart.stderr
         assert (tmp_path / f"{symbol}.png").read_bytes().startswith(b"\x89PNG")
 
-    settings = Settings.from_env(stack.env)
-    page = collect(settings, redis.Redis.from_url(stack.env["REDIS_URL"]), db)
+    page = scrape_of(stack, db)
     assert page.value("binance_recorder_book_synced", market="usdm", symbol="DOGEUSDT") == 1
     assert (page.value("binance_recorder_books", market="usdm", state="synced") or 0) >= 1
 

@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.buffer import CLOCK_MARK_PREFIX, FrameBuffer
 from worker.exchange.ratelimit import FUTURES_POOL, MINUTE_MS, RedisLimitState
 from worker.keys import RedisKeys, as_text
-from worker.ops.status import book_statuses, group_statuses, redis_memory
+from worker.ops.status import book_statuses, group_statuses, redis_memory, stream_silence
 from worker.settings import Settings
 from worker.store.books import RESYNCING, SYNCED
 from worker.store.drain import ROWS_STORED_COUNTER, drain_holders, drain_lanes
@@ -180,6 +180,21 @@ class RecorderCollector(Collector):
         age = _family(
             GaugeMetricFamily, "group_last_message_age_seconds", "Seconds since the group last pushed a frame."
         )
+        silence = _family(
+            GaugeMetricFamily,
+            "stream_stored_age_seconds",
+            "Seconds a watched stream (trade, aggTrade, depth, markPrice) of a connected group has stored no row: "
+            "a stream Binance stopped sending while the connection stays up, as status warns past "
+            "STALE_STREAM_SECONDS.",
+            ("group", "stream"),
+        )
+        silent = _family(
+            GaugeMetricFamily,
+            "stream_silent",
+            "1 for a watched stream of a connected group that stored nothing for STALE_STREAM_SECONDS (status's "
+            "warning), else 0.",
+            ("group", "stream"),
+        )
         for group in groups:
             gid = group["id"]
             info.add_metric([gid, ",".join(group["symbols"])], 1)
@@ -192,7 +207,11 @@ class RecorderCollector(Collector):
             rotations.add_metric([gid], group["rotations"])
             if group["last_message_at"] is not None:
                 age.add_metric([gid], _seconds(max(0, now - group["last_message_at"])))
-        yield from (info, up, state, streams, messages, rate, reconnects, rotations, age)
+            stale = self.settings.stale_stream_seconds
+            for stream, seconds in stream_silence(group, now).items():
+                silence.add_metric([gid, stream], max(0.0, seconds))
+                silent.add_metric([gid, stream], int(bool(stale) and seconds > stale))
+        yield from (info, up, state, streams, messages, rate, reconnects, rotations, age, silence, silent)
 
     def _buffers(self, now: int) -> Iterator[Metric]:
         backlog = _family(

@@ -100,16 +100,23 @@ def silent_streams_of(client: redis.Redis, keys: RedisKeys, group: Group, stale_
     return silent_streams(status, now_ms(), stale_seconds)
 
 
-def silent_streams(group: dict[str, Any], now: int, stale_seconds: float) -> dict[str, float]:
-    """Stream -> seconds without a stored row, for the watched streams of a connected
-    group silent for more than `stale_seconds` (0: never). Counted from the latest of
-    the stream's last stored row, the connection's start and the group's last change
-    of streams (a stream subscribed live has had no chance to store before it)."""
-    if not stale_seconds or not group["live"] or group["state"] != "connected":
+def stream_silence(group: dict[str, Any], now: int) -> dict[str, float]:
+    """Stream -> seconds without a stored row, for every watched stream of a connected
+    group (none otherwise: a stream cannot store while its connection is down). Counted
+    from the latest of the stream's last stored row, the connection's start and the
+    group's last change of streams (a stream subscribed live has had no chance to store
+    before it)."""
+    if not group["live"] or group["state"] != "connected":
         return {}
     start = max(group["connected_since"] or now, group["streams_changed_at"] or 0)
-    silent = {stream: (now - max(start, stored or 0)) / 1000 for stream, stored in group["stored_at"].items()}
-    return {stream: seconds for stream, seconds in silent.items() if seconds > stale_seconds}
+    return {stream: (now - max(start, stored or 0)) / 1000 for stream, stored in group["stored_at"].items()}
+
+
+def silent_streams(group: dict[str, Any], now: int, stale_seconds: float) -> dict[str, float]:
+    """The streams of `stream_silence` silent for more than `stale_seconds` (0: never)."""
+    if not stale_seconds:
+        return {}
+    return {stream: seconds for stream, seconds in stream_silence(group, now).items() if seconds > stale_seconds}
 
 
 def recording_figures(
