@@ -449,11 +449,15 @@ def test_two_lanes_storing_one_open_kline_at_once_keep_its_newer_version(pg_engi
 
     late = threading.Thread(target=store_older)
     late.start()
-    with pg_engine.connect() as watcher:
-        waiting = (
-            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()"
-        )
-        wait_until(lambda: watcher.execute(text(waiting)).scalar_one(), 30, "the older version to wait on the row")
+    waiting = "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()"
+
+    def waiters() -> int:
+        # A transaction of its own per look: PostgreSQL reads pg_stat_activity once per
+        # transaction, so looks inside one would repeat the first answer for ever.
+        with pg_engine.connect() as watcher:
+            return int(watcher.execute(text(waiting)).scalar_one())
+
+    wait_until(waiters, 30, "the older version to wait on the row")
     transaction.commit()
     first.close()
     late.join(30)
