@@ -41,7 +41,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         tmp_path_factory.mktemp("futures"),
         env={
             "STALE_STREAM_SECONDS": str(STALE_SECONDS),
-            "LISTING_CHECK_INTERVAL_SECONDS": "1",
+            "LISTING_REFRESH_SECONDS": "1",
             "OPEN_INTEREST_INTERVAL_SECONDS": "1",
         },
         stream_concurrency=6,
