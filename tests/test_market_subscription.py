@@ -5,9 +5,7 @@ the fake exchange, SQLite)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -16,13 +14,21 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from fake_binance.config import DEFAULT_SYMBOLS
-from tests.conftest import fake_control, launch_stack, status_command, wait_until
-from worker.exchange.listings import exchange_info_on
-from worker.groups import Group, GroupRegistry
+from tests.conftest import cli, fake_control, launch_stack, status_command, wait_until
+from worker.exchange.listings import (
+    ListingWatch,
+    exchange_info_on,
+    follow_market,
+    keep_daily_snapshot,
+    market_subscription,
+    subscribe_market,
+)
+from worker.exchange.rest import listed
+from worker.groups import Group, GroupRegistry, InvalidSubscription, is_whole_market
 from worker.keys import RedisKeys
 from worker.ops.local_stack import LocalStack
 from worker.settings import get_settings
-from worker.store.storage import make_engine
+from worker.streams import SPOT, USDM
 
 EXTRA = 48  # SYM0001USDT...: with the 10 default symbols, 58 quoted in USDT
 USDT_SYMBOLS = 10 + EXTRA
@@ -46,19 +52,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     )  # fmt: skip
     yield stack
     stack.stop()
-
-
-@pytest.fixture(scope="module")
-def db(stack: LocalStack) -> Iterator[Engine]:
-    engine = make_engine(stack.env["DATABASE_URL"])
-    yield engine
-    engine.dispose()
-
-
-def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.ops.cli", *args], env=stack.env, capture_output=True, text=True, timeout=60
-    )
 
 
 def registry(stack: LocalStack) -> GroupRegistry:
@@ -158,3 +151,78 @@ def test_the_whole_market_is_recorded_and_follows_the_listing(stack: LocalStack,
     listed = {entry["symbol"] for entry in json.loads(body)["symbols"]}
     assert listed == everything | set(BTC_SYMBOLS), "the day's first read is kept: the listing before the changes"
     assert exchange_info_on(db, "spot", "2001-01-01") is None
+
+
+# -- the follower's rules, on a real Redis and database, with listings given directly --------
+
+
+def info(statuses: dict[str, str]) -> dict[str, object]:
+    """An exchangeInfo answer listing `statuses`, each symbol quoted in its last 3-4 letters."""
+    quote = lambda symbol: "USDT" if symbol.endswith("USDT") else symbol[-3:]  # noqa: E731
+    return {"symbols": [{"symbol": s, "status": st, "quoteAsset": quote(s)} for s, st in statuses.items()]}
+
+
+def spot_rows(engine: Engine) -> list[tuple[str, str | None, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("select symbol, old_status, new_status from listing_changes order by id"))
+        return [(row[0], row[1], row[2]) for row in rows]
+
+
+def test_a_refresh_records_each_change_once_and_keeps_the_untouched_groups(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine
+) -> None:
+    groups, watch = GroupRegistry(redis_client, keys), ListingWatch(redis_client, keys)
+    subscription = market_subscription(SPOT, ["trade"], ["usdt"], ["TRADING"])
+    first = {"AAAUSDT": "TRADING", "BBBUSDT": "TRADING", "CCCUSDT": "BREAK", "DDDBTC": "TRADING", "EEEUSDT": "TRADING"}
+    symbols, new = subscribe_market(groups, watch, subscription, info(first), max_per_group=2)
+    assert symbols == ["AAAUSDT", "BBBUSDT", "EEEUSDT"]  # not halted CCC, not BTC-quoted DDD
+    assert [g.streams for g in new] == [("aaausdt@trade", "bbbusdt@trade"), ("eeeusdt@trade",)]
+    assert groups.market_subscriptions() == {SPOT: subscription}
+
+    def refresh(statuses: dict[str, str], now: int) -> list[Group]:
+        report = follow_market(groups, watch, engine, SPOT, listed(info(statuses)), subscription, [], 2, now)
+        return report.new_groups
+
+    assert refresh(first, 1) == [] and spot_rows(engine) == [], "nothing changed, nothing recorded"
+    # BBB delisted, CCC trades again, FFF listed (in EEE's group, which has room), DDD (BTC) ignored.
+    second = {"AAAUSDT": "TRADING", "CCCUSDT": "TRADING", "DDDBTC": "BREAK", "EEEUSDT": "TRADING", "FFFUSDT": "TRADING"}
+    made = refresh(second, 2)
+    assert spot_rows(engine) == [
+        ("CCCUSDT", "BREAK", "TRADING"),
+        ("FFFUSDT", None, "TRADING"),
+        ("BBBUSDT", "TRADING", "DELISTED"),
+    ]
+    assert sorted(g.streams for g in groups.wanted().values()) == [
+        ("aaausdt@trade", "cccusdt@trade"),
+        ("eeeusdt@trade", "fffusdt@trade"),
+    ]
+    assert made == [], "the changes fit the groups there were"
+    assert refresh(second, 3) == [] and len(spot_rows(engine)) == 3, "a second look at the same listing changes nothing"
+    # AAA halts: it leaves its group but stays followed, so it comes back without a second row of its past.
+    refresh({**second, "AAAUSDT": "HALT"}, 4)
+    refresh(second, 5)
+    assert spot_rows(engine)[3:] == [("AAAUSDT", "TRADING", "HALT"), ("AAAUSDT", "HALT", "TRADING")]
+    assert "AAAUSDT" in symbols_recorded(groups)
+
+
+def test_the_days_first_exchange_info_is_kept(engine: Engine) -> None:
+    day_ms = 1_796_601_600_000  # 2026-12-07T00:00Z
+    assert keep_daily_snapshot(engine, SPOT, info({"AAAUSDT": "TRADING"}), day_ms + 5)
+    assert not keep_daily_snapshot(engine, SPOT, info({"BBBUSDT": "TRADING"}), day_ms + 9)
+    assert keep_daily_snapshot(engine, USDM, info({"BBBUSDT": "TRADING"}), day_ms + 9)
+    assert json.loads(exchange_info_on(engine, SPOT, "2026-12-07") or "")["symbols"][0]["symbol"] == "AAAUSDT"
+    assert exchange_info_on(engine, SPOT, "2026-12-06") is None
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: is_whole_market(["*", "BTCUSDT"], None, None), "pass \\['\\*'\\] alone"),
+        (lambda: is_whole_market(["BTCUSDT"], ["USDT"], None), "narrow a market subscription"),
+        (lambda: market_subscription(SPOT, ["trade"], "USDT", ["TRADING"]), "quote_assets must be a list"),
+        (lambda: market_subscription(SPOT, ["trade"], [], ["TRADNG"]), "unknown status TRADNG"),
+    ],
+)
+def test_bad_market_subscriptions_say_what_is_wrong(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(InvalidSubscription, match=message):
+        call()
