@@ -243,7 +243,7 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
     behind = 20 * settings.drain_batch_size
     for group in snapshot["groups"]:
         where = "" if group["market"] == SPOT else f"{group['market']} "
-        name = f"{where}group {group['id']} ({', '.join(group['symbols'])})"
+        name = f"{where}group {group['id']} ({_symbols_text(group['symbols'])})"
         if not group["live"] and group["state"] == "waiting":
             found.append(f"{name} is waiting: {group['last_error']}")
         elif not group["live"]:
@@ -275,6 +275,15 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
             )
     found.extend(_storage_problems(snapshot))
     return found
+
+
+PROBLEM_SYMBOLS = 5
+"""Symbols a problem names per group: a group of a market subscription holds hundreds."""
+
+
+def _symbols_text(symbols: list[str]) -> str:
+    named = ", ".join(symbols[:PROBLEM_SYMBOLS])
+    return named if len(symbols) <= PROBLEM_SYMBOLS else f"{named} and {len(symbols) - PROBLEM_SYMBOLS} more"
 
 
 def _storage_problems(snapshot: dict[str, Any]) -> list[str]:
