@@ -139,10 +139,14 @@ def unsubscribe(symbols: list[str], market: str = SPOT) -> dict[str, Any]:
     """Stop recording `symbols` on `market`, and all-market streams such as
     `!miniTicker@arr` named among them. A group that also holds other streams keeps
     them: its task unsubscribes the removed ones on the open connection, so the others
-    lose nothing; a group left empty stops."""
+    lose nothing; a group left empty stops. `["*"]` stops the market altogether: its
+    market subscription (the listing follower lets it be) and every group of it."""
     market = normalize_market(market)
-    listed, market_wide = split_unsubscribe(symbols, market)
     registry = _registry()
+    if is_whole_market(symbols, None, None):
+        with registry.changing():
+            return {"market": market, "stopped": registry.remove_market(market), "shrunk": []}
+    listed, market_wide = split_unsubscribe(symbols, market)
     with registry.changing():
         stopped, shrunk = registry.remove_symbols(listed, market_wide, market)
     return {"market": market, "stopped": stopped, "shrunk": shrunk}

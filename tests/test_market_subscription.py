@@ -26,6 +26,7 @@ from worker.exchange.listings import (
 from worker.exchange.rest import listed
 from worker.groups import Group, GroupRegistry, InvalidSubscription, is_whole_market, stream_names
 from worker.keys import RedisKeys
+from worker.ops.cli import main
 from worker.ops.local_stack import LocalStack
 from worker.ops.report import render_status
 from worker.ops.status import collect_status, problems
@@ -81,11 +82,23 @@ def symbols_recorded(registry: GroupRegistry) -> set[str]:
     return {symbol for group in registry.wanted().values() for symbol in group.symbols}
 
 
-def test_bad_input_is_one_line_and_exit_2(stack: LocalStack) -> None:
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["subscribe", "--all", "BTCUSDT"], "--all means every symbol"),
+        (["subscribe", "--quote", "USDT", "BTCUSDT"], "--quote narrows --all"),
+        (["subscribe"], "or --all for the whole market"),
+        (["unsubscribe"], "or --all for the whole market"),
+    ],
+)
+def test_symbols_and_all_are_one_or_the_other(args: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and words in error, error
+
+
+def test_bad_input_the_worker_finds_is_one_line_and_exit_2(stack: LocalStack) -> None:
     for args, words in (
-        (["--all", "BTCUSDT"], "--all subscribes every symbol"),
-        (["--quote", "USDT", "BTCUSDT"], "--quote narrows --all"),
-        ([], "or --all for the whole market"),
         (["--all", "--quote", "XYZ"], "unknown quote asset XYZ on spot"),
         (["--all", "--streams", "nosuchkind"], "nosuchkind"),
     ):
@@ -152,6 +165,11 @@ def test_the_whole_market_is_recorded_and_follows_the_listing(stack: LocalStack,
     listed = {entry["symbol"] for entry in json.loads(body)["symbols"]}
     assert listed == everything | set(BTC_SYMBOLS), "the day's first read is kept: the listing before the changes"
     assert exchange_info_on(db, "spot", "2001-01-01") is None
+
+    result = cli(stack, "unsubscribe", "--all")
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["stopped"]) == sorted(after)
+    assert groups.market_subscriptions() == {} and groups.wanted() == {}
 
 
 # -- the follower's rules, on a real Redis and database, with listings given directly --------

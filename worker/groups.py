@@ -420,6 +420,14 @@ class GroupRegistry:
                 stopped.append(group.id)
         return stopped, shrunk
 
+    def remove_market(self, market: str) -> list[str]:
+        """Forget `market`'s market subscription and stop every group of `market`: the ids stopped."""
+        self.client.hdel(self.keys.market_subscriptions, market)
+        stopped = sorted(gid for gid, group in self.wanted().items() if group.market == market)
+        for gid in stopped:
+            self.unwant(gid)
+        return stopped
+
     def note_waiting(self, processes: int | None, new_groups: Sequence[Group]) -> dict[str, Any]:
         """Name the new groups that find no free streams process, in their status (for
         `status`) and in what is returned (`waiting`, `warning`); {} when all fit.
