@@ -18,6 +18,7 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from tests.replay_recording import CLEAN_SECONDS, SYMBOL, Recording, Replay, cli, depth_span, quiet_end, rows
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
 from worker.ops.local_postgres import INSTALL_HINT, PostgresServer, find_postgres_bin
@@ -165,3 +166,61 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+# -- a recording to replay (tests/replay_recording.py) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
+    stack = launch_stack(tmp_path_factory.mktemp("replay"), fake_args=["--trades-per-second", "10"])
+    try:
+        engine = make_engine(stack.env["DATABASE_URL"])
+        done = cli(stack.env, "subscribe", SYMBOL, "--streams", "trade,aggTrade,bookTicker,depth@100ms")
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: depth_span(engine) > (CLEAN_SECONDS + 1) * 1000, 40, "seconds of depth recorded")
+        fake_control(stack, "pause_data", seconds=1.5)  # the diffs of the pause are lost: a depth gap
+        gap = wait_until(
+            lambda: rows(
+                engine, "select first_missing, last_missing from gaps where kind = 'depth' and last_missing > 0"
+            ),
+            30,
+            "the depth gap recorded and the book known again",
+        )[0]
+        wait_until(
+            lambda: (
+                rows(engine, "select max(event_time) from depth_updates where symbol = :s", s=SYMBOL)[0][0]
+                > gap[1] + 1500
+            ),
+            20,
+            "diffs after the gap",
+        )
+        env = dict(stack.env)
+    finally:
+        stack.stop()
+    first_diff = rows(
+        engine,
+        "select min(u.received_at) from depth_updates u where u.symbol = :s and u.final_update_id > "
+        "(select min(last_update_id) from depth_snapshots where symbol = :s)",
+        s=SYMBOL,
+    )[0][0]
+    start = first_diff + 1000
+    gap_begins = rows(engine, "select min(received_at) from depth_updates where event_time = :e", e=gap[0])[0][0]
+    after_gap = quiet_end(engine, gap[1] + 1000)
+    yield Recording(env, engine, start, quiet_end(engine, start + 3500), gap_begins, after_gap)
+
+
+@pytest.fixture
+def replay_of(recording: Recording) -> Iterator[Any]:
+    started: list[Replay] = []
+
+    def start(*args: str, end: int | None = None, start: int | None = None) -> Replay:
+        window = ["--start", str(start or recording.start), "--end", str(end or recording.end)]
+        started.append(Replay(recording.env, *window, "--symbols", SYMBOL, *args))
+        return started[-1]
+
+    yield start
+    for replay in started:
+        if replay.process.poll() is None:
+            replay.process.kill()
+            replay.process.wait()
