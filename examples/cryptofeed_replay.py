@@ -61,7 +61,7 @@ async def stop_at_the_end() -> None:
     asyncio.get_running_loop().stop()  # FeedHandler.run then stops its feeds and returns
 
 
-config = {"log": {"disabled": True}, "uvloop": False}
+config = {"log": {"disabled": True}, "uvloop": False}  # no feedhandler.log; run on the loop made here
 asyncio.set_event_loop(asyncio.new_event_loop())
 handler = FeedHandler(config=config)
 pair = {exchange: std for std, exchange in ReplayedBinance.symbol_mapping().items()}[symbol]  # BTCUSDT -> BTC-USDT
