@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import websocket
 
-from tests.replay_recording import ROOT, SYMBOL, Recording, cli, rebuilt_top, run_client_script, window_rows
+from tests.replay_recording import ROOT, SYMBOL, Recording, rebuilt_top, run_client_script, window_rows
 
 
 def test_ccxt_pro_gets_the_trades_and_ends_with_the_rebuilt_book(recording: Recording, replay_of: Any) -> None:
@@ -66,20 +66,6 @@ def test_the_ccxt_lines_the_docs_name_are_the_scripts() -> None:
     changed = docs.split("### ccxt pro, unmodified", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     script_lines = {line.split("  #", 1)[0] for line in (ROOT / "examples" / "ccxt_replay.py").read_text().splitlines()}
     assert set(changed.splitlines()) <= script_lines
-
-
-@pytest.mark.parametrize(
-    ("args", "says"),
-    [
-        (["--certfile", "cert.pem"], "--certfile and --keyfile go together"),
-        (["--certfile", "missing.pem", "--keyfile", "missing.key"], "cannot use --certfile missing.pem"),
-    ],
-)
-def test_bad_tls_files_are_one_line_and_exit_2(recording: Recording, args: list[str], says: str) -> None:
-    window = ["--start", str(recording.start), "--end", str(recording.end), "--port", "0"]
-    done = cli(recording.env, "replay", *window, *args)
-    assert done.returncode == 2 and says in done.stderr
-    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
 def test_a_path_name_that_is_no_stream_subscribes_nothing(recording: Recording, replay_of: Any) -> None:

@@ -209,6 +209,8 @@ def test_gaps_continue_sends_on(recording: Recording, replay_of: Any) -> None:
         (["--streams", "kline_1m"], "no kline_1m frames were recorded in the window"),
         (["--speed", "fast"], "--speed 'fast'"),
         (["--end", "1000000000000"], "is not before the end"),
+        (["--certfile", "cert.pem"], "--certfile and --keyfile go together"),
+        (["--certfile", "missing.pem", "--keyfile", "missing.key"], "cannot use --certfile missing.pem"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(recording: Recording, args: list[str], says: str) -> None:

@@ -140,7 +140,8 @@ no tick size is invented. Clients read the first filter as the price filter (cry
 takes `filters[0]["tickSize"]`), so a listing without it fails them."""
 
 
-def symbol_info(symbol: str, halted: bool) -> dict[str, Any]:
+def symbol_info(symbol: str, halted: bool, filters: tuple[dict[str, str], ...] = ()) -> dict[str, Any]:
+    """A symbol's exchangeInfo entry; with no `filters` as Binance's documented example lists it."""
     base, quote = base_and_quote(symbol)
     return {
         "symbol": symbol,
@@ -172,7 +173,7 @@ def symbol_info(symbol: str, halted: bool) -> dict[str, Any]:
         "pegInstructionsAllowed": True,
         "isSpotTradingAllowed": True,
         "isMarginTradingAllowed": True,
-        "filters": [UNKNOWN_PRICE_FILTER],
+        "filters": list(filters),
         "permissions": [],
         "permissionSets": [["SPOT", "MARGIN"]],
         "defaultSelfTradePreventionMode": "NONE",

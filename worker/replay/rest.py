@@ -21,6 +21,7 @@ from sqlalchemy import Engine, Select, and_, func, or_, select
 
 from worker.ops.book import BookUnknown, book_after_update
 from worker.replay.binance_api import (
+    UNKNOWN_PRICE_FILTER,
     ApiError,
     Handler,
     error_response,
@@ -151,7 +152,7 @@ async def exchange_info(request: web.Request) -> web.Response:
     """The window's recorded symbols (all of them, `symbol=` or `symbols=[...]`), all TRADING."""
     asked = requested_symbols(request) or _recorded_symbols(request)
     _check_recorded(request, asked)
-    return _listing(request, [symbol_info(symbol, halted=False) for symbol in asked])
+    return _listing(request, [symbol_info(symbol, False, (UNKNOWN_PRICE_FILTER,)) for symbol in asked])
 
 
 async def usdm_exchange_info(request: web.Request) -> web.Response:
