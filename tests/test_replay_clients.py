@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import websocket
 
-from tests.replay_recording import ROOT, SYMBOL, Recording, rebuilt_top, run_client_script, window_rows
+from tests.replay_recording import ROOT, SYMBOL, Recording, rebuilt_top, rows, run_client_script, window_rows
 
 
 def test_ccxt_pro_gets_the_trades_and_ends_with_the_rebuilt_book(recording: Recording, replay_of: Any) -> None:
@@ -98,3 +98,40 @@ def test_futures_listings_are_empty_and_listings_take_symbols(recording: Recordi
         assert refused.status_code == 400 and refused.json()["code"] == code, params
     both = replay.get("/api/v3/ticker/bookTicker", symbols=json.dumps([SYMBOL]))
     assert both.status_code == 200 and [ticker["symbol"] for ticker in both.json()] == [SYMBOL]
+
+
+def test_trade_lists_take_binances_parameters_each(recording: Recording, replay_of: Any) -> None:
+    """/trades takes only a limit, /historicalTrades a fromId too, /aggTrades a fromId or a time range;
+    each answers from the rows received up to the clock (here standing at the start)."""
+    replay = replay_of()
+    received = [
+        row[0]
+        for row in rows(
+            recording.engine,
+            "select trade_id from trades where symbol = :s and received_at <= :c order by trade_id",
+            s=SYMBOL,
+            c=recording.start,
+        )
+    ]
+    first = received[-5]
+
+    def ids(path: str, **params: Any) -> list[int]:
+        answer = replay.get(path, symbol=SYMBOL, **params)
+        assert answer.status_code == 200, answer.text
+        return [row["id"] for row in answer.json()]
+
+    assert ids("/api/v3/trades", limit=3, fromId=first) == received[-3:]  # fromId is no parameter of /trades
+    assert ids("/api/v3/historicalTrades", limit=2, fromId=first) == received[-5:-3]
+    assert ids("/api/v3/historicalTrades", limit=2) == received[-2:]
+    [(agg_id, trade_time)] = rows(
+        recording.engine,
+        "select agg_id, trade_time from agg_trades where symbol = :s and received_at <= :c "
+        "order by agg_id desc limit 1",
+        s=SYMBOL,
+        c=recording.start,
+    )
+    by_time = replay.get("/api/v3/aggTrades", symbol=SYMBOL, startTime=trade_time, endTime=trade_time).json()
+    assert [row["a"] for row in by_time] == [agg_id]
+    assert [row["a"] for row in replay.get("/api/v3/aggTrades", symbol=SYMBOL, fromId=agg_id).json()] == [agg_id]
+    too_long = replay.get("/api/v3/aggTrades", symbol=SYMBOL, startTime=0, endTime=3_600_001)
+    assert too_long.status_code == 400 and too_long.json()["code"] == -1127

@@ -220,17 +220,21 @@ def _levels(levels: list[tuple[float, float]]) -> list[list[str]]:
     return [[decimal_string(price), decimal_string(qty)] for price, qty in levels]
 
 
-def _window(request: web.Request, table: Any, key: str, time_column: str, most: int = 1000) -> tuple[Select[Any], bool]:
+def _window(
+    request: web.Request, table: Any, key: str, time_column: str, taken: tuple[str, ...]
+) -> tuple[Select[Any], bool]:
     """The rows of `symbol` by `fromId`, `startTime`/`endTime` or the latest ones, up to
-    the clock; and whether the query takes them newest first (the latest ones)."""
-    symbol, limit = _symbol(request), limit_param(request, 500, most)
+    the clock; and whether the query takes them newest first (the latest ones). Only the
+    parameters the endpoint `taken` count: Binance ignores the others (`/trades` takes
+    none of them, `/historicalTrades` only `fromId`)."""
+    symbol, limit = _symbol(request), limit_param(request, 500, 1000)
     clock = _session(request).clock.now()
-    from_id, start, end = (optional_int(request, name) for name in ("fromId", "startTime", "endTime"))
+    from_id, start, end = (optional_int(request, name) if name in taken else None for name in _BY)
     query = select(table).where(table.c.symbol == symbol, _received_by(table, time_column, clock))
     if from_id is not None:
         return query.where(table.c[key] >= from_id).order_by(table.c[key]).limit(limit), False
     if start is not None or end is not None:
-        if start is not None and end is not None and end - start > 3_600_000 and key == "agg_id":
+        if start is not None and end is not None and end - start > 3_600_000:
             raise ApiError(-1127, "More than 1 hours between startTime and endTime.")
         if start is not None:
             query = query.where(table.c[time_column] >= start)
@@ -240,6 +244,9 @@ def _window(request: web.Request, table: Any, key: str, time_column: str, most: 
     return query.order_by(table.c[key].desc()).limit(limit), True
 
 
+_BY = ("fromId", "startTime", "endTime")
+
+
 async def _ascending(request: web.Request, query: Select[Any], newest_first: bool) -> list[Any]:
     """The rows of the query, oldest first as Binance lists them."""
     rows = await _query(request, lambda engine: _rows(engine, query))
@@ -247,7 +254,7 @@ async def _ascending(request: web.Request, query: Select[Any], newest_first: boo
 
 
 async def aggregate_trades(request: web.Request) -> web.Response:
-    query, newest_first = _window(request, agg_trades, "agg_id", "trade_time")
+    query, newest_first = _window(request, agg_trades, "agg_id", "trade_time", _BY)
     rows = await _ascending(request, query, newest_first)
     return json_response(
         [
@@ -267,7 +274,17 @@ async def aggregate_trades(request: web.Request) -> web.Response:
 
 
 async def recent_trades(request: web.Request) -> web.Response:
-    query, newest_first = _window(request, trades, "trade_id", "trade_time")
+    """/api/v3/trades: the latest trades at the clock (`symbol`, `limit`)."""
+    return await _trade_rows(request, ())
+
+
+async def historical_trades(request: web.Request) -> web.Response:
+    """/api/v3/historicalTrades: from `fromId`, else the latest at the clock."""
+    return await _trade_rows(request, ("fromId",))
+
+
+async def _trade_rows(request: web.Request, taken: tuple[str, ...]) -> web.Response:
+    query, newest_first = _window(request, trades, "trade_id", "trade_time", taken)
     rows = await _ascending(request, query, newest_first)
     return json_response(
         [
@@ -377,7 +394,7 @@ ENDPOINTS: tuple[tuple[str, Handler, int | Callable[[web.Request], int]], ...] =
     ("/api/v3/depth", depth, weight_by_limit(DEPTH_WEIGHTS, _depth_limit, DEPTH_DEFAULT)),
     ("/api/v3/aggTrades", aggregate_trades, 4),
     ("/api/v3/trades", recent_trades, 25),
-    ("/api/v3/historicalTrades", recent_trades, 25),
+    ("/api/v3/historicalTrades", historical_trades, 25),
     ("/api/v3/klines", kline_rows, 2),
     ("/api/v3/ticker/bookTicker", book_ticker, 2),
 )
