@@ -3,8 +3,9 @@
     python examples/ccxt_replay.py http://127.0.0.1:9443 ws://127.0.0.1:9443 BTCUSDT
 
 Prints each replayed trade as ccxt's `watch_trades` delivers it and, once the replay has
-sent its whole window, the replay clock and the top of the book that ccxt's
-`watch_order_book` built from the replay's REST snapshot and diffs, as JSON.
+sent its whole window, the replay clock, how many book updates ccxt delivered and the top
+of the book that ccxt's `watch_order_book` built from the replay's REST snapshot and
+diffs, as JSON.
 """
 
 import asyncio
@@ -60,7 +61,7 @@ async def main() -> dict:
     book.cancel()
     clock = (await asyncio.to_thread(replay, "/api/v3/time"))["serverTime"]
     await exchange.close()
-    return {"clock": clock, "bids": books[-1]["bids"][:10], "asks": books[-1]["asks"][:10]}
+    return {"clock": clock, "updates": len(books), "bids": books[-1]["bids"][:10], "asks": books[-1]["asks"][:10]}
 
 
 print(json.dumps(asyncio.run(main())), flush=True)

@@ -1,11 +1,16 @@
 """cryptofeed, unmodified, on a `binance-recorder replay`: only its base URLs change.
 
-    python examples/cryptofeed_replay.py http://127.0.0.1:9443 ws://127.0.0.1:9443 BTCUSDT
+    SSL_CERT_FILE=cert.pem REQUESTS_CA_BUNDLE=cert.pem \\
+        python examples/cryptofeed_replay.py https://127.0.0.1:9443 wss://127.0.0.1:9443 BTCUSDT
+
+on a replay started with `--certfile cert.pem --keyfile key.pem`: cryptofeed takes only
+wss:// websocket URLs, and trusts the certificate through those two variables.
 
 Prints each replayed trade as cryptofeed's TRADES callback delivers it (cryptofeed's
 Binance trades are the `aggTrade` stream: the ids are aggregate trade ids) and, once the
-replay has sent its whole window, the replay clock and the top of the book that
-cryptofeed's L2_BOOK built from the replay's REST snapshot and diffs, as JSON.
+replay has sent its whole window, the replay clock, how many book updates cryptofeed
+delivered and the top of the book that its L2_BOOK built from the replay's REST snapshot
+and diffs, as JSON.
 """
 
 import asyncio
@@ -44,6 +49,7 @@ async def on_trade(trade, receipt_timestamp: float) -> None:
 async def on_book(update, receipt_timestamp: float) -> None:
     levels = update.book
     book.update(update=update.sequence_number, bids=levels.bids.to_list()[:10], asks=levels.asks.to_list()[:10])
+    book["updates"] = book.get("updates", 0) + 1
 
 
 async def stop_at_the_end() -> None:
@@ -57,7 +63,7 @@ async def stop_at_the_end() -> None:
         await asyncio.sleep(0.1)
     clock = (await asyncio.to_thread(replay, "/api/v3/time"))["serverTime"]
     top = {side: [[float(price), float(qty)] for price, qty in book[side]] for side in ("bids", "asks")}
-    print(json.dumps({"clock": clock, **top}), flush=True)
+    print(json.dumps({"clock": clock, "updates": book["updates"], **top}), flush=True)
     asyncio.get_running_loop().stop()  # FeedHandler.run then stops its feeds and returns
 
 

@@ -172,29 +172,19 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
 
 
 @pytest.fixture(scope="module")
-def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
+def recording(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
+    """A real stack's recording of the fake (trades, aggTrades, bookTickers and depth@100ms of
+    SYMBOL) with a lost stretch of depth, unless the module sets `RECORD_GAP = False`."""
+    with_gap = getattr(request.module, "RECORD_GAP", True)
     stack = launch_stack(tmp_path_factory.mktemp("replay"), fake_args=["--trades-per-second", "10"])
+    gap: tuple[int, int] | None = None
     try:
         engine = make_engine(stack.env["DATABASE_URL"])
         done = cli(stack.env, "subscribe", SYMBOL, "--streams", "trade,aggTrade,bookTicker,depth@100ms")
         assert done.returncode == 0, done.stderr
         wait_until(lambda: depth_span(engine) > (CLEAN_SECONDS + 1) * 1000, 40, "seconds of depth recorded")
-        fake_control(stack, "pause_data", seconds=1.5)  # the diffs of the pause are lost: a depth gap
-        gap = wait_until(
-            lambda: rows(
-                engine, "select first_missing, last_missing from gaps where kind = 'depth' and last_missing > 0"
-            ),
-            30,
-            "the depth gap recorded and the book known again",
-        )[0]
-        wait_until(
-            lambda: (
-                rows(engine, "select max(event_time) from depth_updates where symbol = :s", s=SYMBOL)[0][0]
-                > gap[1] + 1500
-            ),
-            20,
-            "diffs after the gap",
-        )
+        if with_gap:
+            gap = _record_a_depth_gap(stack, engine)
         env = dict(stack.env)
     finally:
         stack.stop()
@@ -205,9 +195,30 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
         s=SYMBOL,
     )[0][0]
     start = first_diff + 1000
-    gap_begins = rows(engine, "select min(received_at) from depth_updates where event_time = :e", e=gap[0])[0][0]
-    after_gap = quiet_end(engine, gap[1] + 1000)
+    gap_begins = after_gap = None
+    if gap is not None:
+        gap_begins = rows(engine, "select min(received_at) from depth_updates where event_time = :e", e=gap[0])[0][0]
+        after_gap = quiet_end(engine, gap[1] + 1000)
     yield Recording(env, engine, start, quiet_end(engine, start + 3500), gap_begins, after_gap)
+
+
+def _record_a_depth_gap(stack: LocalStack, engine: Engine) -> tuple[int, int]:
+    """Pause the fake's data: the diffs of the pause are lost, a depth gap the drain records.
+    Its (first_missing, last_missing) once the book is known again and diffs follow."""
+    fake_control(stack, "pause_data", seconds=1.5)
+    gap = wait_until(
+        lambda: rows(engine, "select first_missing, last_missing from gaps where kind = 'depth' and last_missing > 0"),
+        30,
+        "the depth gap recorded and the book known again",
+    )[0]
+    wait_until(
+        lambda: (
+            rows(engine, "select max(event_time) from depth_updates where symbol = :s", s=SYMBOL)[0][0] > gap[1] + 1500
+        ),
+        20,
+        "diffs after the gap",
+    )
+    return gap
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ class Recording:
     engine: Engine
     start: int  # a second after the first diff on the first snapshot
     end: int  # just after a diff that nothing else was received with, before the gap
-    gap_begins: int  # the receive time of the last diff before the lost stretch
-    after_gap: int  # a second of diffs after the book is known again, chosen as `end` is
+    gap_begins: int | None  # the receive time of the last diff before the lost stretch (None: no gap recorded)
+    after_gap: int | None  # a second of diffs after the book is known again, chosen as `end` is
 
 
 def rows(engine: Engine, sql: str, **params: Any) -> list[tuple[Any, ...]]:
