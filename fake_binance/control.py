@@ -29,8 +29,8 @@ from fake_binance.hub import now_ms
 from fake_binance.listing import LoadPlan
 from fake_binance.load import LoadHub
 from fake_binance.market import UnknownSymbol
-from fake_binance.rest import json_response as _json
 from fake_binance.streams import DELISTED, SPOT_STATUSES, SpotVenue
+from worker.replay.binance_api import json_response as _json
 
 
 class ControlError(ValueError):

@@ -7,33 +7,23 @@ from typing import Any
 from tasks.resources import redis_client
 from tasks.workers import stream_processes
 from worker import app
-from worker.exchange.listings import (
-    TRADING,
-    ListingWatch,
-    check_pairs,
-    check_subscribable,
-    market_subscription,
-    subscribe_market,
-)
-from worker.exchange.rest import BinanceRest
+from worker.exchange.listings import TRADING
+from worker.exchange.subscribing import subscribe_symbols, subscribe_whole_market
 from worker.groups import (
     Group,
     GroupRegistry,
-    InvalidSubscription,
     default_kinds,
     is_whole_market,
     normalize_market,
     normalize_stream_kinds,
-    normalize_symbols,
     split_unsubscribe,
-    stream_names,
 )
 from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
 from worker.ops.status import recording_figures
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.streams import SPOT, is_pair_kind
+from worker.streams import SPOT
 
 
 def _registry() -> GroupRegistry:
@@ -66,7 +56,7 @@ def subscribe(
     """Record `streams` (default: settings) of `symbols` on `market` (`spot`, `usdm`,
     `coinm`); returns the groups that do. `["*"]` subscribes the market: every symbol
     its exchangeInfo lists with one of `statuses` (default TRADING), narrowed to
-    `quote_assets`, followed as the listing changes (see `subscribe_whole_market`).
+    `quote_assets`, followed as the listing changes (worker/exchange/subscribing.py).
 
     Types and shapes are checked first (InvalidSubscription names the bad element), then
     the symbols against the market's exchangeInfo before anything is recorded, so a
@@ -79,59 +69,11 @@ def subscribe(
     kinds = normalize_stream_kinds(
         default_kinds(settings.default_stream_kinds, market) if streams is None else streams, market
     )
+    processes = stream_processes().total()
     if is_whole_market(symbols, quote_assets, statuses):
-        return subscribe_whole_market(market, kinds, quote_assets or [], statuses or [TRADING])
-    symbols = normalize_symbols(symbols)
-    rest = BinanceRest.from_settings(settings, redis_client(), market)
-    watch = ListingWatch(redis_client(), RedisKeys(settings.redis_prefix))
-    by_pair = [kind for kind in kinds if is_pair_kind(kind)]
-    if by_pair:
-        check_pairs(rest, symbols, market)
-    listed = check_subscribable(rest, watch, symbols, market) if len(by_pair) < len(kinds) else {}
-    registry = _registry()
-    requested = stream_names(symbols, kinds)
-    with registry.changing():
-        _, new_groups = registry.place(requested, settings.max_streams_per_connection, market)
-        for group in new_groups:
-            start_group(group)
-    return {
-        "market": market,
-        "symbols": listed,
-        **({"pairs": symbols} if by_pair else {}),
-        "streams": requested,
-        "groups": registry.groups_recording(requested, market),
-        "new_groups": [g.id for g in new_groups],
-        **registry.note_waiting(stream_processes().total(), new_groups),
-    }
-
-
-def subscribe_whole_market(
-    market: str, kinds: list[str], quote_assets: list[str], statuses: list[str]
-) -> dict[str, Any]:
-    """Subscribe every symbol of the market's listing the filters keep, and keep the
-    market subscription in Redis for the listing follower (tasks.follow_listings)."""
-    if any(is_pair_kind(kind) for kind in kinds):
-        raise InvalidSubscription("pair kinds (continuousKline, indexPrice...) take pairs: name them, not '*'")
-    settings = get_settings()
-    subscription = market_subscription(market, kinds, quote_assets, statuses)
-    client = redis_client()
-    registry = _registry()
-    info = BinanceRest.from_settings(settings, client, market).exchange_info()
-    with registry.changing():
-        watch = ListingWatch(client, RedisKeys(settings.redis_prefix))
-        symbols, new_groups = subscribe_market(registry, watch, subscription, info, settings.max_streams_per_connection)
-        for group in new_groups:
-            start_group(group)
-    streams = stream_names(symbols, kinds)
-    return {
-        "market": market,
-        "market_subscription": {"quote_assets": quote_assets, "statuses": list(subscription.statuses)},
-        "symbol_count": len(symbols),
-        "stream_count": len(streams),
-        "groups": registry.groups_recording(streams, market),
-        "new_groups": [g.id for g in new_groups],
-        **registry.note_waiting(stream_processes().total(), new_groups),
-    }
+        filters = (quote_assets or [], statuses or [TRADING])
+        return subscribe_whole_market(settings, redis_client(), market, kinds, *filters, start_group, processes)
+    return subscribe_symbols(settings, redis_client(), market, symbols, kinds, start_group, processes)
 
 
 @app.task(name="tasks.unsubscribe")
