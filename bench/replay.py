@@ -5,7 +5,9 @@ how soon a replay starting in the middle of an hour of order books sends its fir
   server's own stream, stored through the drain's parser with a clock mark every 50 ms)
   replayed at `--speed max` on `/stream?streams=...` to the bare websocket-client loop
   of `bench.receivers`; the reference is the blast server sending the same frames,
-  pre-encoded, to the same loop, each round a pair back to back (as part 1);
+  pre-encoded, to the same loop, each round a pair back to back (as part 1). The
+  replay's CPU time per frame (its process, all threads, while the loop receives) is
+  the figure a busy machine moves least;
 - first frame: an hour of depth@100ms of 20 symbols (720,000 diffs, 20 levels each, a
   1,000-level snapshot per symbol at the hour's start and at its end, as the recorder's
   default DEPTH_SNAPSHOT_INTERVAL_SECONDS of an hour leaves them) replayed from the
@@ -31,7 +33,7 @@ from bench.depth import DepthFeed
 from bench.figures import median, paired_ratio
 from bench.frames import STREAMS, trade_frames
 from bench.ingest import ROUND_TIMEOUT_SECONDS, bare_loop_seconds
-from bench.procs import module_command, run_json, service_env, spawn_and_wait, wait_for_log
+from bench.procs import cpu_seconds, module_command, run_json, service_env, spawn_and_wait, wait_for_log
 from worker.buffer import clock_mark
 from worker.ops.local_stack import LocalStack, ManagedProcess
 from worker.store.depth import pack_levels
@@ -105,11 +107,13 @@ def _throughput(stack: LocalStack, db: Path, sizes: ReplaySizes) -> dict[str, An
         stack, "blast", module_command("bench.blast", "--frames", frames), r"blast listening on (ws://\S+)"
     ).group(1)
     streams = "/".join(STREAMS)
-    blast_rates, replay_rates = [], []
+    blast_rates, replay_rates, cpu = [], [], []
     for number in range(sizes.rounds):
         blast_rates.append(frames / bare_loop_seconds(stack, blast, frames))
         replay, ws, _ = _start_replay(stack, f"replay-trades-{number}", db, start, end)
+        before = cpu_seconds([replay.popen.pid])
         received = _bare(stack, f"{ws}/stream?streams={streams}", frames)
+        cpu.append((cpu_seconds([replay.popen.pid]) - before) / frames * 1e6)
         stack.stop_process(replay)
         if received["frames"] != frames:
             raise RuntimeError(f"the replay sent {received['frames']} of {frames} frames")
@@ -121,7 +125,8 @@ def _throughput(stack: LocalStack, db: Path, sizes: ReplaySizes) -> dict[str, An
         "blast_frames_per_second": median(blast_rates),
         "replay_frames_per_second": median(replay_rates),
         "ratio": paired_ratio(replay_rates, blast_rates),
-        "per_round": {"blast": blast_rates, "replay": replay_rates},
+        "replay_cpu_us_per_frame": median(cpu),
+        "per_round": {"blast": blast_rates, "replay": replay_rates, "replay_cpu_us_per_frame": cpu},
     }
 
 

@@ -172,7 +172,7 @@ def _replay_rows(replay: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
         _ratio_row(
             "9 replay",
             f"frames/s at --speed max to the bare loop, {throughput['streams']} streams",
-            f"{throughput['replay_frames_per_second']:,.0f}",
+            f"{throughput['replay_frames_per_second']:,.0f} ({throughput['replay_cpu_us_per_frame']:.1f} us CPU/frame)",
             f"blast {throughput['blast_frames_per_second']:,.0f}",
             verdicts["replay_throughput"],
         ),

@@ -136,6 +136,7 @@ def test_the_replay_is_measured_against_the_blast_server_and_from_the_middle_of_
     throughput = results["replay"]["throughput"]
     assert throughput["frames_per_round"] == 20_000 and throughput["streams"] == 20
     assert throughput["blast_frames_per_second"] > 0 and throughput["replay_frames_per_second"] > 0
+    assert throughput["replay_cpu_us_per_frame"] > 0
     assert throughput["ratio"] == pytest.approx(
         throughput["replay_frames_per_second"] / throughput["blast_frames_per_second"]
     )

@@ -64,7 +64,7 @@ async def _serve(request: web.Request, streams: list[str], combined: bool) -> we
     session = request.app[SESSION]
     socket = web.WebSocketResponse(heartbeat=PING_SECONDS, autoping=True)
     await socket.prepare(request)
-    client = Client(socket, combined)
+    client = Client(socket, combined, protocol=request.protocol)
     session.clients.add(client)
     session.subscribe(client, streams)
     try:
