@@ -68,7 +68,7 @@ async def _serve(request: web.Request, named: list[str], combined: bool) -> web.
     session = request.app[SESSION]
     socket = web.WebSocketResponse(heartbeat=PING_SECONDS, autoping=True)
     await socket.prepare(request)
-    client = Client(socket, combined)
+    client = Client(socket, combined, protocol=request.protocol)
     session.clients.add(client)
     session.subscribe(client, [name for name in named if _STREAM_NAME.fullmatch(name)])
     try:
