@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import websocket
+from sqlalchemy import delete
 
 from tests.conftest import wait_until
 from tests.replay_recording import (
@@ -24,6 +25,11 @@ from tests.replay_recording import (
     run_client_script,
     window_rows,
 )
+from worker.exchange.listings import keep_daily_snapshot
+from worker.replay.binance_api import symbol_info
+from worker.store.storage import exchange_info_snapshots
+from worker.streams import SPOT
+from worker.times import utc_datetime
 
 
 def receive(socket: websocket.WebSocket) -> Any:
@@ -233,3 +239,20 @@ def test_a_port_in_use_is_one_line_and_exit_2(recording: Recording, replay_of: A
 def test_the_docs_show_the_script_the_test_runs() -> None:
     script = (ROOT / "examples" / "python_binance_replay.py").read_text()
     assert f"```python\n{script}```" in (ROOT / "docs" / "replay.md").read_text()
+
+
+def test_exchange_info_serves_the_listing_kept_for_the_clocks_day(recording: Recording, replay_of: Any) -> None:
+    """The listing follower keeps the day's first exchangeInfo; the replay serves the
+    recorded symbols' entries from it (their tick size here), nothing it lacks."""
+    entry = symbol_info(SYMBOL, "TRADING", ({"filterType": "PRICE_FILTER", "tickSize": "0.01000000"},))
+    other = symbol_info("XRPUSDT", "TRADING")
+    listing = {"timezone": "UTC", "symbols": [other, entry]}
+    day = utc_datetime(recording.start).strftime("%Y-%m-%d")
+    before = replay_of().get("/api/v3/exchangeInfo").json()["symbols"]
+    assert before[0]["filters"][0]["tickSize"] == "0.00000000"  # none kept: the price filter disabled
+    try:
+        assert keep_daily_snapshot(recording.engine, SPOT, listing, recording.start)
+        assert replay_of().get("/api/v3/exchangeInfo").json()["symbols"] == [entry]
+    finally:
+        with recording.engine.begin() as conn:
+            conn.execute(delete(exchange_info_snapshots).where(exchange_info_snapshots.c.day == day))

@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from sqlalchemy import Engine, Select, and_, func, or_, select
 
+from worker.exchange.listings import exchange_info_on
 from worker.ops.book import BookUnknown, book_after_update
 from worker.replay.binance_api import (
     UNKNOWN_PRICE_FILTER,
@@ -38,7 +40,8 @@ from worker.replay.frames import decimal_string
 from worker.replay.session import SESSION, Session
 from worker.store.depth import unpack_levels
 from worker.store.storage import agg_trades, book_tickers, depth_snapshots, depth_updates, klines, trades
-from worker.streams import INTERVAL_MS
+from worker.streams import INTERVAL_MS, SPOT
+from worker.times import utc_datetime
 
 WEIGHT_LIMIT = 6000
 """Binance's request weight per minute and IP."""
@@ -63,6 +66,7 @@ class _WeightWindow:
 
 
 _WINDOW = web.AppKey("replay_weight_window", _WeightWindow)
+_LISTINGS_OF_DAYS = web.AppKey("replay_listings_of_days", dict)
 
 
 @web.middleware
@@ -149,10 +153,25 @@ def _listing(request: web.Request, symbols: list[dict[str, Any]], **extra: Any) 
 
 
 async def exchange_info(request: web.Request) -> web.Response:
-    """The window's recorded symbols (all of them, `symbol=` or `symbols=[...]`), all TRADING."""
+    """The window's recorded symbols (all of them, `symbol=` or `symbols=[...]`): each as
+    the listing of the clock's day has it (`exchange_info_snapshots`, kept by the listing
+    follower), so clients get that day's status, tick and lot sizes; a symbol the day's
+    listing lacks (none was kept) is TRADING with its price filter disabled."""
     asked = requested_symbols(request) or _recorded_symbols(request)
     _check_recorded(request, asked)
-    return _listing(request, [symbol_info(symbol, "TRADING", (UNKNOWN_PRICE_FILTER,)) for symbol in asked])
+    of_the_day = await _listing_of_the_day(request)
+    entries = [of_the_day.get(symbol) or symbol_info(symbol, "TRADING", (UNKNOWN_PRICE_FILTER,)) for symbol in asked]
+    return _listing(request, entries)
+
+
+async def _listing_of_the_day(request: web.Request) -> dict[str, dict[str, Any]]:
+    """The spot listing kept for the clock's UTC day, by symbol (read once a day per session)."""
+    day = utc_datetime(_session(request).clock.now()).strftime("%Y-%m-%d")
+    kept = request.app[_LISTINGS_OF_DAYS]
+    if day not in kept:
+        body = await _query(request, lambda engine: exchange_info_on(engine, SPOT, day))
+        kept[day] = {entry["symbol"]: entry for entry in orjson.loads(body)["symbols"]} if body else {}
+    return kept[day]
 
 
 async def usdm_exchange_info(request: web.Request) -> web.Response:
@@ -404,6 +423,7 @@ ENDPOINTS: tuple[tuple[str, Handler, int | Callable[[web.Request], int]], ...] =
 def add_routes(app: web.Application) -> None:
     app[_WEIGHTS] = {handler: weight for _, handler, weight in ENDPOINTS}
     app[_WINDOW] = _WeightWindow()
+    app[_LISTINGS_OF_DAYS] = {}
     for path, handler, _ in ENDPOINTS:
         app.router.add_get(path, handler)
     app.router.add_get("/replay/gaps", replay_gaps)
