@@ -6,6 +6,7 @@ The whole stack (subscribe, drops, the CLI) is in tests/test_books_end_to_end.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -341,14 +342,22 @@ def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
             redis_prefix=keys.prefix, binance_rest_url=f"http://127.0.0.1:{fake.port}", depth_snapshot_limit=1000
         )
         rest = BinanceRest.from_settings(settings, redis_client)
-        assert take_snapshots(settings, redis_client, no_database, rest) == {"stored": [], "failed": {}}
+        nothing = {"stored": [], "failed": {}, "waiting": 0}
+        assert take_snapshots(settings, redis_client, no_database, rest) == nothing
         GroupRegistry(redis_client, keys).want(Group("g1", ("btcusdt@depth@100ms", "ethusdt@trade")))
-        redis_client.sadd(keys.books_needing_snapshot(), "XRPUSDT")
-        assert take_snapshots(settings, redis_client, lambda: engine, rest) == {"stored": ["BTCUSDT"], "failed": {}}
+        redis_client.sadd(keys.books_needing_snapshot(), "XRPUSDT", "BTCUSDT")  # the drain saw BTCUSDT's events
+        stored = {"stored": ["BTCUSDT"], "failed": {}, "waiting": 0}
+        assert take_snapshots(settings, redis_client, lambda: engine, rest) == stored
         assert sum(int(redis_client.get(key)) for key in redis_client.keys(f"{keys.prefix}:rest:weight:*")) == 50
         assert needing(redis_client, keys) == set()
+        synced = BookState(SYNCED, 1, T0, updates_per_second=10.0).as_fields()
+        redis_client.hset(keys.book("BTCUSDT"), mapping=synced)  # as the drain does
+        redis_client.sadd(keys.books(), "BTCUSDT")
         assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == []  # not due for an hour
-        redis_client.sadd(keys.books_needing_snapshot(), "BTCUSDT")  # the drain found a break
+        refresh = dataclasses.replace(settings, depth_snapshot_interval_seconds=0.001)
+        assert take_snapshots(refresh, redis_client, lambda: engine, rest)["stored"] == ["BTCUSDT"]  # due
+        redis_client.hset(keys.book("BTCUSDT"), "state", RESYNCING)  # the drain found a break
+        redis_client.sadd(keys.books_needing_snapshot(), "BTCUSDT")
         assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == ["BTCUSDT"]
         with engine.connect() as conn:
             update_id, bids = conn.execute(

@@ -17,6 +17,7 @@ from worker.buffer import FrameBuffer
 from worker.exchange.audit import latest_audits
 from worker.exchange.listings import recent_listing_changes
 from worker.exchange.rest import REST_URL_SETTINGS
+from worker.exchange.snapshots import sync_outlook
 from worker.groups import MORE_STREAM_PROCESSES, Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
@@ -178,6 +179,15 @@ def book_statuses(client: redis.Redis, keys: RedisKeys, market: str | None = Non
     ]
 
 
+def book_sync(
+    settings: Settings, client: redis.Redis, keys: RedisKeys, market: str | None, now: int
+) -> list[dict[str, Any]]:
+    """Per market (or only `market`) that records books: how many are synced and when
+    the rest will be (`worker.exchange.snapshots.sync_outlook`)."""
+    outlooks = (sync_outlook(settings, client, keys, name, now) for name in MARKETS if market in (None, name))
+    return [outlook.as_json() for outlook in outlooks if outlook.books]
+
+
 def collect_status(
     settings: Settings, client: redis.Redis, engine: Engine, market: str | None = None
 ) -> dict[str, Any]:
@@ -186,8 +196,9 @@ def collect_status(
     counters = {as_text(k): int(v) for k, v in client.hgetall(keys.counters).items()}
     buffer = FrameBuffer(client, keys)
     drains = drain_holders(client, keys, settings.drain_lanes)
+    now = now_ms()
     return {
-        "generated_at": now_ms(),
+        "generated_at": now,
         "groups": group_statuses(client, keys, market),
         "tables": table_statuses(engine),
         "audits": latest_audits(engine),
@@ -196,6 +207,7 @@ def collect_status(
         "storage_error": storage_error(client, keys),
         "redis_memory": redis_memory(client),
         "books": book_statuses(client, keys, market),
+        "book_sync": book_sync(settings, client, keys, market, now),
         "listing_changes": recent_listing_changes(engine),
         "dead_letters": counters.get("dead_letters", 0),
         "frames_drained": counters.get("frames_drained", 0),
