@@ -127,6 +127,8 @@ def test_a_run_takes_the_busiest_books_this_minute_holds_and_leaves_the_rest_que
     assert (outlook.books, outlook.synced, outlook.waiting_weight) == (8, 0, 2 * 50 + 6 * 5)
     assert outlook.rest_by == NOW - NOW % MINUTE_MS + MINUTE_MS  # 130 weight: 10 more than a minute's 120
 
+    lost_lock = take_snapshots(settings, redis_client, lambda: engine, rest, still_mine=lambda: False)
+    assert lost_lock == {"stored": [], "failed": {}, "waiting": 8}  # another run holds the lock now
     done = take_snapshots(settings, redis_client, lambda: engine, rest)
     # 50 + 50 + 4 x 5 = 120: the two busiest deep, then four thin ones, by rate.
     assert done == {"stored": symbols[:6], "failed": {}, "waiting": 2}

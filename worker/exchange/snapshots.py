@@ -124,7 +124,11 @@ def _unmeasured(book: BookState, now: int) -> bool:
 
 
 def take_snapshots(
-    settings: Settings, client: redis.Redis, database: Callable[[], Engine], rest: BinanceRest
+    settings: Settings,
+    client: redis.Redis,
+    database: Callable[[], Engine],
+    rest: BinanceRest,
+    still_mine: Callable[[], bool] = lambda: True,
 ) -> dict[str, Any]:
     """Fetch and store the snapshots that the books of `rest`'s market need or are due
     for, as many as this minute's budget holds (`plan_snapshots` says which first);
@@ -133,6 +137,9 @@ def take_snapshots(
     `database()` gives the engine, and is only called when a book is recorded: beat runs
     this every drain interval, and on a stack without order books it must not touch the
     database (a new worker's first tasks would only compete to create the schema).
+    `still_mine()` is asked before each snapshot (the task renews its lock with it): a
+    minute of budget can be hundreds of snapshots, and a run that lost its lock stops
+    rather than take them a second time beside the run that holds it now.
     """
     keys, market = RedisKeys(settings.redis_prefix), market_named(rest.market)
     needed_key = keys.books_needing_snapshot(market.name)
@@ -155,7 +162,7 @@ def take_snapshots(
     stored: list[str] = []
     failed: dict[str, str] = {}
     for taken, planned in enumerate(plan):
-        if not rest.pacer.has_room(planned.weight):
+        if not rest.pacer.has_room(planned.weight) or not still_mine():
             return {"stored": stored, "failed": failed, "waiting": len(plan) - taken}
         try:
             snapshot = rest.depth(planned.symbol, planned.limit)
