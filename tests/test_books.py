@@ -320,6 +320,13 @@ def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
         "usdm order book of BTCUSDT unknown for 61s: "
         "is beat running tasks.snapshot_books, and can it reach BINANCE_USDM_REST_URL?"
     ]
+    # A reconnect of a big group breaks many books at once: one line, not one a book.
+    many = [{**book, "symbol": f"SYM{n:04d}USDT", "gap_since": T0 + n} for n in range(412)]
+    assert problems({**snapshot, "books": many}, Settings()) == [
+        "412 order books unknown for over 60s, SYM0000USDT's for 61s (`status --json` lists them, the books line "
+        "says when the weight budget reaches them): is beat running tasks.snapshot_books, and can it reach "
+        "BINANCE_REST_URL?"
+    ]
 
 
 # -- REST snapshots (tasks.snapshot_books' work) against the fake ----------------------------

@@ -67,6 +67,11 @@ def weight_used(client: redis.Redis, minute: int) -> int:
 def test_many_books_sync_busiest_first_within_the_budget_and_status_says_when(stack: LocalStack) -> None:
     db = make_engine(stack.env["DATABASE_URL"])
     client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    # Subscribed with 20 s or more left in the minute: every book has its first events and
+    # its rate (the quietest send one diff in 10 s, then wait 5 s for a rate) while this
+    # minute lasts, so this minute's budget runs out, and well before its end.
+    wait_until(lambda: time.time() % 60 < 40, 25, "a minute with 20 s left", interval=0.1)
+    subscribed_in = int(time.time() * 1000) // MINUTE_MS
     done = subprocess.run(
         [sys.executable, "-m", "worker.ops.cli", "subscribe", *SYMBOLS, "--streams", "depth@100ms"],
         env=stack.env,
@@ -76,12 +81,8 @@ def test_many_books_sync_busiest_first_within_the_budget_and_status_says_when(st
     )
     assert done.returncode == 0, done.stderr
 
-    # The first minute whose budget runs out, while books still wait.
-    def spent_minute() -> int | None:
-        minute = int(time.time() * 1000) // MINUTE_MS
-        return minute if weight_used(client, minute) > BUDGET - 5 else None
-
-    minute = wait_until(spent_minute, 90, "a minute's budget spent on snapshots")
+    wait_until(lambda: weight_used(client, subscribed_in) > BUDGET - 5, 40, "the minute's budget spent on snapshots")
+    minute = subscribed_in
     status = json.loads(status_command(stack, "--json").stdout)
     (outlook,) = status["book_sync"]
     assert (outlook["market"], outlook["books"], outlook["budget_per_minute"]) == ("spot", BOOKS, BUDGET)

@@ -244,16 +244,39 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
             )
         if group["backlog"] > behind:
             found.append(f"{name} has {group['backlog']} frames waiting in Redis: is the drain running?")
-    for book in snapshot.get("books", []):
-        unknown_since = book["gap_since"]
-        if book["state"] == RESYNCING and unknown_since is not None and now - unknown_since > BOOK_RESYNC_PATIENCE_MS:
-            market = book["market"]
-            found.append(
-                f"{'' if market == SPOT else market + ' '}order book of {book['symbol']} unknown for "
-                f"{(now - unknown_since) / 1000:.0f}s: is beat running tasks.snapshot_books, and can it reach "
-                f"{REST_URL_SETTINGS[market]}?"
-            )
+    found.extend(_book_problems(snapshot))
     found.extend(_storage_problems(snapshot))
+    return found
+
+
+BOOK_PROBLEMS_NAMED = 5
+"""Books unknown for too long are named one a line up to this many per market; more (a
+reconnect of a 1,024-stream group breaks every book it carries) are one line."""
+
+
+def _book_problems(snapshot: dict[str, Any]) -> list[str]:
+    now = snapshot["generated_at"]
+    unknown: dict[str, list[tuple[int, str]]] = {}
+    for book in snapshot.get("books", []):
+        since = book["gap_since"]
+        if book["state"] == RESYNCING and since is not None and now - since > BOOK_RESYNC_PATIENCE_MS:
+            unknown.setdefault(book["market"], []).append((since, book["symbol"]))
+    found: list[str] = []
+    for market, books in unknown.items():
+        where = "" if market == SPOT else market + " "
+        ask = f"is beat running tasks.snapshot_books, and can it reach {REST_URL_SETTINGS[market]}?"
+        if len(books) <= BOOK_PROBLEMS_NAMED:
+            found.extend(
+                f"{where}order book of {symbol} unknown for {(now - since) / 1000:.0f}s: {ask}"
+                for since, symbol in books
+            )
+            continue
+        since, symbol = min(books)
+        found.append(
+            f"{len(books):,} {where}order books unknown for over {BOOK_RESYNC_PATIENCE_MS / 1000:.0f}s, {symbol}'s "
+            f"for {(now - since) / 1000:.0f}s (`status --json` lists them, the books line says when the weight "
+            f"budget reaches them): {ask}"
+        )
     return found
 
 
