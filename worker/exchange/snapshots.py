@@ -95,6 +95,13 @@ def snapshot_limits(books: Mapping[str, BookState], settings: Settings, rules: R
     }
 
 
+def recorded_states(client: redis.Redis, keys: RedisKeys, market: str) -> dict[str, BookState]:
+    """Every recorded book of `market` with the drain's state of it; a book the drain has
+    not seen yet has the state of none (resyncing, no rate), so it ranks as the quietest."""
+    followed = book_states(client, keys, market)
+    return {symbol: followed.get(symbol, BookState()) for symbol in wanted_books(client, keys, market)}
+
+
 def plan_snapshots(
     books: Mapping[str, BookState],
     needed: set[str],
@@ -106,11 +113,10 @@ def plan_snapshots(
     """The snapshots to take, in order: the books that are unknown (`needed`) before the
     known ones due for a refresh (`due`), each the most active first. A book still
     without a rate (`RATE_MEASURE_GRACE_MS`) is left for a later run. `books` holds every
-    recorded book's state; a needed symbol without one ranks as the quietest."""
-    states = {symbol: books.get(symbol, BookState()) for symbol in books.keys() | needed}
-    limits = snapshot_limits(states, settings, rules)
-    order = by_activity(states)
-    unknown = [s for s in order if s in needed and states[s].state != SYNCED and not _unmeasured(states[s], now)]
+    recorded book's state (`recorded_states`)."""
+    limits = snapshot_limits(books, settings, rules)
+    order = by_activity(books)
+    unknown = [s for s in order if s in needed and books[s].state != SYNCED and not _unmeasured(books[s], now)]
     refresh = [s for s in order if s in due and s not in needed]
     return [PlannedSnapshot(s, limits[s], rules.depth_weight(limits[s])) for s in unknown + refresh]
 
@@ -143,20 +149,19 @@ def take_snapshots(
     """
     keys, market = RedisKeys(settings.redis_prefix), market_named(rest.market)
     needed_key = keys.books_needing_snapshot(market.name)
-    recorded = wanted_books(client, keys, market.name)
     needed = {as_text(s) for s in client.smembers(needed_key)}
-    books = book_states(client, keys, market.name)
+    books = recorded_states(client, keys, market.name)
+    synced = {symbol for symbol, book in books.items() if book.state == SYNCED}
     # No longer recorded, or synced since (a drain found an earlier snapshot good enough).
-    done_with = needed - (recorded - {s for s, book in books.items() if book.state == SYNCED})
+    done_with = needed - (books.keys() - synced)
     if done_with:
         client.srem(needed_key, *done_with)
-    if not recorded:
+    if not books:
         return {"stored": [], "failed": {}, "waiting": 0}
     engine = database()
     depth_snapshots = book_tables(market)[0]
     with engine.connect() as conn:
         since = now_ms() - int(settings.depth_snapshot_interval_seconds * 1000)
-        synced = {symbol for symbol, book in books.items() if book.state == SYNCED}
         due = _due_for_refresh(conn, depth_snapshots, synced, since) if synced else set()
     plan = plan_snapshots(books, needed - done_with, due, settings, rest.rules, now_ms())
     stored: list[str] = []
@@ -202,20 +207,19 @@ def sync_outlook(settings: Settings, client: redis.Redis, keys: RedisKeys, marke
     users of the budget (backfills, audits) and lagging snapshots that must be taken
     again delay it."""
     rules = REST_RULES[market]
-    recorded = wanted_books(client, keys, market)
-    books = book_states(client, keys, market)
+    books = recorded_states(client, keys, market)
     needed = {as_text(s) for s in client.smembers(keys.books_needing_snapshot(market))}
-    states = {symbol: books.get(symbol, BookState()) for symbol in recorded}
-    limits = snapshot_limits(states, settings, rules)
-    unsynced = [symbol for symbol, book in states.items() if book.state != SYNCED]
+    limits = snapshot_limits(books, settings, rules)
+    unsynced = [symbol for symbol, book in books.items() if book.state != SYNCED]
     # A book out of the set and still resyncing has its snapshot: the drain has yet to
-    # see the events that follow it. One the drain has not seen at all will need one.
-    to_take = [symbol for symbol in unsynced if symbol in needed or symbol not in books]
+    # see the events that follow it. One the drain has not seen at all (no update id
+    # yet) will need one.
+    to_take = [symbol for symbol in unsynced if symbol in needed or books[symbol].last_update_id is None]
     weight = sum(rules.depth_weight(limits[symbol]) for symbol in to_take)
     budget = rules.budget_per_minute(settings)
     used = RedisLimitState(client, keys, rules.pool).used(now // MINUTE_MS)
     rest_by = finish_time(weight, used, budget, now) if unsynced else None
-    return SyncOutlook(market, len(recorded), len(recorded) - len(unsynced), weight, budget, rest_by)
+    return SyncOutlook(market, len(books), len(books) - len(unsynced), weight, budget, rest_by)
 
 
 def finish_time(weight: int, used: int, budget: int, now: int) -> int:
