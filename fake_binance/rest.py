@@ -22,6 +22,7 @@ from fake_binance.context import CONTEXT, Context
 from fake_binance.hub import now_ms
 from fake_binance.market import Trade, UnknownSymbol, base_and_quote, decimal_str
 from fake_binance.orderbook import MAX_LEVELS
+from fake_binance.streams import SpotVenue
 
 _DEFAULT_LIMIT = 500
 _MAX_LIMIT = 1000
@@ -194,7 +195,7 @@ async def exchange_info(request: web.Request) -> web.Response:
             "serverTime": now_ms(),
             "rateLimits": rate_limits(ctx),
             "exchangeFilters": [],
-            "symbols": [symbol_info(s, s in ctx.config.halted_symbols) for s in wanted],
+            "symbols": [symbol_info(s, _spot_status(ctx, s)) for s in wanted],
         }
     )
 
@@ -234,11 +235,16 @@ def rate_limits(ctx: Context) -> list[dict[str, Any]]:
     ]
 
 
-def symbol_info(symbol: str, halted: bool) -> dict[str, Any]:
+def _spot_status(ctx: Context, symbol: str) -> str:
+    """A listed spot symbol's status (spot's venue keeps it: control can change it)."""
+    return ctx.venue.status(symbol) if isinstance(ctx.venue, SpotVenue) else "TRADING"
+
+
+def symbol_info(symbol: str, status: str) -> dict[str, Any]:
     base, quote = base_and_quote(symbol)
     return {
         "symbol": symbol,
-        "status": "HALT" if halted else "TRADING",
+        "status": status,
         "baseAsset": base,
         "baseAssetPrecision": 8,
         "quoteAsset": quote,

@@ -7,12 +7,21 @@ from typing import Any
 from tasks.resources import redis_client
 from tasks.workers import stream_processes
 from worker import app
-from worker.exchange.listings import ListingWatch, check_pairs, check_subscribable
+from worker.exchange.listings import (
+    TRADING,
+    ListingWatch,
+    check_pairs,
+    check_subscribable,
+    market_subscription,
+    subscribe_market,
+)
 from worker.exchange.rest import BinanceRest
 from worker.groups import (
     Group,
     GroupRegistry,
+    InvalidSubscription,
     default_kinds,
+    is_whole_market,
     normalize_market,
     normalize_stream_kinds,
     normalize_symbols,
@@ -47,9 +56,17 @@ def start_group(group: Group) -> bool:
 
 
 @app.task(name="tasks.subscribe")
-def subscribe(symbols: list[str], streams: list[str] | None = None, market: str = SPOT) -> dict[str, Any]:
+def subscribe(
+    symbols: list[str],
+    streams: list[str] | None = None,
+    market: str = SPOT,
+    quote_assets: list[str] | None = None,
+    statuses: list[str] | None = None,
+) -> dict[str, Any]:
     """Record `streams` (default: settings) of `symbols` on `market` (`spot`, `usdm`,
-    `coinm`); returns the groups that do.
+    `coinm`); returns the groups that do. `["*"]` subscribes the market: every symbol
+    its exchangeInfo lists with one of `statuses` (default TRADING), narrowed to
+    `quote_assets`, followed as the listing changes (see `subscribe_whole_market`).
 
     Types and shapes are checked first (InvalidSubscription names the bad element), then
     the symbols against the market's exchangeInfo before anything is recorded, so a
@@ -59,16 +76,18 @@ def subscribe(symbols: list[str], streams: list[str] | None = None, market: str 
     """
     settings = get_settings()
     market = normalize_market(market)
-    symbols = normalize_symbols(symbols)
     kinds = normalize_stream_kinds(
         default_kinds(settings.default_stream_kinds, market) if streams is None else streams, market
     )
+    if is_whole_market(symbols, quote_assets, statuses):
+        return subscribe_whole_market(market, kinds, quote_assets or [], statuses or [TRADING])
+    symbols = normalize_symbols(symbols)
     rest = BinanceRest.from_settings(settings, redis_client(), market)
     watch = ListingWatch(redis_client(), RedisKeys(settings.redis_prefix))
     by_pair = [kind for kind in kinds if is_pair_kind(kind)]
     if by_pair:
         check_pairs(rest, symbols, market)
-    statuses = check_subscribable(rest, watch, symbols, market) if len(by_pair) < len(kinds) else {}
+    listed = check_subscribable(rest, watch, symbols, market) if len(by_pair) < len(kinds) else {}
     registry = _registry()
     requested = stream_names(symbols, kinds)
     with registry.changing():
@@ -77,10 +96,39 @@ def subscribe(symbols: list[str], streams: list[str] | None = None, market: str 
             start_group(group)
     return {
         "market": market,
-        "symbols": statuses,
+        "symbols": listed,
         **({"pairs": symbols} if by_pair else {}),
         "streams": requested,
         "groups": registry.groups_recording(requested, market),
+        "new_groups": [g.id for g in new_groups],
+        **registry.note_waiting(stream_processes().total(), new_groups),
+    }
+
+
+def subscribe_whole_market(
+    market: str, kinds: list[str], quote_assets: list[str], statuses: list[str]
+) -> dict[str, Any]:
+    """Subscribe every symbol of the market's listing the filters keep, and keep the
+    market subscription in Redis for the listing follower (tasks.follow_listings)."""
+    if any(is_pair_kind(kind) for kind in kinds):
+        raise InvalidSubscription("pair kinds (continuousKline, indexPrice...) take pairs: name them, not '*'")
+    settings = get_settings()
+    subscription = market_subscription(market, kinds, quote_assets, statuses)
+    client = redis_client()
+    registry = _registry()
+    info = BinanceRest.from_settings(settings, client, market).exchange_info()
+    with registry.changing():
+        watch = ListingWatch(client, RedisKeys(settings.redis_prefix))
+        symbols, new_groups = subscribe_market(registry, watch, subscription, info, settings.max_streams_per_connection)
+        for group in new_groups:
+            start_group(group)
+    streams = stream_names(symbols, kinds)
+    return {
+        "market": market,
+        "market_subscription": {"quote_assets": quote_assets, "statuses": list(subscription.statuses)},
+        "symbol_count": len(symbols),
+        "stream_count": len(streams),
+        "groups": registry.groups_recording(streams, market),
         "new_groups": [g.id for g in new_groups],
         **registry.note_waiting(stream_processes().total(), new_groups),
     }
@@ -91,10 +139,14 @@ def unsubscribe(symbols: list[str], market: str = SPOT) -> dict[str, Any]:
     """Stop recording `symbols` on `market`, and all-market streams such as
     `!miniTicker@arr` named among them. A group that also holds other streams keeps
     them: its task unsubscribes the removed ones on the open connection, so the others
-    lose nothing; a group left empty stops."""
+    lose nothing; a group left empty stops. `["*"]` stops the market altogether: its
+    market subscription (the listing follower lets it be) and every group of it."""
     market = normalize_market(market)
-    listed, market_wide = split_unsubscribe(symbols, market)
     registry = _registry()
+    if is_whole_market(symbols, None, None):
+        with registry.changing():
+            return {"market": market, "stopped": registry.remove_market(market), "shrunk": []}
+    listed, market_wide = split_unsubscribe(symbols, market)
     with registry.changing():
         stopped, shrunk = registry.remove_symbols(listed, market_wide, market)
     return {"market": market, "stopped": stopped, "shrunk": shrunk}

@@ -108,6 +108,14 @@ def launch_stack(
     return stack
 
 
+@pytest.fixture(scope="module")
+def db(stack: LocalStack) -> Iterator[Engine]:
+    """The database of the module's `stack` fixture (a module may define its own)."""
+    engine = make_engine(stack.env["DATABASE_URL"])
+    yield engine
+    engine.dispose()
+
+
 def fake_stats(stack: LocalStack) -> dict[str, Any]:
     return requests.get(f"{stack.env['BINANCE_REST_URL']}/fake/stats", timeout=5).json()
 
@@ -124,6 +132,13 @@ def fake_control(stack: LocalStack, action: str, **fields: object) -> dict[str, 
 def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> Any:
     """Call a task by name and wait for its result, as an app without this code would."""
     return client_app(stack.env["REDIS_URL"]).send_task(name, args=args, kwargs=kwargs).get(timeout=60)
+
+
+def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """`binance-recorder <args>` against the stack, as an operator would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.ops.cli", *args], env=stack.env, capture_output=True, text=True, timeout=60
+    )
 
 
 def status_command(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -141,8 +141,8 @@ def batch_of_samples() -> dict[str, list[tuple[Any, ...]]]:
     return {table: [row] for table, row in SAMPLE_ROWS.items()}
 
 
-RECORD_TABLES = {"gaps", "listing_changes", "archived_days", "audits"}
-"""The tables besides the data tables: backfill's gaps, futures listing changes, day files written."""
+RECORD_TABLES = {"gaps", "listing_changes", "exchange_info_snapshots", "archived_days", "audits"}
+"""The tables besides the data tables: backfill's gaps, listing changes, daily exchangeInfo, day files written."""
 
 
 def test_sample_rows_match_the_column_order_contract() -> None:

@@ -139,6 +139,36 @@ def recording_figures(
     return figures
 
 
+def market_subscription_statuses(
+    registry: GroupRegistry, groups: list[dict[str, Any]], market: str | None = None
+) -> list[dict[str, Any]]:
+    """Each market subscription (of `market` only, if given) with the counts of its
+    market's groups (`group_statuses`): the one line `status` shows for them, where a
+    line per group would fill screens (1,500 symbols are six groups of 1,000-odd symbols)."""
+    summaries = []
+    for name, subscription in sorted(registry.market_subscriptions().items()):
+        if market not in (None, name):
+            continue
+        mine = [group for group in groups if group["market"] == name]
+        recording = sum(1 for group in mine if group["live"] and group["state"] == "connected")
+        summaries.append(
+            {
+                "market": name,
+                "kinds": list(subscription.kinds),
+                "quote_assets": list(subscription.quote_assets),
+                "statuses": list(subscription.statuses),
+                "symbols": len({symbol for group in mine for symbol in group["symbols"]}),
+                "streams": sum(group["streams"] for group in mine),
+                "connections": len(mine),
+                "recording": recording,
+                "waiting": len(mine) - recording,
+                "messages_per_second": round(sum(group["messages_per_second"] for group in mine), 1),
+                "backlog": sum(group["backlog"] for group in mine),
+            }
+        )
+    return summaries
+
+
 def table_statuses(engine: Engine) -> dict[str, dict[str, int | None]]:
     result = {}
     with engine.connect() as conn:
@@ -196,10 +226,12 @@ def collect_status(
     counters = {as_text(k): int(v) for k, v in client.hgetall(keys.counters).items()}
     buffer = FrameBuffer(client, keys)
     drains = drain_holders(client, keys, settings.drain_lanes)
+    groups = group_statuses(client, keys, market)
     now = now_ms()
     return {
         "generated_at": now,
-        "groups": group_statuses(client, keys, market),
+        "groups": groups,
+        "market_subscriptions": market_subscription_statuses(GroupRegistry(client, keys), groups, market),
         "tables": table_statuses(engine),
         "audits": latest_audits(engine),
         "backlog": sum(buffer.backlog(key) for key in buffer.list_keys()),
@@ -223,7 +255,7 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
     behind = 20 * settings.drain_batch_size
     for group in snapshot["groups"]:
         where = "" if group["market"] == SPOT else f"{group['market']} "
-        name = f"{where}group {group['id']} ({', '.join(group['symbols'])})"
+        name = f"{where}group {group['id']} ({_symbols_text(group['symbols'])})"
         if not group["live"] and group["state"] == "waiting":
             found.append(f"{name} is waiting: {group['last_error']}")
         elif not group["live"]:
@@ -249,12 +281,20 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
     return found
 
 
-BOOK_PROBLEMS_NAMED = 5
-"""Books unknown for too long are named one a line up to this many per market; more (a
-reconnect of a 1,024-stream group breaks every book it carries) are one line."""
+PROBLEM_SYMBOLS = 5
+"""Symbols a problem names per group: a group of a market subscription holds hundreds.
+Also the books of a market named one a problem each before they are summed up in one."""
+
+
+def _symbols_text(symbols: list[str]) -> str:
+    named = ", ".join(symbols[:PROBLEM_SYMBOLS])
+    return named if len(symbols) <= PROBLEM_SYMBOLS else f"{named} and {len(symbols) - PROBLEM_SYMBOLS} more"
 
 
 def _book_problems(snapshot: dict[str, Any]) -> list[str]:
+    """A problem per book unknown for over BOOK_RESYNC_PATIENCE_MS, or one per market when
+    there are more than PROBLEM_SYMBOLS (a reconnect of a 1,024-stream group breaks every
+    book it carries)."""
     now = snapshot["generated_at"]
     unknown: dict[str, list[tuple[int, str]]] = {}
     for book in snapshot.get("books", []):
@@ -265,7 +305,7 @@ def _book_problems(snapshot: dict[str, Any]) -> list[str]:
     for market, books in unknown.items():
         where = "" if market == SPOT else market + " "
         ask = f"is beat running tasks.snapshot_books, and can it reach {REST_URL_SETTINGS[market]}?"
-        if len(books) <= BOOK_PROBLEMS_NAMED:
+        if len(books) <= PROBLEM_SYMBOLS:
             found.extend(
                 f"{where}order book of {symbol} unknown for {(now - since) / 1000:.0f}s: {ask}"
                 for since, symbol in books

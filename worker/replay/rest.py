@@ -143,7 +143,7 @@ async def exchange_info(request: web.Request) -> web.Response:
                 {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": WEIGHT_LIMIT}
             ],
             "exchangeFilters": [],
-            "symbols": [symbol_info(symbol, halted=False) for symbol in asked],
+            "symbols": [symbol_info(symbol, "TRADING") for symbol in asked],
         }
     )
 

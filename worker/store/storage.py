@@ -491,9 +491,10 @@ archived_days = Table(
 )
 
 # Not a data table (not in TABLES): the status changes of the futures contracts the
-# recorder followed, noticed by tasks.check_listings (worker/exchange/listings.py); a
-# contract that stopped trading was unsubscribed at `changed_at`. `old_status` is NULL
-# when the contract was subscribed before its status was first noted.
+# recorder followed (subscribed, or listed for a market subscription), noticed by
+# tasks.follow_listings (worker/exchange/listings.py); a symbol that stopped trading was
+# unsubscribed at `changed_at`. `old_status` is NULL for a new listing, or when the
+# symbol was subscribed before its status was first noted.
 listing_changes = Table(
     "listing_changes",
     metadata,
@@ -504,6 +505,18 @@ listing_changes = Table(
     Column("old_status", String(24), nullable=True),
     Column("new_status", String(24), nullable=False),
     UniqueConstraint("symbol", "market", "changed_at"),
+)
+
+# Not a data table: the first exchangeInfo answer the listing follower read on each UTC
+# day, per market, as JSON text (tasks.follow_listings, worker/exchange/listings.py), so
+# that a replay can serve the listing of that day.
+exchange_info_snapshots = Table(
+    "exchange_info_snapshots",
+    metadata,
+    Column("market", String(8), primary_key=True),
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD, UTC
+    Column("taken_at", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),
 )
 
 # Keeps the shape of the original script's table for the people who query it.
