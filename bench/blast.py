@@ -3,7 +3,7 @@
 To measure a receiver's ceiling the sender must be faster than it. aiohttp's
 `send_frame` costs about as much per frame as websocket-client's receive, so it would
 measure the sender; instead every connection gets the whole stream pre-encoded on the
-wire (`fake_binance.wire.websocket_wire`) in one buffer write, and the kernel's socket buffers
+wire (`worker.replay.wire.websocket_wire`) in one buffer write, and the kernel's socket buffers
 pace it to the receiver.
 
 After the last frame the connection stays open until the client closes it (at most
@@ -23,7 +23,7 @@ import signal
 from aiohttp import web
 
 from bench.frames import trade_frames
-from fake_binance.wire import websocket_wire
+from worker.replay.wire import websocket_wire
 
 HOLD_SECONDS = 60.0
 SEND_WAIT_SECONDS = 60.0

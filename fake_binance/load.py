@@ -43,7 +43,7 @@ from fake_binance.market import Market
 from fake_binance.orderbook import UPDATES_PER_TRADE
 from fake_binance.stats import Stats
 from fake_binance.streams import StreamSpec, Venue
-from fake_binance.wire import frame_header
+from worker.replay.wire import frame_header
 
 TICK_MS = 10
 CYCLE_TICKS = 1000

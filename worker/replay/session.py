@@ -29,10 +29,10 @@ from aiohttp import WSMsgType, web
 from aiohttp.web_protocol import RequestHandler
 from sqlalchemy import Engine
 
-from fake_binance.wire import websocket_wire
 from worker.replay.clock import ReplayClock
 from worker.replay.events import Event, events, recorded_symbols
 from worker.replay.gaps import ReplayGap, window_gaps
+from worker.replay.wire import websocket_wire
 from worker.store.parsing import Payload
 
 BATCH_EVENTS = 2000

@@ -1,8 +1,9 @@
 """Websocket frames as a server writes them on the wire, for senders that bypass aiohttp.
 
 aiohttp's `send_frame` costs about as much per frame as a Python client's receive, so
-a sender meant to be faster than the recorder (the benchmark's blast server, the
-market-load mode's publisher) builds the RFC 6455 frames itself and hands the
+a sender meant to be faster than the recorder (the replay's sender, and the fake's
+market-load publisher and the benchmark's blast server, which import it from here)
+builds the RFC 6455 frames itself and hands the
 transport one buffer per batch. Server frames are unmasked; every one here is final.
 """
 
