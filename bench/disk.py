@@ -62,7 +62,9 @@ USDM_PUBLIC_KINDS = ("depth@100ms", "depth20@100ms", "bookTicker")
 USDM_MARKET_KINDS = ("trade", "aggTrade", "kline_1m", "markPrice@1s", "ticker", "miniTicker", "forceOrder")
 MARK_EVERY_MS = 50
 SNAPSHOTS_PER_SYMBOL = 3
-MARKET_SNAPSHOT_SYMBOLS = tuple(market_symbols(MARKET_SYMBOLS)[rank] for rank in (0, 1, 10, 100, 1000, 1499))
+MARKET_SNAPSHOT_SYMBOLS = tuple(
+    market_symbols(MARKET_SYMBOLS)[rank] for rank in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 1499)
+)
 """Books of the market mix snapshotted over REST: the busiest, a few by rank, the thinnest."""
 DAY_SECONDS = 86_400
 DEPTH_TABLES = ("depth_updates", "depth_snapshots")
