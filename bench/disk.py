@@ -285,11 +285,11 @@ def render_day(result: Mapping[str, Any]) -> str:
     ]
     for table, rows in sorted(per_day.items()):
         sizes = " | ".join(f"{rows * result[b].get(table, 0) / 1e9:.1f}" for b in backends)
-        lines.append(f"| {table} | {rows / 1e6:,.1f} M | {sizes} |")
+        lines.append(f"| {table} | {rows:,.0f} | {sizes} |")
     for label, tables in (("all", list(per_day)), ("without depth", [t for t in per_day if t not in DEPTH_TABLES])):
         rows = sum(per_day[t] for t in tables)
         sizes = " | ".join(f"{sum(per_day[t] * result[b].get(t, 0) for t in tables) / 1e9:.1f}" for b in backends)
-        lines.append(f"| **{label}** | {rows / 1e6:,.1f} M | {sizes} |")
+        lines.append(f"| **{label}** | {rows:,.0f} | {sizes} |")
     return "\n".join(lines)
 
 
