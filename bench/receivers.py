@@ -41,10 +41,13 @@ class Tally:
 
     CPU is the whole process's (every thread's: websockets' sync client reads in a
     thread of its own), user plus system, so it includes the kernel's socket work.
+    Made before connecting: `first_after_connect` is the time from opening the
+    connection to the first frame (how soon a replay starts sending).
     """
 
     def __init__(self) -> None:
         self.frames = 0
+        self._connecting = time.perf_counter()
         self._first_wall = self._first_cpu = 0.0
 
     def add(self) -> None:
@@ -55,18 +58,23 @@ class Tally:
     def result(self) -> dict[str, Any]:
         wall, cpu = time.perf_counter(), time.process_time()
         if not self.frames:
-            return {"frames": 0, "seconds": 0.0, "cpu_seconds": 0.0}
-        return {"frames": self.frames, "seconds": wall - self._first_wall, "cpu_seconds": cpu - self._first_cpu}
+            return {"frames": 0, "seconds": 0.0, "cpu_seconds": 0.0, "first_after_connect": 0.0}
+        return {
+            "frames": self.frames,
+            "seconds": wall - self._first_wall,
+            "cpu_seconds": cpu - self._first_cpu,
+            "first_after_connect": self._first_wall - self._connecting,
+        }
 
 
 def _websocket_client(url: str, frames: int, read_ahead: bool) -> dict[str, Any]:
     """websocket-client with the recorder's options (`recv_data`, no UTF-8 validation)
     and, with `read_ahead`, its socket reads of 64 KiB (worker/ingest/session.py)."""
+    tally = Tally()
     ws = websocket.create_connection(url, timeout=RECEIVE_TIMEOUT_SECONDS, skip_utf8_validation=True)
     if read_ahead:
         ws.sock = ReadAhead(ws.sock)  # type: ignore[assignment]  # as in worker/ingest/session.py
     recv = ws.recv_data
-    tally = Tally()
     try:
         while tally.frames < frames:
             opcode, _ = recv()

@@ -57,6 +57,21 @@ class RestRules:
     def max_depth_limit(self) -> int:
         return self.depth_weights[-1][0]
 
+    @property
+    def cheapest_depth_limit(self) -> int:
+        """The most levels a depth request of the lowest weight holds (spot: 100 at weight 5)."""
+        return self.depth_weights[0][0]
+
+    def depth_weight(self, limit: int) -> int:
+        """The weight of a depth request; a limit Binance refuses raises ValueError."""
+        return _by_limit(self.depth_weights, limit, "depth")
+
+    def budget_per_minute(self, settings: Settings) -> int:
+        """The weight all workers may spend per minute from this market's pool."""
+        if self.pool == FUTURES_POOL:
+            return settings.futures_rest_weight_budget_per_minute
+        return settings.rest_weight_budget_per_minute
+
 
 SPOT_RULES = RestRules(
     weights={"ping": 1, "time": 1, "exchangeInfo": 20, "aggTrades": 4, "historicalTrades": 25},
@@ -158,6 +173,23 @@ def _raise_for_unknown(symbols: Sequence[str], binance_msg: str, listing: Mappin
         raise _unknown_symbol(named, binance_msg, len(unknown), market)
 
 
+@dataclass(frozen=True)
+class Listed:
+    """A symbol as exchangeInfo lists it: its status and quote asset."""
+
+    status: str
+    quote_asset: str | None
+
+
+def listed(info: Mapping[str, Any]) -> dict[str, Listed]:
+    """Every symbol of an exchangeInfo answer. COIN-M's entries say `contractStatus`
+    where the others say `status`."""
+    return {
+        entry["symbol"]: Listed(entry.get("status") or entry["contractStatus"], entry.get("quoteAsset"))
+        for entry in info["symbols"]
+    }
+
+
 class TradeRow(TypedDict):
     """A row of /api/v3/historicalTrades."""
 
@@ -230,12 +262,9 @@ class BinanceRest:
             if client is None
             else RedisLimitState(client, RedisKeys(settings.redis_prefix), rules.pool)
         )
-        futures = rules.pool == FUTURES_POOL
         pacer = RequestPacer(
             state,
-            budget_per_minute=(
-                settings.futures_rest_weight_budget_per_minute if futures else settings.rest_weight_budget_per_minute
-            ),
+            budget_per_minute=rules.budget_per_minute(settings),
             max_wait_seconds=settings.rest_max_wait_seconds,
             budget_setting=rules.budget_setting,
         )
@@ -328,14 +357,18 @@ class BinanceRest:
 
     def _listing(self, max_age_seconds: float = LISTING_CACHE_SECONDS) -> dict[str, str]:
         """Every symbol Binance lists, with its status; cached `max_age_seconds` per process."""
-        url = self.base_url + self.api_path
-        cached = _LISTINGS.get(url)
+        cached = _LISTINGS.get(self.base_url + self.api_path)
         if cached is None or time.monotonic() - cached[0] > max_age_seconds:
-            entries = self.get("exchangeInfo", {})["symbols"]
-            # COIN-M's entries say `contractStatus` where the others say `status`.
-            listing = {entry["symbol"]: entry.get("status") or entry["contractStatus"] for entry in entries}
-            cached = _LISTINGS[url] = (time.monotonic(), listing)
+            return {symbol: entry.status for symbol, entry in listed(self.exchange_info()).items()}
         return cached[1]
+
+    def exchange_info(self) -> dict[str, Any]:
+        """The market's whole exchangeInfo now (weight 20 on spot, 1 on futures); it
+        refreshes the listing this process caches for `symbol_statuses`."""
+        info: dict[str, Any] = self.get("exchangeInfo", {})
+        statuses = {symbol: entry.status for symbol, entry in listed(info).items()}
+        _LISTINGS[self.base_url + self.api_path] = (time.monotonic(), statuses)
+        return info
 
     def pairs(self) -> set[str]:
         """The pairs a futures market's contracts track (exchangeInfo's `pair`: BTCUSDT,
@@ -380,7 +413,7 @@ class BinanceRest:
         best levels first. A limit deeper than the market serves (futures: 1,000) asks
         for its deepest."""
         limit = min(limit, self.rules.max_depth_limit)
-        return self._symbol_get(symbol, "depth", {"limit": limit}, self.depth_weight(limit))
+        return self._symbol_get(symbol, "depth", {"limit": limit}, self.rules.depth_weight(limit))
 
     def open_interest(self, symbol: str) -> dict[str, Any]:
         """Futures only: {"symbol", "openInterest", "time"} now (COIN-M adds pair and contract type)."""
@@ -391,10 +424,6 @@ class BinanceRest:
         (inclusive), oldest first, at most `limit` (Binance: 1,000)."""
         params = {"startTime": start_ms, "endTime": end_ms, "limit": limit}
         return self._symbol_get(symbol, "fundingRate", params)
-
-    def depth_weight(self, limit: int) -> int:
-        """The weight of a depth request; a limit Binance refuses raises ValueError."""
-        return _by_limit(self.rules.depth_weights, limit, "depth")
 
     def _weight(self, path: str) -> int:
         try:

@@ -13,6 +13,9 @@ from worker.times import utc_text
 # Spot's tables are always listed; a futures market's only once it has rows, so that a
 # spot recorder's status keeps its one screen (the JSON form lists every table).
 SPOT_TABLES = frozenset(MARKETS[SPOT].tables)
+BOOKS_LISTED = 20
+"""Up to this many recorded books are listed one a line; more (a whole market's 1,500)
+are summed up in the books line, so that `status` stays one screen (`--json` lists all)."""
 
 
 def age(ms: int | None, now_ms: int) -> str:
@@ -51,6 +54,8 @@ def _memory_text(memory: dict[str, int]) -> str:
 
 def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     now = snapshot["generated_at"]
+    subscribed = snapshot.get("market_subscriptions", [])
+    summarized = {summary["market"] for summary in subscribed}
     groups = [
         (
             g["id"],
@@ -65,6 +70,7 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
             g["backlog"],
         )
         for g in snapshot["groups"]
+        if g["market"] not in summarized
     ]
     tables = [
         (name, t["rows"], utc_text(t["newest"]), age(t["newest"], now))
@@ -76,7 +82,7 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
             ["GROUP", "MARKET", "SYMBOLS", "STREAMS", "STATE", "UP", "MSG/S", "LAST MSG", "RECONNECTS", "BACKLOG"],
             groups,
         )
-        if groups
+        if groups or subscribed
         else "no groups subscribed: run `binance-recorder subscribe BTCUSDT`",
         "",
         table(["TABLE", "ROWS", "NEWEST (UTC)", "AGE"], tables),
@@ -86,14 +92,29 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
         f"redis memory: {_memory_text(snapshot['redis_memory'])}",
         f"drains: {_drains_text(snapshot['drains'])}",
     ]
-    if snapshot.get("books"):
-        parts[2:2] = [_books_table(snapshot["books"], now), ""]
+    if subscribed:
+        lines = [_market_subscription_line(summary) for summary in subscribed]
+        parts[0:1] = [*lines, parts[0]] if groups else lines
+    if snapshot.get("book_sync"):
+        listed = [_books_table(snapshot["books"], now)] if len(snapshot["books"]) <= BOOKS_LISTED else []
+        parts[2:2] = [*listed, *(_book_sync_text(outlook) for outlook in snapshot["book_sync"]), ""]
     if snapshot.get("audits"):
         parts[-3:-3] = [_audits_table(snapshot["audits"]), ""]
     if snapshot.get("listing_changes"):
         parts[2:2] = [_listing_changes_text(snapshot["listing_changes"]), ""]
     parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(parts)
+
+
+def _market_subscription_line(summary: dict[str, Any]) -> str:
+    """A market subscription's groups in one line (`status --json` lists each group)."""
+    quotes = ",".join(summary["quote_assets"]) or "any"
+    return (
+        f"{summary['market']} market subscription ({','.join(summary['kinds'])}; quote {quotes}; "
+        f"status {','.join(summary['statuses'])}): {summary['symbols']} symbols, {summary['streams']} streams, "
+        f"{summary['connections']} connections: {summary['recording']} recording, {summary['waiting']} waiting; "
+        f"{summary['messages_per_second']} msg/s, backlog {summary['backlog']}"
+    )
 
 
 def _audits_table(audits: Sequence[dict[str, Any]]) -> str:
@@ -114,7 +135,7 @@ def _drains_text(drains: Sequence[dict[str, Any]]) -> str:
 
 
 def _listing_changes_text(changes: Sequence[dict[str, Any]]) -> str:
-    """One line per futures contract whose status changed, newest first; stopped ones say so."""
+    """One line per symbol whose status changed, newest first; stopped ones say so."""
     lines = []
     for change in changes:
         line = (
@@ -122,7 +143,7 @@ def _listing_changes_text(changes: Sequence[dict[str, Any]]) -> str:
             f"{change['new_status']} at {utc_text(change['changed_at'])}"
         )
         if change["new_status"] != TRADING:
-            line += "; its streams were stopped (the contract no longer trades)"
+            line += "; its streams were stopped (it no longer trades)"
         lines.append(line)
     return "listing changes:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -140,6 +161,15 @@ def _books_table(books: Sequence[dict[str, Any]], now: int) -> str:
         for b in books
     ]
     return table(["BOOK", "MARKET", "STATE", "LAST UPDATE ID", "UPD/S", "LAST UPDATE"], rows)
+
+
+def _book_sync_text(outlook: dict[str, Any]) -> str:
+    """`books: 412 of 1,500 synced, the rest by ~02:41 (budget 1,200/min)` (UTC), per market."""
+    market = "" if outlook["market"] == SPOT else f"{outlook['market']} "
+    text = f"{market}books: {outlook['synced']:,} of {outlook['books']:,} synced"
+    if outlook["rest_by"] is not None:
+        text += f", the rest by ~{utc_text(outlook['rest_by'])[11:16]}"
+    return text + f" (budget {outlook['budget_per_minute']:,}/min)"
 
 
 class ProgressBar:
