@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError
 
 from bench import report
 from bench.burst import measure_burst
+from bench.clients import FULL_CLIENTS, QUICK_CLIENTS, measure_clients
 from bench.database import SQLITE, Databases
 from bench.depth import DEPTH_PARTS, FULL_DEPTH, QUICK_DEPTH, measure_depth
 from bench.drain import measure_drain
@@ -39,9 +40,10 @@ from worker.ops.local_postgres import PostgresError, PostgresServer, check_serve
 from worker.settings import Settings
 
 DEFAULT_PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth", "depth_usdm", "replay")
-PARTS = (*DEFAULT_PARTS, "market")
-"""`market` (bench/market.py) runs only when named: 10 minutes at 40,000 msg/s and then
-the search for the highest sustained rate, 20 minutes or more, would triple a full run."""
+PARTS = (*DEFAULT_PARTS, "clients", "market")
+"""`clients` (bench/clients.py, websocket libraries side by side, about 2 minutes) and
+`market` (bench/market.py) run only when named: 10 minutes at 40,000 msg/s and then the
+search for the highest sustained rate, 20 minutes or more, would triple a full run."""
 DATABASE_PARTS = ("drain", "service")
 """The parts that follow --database-url; the others always store into SQLite files."""
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
@@ -174,6 +176,9 @@ def run(args: argparse.Namespace, workdir: Path, databases: Databases | None = N
     if "ingest" in parts:
         _progress("ingest: recorder vs bare receive loop against the blast server")
         results["ingest"] = measure_ingest(workdir, sizes.ingest_frames, sizes.ingest_rounds)
+    if "clients" in parts:
+        _progress("clients: websocket libraries' bare receive loops, the whole market's frames")
+        results["clients"] = measure_clients(workdir, QUICK_CLIENTS if args.quick else FULL_CLIENTS)
     if "drain" in parts:
         reference = "executemany" if databases.backend == SQLITE else "COPY"
         _progress(f"drain: Drainer vs plain {reference} ({databases.label})")

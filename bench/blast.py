@@ -1,4 +1,8 @@
-"""A websocket server that sends N trade frames as fast as the receiver can take them.
+"""A websocket server that sends N frames as fast as the receiver can take them.
+
+`--mix trades` (the default): trade and aggTrade frames of ten symbols
+(`bench.frames.trade_frames`); `--mix market`: the whole market's mix of trade, aggTrade,
+bookTicker and depth@100ms frames of 1,500 symbols (`bench.frames.market_frames`).
 
 To measure a receiver's ceiling the sender must be faster than it. aiohttp's
 `send_frame` costs about as much per frame as websocket-client's receive, so it would
@@ -22,13 +26,14 @@ import signal
 
 from aiohttp import web
 
-from bench.frames import trade_frames
+from bench.frames import market_frames, trade_frames
 from worker.replay.wire import websocket_wire
 
 HOLD_SECONDS = 60.0
 SEND_WAIT_SECONDS = 60.0
 _POLL_SECONDS = 0.01
 _WIRE = web.AppKey("wire", bytes)
+MIXES = {"trades": trade_frames, "market": market_frames}
 
 
 async def blast(request: web.Request) -> web.WebSocketResponse:
@@ -53,9 +58,9 @@ async def _until_sent(transport: asyncio.BaseTransport) -> None:
         await asyncio.sleep(_POLL_SECONDS)
 
 
-async def serve(frame_count: int, port: int) -> None:
+async def serve(frame_count: int, port: int, mix: str = "trades") -> None:
     app = web.Application()
-    app[_WIRE] = websocket_wire(trade_frames(frame_count))
+    app[_WIRE] = websocket_wire(MIXES[mix](frame_count))
     app.add_routes([web.get("/stream", blast)])
     runner = web.AppRunner(app)
     await runner.setup()
@@ -74,8 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.blast", description=__doc__)
     parser.add_argument("--frames", type=int, required=True, help="frames sent on every connection")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="trades", help="which frames (default %(default)s)")
     args = parser.parse_args()
-    asyncio.run(serve(args.frames, args.port))
+    asyncio.run(serve(args.frames, args.port, args.mix))
 
 
 if __name__ == "__main__":

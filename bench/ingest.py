@@ -58,14 +58,20 @@ def measure_ingest(workdir: Path, frames: int, rounds: int) -> dict[str, Any]:
 
 def bare_loop_seconds(stack: LocalStack, url: str, frames: int) -> float:
     """The bare loop's time from its first to its last frame of the blast server's stream."""
-    bare = run_json(
-        module_command("bench.receivers", "bare", "--url", f"{url}/stream", "--frames", frames),
+    return float(bare_loop(stack, url, frames)["seconds"])
+
+
+def bare_loop(stack: LocalStack, url: str, frames: int, library: str = "websocket-client") -> dict[str, Any]:
+    """A bare receive loop of `library` (`bench.receivers.LIBRARIES`) over the blast
+    server's whole stream, in a process of its own: its frames, seconds and CPU seconds."""
+    figures = run_json(
+        module_command("bench.receivers", "bare", "--url", f"{url}/stream", "--frames", frames, "--library", library),
         stack.env,
         ROUND_TIMEOUT_SECONDS,
     )
-    if bare["frames"] != frames:
-        raise RuntimeError(f"the bare loop received {bare['frames']} of {frames} frames")
-    return float(bare["seconds"])
+    if figures["frames"] != frames:
+        raise RuntimeError(f"the {library} loop received {figures['frames']} of {frames} frames")
+    return figures
 
 
 def _recorder_round(stack: LocalStack, client: redis.Redis, url: str, frames: int, group_id: str) -> float:

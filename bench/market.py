@@ -47,6 +47,7 @@ from typing import Any
 import requests
 
 from bench.figures import histogram_summary
+from bench.frames import MARKET_MODEL_TRADES_PER_SECOND
 from bench.procs import children, cpu_seconds, service_env
 from bench.service import NO_BACKFILL_SECONDS, Service, compare_with_sent, settle, start_stack
 from bench.watch import POLL_SECONDS, TIME_COLUMNS, MemoryTrack, RowWatcher, drain_processes, stream_processes
@@ -54,12 +55,6 @@ from fake_binance.listing import KINDS, LoadPlan, market_symbols
 from worker.ops.status import group_statuses
 from worker.streams import KIND_TABLES, stream_kind
 
-MODEL_TRADES_PER_SECOND = 5.0
-"""The fake's book model pace (3 book updates per model trade, for every symbol alike):
-the busiest symbols' depth@100ms diffs come at most this often, and a quiet symbol's
-diff carries the updates since its last one. 5 keeps the fake's depth work (it computes
-every diff, so that they agree with the REST snapshots) near a tenth of a core at
-40,000 msg/s; the fake's default of 10 doubles it."""
 STREAMS_PER_GROUP = 1024
 SYMBOLS_PER_GROUP = STREAMS_PER_GROUP // len(KINDS)
 CONNECT_TIMEOUT_SECONDS = 120.0
@@ -167,7 +162,7 @@ def measure_market(workdir: Path, size: MarketSize, drain_interval: float, find_
     env = service_env(drain_interval_seconds=drain_interval, backfill_interval_seconds=NO_BACKFILL_SECONDS)
     fake_args = [
         *("--market-load-rate", str(size.rate), "--market-load-symbols", str(size.symbols)),
-        *("--trades-per-second", str(MODEL_TRADES_PER_SECOND)),
+        *("--trades-per-second", str(MARKET_MODEL_TRADES_PER_SECOND)),
     ]
     directory = workdir / "market"
     with start_stack(directory, env, stream_processes=groups, fake_args=fake_args) as stack:
@@ -196,7 +191,7 @@ def measure_market(workdir: Path, size: MarketSize, drain_interval: float, find_
         "kinds": list(KINDS),
         "zipf_exponent": plan.exponent,
         "top_10_share": plan.top_share(min(10, size.symbols)),
-        "model_trades_per_second": MODEL_TRADES_PER_SECOND,
+        "model_trades_per_second": MARKET_MODEL_TRADES_PER_SECOND,
         "drain_interval_seconds": drain_interval,
         "database": "sqlite",
         "size": asdict(size),

@@ -1,6 +1,6 @@
 """The receivers the benchmark compares, each run alone in its own process.
 
-    python -m bench.receivers bare --url WS_URL --frames N
+    python -m bench.receivers bare --url WS_URL --frames N [--library websockets-sync]
     python -m bench.receivers recorder --group-id G --streams S1,S2   (REDIS_URL, BINANCE_WS_URL)
     python -m bench.receivers legacy --url WS_URL --db FILE --seconds S [--frames N] [--rest-url URL]
 
@@ -11,10 +11,12 @@ with the benchmark's own polling, and gives every run the same cold start.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -24,6 +26,7 @@ import websocket
 
 from worker.groups import Group
 from worker.ingest.runner import GroupRunner
+from worker.ingest.session import ReadAhead
 from worker.settings import Settings
 
 # A receive that waits this long means the sender is gone: the run ends with what it got.
@@ -33,31 +36,130 @@ _DATA = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
 _REST_LATEST = {"trade": ("/api/v3/trades", "id"), "aggTrade": ("/api/v3/aggTrades", "a")}
 
 
-def bare(url: str, frames: int) -> dict[str, Any]:
-    """The ceiling: receive frames and discard them, as tight as websocket-client allows.
+class Tally:
+    """Frames received, and the wall and CPU clocks from the first frame to the last.
 
-    Same client and options as worker/ingest/session.py (`recv_data`, no UTF-8 validation),
-    minus everything the recorder does with a frame. `first_after_connect`: from opening
-    the connection to the first frame (how soon a replay starts sending).
+    CPU is the whole process's (every thread's: websockets' sync client reads in a
+    thread of its own), user plus system, so it includes the kernel's socket work.
+    Made before connecting: `first_after_connect` is the time from opening the
+    connection to the first frame (how soon a replay starts sending).
     """
-    connecting = time.perf_counter()
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self._connecting = time.perf_counter()
+        self._first_wall = self._first_cpu = 0.0
+
+    def add(self) -> None:
+        if not self.frames:
+            self._first_wall, self._first_cpu = time.perf_counter(), time.process_time()
+        self.frames += 1
+
+    def result(self) -> dict[str, Any]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        if not self.frames:
+            return {"frames": 0, "seconds": 0.0, "cpu_seconds": 0.0, "first_after_connect": 0.0}
+        return {
+            "frames": self.frames,
+            "seconds": wall - self._first_wall,
+            "cpu_seconds": cpu - self._first_cpu,
+            "first_after_connect": self._first_wall - self._connecting,
+        }
+
+
+def _websocket_client(url: str, frames: int, read_ahead: bool) -> dict[str, Any]:
+    """websocket-client with the recorder's options (`recv_data`, no UTF-8 validation)
+    and, with `read_ahead`, its socket reads of 64 KiB (worker/ingest/session.py)."""
+    tally = Tally()
     ws = websocket.create_connection(url, timeout=RECEIVE_TIMEOUT_SECONDS, skip_utf8_validation=True)
+    if read_ahead:
+        ws.sock = ReadAhead(ws.sock)  # type: ignore[assignment]  # as in worker/ingest/session.py
     recv = ws.recv_data
-    received, first = 0, 0.0
     try:
-        while received < frames:
+        while tally.frames < frames:
             opcode, _ = recv()
             if opcode in _DATA:
-                if not received:
-                    first = time.perf_counter()
-                received += 1
+                tally.add()
             elif opcode == websocket.ABNF.OPCODE_CLOSE:
                 break
     except websocket.WebSocketTimeoutException:
         pass
-    last = time.perf_counter()
+    result = tally.result()
     ws.close()
-    return {"frames": received, "seconds": last - first, "first_after_connect": first - connecting}
+    return result
+
+
+def _websockets_sync(url: str, frames: int) -> dict[str, Any]:
+    """websockets' threaded client: a background thread reads and parses, `recv` takes."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    tally = Tally()
+    with connect(url, compression=None, max_size=None, open_timeout=RECEIVE_TIMEOUT_SECONDS) as ws:
+        recv = ws.recv
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            while tally.frames < frames:
+                recv(RECEIVE_TIMEOUT_SECONDS, decode=False)
+                tally.add()
+        return tally.result()
+
+
+async def _websockets_asyncio(url: str, frames: int) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    tally = Tally()
+    async with connect(url, compression=None, max_size=None) as ws:
+        recv = ws.recv
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            while tally.frames < frames:
+                await asyncio.wait_for(recv(decode=False), RECEIVE_TIMEOUT_SECONDS)
+                tally.add()
+        return tally.result()
+
+
+async def _picows(url: str, frames: int) -> dict[str, Any]:
+    """picows (Cython): a listener called per frame; the payload copied to bytes, as
+    the recorder needs it for Redis."""
+    import picows
+
+    tally = Tally()
+    done = asyncio.get_running_loop().create_future()
+
+    class Listener(picows.WSListener):
+        def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+            if frame.msg_type in (picows.WSMsgType.TEXT, picows.WSMsgType.BINARY):
+                frame.get_payload_as_bytes()
+                tally.add()
+                if tally.frames >= frames and not done.done():
+                    done.set_result(None)
+            elif frame.msg_type == picows.WSMsgType.CLOSE and not done.done():
+                done.set_result(None)
+
+    transport, _ = await picows.ws_connect(Listener, url)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done, RECEIVE_TIMEOUT_SECONDS * 6)
+    result = tally.result()
+    transport.send_close()
+    transport.disconnect()
+    return result
+
+
+LIBRARIES: dict[str, Callable[[str, int], dict[str, Any]]] = {
+    "websocket-client": lambda url, frames: _websocket_client(url, frames, read_ahead=False),
+    "websocket-client+readahead": lambda url, frames: _websocket_client(url, frames, read_ahead=True),
+    "websockets-sync": _websockets_sync,
+    "websockets-asyncio": lambda url, frames: asyncio.run(_websockets_asyncio(url, frames)),
+    "picows": lambda url, frames: asyncio.run(_picows(url, frames)),
+}
+"""Bare receive loops (receive, keep the payload as bytes, discard), one per websocket
+library; the first is the recorder's library as its ceiling in part 1. The others are
+in the `bench` extra, imported only when run."""
+
+
+def bare(url: str, frames: int, library: str = "websocket-client") -> dict[str, Any]:
+    """The ceiling: receive frames and discard them, as tight as `library` allows."""
+    return LIBRARIES[library](url, frames)
 
 
 def recorder(group_id: str, streams: Sequence[str]) -> dict[str, Any]:
@@ -123,6 +225,7 @@ def main() -> None:
     bare_args = sub.add_parser("bare")
     bare_args.add_argument("--url", required=True)
     bare_args.add_argument("--frames", type=int, required=True)
+    bare_args.add_argument("--library", choices=list(LIBRARIES), default="websocket-client")
     recorder_args = sub.add_parser("recorder")
     recorder_args.add_argument("--group-id", required=True)
     recorder_args.add_argument("--streams", required=True, help="comma-separated stream names")
@@ -134,7 +237,7 @@ def main() -> None:
     legacy_args.add_argument("--rest-url")
     args = parser.parse_args()
     if args.receiver == "bare":
-        result = bare(args.url, args.frames)
+        result = bare(args.url, args.frames, args.library)
     elif args.receiver == "recorder":
         result = recorder(args.group_id, args.streams.split(","))
     else:

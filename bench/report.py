@@ -138,6 +138,8 @@ def table(results: dict[str, Any]) -> str:
 
     if "ingest" in results:
         add("-", _ingest_row(results["ingest"], verdicts["ingest"]))
+    if "clients" in results:
+        add("-", *_client_rows(results["clients"]))
     if "drain" in results:
         add(DATABASE_LABELS[_backend(results["drain"])], _drain_row(results["drain"], verdicts["drain"]))
     if "end_to_end" in results:
@@ -204,6 +206,21 @@ def _ingest_row(ingest: dict[str, Any], verdict: dict[str, Any]) -> Row:
         f"bare loop {ingest['bare_loop_frames_per_second']:,.0f}",
         verdict,
     )
+
+
+def _client_rows(clients: dict[str, Any]) -> list[Row]:
+    reference = clients["reference"]
+    return [
+        (
+            "1b clients",
+            f"{name} bare loop, market mix: frames/s, CPU s per 1M frames",
+            f"{figures['frames_per_second']:,.0f} frames/s, {figures['cpu_seconds_per_million_frames']:.2f} s",
+            f"x{figures['rate_ratio']:.2f} rate, x{figures['cpu_ratio']:.2f} CPU of {reference}",
+            "",
+            "",
+        )
+        for name, figures in clients["libraries"].items()
+    ]
 
 
 def _drain_row(drain: dict[str, Any], verdict: dict[str, Any]) -> Row:

@@ -10,14 +10,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import text
 
 from bench import report
+from bench.frames import MARKET_RATE, MARKET_SYMBOLS, market_frames, wire_payloads
+from bench.receivers import LIBRARIES
 from bench.watch import NotReady, open_row_watcher
+from fake_binance.listing import LoadPlan
+from fake_binance.wire import websocket_wire
 from worker.ops.local_postgres import PostgresServer, connect
 from worker.ops.local_stack import free_port
 from worker.store.storage import create_schema, make_engine
@@ -294,3 +300,36 @@ def test_bad_market_options_are_one_line_errors() -> None:
     done = run_bench("--parts", "market", "--market-rate", "0")
     assert done.returncode == 2 and "--market-rate must be a number > 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_websocket_libraries_are_measured_side_by_side_on_the_market_mix(tmp_path: Path) -> None:
+    """`--parts clients --quick`: every library's bare loop receives every frame of the
+    same blast server, with its rate and CPU against websocket-client's in the same round."""
+    output = tmp_path / "latest.json"
+    done = run_bench("--parts", "clients", "--quick", "--output", str(output))
+    assert done.returncode == 0, done.stdout + done.stderr
+    clients = json.loads(output.read_text())["clients"]
+    assert clients["mix"] == "market" and clients["reference"] == "websocket-client"
+    libraries = clients["libraries"]
+    assert list(libraries) == list(LIBRARIES)
+    for name, figures in libraries.items():
+        assert figures["frames_per_second"] > 0 and figures["cpu_seconds_per_million_frames"] > 0, name
+        assert len(figures["per_round"]["frames_per_second"]) == clients["rounds"]
+    assert libraries["websocket-client"]["rate_ratio"] == libraries["websocket-client"]["cpu_ratio"] == 1.0
+    assert all(f"{name} bare loop, market mix" in done.stdout for name in LIBRARIES)
+
+
+def test_the_market_mix_frames_are_the_load_tests_kinds_in_its_proportions() -> None:
+    frames = market_frames(40_000)  # a second of the mix
+    kinds = Counter(orjson.loads(frame)["stream"].partition("@")[2] for frame in frames)
+    plan = LoadPlan.build(MARKET_SYMBOLS, MARKET_RATE)
+    for kind, rates in plan.rates.items():
+        assert kinds[kind] == pytest.approx(sum(rates), rel=0.2), kind
+    symbols = Counter(orjson.loads(frame)["data"]["s"] for frame in frames)
+    assert symbols.most_common(1)[0][0] == "BTCUSDT" and len(symbols) > 1000  # skewed, yet most symbols speak
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65_535, 65_536])
+def test_wire_payloads_reads_back_what_websocket_wire_wrote(size: int) -> None:
+    payloads = [b"x" * size, b'{"a":1}', b"y" * size]
+    assert wire_payloads(websocket_wire(payloads)) == payloads

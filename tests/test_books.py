@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -224,6 +225,33 @@ def test_a_batch_whose_transaction_fails_shows_its_break_again_when_retried(
     assert drain(engine, redis_client, keys, [event(8, 9)]) == {SYMBOL: RESYNCING}  # the retry
     with engine.connect() as conn:
         assert conn.execute(select(gaps.c.first_missing, gaps.c.last_missing)).all() == [(T0 + 500, T0 + 900)]
+
+
+def test_a_batch_of_many_books_being_resynced_looks_their_snapshots_up_at_once(
+    engine: Engine, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    """Until every book has a snapshot (1,500 take many minutes of REST weight) nearly
+    every event is of a book being resynced: one query for the batch's books, plus one
+    per book that a snapshot may sync, not one per book."""
+    symbols = [f"S{number}USDT" for number in range(50)]
+    straddled, stale = symbols[0], symbols[1]
+    with engine.begin() as conn:
+        store_rows(
+            conn, {"depth_snapshots": [snapshot_row(straddled, {"lastUpdateId": 5, "bids": [], "asks": []}, T0)]}
+        )
+        store_rows(conn, {"depth_snapshots": [snapshot_row(stale, {"lastUpdateId": 2, "bids": [], "asks": []}, T0)]})
+    rows = [(symbol, *event(4, 6)[1:]) for symbol in symbols]
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        statements.append(sql)
+
+    sqlalchemy_event.listen(engine, "before_cursor_execute", record)
+    states = drain(engine, redis_client, keys, rows)
+    sqlalchemy_event.remove(engine, "before_cursor_execute", record)
+    assert states == {symbol: SYNCED if symbol == straddled else RESYNCING for symbol in symbols}
+    assert needing(redis_client, keys) == {symbol.encode() for symbol in symbols[1:]}
+    assert sum("FROM depth_snapshots" in sql for sql in statements) == 2
 
 
 def fill(engine: Engine) -> None:

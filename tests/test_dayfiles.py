@@ -405,6 +405,25 @@ def test_the_disk_bench_measures_every_table_the_fake_filled(tmp_path: Path) -> 
     assert len(table) == 2 + len(recorded)
 
 
+def test_the_disk_bench_prices_a_day_of_the_whole_market(tmp_path: Path) -> None:
+    from bench.database import Databases
+    from bench.disk import DAY_SECONDS, measure, render_day
+    from worker.settings import Settings
+
+    result = measure(2.0, tmp_path, Databases(None), market=True)
+    tables = {"trades", "agg_trades", "book_tickers", "depth_updates", "depth_snapshots"}
+    assert set(result["rows"]) == tables and all(result["sqlite"][table] > 20 for table in tables)
+    per_day = result["market"]["rows_per_day"]
+    assert per_day["trades"] == result["rows"]["trades"] * DAY_SECONDS / 2.0
+    assert 0.8 * 40_000 / 3.3 * DAY_SECONDS < per_day["trades"] < 1.2 * 40_000 / 3 * DAY_SECONDS
+    assert per_day["depth_snapshots"] == 1500 * DAY_SECONDS / Settings.depth_snapshot_interval_seconds
+    assert result["sqlite"]["depth_snapshots"] > 50 * result["sqlite"]["depth_updates"]  # 1,000 levels a side
+    table = render_day(result).splitlines()
+    assert table[0] == "| Table | Rows/day | SQLite GB/day |"
+    assert [line.split(" |")[0] for line in table[-2:]] == ["| **all**", "| **without depth**"]
+    assert len(table) == 2 + len(tables) + 2
+
+
 def test_a_file_whose_day_changed_while_it_was_written_is_refused_then_written(lite: Engine, tmp_path: Path) -> None:
     from sqlalchemy import event
 

@@ -42,7 +42,7 @@ SERVER_SHUTDOWN_PREFIX = b'{"stream":"!serverShutdown"'
 _TEXT_OR_BINARY = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
 
 
-class _ReadAhead:
+class ReadAhead:
     """The connection's socket, read RECV_CHUNK_BYTES at a time into one reused buffer.
 
     websocket-client reads a frame with two or three `recv` calls of exactly the bytes
@@ -165,8 +165,8 @@ class StreamSession:
         except (websocket.WebSocketException, OSError) as error:
             return f"connect failed: {type(error).__name__}: {error}"
         # After the handshake, which reads byte by byte. websocket-client types `sock` as a
-        # socket; _ReadAhead offers the socket methods it calls.
-        ws.sock = _ReadAhead(ws.sock)  # type: ignore[assignment]
+        # socket; ReadAhead offers the socket methods it calls.
+        ws.sock = ReadAhead(ws.sock)  # type: ignore[assignment]
         try:
             self.opened_at = time.monotonic()
             return self._receive(ws)
