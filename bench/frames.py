@@ -107,7 +107,7 @@ def market_frames(count: int) -> list[bytes]:
 
 
 def wire_payloads(wire: bytes) -> list[bytes]:
-    """The payloads of consecutive unmasked server frames (`fake_binance.wire.websocket_wire`'s inverse)."""
+    """The payloads of consecutive unmasked server frames (`worker.replay.wire.websocket_wire`'s inverse)."""
     payloads: list[bytes] = []
     at = 0
     while at < len(wire):

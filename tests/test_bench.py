@@ -23,9 +23,9 @@ from bench.frames import MARKET_RATE, MARKET_SYMBOLS, market_frames, wire_payloa
 from bench.receivers import LIBRARIES
 from bench.watch import NotReady, open_row_watcher
 from fake_binance.listing import LoadPlan
-from fake_binance.wire import websocket_wire
 from worker.ops.local_postgres import PostgresServer, connect
 from worker.ops.local_stack import free_port
+from worker.replay.wire import websocket_wire
 from worker.store.storage import create_schema, make_engine
 
 QUICK_TIMEOUT_SECONDS = 300
