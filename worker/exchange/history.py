@@ -246,7 +246,13 @@ def agg_trade_row(symbol: str, a: AggTradeRow, futures: bool = False) -> Row:
 def funding_row(symbol: str, f: FundingRow) -> Row:
     """Older fundings carry no mark price, or an empty one: NULL."""
     mark_price = f.get("markPrice")
-    return (symbol, int(f["fundingTime"]), float(f["fundingRate"]), float(mark_price) if mark_price else None, *NOT_RECEIVED)
+    return (
+        symbol,
+        int(f["fundingTime"]),
+        float(f["fundingRate"]),
+        float(mark_price) if mark_price else None,
+        *NOT_RECEIVED,
+    )
 
 
 def kline_row(symbol: str, interval: str, k: KlineRow, server_now_ms: int) -> Row:
