@@ -169,7 +169,7 @@ _RECEIVED_AT, _RECEIVED_SEQ = -2, -1
 
 
 def _received_at(item: tuple[Row, str]) -> int:
-    return item[0][_RECEIVED_AT]  # type: ignore[no-any-return]
+    return item[0][_RECEIVED_AT]
 
 
 def _ordered_rows(
