@@ -347,6 +347,21 @@ def test_every_data_table_records_the_receive_time_and_place(engine: Engine) -> 
     assert stored == {table: SAMPLE_ROWS[table][-2:] for table in TABLES}
 
 
+def test_a_database_made_before_received_seq_gets_it_on_start(engine: Engine) -> None:
+    """On PostgreSQL `trades` is partitioned: the column added to the parent reaches its
+    partitions, the default one included (the sample's time is years before today)."""
+    with engine.begin() as conn:  # the tables as the version before received_seq made them
+        for table in ("trades", "book_tickers"):
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN received_seq")
+
+    create_schema(engine)
+    with engine.begin() as conn:
+        store_rows(conn, {"trades": [SAMPLE_ROWS["trades"]], "book_tickers": [SAMPLE_ROWS["book_tickers"]]})
+        stored = [conn.execute(text(f"select received_seq from {t}")).scalar_one() for t in ("trades", "book_tickers")]
+
+    assert stored == [S, S]
+
+
 def test_a_database_of_an_older_version_gets_received_at_on_start(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as old:  # the trades table as versions before received_at made it
