@@ -78,8 +78,8 @@ beat_schedule = {
     "backfill": _every("tasks.backfill", _settings.backfill_interval_seconds),
     # Checks every drain interval which books need a snapshot; most runs fetch nothing.
     "snapshot-books": _every("tasks.snapshot_books", _settings.drain_interval_seconds),
-    # One exchangeInfo request per futures market with subscribed contracts; none without.
-    "check-listings": _every("tasks.check_listings", _settings.listing_check_interval_seconds),
+    # One exchangeInfo request per market with a market subscription or subscribed futures contracts.
+    "follow-listings": _every("tasks.follow_listings", _settings.listing_refresh_seconds),
     "enforce-retention": _every("tasks.enforce_retention", _settings.retention_interval_seconds),
     "archive-days": _every("tasks.archive_days", _settings.archive_interval_seconds),
     # Futures only; a run with no futures subscription asks nothing.

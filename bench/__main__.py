@@ -33,11 +33,12 @@ from bench.drain import measure_drain
 from bench.ingest import measure_ingest
 from bench.legacy import measure_legacy
 from bench.market import FULL_MARKET, QUICK_MARKET, MarketSize, measure_market
+from bench.replay import FULL_REPLAY, QUICK_REPLAY, measure_replay
 from bench.service import measure_service
 from worker.ops.local_postgres import PostgresError, PostgresServer, check_server, start_private_server
 from worker.settings import Settings
 
-DEFAULT_PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth", "depth_usdm")
+DEFAULT_PARTS = ("ingest", "drain", "service", "burst", "legacy", "depth", "depth_usdm", "replay")
 PARTS = (*DEFAULT_PARTS, "market")
 """`market` (bench/market.py) runs only when named: 10 minutes at 40,000 msg/s and then
 the search for the highest sustained rate, 20 minutes or more, would triple a full run."""
@@ -207,6 +208,13 @@ def run(args: argparse.Namespace, workdir: Path, databases: Databases | None = N
             _progress(f"{part}: 200 {market} symbols x depth@100ms, storage, rebuilding an hour")
             depth_sizes = QUICK_DEPTH if args.quick else FULL_DEPTH
             results[part] = measure_depth(workdir, depth_sizes, Settings.drain_batch_size, market)
+    if "replay" in parts:
+        replay_sizes = QUICK_REPLAY if args.quick else FULL_REPLAY
+        _progress(
+            f"replay: {replay_sizes.trade_frames:,} frames at max speed vs the blast server; the first frame "
+            f"{replay_sizes.depth_seconds // 2} s into {replay_sizes.depth_seconds} s of 20 symbols' depth@100ms"
+        )
+        results["replay"] = measure_replay(workdir, replay_sizes)
     if "market" in parts:
         size = market_size(args)
         _progress(f"market: {size.symbols:,} symbols, {size.rate:,.0f} msg/s for {size.seconds:g} s (SQLite)")

@@ -37,8 +37,10 @@ def bare(url: str, frames: int) -> dict[str, Any]:
     """The ceiling: receive frames and discard them, as tight as websocket-client allows.
 
     Same client and options as worker/ingest/session.py (`recv_data`, no UTF-8 validation),
-    minus everything the recorder does with a frame.
+    minus everything the recorder does with a frame. `first_after_connect`: from opening
+    the connection to the first frame (how soon a replay starts sending).
     """
+    connecting = time.perf_counter()
     ws = websocket.create_connection(url, timeout=RECEIVE_TIMEOUT_SECONDS, skip_utf8_validation=True)
     recv = ws.recv_data
     received, first = 0, 0.0
@@ -55,7 +57,7 @@ def bare(url: str, frames: int) -> dict[str, Any]:
         pass
     last = time.perf_counter()
     ws.close()
-    return {"frames": received, "seconds": last - first}
+    return {"frames": received, "seconds": last - first, "first_after_connect": first - connecting}
 
 
 def recorder(group_id: str, streams: Sequence[str]) -> dict[str, Any]:

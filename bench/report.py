@@ -18,6 +18,8 @@ BURST_RATIO = 2.0
 MEMORY_GROWTH = 0.10
 DEPTH_EVENTS_PER_SECOND = 2000
 REBUILD_SECONDS_PER_HOUR = 10.0
+REPLAY_RATIO = 0.5
+FIRST_FRAME_SECONDS = 2.0
 MARKET_RECORDER_ROLES = ("streams process", "drain process")
 """The market part's processes held to the memory target; the others are shown."""
 
@@ -52,9 +54,25 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for part in DEPTH_PARTS:
         if part in results:
             verdicts.update(_depth_targets(part, results[part]))
+    if "replay" in results:
+        verdicts.update(_replay_targets(results["replay"]))
     if "market" in results:
         verdicts.update(_market_targets(results["market"]))
     return verdicts
+
+
+def _replay_targets(replay: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Issue 18's: frames/s at max speed against the blast server, and the first frame
+    from the command's start (until it listens, then from the client's connection)."""
+    first = replay["first_frame"]
+    return {
+        "replay_throughput": _at_least(replay["throughput"]["ratio"], REPLAY_RATIO, "replay at max / blast server"),
+        "replay_first_frame": _at_most(
+            _first_frame_seconds(first) - first["imports_seconds"],
+            FIRST_FRAME_SECONDS,
+            "seconds from the command to the first frame, less the interpreter's start and imports",
+        ),
+    }
 
 
 def _depth_targets(part: str, depth: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -136,9 +154,46 @@ def table(results: dict[str, Any]) -> str:
     for part in DEPTH_PARTS:
         if part in results:
             add(sqlite, *_depth_rows(part, results[part], verdicts))
+    if "replay" in results:
+        add(sqlite, *_replay_rows(results["replay"], verdicts))
     if "market" in results:
         add(sqlite, *_market_rows(results["market"], verdicts))
     return _format(rows)
+
+
+def _first_frame_seconds(first: dict[str, Any]) -> float:
+    """From starting `binance-recorder replay` until it listens, then from the client's connection."""
+    return float(first["command_to_listening_seconds"] + first["connect_to_first_frame_seconds"])
+
+
+def _replay_rows(replay: dict[str, Any], verdicts: dict[str, Any]) -> list[Row]:
+    throughput, first = replay["throughput"], replay["first_frame"]
+    return [
+        _ratio_row(
+            "9 replay",
+            f"frames/s at --speed max to the bare loop, {throughput['streams']} streams",
+            f"{throughput['replay_frames_per_second']:,.0f} ({throughput['replay_cpu_us_per_frame']:.1f} us CPU/frame)",
+            f"blast {throughput['blast_frames_per_second']:,.0f}",
+            verdicts["replay_throughput"],
+        ),
+        (
+            "9 replay",
+            f"first frame, {first['start_after_hour_start_seconds']:g} s into {first['recorded_seconds']:,} s "
+            f"of {first['symbols']} symbols' depth@100ms",
+            f"{_first_frame_seconds(first):.2f} s, less imports {verdicts['replay_first_frame']['value']:.2f} s",
+            f"listening at {first['command_to_listening_seconds']:.2f} s, imports {first['imports_seconds']:.2f} s",
+            f"{verdicts['replay_first_frame']['target']} s",
+            _yes(verdicts["replay_first_frame"]),
+        ),
+        (
+            "9 replay",
+            f"then depth frames/s; the {first['symbols']} books at the clock (/api/v3/depth)",
+            f"{first['depth_frames_per_second']:,.0f}",
+            f"books in {first['books_seconds']:.2f} s",
+            "",
+            "",
+        ),
+    ]
 
 
 def _ingest_row(ingest: dict[str, Any], verdict: dict[str, Any]) -> Row:

@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FakeExchangeConfig:
             kwargs["type"] = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
         parser.add_argument(flag, **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    for name in ("symbols", "halted_symbols", "usdm_symbols", "coinm_symbols"):
+    for name in ("symbols", "halted_symbols", "unlisted_symbols", "usdm_symbols", "coinm_symbols"):
         if name in given:
             given[name] = _symbol_list(given[name])
     return FakeExchangeConfig(**given)

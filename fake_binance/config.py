@@ -50,6 +50,11 @@ class FakeExchangeConfig:
     halted_symbols: tuple[str, ...] = _option(
         (), "Symbols whose exchangeInfo status is HALT (they still trade in the model)."
     )
+    unlisted_symbols: tuple[str, ...] = _option(
+        (),
+        "Symbols the model trades but exchangeInfo does not list until a `set_status` control "
+        "lists them (a listing mid-run).",
+    )
     trades_per_second: float = _option(10.0, "Trades per second, per symbol.")
     genesis_ms: int = _option(
         MARKET_EPOCH_MS,
@@ -112,9 +117,11 @@ class FakeExchangeConfig:
         """Listed symbols followed by the generated extra ones, in a fixed order.
 
         The order matters: a symbol's position fixes its trade id base, so the same
-        configuration always yields the same ids. In market-load mode: the load's listing.
+        configuration always yields the same ids. The unlisted symbols come last. In
+        market-load mode: the load's listing.
         """
         if self.market_load_rate > 0:
             return listing.market_symbols(self.market_load_symbols)
         extra = tuple(f"SYM{i:04d}USDT" for i in range(1, self.extra_symbols + 1))
-        return tuple(self.symbols) + extra
+        listed = tuple(self.symbols) + extra
+        return listed + tuple(s for s in self.unlisted_symbols if s not in listed)

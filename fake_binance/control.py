@@ -12,7 +12,7 @@ effect then, and `update_id` says its own last update.
 
 Each market has these endpoints under its prefix (/fake/..., /usdm/fake/...,
 /coinm/fake/...), acting on that market's connections, book and counters; `settle`
-exists on the futures markets only.
+exists on the futures markets only, `set_status` (list, halt, delist) on spot only.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from fake_binance.hub import now_ms
 from fake_binance.listing import LoadPlan
 from fake_binance.load import LoadHub
 from fake_binance.market import UnknownSymbol
-from fake_binance.rest import json_response as _json
+from fake_binance.streams import DELISTED, SPOT_STATUSES, SpotVenue
+from worker.replay.binance_api import json_response as _json
 
 
 class ControlError(ValueError):
@@ -174,6 +175,26 @@ def _settle(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _set_status(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
+    """List, halt, resume or delist a spot symbol now: `status` TRADING lists a symbol of
+    the model (one of --unlisted-symbols) or resumes a halted one; HALT or BREAK halts
+    it (its streams keep trading in the model, as --halted-symbols); DELISTED takes it
+    out of exchangeInfo and REST and stops its streams (subscribers stay, unfed)."""
+    if not isinstance(ctx.venue, SpotVenue):
+        raise ControlError("set_status acts on spot symbols: POST it to /fake/control (futures: settle)")
+    symbol, status = body.get("symbol"), body.get("status")
+    if status not in (*SPOT_STATUSES, DELISTED):
+        raise ControlError(f"status must be one of {', '.join((*SPOT_STATUSES, DELISTED))}")
+    try:
+        ctx.venue.set_status(str(symbol), status)
+    except UnknownSymbol:
+        raise ControlError(
+            f"{symbol!r} is not in the fake's model: start the fake with --unlisted-symbols {symbol} to list it later"
+        ) from None
+    silenced = ctx.hub.silence(str(symbol)) if status == DELISTED else 0
+    return {"symbol": symbol, "status": status, "silenced_streams": silenced, "listed": len(ctx.venue.listed)}
+
+
 def _reset_stats(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     ctx.stats.reset()
     return {}
@@ -190,6 +211,7 @@ _ACTIONS: dict[str, Callable[[Context, dict[str, Any]], dict[str, Any]]] = {
     "mute_stream": _mute_stream,
     "reset_stats": _reset_stats,
     "settle": _settle,
+    "set_status": _set_status,
 }
 
 ROUTES = [

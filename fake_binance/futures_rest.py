@@ -18,16 +18,8 @@ from fake_binance.context import CONTEXT
 from fake_binance.contracts import COINM, ONBOARD_MS, Contract
 from fake_binance.futures import COINM_CONTRACT_USD, FuturesVenue
 from fake_binance.hub import now_ms
-from fake_binance.rest import (
-    Endpoint,
-    RestRules,
-    json_response,
-    limit_param,
-    optional_int,
-    rate_limits,
-    symbol_index,
-    weight_by_limit,
-)
+from fake_binance.rest import Endpoint, RestRules, rate_limits, symbol_index
+from worker.replay.binance_api import json_response, limit_param, optional_int, weight_by_limit
 
 VENUE = web.AppKey("futures_venue", FuturesVenue)
 _FUNDING_DEFAULT_LIMIT = 100

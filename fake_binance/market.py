@@ -46,7 +46,6 @@ _BASE_PRICES = {
     "TRXUSDT": 0.12,
     "DOTUSDT": 7.0,
 }
-_QUOTE_ASSETS = ("USDT", "FDUSD", "USDC", "BTC", "ETH", "BNB")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,14 +285,6 @@ class Market:
 def decimal_str(x: float) -> str:
     """Binance's decimal-string form of a price or quantity (8 decimals)."""
     return f"{x:.8f}"
-
-
-def base_and_quote(symbol: str) -> tuple[str, str]:
-    """Split a symbol into base and quote asset by its known quote suffix."""
-    for quote in _QUOTE_ASSETS:
-        if symbol.endswith(quote) and len(symbol) > len(quote):
-            return symbol[: -len(quote)], quote
-    return symbol[:-4], symbol[-4:]
 
 
 def _base_price(symbol: str, seed: int) -> float:

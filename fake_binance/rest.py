@@ -10,26 +10,35 @@ only read the market model.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from fake_binance import intervals
 from fake_binance.context import CONTEXT, Context
 from fake_binance.hub import now_ms
-from fake_binance.market import Trade, UnknownSymbol, base_and_quote, decimal_str
+from fake_binance.market import Trade, UnknownSymbol, decimal_str
 from fake_binance.orderbook import MAX_LEVELS
+from fake_binance.streams import SpotVenue
+from worker.replay.binance_api import (
+    ApiError,
+    Handler,
+    WeightTable,
+    error_response,
+    json_response,
+    limit_param,
+    mandatory,
+    optional_int,
+    requested_symbols,
+    symbol_info,
+    truncated_limit,
+    weight_by_limit,
+)
 
-_DEFAULT_LIMIT = 500
-_MAX_LIMIT = 1000
 _HOUR_MS = 3_600_000
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Weight = int | Callable[[web.Request], int]
-WeightTable = tuple[tuple[int, int], ...]
-"""Binance's weights by limit: (largest limit, weight), ascending."""
 
 
 @dataclass(frozen=True)
@@ -54,15 +63,6 @@ WEIGHTS = web.AppKey("rest_weights", dict)
 """Handler -> its weight, for the endpoints of the application the key is on."""
 
 
-class ApiError(Exception):
-    """A Binance error answer: HTTP 400 with {"code": <negative>, "msg": ...}."""
-
-    def __init__(self, code: int, msg: str) -> None:
-        super().__init__(msg)
-        self.code = code
-        self.msg = msg
-
-
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     weight = request.app.get(WEIGHTS, {}).get(request.match_info.handler)
@@ -74,39 +74,24 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     now = now_ms()
     rejection = ctx.gate.admit(weight if isinstance(weight, int) else weight(request), now)
     if rejection is not None:
-        response: web.StreamResponse = _error(rejection.code, rejection.msg, rejection.status)
+        response: web.StreamResponse = error_response(rejection.code, rejection.msg, rejection.status)
         response.headers["Retry-After"] = str(rejection.retry_after)
     else:
         try:
             response = await handler(request)
         except ApiError as exc:
-            response = _error(exc.code, exc.msg, 400)
+            response = error_response(exc.code, exc.msg, 400)
     response.headers["X-MBX-USED-WEIGHT-1M"] = str(ctx.gate.used(now))
     ctx.stats.record_rest(response.status)
     return response
 
 
-def _error(code: int, msg: str, status: int) -> web.Response:
-    return json_response({"code": code, "msg": msg}, status)
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
 # -- parameters -----------------------------------------------------------------
-
-
-def _mandatory(request: web.Request, name: str) -> str:
-    value = request.query.get(name, "")
-    if not value:
-        raise ApiError(-1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
-    return value
 
 
 def symbol_index(request: web.Request) -> tuple[str, int]:
     """The `symbol` parameter and its position in the market model; -1121 if unlisted."""
-    symbol = _mandatory(request, "symbol")
+    symbol = mandatory(request, "symbol")
     ctx = request.app[CONTEXT]
     try:
         if not ctx.venue.knows(symbol, now_ms()):
@@ -116,55 +101,10 @@ def symbol_index(request: web.Request) -> tuple[str, int]:
         raise ApiError(-1121, "Invalid symbol.") from None
 
 
-def optional_int(request: web.Request, name: str) -> int | None:
-    value = request.query.get(name)
-    if value is None:
-        return None
-    if not value.isdigit() or len(value) > 20:
-        raise ApiError(
-            -1100,
-            f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'.",
-        )
-    return int(value)
-
-
-def _limit_error() -> ApiError:
-    return ApiError(-1130, "Data sent for parameter 'limit' is not valid.")
-
-
-def limit_param(request: web.Request, default: int = _DEFAULT_LIMIT, most: int = _MAX_LIMIT) -> int:
-    value = optional_int(request, "limit")
-    if value is None:
-        return default
-    if not 1 <= value <= most:
-        raise _limit_error()
-    return value
-
-
 def _depth_limit(request: web.Request) -> int:
     """Above the market's most levels the answer is truncated to them, as Binance documents."""
     rules = request.app[RULES]
-    value = optional_int(request, "limit")
-    if value is None:
-        return rules.depth_default
-    if value < 1:
-        raise _limit_error()
-    return min(value, rules.depth_max)
-
-
-def weight_by_limit(
-    table: WeightTable, limit_of: Callable[[web.Request], int], default: int
-) -> Callable[[web.Request], int]:
-    """A weight by the limit asked for; a malformed limit is charged like the `default` one."""
-
-    def weight(request: web.Request) -> int:
-        try:
-            value = limit_of(request)
-        except ApiError:
-            value = default
-        return next((weight for most, weight in table if value <= most), table[-1][1])
-
-    return weight
+    return truncated_limit(request, rules.depth_default, rules.depth_max)
 
 
 def _depth_weight(request: web.Request) -> int:
@@ -185,7 +125,7 @@ async def server_time(request: web.Request) -> web.Response:
 
 async def exchange_info(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    wanted = _requested_symbols(request) or ctx.venue.symbols(now_ms())
+    wanted = requested_symbols(request) or ctx.venue.symbols(now_ms())
     if any(not ctx.venue.knows(s, now_ms()) for s in wanted):
         raise ApiError(-1121, "Invalid symbol.")
     return json_response(
@@ -194,30 +134,9 @@ async def exchange_info(request: web.Request) -> web.Response:
             "serverTime": now_ms(),
             "rateLimits": rate_limits(ctx),
             "exchangeFilters": [],
-            "symbols": [symbol_info(s, s in ctx.config.halted_symbols) for s in wanted],
+            "symbols": [symbol_info(s, _spot_status(ctx, s)) for s in wanted],
         }
     )
-
-
-def _requested_symbols(request: web.Request) -> list[str]:
-    """`symbol=X` or `symbols=["X","Y"]` (a JSON array); empty list = all."""
-    symbol, symbols = request.query.get("symbol"), request.query.get("symbols")
-    if symbol is not None and symbols is not None:
-        raise ApiError(-1128, "Combination of optional parameters invalid.")
-    if symbol is not None:
-        return [_mandatory(request, "symbol")]
-    if symbols is None:
-        return []
-    try:
-        parsed = orjson.loads(symbols)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, list) or not parsed or not all(isinstance(s, str) for s in parsed):
-        raise ApiError(
-            -1100,
-            "Illegal characters found in parameter 'symbols'; legal range is a JSON array of symbols.",
-        )
-    return parsed
 
 
 def rate_limits(ctx: Context) -> list[dict[str, Any]]:
@@ -234,51 +153,16 @@ def rate_limits(ctx: Context) -> list[dict[str, Any]]:
     ]
 
 
-def symbol_info(symbol: str, halted: bool) -> dict[str, Any]:
-    base, quote = base_and_quote(symbol)
-    return {
-        "symbol": symbol,
-        "status": "HALT" if halted else "TRADING",
-        "baseAsset": base,
-        "baseAssetPrecision": 8,
-        "quoteAsset": quote,
-        "quotePrecision": 8,
-        "quoteAssetPrecision": 8,
-        "baseCommissionPrecision": 8,
-        "quoteCommissionPrecision": 8,
-        "orderTypes": [
-            "LIMIT",
-            "LIMIT_MAKER",
-            "MARKET",
-            "STOP_LOSS",
-            "STOP_LOSS_LIMIT",
-            "TAKE_PROFIT",
-            "TAKE_PROFIT_LIMIT",
-        ],
-        "icebergAllowed": True,
-        "ocoAllowed": True,
-        "otoAllowed": True,
-        "opoAllowed": True,
-        "quoteOrderQtyMarketAllowed": True,
-        "allowTrailingStop": False,
-        "cancelReplaceAllowed": False,
-        "amendAllowed": False,
-        "pegInstructionsAllowed": True,
-        "isSpotTradingAllowed": True,
-        "isMarginTradingAllowed": True,
-        "filters": [],
-        "permissions": [],
-        "permissionSets": [["SPOT", "MARGIN"]],
-        "defaultSelfTradePreventionMode": "NONE",
-        "allowedSelfTradePreventionModes": ["NONE"],
-    }
+def _spot_status(ctx: Context, symbol: str) -> str:
+    """A listed spot symbol's status (spot's venue keeps it: control can change it)."""
+    return ctx.venue.status(symbol) if isinstance(ctx.venue, SpotVenue) else "TRADING"
 
 
 async def klines(request: web.Request) -> web.Response:
     """Ascending klines by open time; only windows that have opened, from genesis on."""
     ctx, rules = request.app[CONTEXT], request.app[RULES]
     _, index = symbol_index(request)
-    interval = _mandatory(request, "interval")
+    interval = mandatory(request, "interval")
     if interval not in intervals.INTERVALS or (interval == "1s" and not rules.second_klines):
         raise ApiError(-1120, "Invalid interval.")
     start, end, limit = (

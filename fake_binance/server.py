@@ -54,7 +54,7 @@ def build_app(config: FakeExchangeConfig) -> web.Application:
     """The fake exchange for `config`; start it with any aiohttp runner."""
     market = Market(config.all_symbols(), _clock(config))
     spot_gate = RequestGate(config.weight_limit, config.ban_seconds)
-    spot = SpotVenue(market, frozenset(config.halted_symbols))
+    spot = SpotVenue(market, frozenset(config.halted_symbols), frozenset(config.unlisted_symbols))
     app = _market_app(config, market, spot, spot_gate, _spot_hub(config, market, spot))
     rest.install(app, rest.SPOT_RULES, rest.SPOT_ENDPOINTS)
     app.add_routes(ws.routes())

@@ -39,6 +39,9 @@ ALL_MARKET: dict[str, tuple[str, str | None]] = {
 SHUTDOWN_STREAM = b"!serverShutdown"
 ALL_SYMBOLS = "ALL"  # the `sent` stats key of all-market streams
 DAY_MS = 86_400_000
+SPOT_STATUSES = ("TRADING", "HALT", "BREAK")
+DELISTED = "DELISTED"
+"""What `set_status` takes besides SPOT_STATUSES: the symbol leaves exchangeInfo."""
 AVG_PRICE_MS = 300_000
 SECOND_MS = 1000
 # How the hub schedules a stream (StreamSpec.category).
@@ -397,10 +400,12 @@ class SpotVenue:
 
     name = "spot"
 
-    def __init__(self, market: Market, halted: frozenset[str]) -> None:
+    def __init__(self, market: Market, halted: frozenset[str], unlisted: frozenset[str] = frozenset()) -> None:
         self._market = market
-        self._halted = halted
-        self.listed = frozenset(market.symbols)
+        # exchangeInfo's status of each listed symbol; the model's symbols in `unlisted`
+        # trade but are not listed until `set_status` lists them (a listing mid-run).
+        self._statuses = {s: ("HALT" if s in halted else "TRADING") for s in market.symbols if s not in unlisted}
+        self.listed: Set[str] = frozenset(self._statuses)
 
     def parse_stream(self, name: str, route: str) -> StreamSpec:
         return parse_stream(name, self.listed)
@@ -409,7 +414,21 @@ class SpotVenue:
         return symbol in self.listed
 
     def symbols(self, now: int) -> list[str]:
-        return list(self._market.symbols)
+        return [symbol for symbol in self._market.symbols if symbol in self._statuses]
+
+    def status(self, symbol: str) -> str:
+        """exchangeInfo's status of a listed symbol: TRADING, HALT or BREAK."""
+        return self._statuses[symbol]
+
+    def set_status(self, symbol: str, status: str) -> None:
+        """List a symbol of the model, change a listed one's status, or (DELISTED) take it
+        out of exchangeInfo; streams asked for later follow (a delisted symbol's are silent)."""
+        self._market.index(symbol)  # UnknownSymbol for a symbol the model does not trade
+        if status == DELISTED:
+            self._statuses.pop(symbol, None)
+        else:
+            self._statuses[symbol] = status
+        self.listed = frozenset(self._statuses)
 
     def trade_event(self, spec: StreamSpec, index: int, t: Trade, now: int) -> Event | None:
         symbol = spec.symbol or ""
@@ -440,7 +459,9 @@ class SpotVenue:
             return avg_price_event(symbol, moment.stats(index, AVG_PRICE_MS), now)
         if kind == "referencePrice":
             # The book's mid; None (JSON null) for halted symbols, which have none.
-            price = None if symbol in self._halted else self._market.mid_price(index, max(moment.last_n, 0))
+            price = (
+                None if self._statuses.get(symbol) == "HALT" else self._market.mid_price(index, max(moment.last_n, 0))
+            )
             return reference_price_event(symbol, price, now)
         if kind == "windowTicker" and spec.interval:
             length = TICKER_WINDOWS[spec.interval]

@@ -1,4 +1,4 @@
-"""Periodic tasks run by beat: drain, supervise, the futures listing check, and the status snapshot."""
+"""Periodic tasks run by beat: drain, supervise, the listing follower, and the status snapshot."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tasks.resources import engine, redis_client
 from tasks.subscriptions import start_group
 from tasks.workers import node_processes
 from worker import app
-from worker.exchange.listings import ListingWatch, check_listings
+from worker.exchange.listings import ListingWatch, follow_listings
 from worker.exchange.rest import BinanceRest
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
@@ -96,19 +96,23 @@ def status() -> dict[str, Any]:
     return collect_status(get_settings(), redis_client(), engine())
 
 
-@app.task(name="tasks.check_listings")
-def check_listings_task() -> dict[str, Any]:
-    """Stop recording the futures contracts that stopped trading (worker/exchange/listings.py)."""
+@app.task(name="tasks.follow_listings")
+def follow_listings_task() -> dict[str, Any]:
+    """Follow the listing of every market with a market subscription or subscribed
+    futures contracts (worker/exchange/listings.py) and start the groups it made."""
     settings = get_settings()
     client = redis_client()
     keys = RedisKeys(settings.redis_prefix)
     registry = GroupRegistry(client, keys)
     with registry.changing():
-        changes = check_listings(
+        report = follow_listings(
             registry,
             ListingWatch(client, keys),
             engine(),
             lambda market: BinanceRest.from_settings(settings, client, market),
+            settings.max_streams_per_connection,
             now_ms(),
         )
-    return {"changes": [vars(change) for change in changes]}
+        for group in report.new_groups:
+            start_group(group)
+    return {"changes": [vars(change) for change in report.changes], "new_groups": [g.id for g in report.new_groups]}

@@ -7,24 +7,23 @@ from typing import Any
 from tasks.resources import redis_client
 from tasks.workers import stream_processes
 from worker import app
-from worker.exchange.listings import ListingWatch, check_pairs, check_subscribable
-from worker.exchange.rest import BinanceRest
+from worker.exchange.listings import TRADING
+from worker.exchange.subscribing import subscribe_symbols, subscribe_whole_market
 from worker.groups import (
     Group,
     GroupRegistry,
     default_kinds,
+    is_whole_market,
     normalize_market,
     normalize_stream_kinds,
-    normalize_symbols,
     split_unsubscribe,
-    stream_names,
 )
 from worker.ingest.runner import SHUTTING_DOWN, GroupRunner
 from worker.keys import RedisKeys
 from worker.ops.status import recording_figures
 from worker.settings import get_settings
 from worker.shutdown import shutting_down
-from worker.streams import SPOT, is_pair_kind
+from worker.streams import SPOT
 
 
 def _registry() -> GroupRegistry:
@@ -47,9 +46,17 @@ def start_group(group: Group) -> bool:
 
 
 @app.task(name="tasks.subscribe")
-def subscribe(symbols: list[str], streams: list[str] | None = None, market: str = SPOT) -> dict[str, Any]:
+def subscribe(
+    symbols: list[str],
+    streams: list[str] | None = None,
+    market: str = SPOT,
+    quote_assets: list[str] | None = None,
+    statuses: list[str] | None = None,
+) -> dict[str, Any]:
     """Record `streams` (default: settings) of `symbols` on `market` (`spot`, `usdm`,
-    `coinm`); returns the groups that do.
+    `coinm`); returns the groups that do. `["*"]` subscribes the market: every symbol
+    its exchangeInfo lists with one of `statuses` (default TRADING), narrowed to
+    `quote_assets`, followed as the listing changes (worker/exchange/subscribing.py).
 
     Types and shapes are checked first (InvalidSubscription names the bad element), then
     the symbols against the market's exchangeInfo before anything is recorded, so a
@@ -59,31 +66,14 @@ def subscribe(symbols: list[str], streams: list[str] | None = None, market: str 
     """
     settings = get_settings()
     market = normalize_market(market)
-    symbols = normalize_symbols(symbols)
     kinds = normalize_stream_kinds(
         default_kinds(settings.default_stream_kinds, market) if streams is None else streams, market
     )
-    rest = BinanceRest.from_settings(settings, redis_client(), market)
-    watch = ListingWatch(redis_client(), RedisKeys(settings.redis_prefix))
-    by_pair = [kind for kind in kinds if is_pair_kind(kind)]
-    if by_pair:
-        check_pairs(rest, symbols, market)
-    statuses = check_subscribable(rest, watch, symbols, market) if len(by_pair) < len(kinds) else {}
-    registry = _registry()
-    requested = stream_names(symbols, kinds)
-    with registry.changing():
-        _, new_groups = registry.place(requested, settings.max_streams_per_connection, market)
-        for group in new_groups:
-            start_group(group)
-    return {
-        "market": market,
-        "symbols": statuses,
-        **({"pairs": symbols} if by_pair else {}),
-        "streams": requested,
-        "groups": registry.groups_recording(requested, market),
-        "new_groups": [g.id for g in new_groups],
-        **registry.note_waiting(stream_processes().total(), new_groups),
-    }
+    processes = stream_processes().total()
+    if is_whole_market(symbols, quote_assets, statuses):
+        filters = (quote_assets or [], statuses or [TRADING])
+        return subscribe_whole_market(settings, redis_client(), market, kinds, *filters, start_group, processes)
+    return subscribe_symbols(settings, redis_client(), market, symbols, kinds, start_group, processes)
 
 
 @app.task(name="tasks.unsubscribe")
@@ -91,10 +81,14 @@ def unsubscribe(symbols: list[str], market: str = SPOT) -> dict[str, Any]:
     """Stop recording `symbols` on `market`, and all-market streams such as
     `!miniTicker@arr` named among them. A group that also holds other streams keeps
     them: its task unsubscribes the removed ones on the open connection, so the others
-    lose nothing; a group left empty stops."""
+    lose nothing; a group left empty stops. `["*"]` stops the market altogether: its
+    market subscription (the listing follower lets it be) and every group of it."""
     market = normalize_market(market)
-    listed, market_wide = split_unsubscribe(symbols, market)
     registry = _registry()
+    if is_whole_market(symbols, None, None):
+        with registry.changing():
+            return {"market": market, "stopped": registry.remove_market(market), "shrunk": []}
+    listed, market_wide = split_unsubscribe(symbols, market)
     with registry.changing():
         stopped, shrunk = registry.remove_symbols(listed, market_wide, market)
     return {"market": market, "stopped": stopped, "shrunk": shrunk}

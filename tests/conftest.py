@@ -18,6 +18,7 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from tests.replay_recording import CLEAN_SECONDS, SYMBOL, Recording, Replay, depth_span, quiet_end, rows, run_cli
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
 from worker.ops.local_postgres import INSTALL_HINT, PostgresServer, find_postgres_bin
@@ -108,6 +109,14 @@ def launch_stack(
     return stack
 
 
+@pytest.fixture(scope="module")
+def db(stack: LocalStack) -> Iterator[Engine]:
+    """The database of the module's `stack` fixture (a module may define its own)."""
+    engine = make_engine(stack.env["DATABASE_URL"])
+    yield engine
+    engine.dispose()
+
+
 def fake_stats(stack: LocalStack) -> dict[str, Any]:
     return requests.get(f"{stack.env['BINANCE_REST_URL']}/fake/stats", timeout=5).json()
 
@@ -124,6 +133,11 @@ def fake_control(stack: LocalStack, action: str, **fields: object) -> dict[str, 
 def call(stack: LocalStack, name: str, *args: object, **kwargs: object) -> Any:
     """Call a task by name and wait for its result, as an app without this code would."""
     return client_app(stack.env["REDIS_URL"]).send_task(name, args=args, kwargs=kwargs).get(timeout=60)
+
+
+def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """`binance-recorder <args>` against the stack, as an operator would run it."""
+    return run_cli(stack.env, *args)
 
 
 def status_command(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -165,3 +179,72 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+# -- a recording to replay (tests/replay_recording.py) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def recording(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
+    """A real stack's recording of the fake (trades, aggTrades, bookTickers and depth@100ms of
+    SYMBOL) with a lost stretch of depth, unless the module sets `RECORD_GAP = False`."""
+    with_gap = getattr(request.module, "RECORD_GAP", True)
+    stack = launch_stack(tmp_path_factory.mktemp("replay"), fake_args=["--trades-per-second", "10"])
+    gap: tuple[int, int] | None = None
+    try:
+        engine = make_engine(stack.env["DATABASE_URL"])
+        done = run_cli(stack.env, "subscribe", SYMBOL, "--streams", "trade,aggTrade,bookTicker,depth@100ms")
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: depth_span(engine) > (CLEAN_SECONDS + 1) * 1000, 40, "seconds of depth recorded")
+        if with_gap:
+            gap = _record_a_depth_gap(stack, engine)
+        env = dict(stack.env)
+    finally:
+        stack.stop()
+    first_diff = rows(
+        engine,
+        "select min(u.received_at) from depth_updates u where u.symbol = :s and u.final_update_id > "
+        "(select min(last_update_id) from depth_snapshots where symbol = :s)",
+        s=SYMBOL,
+    )[0][0]
+    start = first_diff + 1000
+    gap_begins = after_gap = None
+    if gap is not None:
+        gap_begins = rows(engine, "select min(received_at) from depth_updates where event_time = :e", e=gap[0])[0][0]
+        after_gap = quiet_end(engine, gap[1] + 1000)
+    yield Recording(env, engine, start, quiet_end(engine, start + 3500), gap_begins, after_gap)
+
+
+def _record_a_depth_gap(stack: LocalStack, engine: Engine) -> tuple[int, int]:
+    """Pause the fake's data: the diffs of the pause are lost, a depth gap the drain records.
+    Its (first_missing, last_missing) once the book is known again and diffs follow."""
+    fake_control(stack, "pause_data", seconds=1.5)
+    gap = wait_until(
+        lambda: rows(engine, "select first_missing, last_missing from gaps where kind = 'depth' and last_missing > 0"),
+        30,
+        "the depth gap recorded and the book known again",
+    )[0]
+    wait_until(
+        lambda: (
+            rows(engine, "select max(event_time) from depth_updates where symbol = :s", s=SYMBOL)[0][0] > gap[1] + 1500
+        ),
+        20,
+        "diffs after the gap",
+    )
+    return gap
+
+
+@pytest.fixture
+def replay_of(recording: Recording) -> Iterator[Any]:
+    started: list[Replay] = []
+
+    def start(*args: str, end: int | None = None, start: int | None = None) -> Replay:
+        window = ["--start", str(start or recording.start), "--end", str(end or recording.end)]
+        started.append(Replay(recording.env, *window, "--symbols", SYMBOL, *args))
+        return started[-1]
+
+    yield start
+    for replay in started:
+        if replay.process.poll() is None:
+            replay.process.kill()
+            replay.process.wait()

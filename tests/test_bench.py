@@ -105,6 +105,7 @@ def test_every_target_has_a_verdict(results: dict[str, Any]) -> None:
         "ingest", "drain", "end_to_end", "memory", "scale_latency", "scale_ids", "burst",
         "depth_capacity", "depth_latency", "depth_rebuild",
         "depth_usdm_capacity", "depth_usdm_latency", "depth_usdm_rebuild",
+        "replay_throughput", "replay_first_frame",
     }  # fmt: skip
     assert all(isinstance(verdict["met"], bool) for verdict in results["targets"].values())
 
@@ -125,6 +126,30 @@ def test_depth_parts_report_drain_latency_storage_and_rebuild(results: dict[str,
     assert {f"{part}_capacity", f"{part}_latency", f"{part}_rebuild"} <= set(results["targets"])
     rows = [line for line in report.table(results).splitlines() if f"bytes per symbol-hour of {table} " in line]
     assert len(rows) == 1 and rows[0].split("  ")[0] == f"7 {part.replace('_', ' ')}", rows
+
+
+def test_the_replay_is_measured_against_the_blast_server_and_from_the_middle_of_its_books(
+    results: dict[str, Any],
+) -> None:
+    """Part 9 (--quick: 20,000 trade frames, two minutes of 20 symbols' depth@100ms):
+    every frame came, both sides of the ratio were measured, the first frame was timed."""
+    throughput = results["replay"]["throughput"]
+    assert throughput["frames_per_round"] == 20_000 and throughput["streams"] == 20
+    assert throughput["blast_frames_per_second"] > 0 and throughput["replay_frames_per_second"] > 0
+    assert throughput["replay_cpu_us_per_frame"] > 0
+    assert throughput["ratio"] == pytest.approx(
+        throughput["replay_frames_per_second"] / throughput["blast_frames_per_second"]
+    )
+    first = results["replay"]["first_frame"]
+    assert first["database"]["diffs"] == 120 * 10 * 20 and first["database"]["snapshots"] == 40
+    assert first["start_after_hour_start_seconds"] == 60 and first["frames"] == 5_000
+    assert first["imports_seconds"] > 0 and first["command_to_listening_seconds"] > 0
+    assert first["connect_to_first_frame_seconds"] > 0 and first["depth_frames_per_second"] > 0
+    assert first["books_seconds"] > 0 and first["book_levels"] > 0  # every book was answered, none empty
+    verdict = results["targets"]["replay_first_frame"]
+    seconds = first["command_to_listening_seconds"] + first["connect_to_first_frame_seconds"]
+    assert verdict["value"] == pytest.approx(seconds - first["imports_seconds"]) and verdict["target"] == "<= 2"
+    assert results["targets"]["replay_throughput"]["target"] == ">= 0.5"
 
 
 @pytest.fixture(scope="module")

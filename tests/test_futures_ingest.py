@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,14 +18,14 @@ import requests
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import call, launch_stack, status_command, wait_until
+from tests.conftest import call, cli, launch_stack, status_command, wait_until
 from tests.test_metrics import collect
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
 from worker.ops.local_stack import LocalStack
 from worker.settings import Settings, get_settings
-from worker.store.storage import TABLE_COLUMNS, make_engine
+from worker.store.storage import TABLE_COLUMNS
 
 STALE_SECONDS = 3
 USDM_STREAMS = "aggTrade,markPrice,forceOrder,bookTicker,depth@100ms"
@@ -41,26 +39,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         tmp_path_factory.mktemp("futures"),
         env={
             "STALE_STREAM_SECONDS": str(STALE_SECONDS),
-            "LISTING_CHECK_INTERVAL_SECONDS": "1",
+            "LISTING_REFRESH_SECONDS": "1",
             "OPEN_INTEREST_INTERVAL_SECONDS": "1",
         },
         stream_concurrency=6,
     )
     yield stack
     stack.stop()
-
-
-@pytest.fixture(scope="module")
-def db(stack: LocalStack) -> Iterator[Engine]:
-    engine = make_engine(stack.env["DATABASE_URL"])
-    yield engine
-    engine.dispose()
-
-
-def cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.ops.cli", *args], env=stack.env, capture_output=True, text=True, timeout=60
-    )
 
 
 def rows(db: Engine, table: str, where: str = "") -> int:

@@ -30,6 +30,12 @@ def test_nothing_in_worker_imports_tasks(path: Path) -> None:
     assert not {m for m in imported_modules(path) if m == "tasks" or m.startswith("tasks.")}
 
 
+@pytest.mark.parametrize("path", modules_under("worker"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_in_worker_imports_the_fake_exchange(path: Path) -> None:
+    """The product serves Binance's conventions from its own modules; the fake imports them, not the reverse."""
+    assert not {m for m in imported_modules(path) if m == "fake_binance" or m.startswith("fake_binance.")}
+
+
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [("worker/ingest", "worker.store"), ("worker/store", "worker.ingest")],

@@ -121,6 +121,10 @@ def test_a_row_is_named_by_its_symbol_and_kind(example: str, stream: str, named:
         (100000000.1, "100000000.10000000"),  # not "100000000.09999999", the float's own 8 places
         (23343287190.60209274, "23343287190.60209300"),  # past 15 significant digits: lost
         (-0.5, "-0.50000000"),
+        (1.5e-05, "0.00001500"),  # repr has an exponent both sides of the fast path's limits
+        (1e-05, "0.00001000"),
+        (1e16, "10000000000000000.00000000"),
+        (-0.0, "-0.00000000"),
     ],
 )
 def test_a_decimal_reads_back_as_the_same_float(value: float, text: str) -> None:

@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from tests.conftest import clean_env, launch_stack, wait_until
-from tests.test_replay_server import Replay, cli, rows
+from tests.conftest import clean_env, cli, launch_stack, wait_until
+from tests.replay_recording import Replay, rows
 from worker.ops.book import book_after_update
 from worker.ops.local_stack import LocalStack, free_port
 from worker.store.storage import RECEIVED_COLUMNS, TABLES, make_engine
@@ -104,7 +104,7 @@ def recorded(second: SecondStack, tmp_path_factory: pytest.TempPathFactory) -> I
     stack = launch_stack(tmp_path_factory.mktemp("first"), fake_args=["--trades-per-second", "10"])
     try:
         engine = make_engine(stack.env["DATABASE_URL"])
-        done = cli(stack.env, "subscribe", *SYMBOLS, "--streams", ",".join(STREAMS))
+        done = cli(stack, "subscribe", *SYMBOLS, "--streams", ",".join(STREAMS))
         assert done.returncode == 0, done.stderr
         wait_until(lambda: snapshot_span(engine) > WINDOW_MS + 500, 60, "both books known and seconds of depth")
         env = dict(stack.env)
@@ -140,7 +140,7 @@ def replayed(recorded: Window, second: SecondStack) -> Engine:
         stack.wait_for_workers(["worker-streams", "worker"])
         engine = make_engine(stack.env["DATABASE_URL"])
         # One call, one group, one connection: the replay's clock starts once, at its subscription.
-        done = cli(stack.env, "subscribe", *SYMBOLS, "--streams", ",".join(STREAMS))
+        done = cli(stack, "subscribe", *SYMBOLS, "--streams", ",".join(STREAMS))
         assert done.returncode == 0, done.stderr
         wait_until(lambda: replay.get("/replay/status").json()["ended"], 60, "the replay to send its window")
         expected = counts(recorded.engine, recorded.start, recorded.end)

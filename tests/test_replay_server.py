@@ -7,171 +7,29 @@ but for its base URLs (examples/python_binance_replay.py, the script docs/replay
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import websocket
-from sqlalchemy import text
-from sqlalchemy.engine import Engine
+from sqlalchemy import delete
 
-from tests.conftest import fake_control, launch_stack, wait_until
-from worker.store.storage import make_engine
-
-ROOT = Path(__file__).resolve().parents[1]
-SYMBOL = "BTCUSDT"
-CLEAN_SECONDS = 6
-"""Seconds of depth recorded before the lost stretch: the window of the client tests."""
-
-
-@dataclass(frozen=True)
-class Recording:
-    env: dict[str, str]
-    engine: Engine
-    start: int  # a second after the first diff on the first snapshot
-    end: int  # just after a diff that nothing else was received with, before the gap
-    gap_begins: int  # the receive time of the last diff before the lost stretch
-    after_gap: int  # a second of diffs after the book is known again, chosen as `end` is
-
-
-def rows(engine: Engine, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    with engine.connect() as conn:
-        return [tuple(row) for row in conn.execute(text(sql), params)]
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.ops.cli", *args], env=env, capture_output=True, text=True, timeout=60
-    )
-
-
-def depth_span(engine: Engine) -> int:
-    """Milliseconds of diffs received since the first snapshot."""
-    found = rows(
-        engine,
-        "select max(u.received_at) - min(s.received_at) from depth_updates u, depth_snapshots s "
-        "where u.symbol = :s and s.symbol = :s",
-        s=SYMBOL,
-    )
-    return found[0][0] or 0
-
-
-def quiet_end(engine: Engine, after: int) -> int:
-    """A window end just after a diff received at or after `after` such that the next
-    diff's event time is later: the diffs received before it are then exactly those
-    with event times up to it, the rows `book --at` applies."""
-    diffs = rows(
-        engine,
-        "select received_at, event_time from depth_updates where symbol = :s and received_at >= :a "
-        "order by final_update_id",
-        s=SYMBOL,
-        a=after,
-    )
-    for (received, _), (_, next_event_time) in zip(diffs, diffs[1:], strict=False):
-        if next_event_time > received + 1:
-            return received + 1
-    raise AssertionError("no quiet point among the recorded diffs")
-
-
-@pytest.fixture(scope="module")
-def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
-    stack = launch_stack(tmp_path_factory.mktemp("replay"), fake_args=["--trades-per-second", "10"])
-    try:
-        engine = make_engine(stack.env["DATABASE_URL"])
-        done = cli(stack.env, "subscribe", SYMBOL, "--streams", "trade,aggTrade,bookTicker,depth@100ms")
-        assert done.returncode == 0, done.stderr
-        wait_until(lambda: depth_span(engine) > (CLEAN_SECONDS + 1) * 1000, 40, "seconds of depth recorded")
-        fake_control(stack, "pause_data", seconds=1.5)  # the diffs of the pause are lost: a depth gap
-        gap = wait_until(
-            lambda: rows(
-                engine, "select first_missing, last_missing from gaps where kind = 'depth' and last_missing > 0"
-            ),
-            30,
-            "the depth gap recorded and the book known again",
-        )[0]
-        wait_until(
-            lambda: (
-                rows(engine, "select max(event_time) from depth_updates where symbol = :s", s=SYMBOL)[0][0]
-                > gap[1] + 1500
-            ),
-            20,
-            "diffs after the gap",
-        )
-        env = dict(stack.env)
-    finally:
-        stack.stop()
-    first_diff = rows(
-        engine,
-        "select min(u.received_at) from depth_updates u where u.symbol = :s and u.final_update_id > "
-        "(select min(last_update_id) from depth_snapshots where symbol = :s)",
-        s=SYMBOL,
-    )[0][0]
-    start = first_diff + 1000
-    gap_begins = rows(engine, "select min(received_at) from depth_updates where event_time = :e", e=gap[0])[0][0]
-    after_gap = quiet_end(engine, gap[1] + 1000)
-    yield Recording(env, engine, start, quiet_end(engine, start + 3500), gap_begins, after_gap)
-
-
-class Replay:
-    """A `binance-recorder replay` process and its two base URLs."""
-
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.ops.cli", "replay", "--port", "0", *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        first = self.process.stdout.readline()
-        assert first.startswith("replay: ws://127.0.0.1:"), first + self.process.stderr.read()  # type: ignore[union-attr]
-        self.ws, _, self.http = first.split()[1:4]
-
-    def get(self, path: str, **params: Any) -> requests.Response:
-        return requests.get(f"{self.http}{path}", params=params, timeout=10)
-
-    def stop(self) -> str:
-        """Ctrl-C, as a user stops it: the rest of its output."""
-        self.process.send_signal(signal.SIGINT)
-        out, err = self.process.communicate(timeout=20)
-        assert self.process.returncode == 0, err
-        return out
-
-
-@pytest.fixture
-def replay_of(recording: Recording) -> Iterator[Any]:
-    started: list[Replay] = []
-
-    def start(*args: str, end: int | None = None, start: int | None = None) -> Replay:
-        window = ["--start", str(start or recording.start), "--end", str(end or recording.end)]
-        started.append(Replay(recording.env, *window, "--symbols", SYMBOL, *args))
-        return started[-1]
-
-    yield start
-    for replay in started:
-        if replay.process.poll() is None:
-            replay.process.kill()
-            replay.process.wait()
-
-
-def window_rows(recording: Recording, table: str, key: str, end: int | None = None) -> list[int]:
-    return [
-        row[0]
-        for row in rows(
-            recording.engine,
-            f"select {key} from {table} where symbol = :s and received_at >= :a and received_at < :b order by {key}",
-            s=SYMBOL,
-            a=recording.start,
-            b=end or recording.end,
-        )
-    ]
+from tests.conftest import wait_until
+from tests.replay_recording import (
+    ROOT,
+    SYMBOL,
+    Recording,
+    Replay,
+    rebuilt_top,
+    rows,
+    run_cli,
+    run_client_script,
+    window_rows,
+)
+from worker.exchange.listings import keep_daily_snapshot
+from worker.replay.binance_api import symbol_info
+from worker.store.storage import exchange_info_snapshots
+from worker.streams import SPOT
+from worker.times import utc_datetime
 
 
 def receive(socket: websocket.WebSocket) -> Any:
@@ -281,21 +139,10 @@ def test_raw_and_combined_sockets_carry_every_recorded_trade_and_rest_answers_at
 
 @pytest.mark.slow  # 24 s measured: python-binance notices a close only after 10 s without a frame
 def test_python_binance_gets_the_trades_and_ends_with_the_rebuilt_book(recording: Recording, replay_of: Any) -> None:
-    replay = replay_of("--speed", "10")
-    script = ROOT / "examples" / "python_binance_replay.py"
-    done = subprocess.run(
-        [sys.executable, str(script), replay.http, replay.ws, SYMBOL], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    trades = [int(line.split()[1]) for line in lines if line.startswith("trade ")]
+    trades, book = run_client_script("python_binance_replay.py", replay_of("--speed", "10"), timeout=120)
     assert trades == window_rows(recording, "trades", "trade_id")
-    book = json.loads(lines[-1])
     assert book["clock"] == recording.end
-    rebuilt = cli(recording.env, "book", SYMBOL, "--at", str(book["clock"]), "--levels", "10", "--json")
-    assert rebuilt.returncode == 0, rebuilt.stderr
-    expected = json.loads(rebuilt.stdout)
-    assert (book["bids"], book["asks"]) == (expected["bids"], expected["asks"])
+    assert (book["bids"], book["asks"]) == rebuilt_top(recording, book["clock"])
 
 
 def test_a_recorded_gap_closes_the_connection_and_a_reconnect_resyncs_after_it(
@@ -326,7 +173,7 @@ def test_a_recorded_gap_closes_the_connection_and_a_reconnect_resyncs_after_it(
                 book[side][float(price)] = float(qty)
         applied = diff["u"]
     book = {side: {price: qty for price, qty in levels.items() if qty} for side, levels in book.items()}
-    rebuilt = json.loads(cli(recording.env, "book", SYMBOL, "--at", str(recording.after_gap), "--json").stdout)
+    rebuilt = json.loads(run_cli(recording.env, "book", SYMBOL, "--at", str(recording.after_gap), "--json").stdout)
     assert applied == rebuilt["update_id"]
     assert sorted(book["bids"].items(), reverse=True)[:10] == [tuple(level) for level in rebuilt["bids"][:10]]
     assert sorted(book["asks"].items())[:10] == [tuple(level) for level in rebuilt["asks"][:10]]
@@ -368,11 +215,13 @@ def test_gaps_continue_sends_on(recording: Recording, replay_of: Any) -> None:
         (["--streams", "kline_1m"], "no kline_1m frames were recorded in the window"),
         (["--speed", "fast"], "--speed 'fast'"),
         (["--end", "1000000000000"], "is not before the end"),
+        (["--certfile", "cert.pem"], "--certfile and --keyfile go together"),
+        (["--certfile", "missing.pem", "--keyfile", "missing.key"], "cannot use --certfile missing.pem"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(recording: Recording, args: list[str], says: str) -> None:
     window = ["--start", str(recording.start), "--end", str(recording.end), "--port", "0"]
-    done = cli(recording.env, "replay", *window, *args)
+    done = run_cli(recording.env, "replay", *window, *args)
     assert done.returncode == 2 and says in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
@@ -380,7 +229,9 @@ def test_bad_input_is_one_line_and_exit_2(recording: Recording, args: list[str],
 def test_a_port_in_use_is_one_line_and_exit_2(recording: Recording, replay_of: Any) -> None:
     replay = replay_of()
     port = replay.http.rsplit(":", 1)[1]
-    done = cli(recording.env, "replay", "--start", str(recording.start), "--end", str(recording.end), "--port", port)
+    done = run_cli(
+        recording.env, "replay", "--start", str(recording.start), "--end", str(recording.end), "--port", port
+    )
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert done.stderr.count("\n") == 1
 
@@ -388,3 +239,20 @@ def test_a_port_in_use_is_one_line_and_exit_2(recording: Recording, replay_of: A
 def test_the_docs_show_the_script_the_test_runs() -> None:
     script = (ROOT / "examples" / "python_binance_replay.py").read_text()
     assert f"```python\n{script}```" in (ROOT / "docs" / "replay.md").read_text()
+
+
+def test_exchange_info_serves_the_listing_kept_for_the_clocks_day(recording: Recording, replay_of: Any) -> None:
+    """The listing follower keeps the day's first exchangeInfo; the replay serves the
+    recorded symbols' entries from it (their tick size here), nothing it lacks."""
+    entry = symbol_info(SYMBOL, "TRADING", ({"filterType": "PRICE_FILTER", "tickSize": "0.01000000"},))
+    other = symbol_info("XRPUSDT", "TRADING")
+    listing = {"timezone": "UTC", "symbols": [other, entry]}
+    day = utc_datetime(recording.start).strftime("%Y-%m-%d")
+    before = replay_of().get("/api/v3/exchangeInfo").json()["symbols"]
+    assert before[0]["filters"][0]["tickSize"] == "0.00000000"  # none kept: the price filter disabled
+    try:
+        assert keep_daily_snapshot(recording.engine, SPOT, listing, recording.start)
+        assert replay_of().get("/api/v3/exchangeInfo").json()["symbols"] == [entry]
+    finally:
+        with recording.engine.begin() as conn:
+            conn.execute(delete(exchange_info_snapshots).where(exchange_info_snapshots.c.day == day))

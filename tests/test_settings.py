@@ -49,3 +49,10 @@ def test_the_edges_of_the_ranges_are_accepted() -> None:
     settings = Settings.from_env({"RETENTION_DAYS": "0", "MAX_STREAMS_PER_CONNECTION": "1024"})
     assert (settings.retention_days, settings.max_streams_per_connection) == (0, 1024)
     assert Settings.from_env({"DATABASE_URL": "postgresql+psycopg://u:p@h/d"}).database_url.startswith("postgresql")
+
+
+def test_a_renamed_setting_is_still_read_until_its_new_name_is_set() -> None:
+    assert Settings.from_env({}).listing_refresh_seconds == 600.0
+    assert Settings.from_env({"LISTING_CHECK_INTERVAL_SECONDS": "60"}).listing_refresh_seconds == 60.0
+    both = {"LISTING_CHECK_INTERVAL_SECONDS": "60", "LISTING_REFRESH_SECONDS": "900"}
+    assert Settings.from_env(both).listing_refresh_seconds == 900.0

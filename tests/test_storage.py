@@ -145,8 +145,8 @@ def batch_of_samples() -> dict[str, list[tuple[Any, ...]]]:
     return {table: [row] for table, row in SAMPLE_ROWS.items()}
 
 
-RECORD_TABLES = {"gaps", "listing_changes", "archived_days", "audits"}
-"""The tables besides the data tables: backfill's gaps, futures listing changes, day files written."""
+RECORD_TABLES = {"gaps", "listing_changes", "exchange_info_snapshots", "archived_days", "audits"}
+"""The tables besides the data tables: backfill's gaps, listing changes, daily exchangeInfo, day files written."""
 
 
 def test_sample_rows_match_the_column_order_contract() -> None:
@@ -380,3 +380,19 @@ def test_a_database_of_an_older_version_gets_received_at_on_start(tmp_path: Path
 
     assert [c["name"] for c in inspect(engine).get_columns("trades")] == list(TABLE_COLUMNS["trades"])
     assert [tuple(row) for row in stored] == [(1, None, None), (2, *SAMPLE_ROWS["trades"][-2:])]
+
+
+def test_a_replay_reads_a_window_of_diffs_by_the_receive_time_index(tmp_path: Path) -> None:
+    """A replay's queries on depth_updates (its window by receive time, in that order;
+    the window's symbols) seek the index instead of scanning and sorting the table
+    (SQLite's plan; PostgreSQL plans by its statistics)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    create_schema(engine)
+    window = "FROM depth_updates WHERE received_at >= 1 AND received_at < 2"
+    with engine.connect() as conn:
+        ordered = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN SELECT * {window} ORDER BY received_at").all()
+        symbols = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN SELECT DISTINCT symbol {window}").all()
+    assert [row[-1] for row in ordered] == [
+        "SEARCH depth_updates USING INDEX ix_depth_updates_received_at (received_at>? AND received_at<?)"
+    ]
+    assert "COVERING INDEX ix_depth_updates_received_at" in symbols[0][-1]

@@ -89,6 +89,32 @@ class Group:
         return cls(id=data["id"], streams=tuple(data["streams"]), market=data.get("market", SPOT))
 
 
+@dataclass(frozen=True)
+class MarketSubscription:
+    """Every symbol of a market that exchangeInfo lists with one of `statuses`, narrowed
+    to `quote_assets` (empty: all), recorded with the stream `kinds`. The listing
+    follower (worker/exchange/listings.py) keeps its groups in step with the listing."""
+
+    market: str
+    kinds: tuple[str, ...]
+    quote_assets: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ("TRADING",)
+
+    def follows(self, quote_asset: str | None) -> bool:
+        """Whether a symbol quoted in `quote_asset` belongs to this subscription's market."""
+        return not self.quote_assets or quote_asset in self.quote_assets
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"market": self.market, "kinds": self.kinds, "quote_assets": self.quote_assets, "statuses": self.statuses}
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> MarketSubscription:
+        data = json.loads(text)
+        return cls(data["market"], tuple(data["kinds"]), tuple(data["quote_assets"]), tuple(data["statuses"]))
+
+
 def group_id(streams: Iterable[str], market: str = SPOT) -> str:
     """A hash of the streams, and of the market unless spot: `btcusdt@aggTrade` is a
     stream of spot and of USDⓈ-M, and their groups must differ. Spot's ids are what
@@ -132,6 +158,22 @@ def normalize_symbols(symbols: object) -> list[str]:
     if not result:
         raise InvalidSubscription("no symbols given: pass a list such as ['BTCUSDT']")
     return list(result)
+
+
+WHOLE_MARKET = "*"
+"""The one symbol that subscribes a market: every symbol its listing keeps."""
+
+
+def is_whole_market(symbols: object, quote_assets: object, statuses: object) -> bool:
+    """Whether a subscribe call asks for the whole market (`["*"]`); InvalidSubscription
+    for `*` among symbols, or market filters without it."""
+    if isinstance(symbols, list | tuple) and WHOLE_MARKET in symbols:
+        if len(symbols) > 1:
+            raise InvalidSubscription("'*' subscribes the whole market: pass ['*'] alone, or name symbols without it")
+        return True
+    if quote_assets is not None or statuses is not None:
+        raise InvalidSubscription("quote_assets and statuses narrow a market subscription: pass symbols ['*']")
+    return False
 
 
 def normalize_market(market: object) -> str:
@@ -320,6 +362,15 @@ class GroupRegistry:
             self.want(group)
         return grown, new
 
+    def subscribe_market(self, subscription: MarketSubscription) -> None:
+        """Keep `subscription` (one per market; a new one replaces the market's old one)."""
+        self.client.hset(self.keys.market_subscriptions, subscription.market, subscription.to_json())
+
+    def market_subscriptions(self) -> dict[str, MarketSubscription]:
+        """The market subscriptions by market."""
+        raw = self.client.hgetall(self.keys.market_subscriptions)
+        return {as_text(market): MarketSubscription.from_json(value) for market, value in raw.items()}
+
     def groups_recording(self, streams: Sequence[str], market: str) -> list[str]:
         """The ids of `market`'s wanted groups that record any of `streams`, sorted."""
         asked = set(streams)
@@ -368,6 +419,14 @@ class GroupRegistry:
                 self.unwant(group.id)
                 stopped.append(group.id)
         return stopped, shrunk
+
+    def remove_market(self, market: str) -> list[str]:
+        """Forget `market`'s market subscription and stop every group of `market`: the ids stopped."""
+        self.client.hdel(self.keys.market_subscriptions, market)
+        stopped = sorted(gid for gid, group in self.wanted().items() if group.market == market)
+        for gid in stopped:
+            self.unwant(gid)
+        return stopped
 
     def note_waiting(self, processes: int | None, new_groups: Sequence[Group]) -> dict[str, Any]:
         """Name the new groups that find no free streams process, in their status (for

@@ -167,9 +167,14 @@ class RedisKeys:
         named = head.rpartition(":")[2]
         return named if named in MARKETS and head == f"{self.prefix}:frames:{named}" else SPOT
 
+    @property
+    def market_subscriptions(self) -> str:
+        """Hash: market -> its market subscription (`subscribe --all`) as JSON (worker/groups.py)."""
+        return f"{self.prefix}:market-subscriptions"
+
     def listing_statuses(self, market: str) -> str:
-        """Hash: subscribed futures symbol -> its exchangeInfo status when last looked at
-        (worker/exchange/listings.py)."""
+        """Hash: followed symbol (subscribed, or listed for a market subscription) -> its
+        exchangeInfo status when last looked at (worker/exchange/listings.py)."""
         return f"{self.prefix}:listing-statuses:{market_named(market).name}"
 
     def lease(self, group_id: str) -> str:

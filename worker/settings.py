@@ -34,6 +34,10 @@ _POSITIVE = 0.001
 SUPPORTED_DATABASES = ("sqlite", "postgresql")
 
 
+RENAMED = {"LISTING_CHECK_INTERVAL_SECONDS": "LISTING_REFRESH_SECONDS"}
+"""Old name -> the setting that replaced it: an old name still works while the new one is unset."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration. Field `foo_bar` is read from env var `FOO_BAR`."""
@@ -53,11 +57,12 @@ class Settings:
     binance_usdm_rest_url: str = _base_url("https://fapi.binance.com", "USDⓈ-M futures REST API", "/fapi/v1/...")
     binance_coinm_ws_url: str = _base_url("wss://dstream.binance.com", "COIN-M futures streams", "/stream?streams=...")
     binance_coinm_rest_url: str = _base_url("https://dapi.binance.com", "COIN-M futures REST API", "/dapi/v1/...")
-    listing_check_interval_seconds: float = _setting(
-        60.0,
-        "How often beat asks the futures markets' exchangeInfo for the status of the subscribed "
-        "contracts: one that stops trading (a delivery contract settling, a perpetual delisted) "
-        "is unsubscribed and its change recorded in `listing_changes`.",
+    listing_refresh_seconds: float = _setting(
+        600.0,
+        "How often beat reads the exchangeInfo of each market with a market subscription (`subscribe "
+        "--all`) or subscribed futures contracts: new listings are added, halted and delisted symbols "
+        "stopped, every change recorded in `listing_changes`; the day's first read is kept in "
+        "`exchange_info_snapshots`. Replaces LISTING_CHECK_INTERVAL_SECONDS, still read when this is unset.",
         _POSITIVE,
     )
     binance_archive_url: str = _setting(
@@ -254,6 +259,8 @@ class Settings:
         the variable, so a typo in a compose file fails loudly at start-up.
         """
         environ = os.environ if environ is None else environ
+        renamed = {old: new for old, new in RENAMED.items() if old in environ and new not in environ}
+        environ = {**environ, **{new: environ[old] for old, new in renamed.items()}} if renamed else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             name = f.name.upper()

@@ -158,6 +158,23 @@ def _raise_for_unknown(symbols: Sequence[str], binance_msg: str, listing: Mappin
         raise _unknown_symbol(named, binance_msg, len(unknown), market)
 
 
+@dataclass(frozen=True)
+class Listed:
+    """A symbol as exchangeInfo lists it: its status and quote asset."""
+
+    status: str
+    quote_asset: str | None
+
+
+def listed(info: Mapping[str, Any]) -> dict[str, Listed]:
+    """Every symbol of an exchangeInfo answer. COIN-M's entries say `contractStatus`
+    where the others say `status`."""
+    return {
+        entry["symbol"]: Listed(entry.get("status") or entry["contractStatus"], entry.get("quoteAsset"))
+        for entry in info["symbols"]
+    }
+
+
 class TradeRow(TypedDict):
     """A row of /api/v3/historicalTrades."""
 
@@ -328,14 +345,18 @@ class BinanceRest:
 
     def _listing(self, max_age_seconds: float = LISTING_CACHE_SECONDS) -> dict[str, str]:
         """Every symbol Binance lists, with its status; cached `max_age_seconds` per process."""
-        url = self.base_url + self.api_path
-        cached = _LISTINGS.get(url)
+        cached = _LISTINGS.get(self.base_url + self.api_path)
         if cached is None or time.monotonic() - cached[0] > max_age_seconds:
-            entries = self.get("exchangeInfo", {})["symbols"]
-            # COIN-M's entries say `contractStatus` where the others say `status`.
-            listing = {entry["symbol"]: entry.get("status") or entry["contractStatus"] for entry in entries}
-            cached = _LISTINGS[url] = (time.monotonic(), listing)
+            return {symbol: entry.status for symbol, entry in listed(self.exchange_info()).items()}
         return cached[1]
+
+    def exchange_info(self) -> dict[str, Any]:
+        """The market's whole exchangeInfo now (weight 20 on spot, 1 on futures); it
+        refreshes the listing this process caches for `symbol_statuses`."""
+        info: dict[str, Any] = self.get("exchangeInfo", {})
+        statuses = {symbol: entry.status for symbol, entry in listed(info).items()}
+        _LISTINGS[self.base_url + self.api_path] = (time.monotonic(), statuses)
+        return info
 
     def pairs(self) -> set[str]:
         """The pairs a futures market's contracts track (exchangeInfo's `pair`: BTCUSDT,

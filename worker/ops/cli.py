@@ -206,12 +206,7 @@ def _market(args: argparse.Namespace) -> str:
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
     settings = args.settings
-    result = call_task(
-        settings.redis_url,
-        "tasks.subscribe",
-        [args.symbols, split_list(args.streams) or None, _market(args)],
-        args.timeout,
-    )
+    result = call_task(settings.redis_url, "tasks.subscribe", _subscribe_args(args), args.timeout)
     print(json.dumps(result, indent=2))
     if result.get("warning"):
         print(f"warning: {', '.join(result['waiting'])} not recording yet: {result['warning']}", file=sys.stderr)
@@ -219,9 +214,28 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _symbols_or_all(args: argparse.Namespace) -> list[str]:
+    """The symbols named, or `["*"]` for --all (the whole market); not both, not neither."""
+    if args.all and args.symbols:
+        raise ValueError(f"--all means every symbol: drop the symbols ({' '.join(args.symbols)}) or --all")
+    if not args.all and not args.symbols:
+        raise ValueError("name the symbols (BTCUSDT ETHUSDT), or --all for the whole market")
+    return ["*"] if args.all else list(args.symbols)
+
+
+def _subscribe_args(args: argparse.Namespace) -> list[Any]:
+    """tasks.subscribe's arguments; --quote narrows --all only."""
+    symbols, streams, market = _symbols_or_all(args), split_list(args.streams) or None, _market(args)
+    if args.quote and not args.all:
+        raise ValueError("--quote narrows --all: add --all, or name the symbols instead")
+    if args.all:
+        return [symbols, streams, market, [quote.upper() for quote in split_list(args.quote)]]
+    return [symbols, streams, market]
+
+
 def cmd_unsubscribe(args: argparse.Namespace) -> int:
     settings = args.settings
-    result = call_task(settings.redis_url, "tasks.unsubscribe", [args.symbols, _market(args)], args.timeout)
+    result = call_task(settings.redis_url, "tasks.unsubscribe", [_symbols_or_all(args), _market(args)], args.timeout)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -319,10 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("unsubscribe", cmd_unsubscribe, "stop recording symbols"),
     ):
         sub = commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]} (needs a running worker).")
-        sub.add_argument("symbols", nargs="+", help="symbols such as BTCUSDT (USDⓈ-M), BTCUSD_PERP (COIN-M)")
+        sub.add_argument("symbols", nargs="*", help="symbols such as BTCUSDT (USDⓈ-M), BTCUSD_PERP (COIN-M)")
         sub.add_argument("--market", default=SPOT, help=f"{MARKET_CHOICES} (default: spot)")
+        sub.add_argument(
+            "--all",
+            action="store_true",
+            help="every symbol the market lists as TRADING, following new listings and delistings"
+            if name == "subscribe"
+            else "the whole market: its market subscription and every group of it",
+        )
         if name == "subscribe":
             sub.add_argument("--streams", default="", help="comma-separated stream kinds (default: DEFAULT_STREAMS)")
+            sub.add_argument("--quote", default="", help="with --all: only symbols quoted in these (USDT,FDUSD)")
         sub.add_argument("--timeout", type=float, default=30, help="seconds to wait for the worker's answer")
         sub.set_defaults(func=func)
 

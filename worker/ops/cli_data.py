@@ -11,6 +11,7 @@ writing the files the beat's run is writing.
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -407,6 +408,11 @@ def _add_replay(commands: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=9443, help="port to listen on; 0 for any free one (default: 9443)")
     parser.add_argument(
+        "--certfile",
+        help="a TLS certificate (PEM): serve wss:// and https:// (cryptofeed takes only wss:// URLs); with --keyfile",
+    )
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM), for --certfile")
+    parser.add_argument(
         "--gaps",
         choices=["close", "continue"],
         default="close",
@@ -435,6 +441,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         close_on_gaps=args.gaps == "close",
     )
     _check_recorded(window)
+    tls = _tls_context(args.certfile, args.keyfile)
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -443,11 +450,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await serve(Session(window), args.host, args.port, say, stop)
+        await serve(Session(window), args.host, args.port, say, stop, tls)
 
     asyncio.run(replay())
     say("replay stopped")
     return 0
+
+
+def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """A server TLS context of the certificate and its key, or None (plain ws:// and http://)."""
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        raise ValueError("--certfile and --keyfile go together: give both, or neither for ws:// and http://")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot use --certfile {certfile} with --keyfile {keyfile}: {error}") from None
+    return context
 
 
 def _speed(text: str) -> float | None:

@@ -51,6 +51,8 @@ def _memory_text(memory: dict[str, int]) -> str:
 
 def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     now = snapshot["generated_at"]
+    subscribed = snapshot.get("market_subscriptions", [])
+    summarized = {summary["market"] for summary in subscribed}
     groups = [
         (
             g["id"],
@@ -65,6 +67,7 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
             g["backlog"],
         )
         for g in snapshot["groups"]
+        if g["market"] not in summarized
     ]
     tables = [
         (name, t["rows"], utc_text(t["newest"]), age(t["newest"], now))
@@ -76,7 +79,7 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
             ["GROUP", "MARKET", "SYMBOLS", "STREAMS", "STATE", "UP", "MSG/S", "LAST MSG", "RECONNECTS", "BACKLOG"],
             groups,
         )
-        if groups
+        if groups or subscribed
         else "no groups subscribed: run `binance-recorder subscribe BTCUSDT`",
         "",
         table(["TABLE", "ROWS", "NEWEST (UTC)", "AGE"], tables),
@@ -86,6 +89,9 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
         f"redis memory: {_memory_text(snapshot['redis_memory'])}",
         f"drains: {_drains_text(snapshot['drains'])}",
     ]
+    if subscribed:
+        lines = [_market_subscription_line(summary) for summary in subscribed]
+        parts[0:1] = [*lines, parts[0]] if groups else lines
     if snapshot.get("books"):
         parts[2:2] = [_books_table(snapshot["books"], now), ""]
     if snapshot.get("audits"):
@@ -94,6 +100,17 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
         parts[2:2] = [_listing_changes_text(snapshot["listing_changes"]), ""]
     parts.append("status: healthy" if not problems else "status: UNHEALTHY\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(parts)
+
+
+def _market_subscription_line(summary: dict[str, Any]) -> str:
+    """A market subscription's groups in one line (`status --json` lists each group)."""
+    quotes = ",".join(summary["quote_assets"]) or "any"
+    return (
+        f"{summary['market']} market subscription ({','.join(summary['kinds'])}; quote {quotes}; "
+        f"status {','.join(summary['statuses'])}): {summary['symbols']} symbols, {summary['streams']} streams, "
+        f"{summary['connections']} connections: {summary['recording']} recording, {summary['waiting']} waiting; "
+        f"{summary['messages_per_second']} msg/s, backlog {summary['backlog']}"
+    )
 
 
 def _audits_table(audits: Sequence[dict[str, Any]]) -> str:
@@ -114,7 +131,7 @@ def _drains_text(drains: Sequence[dict[str, Any]]) -> str:
 
 
 def _listing_changes_text(changes: Sequence[dict[str, Any]]) -> str:
-    """One line per futures contract whose status changed, newest first; stopped ones say so."""
+    """One line per symbol whose status changed, newest first; stopped ones say so."""
     lines = []
     for change in changes:
         line = (
@@ -122,7 +139,7 @@ def _listing_changes_text(changes: Sequence[dict[str, Any]]) -> str:
             f"{change['new_status']} at {utc_text(change['changed_at'])}"
         )
         if change["new_status"] != TRADING:
-            line += "; its streams were stopped (the contract no longer trades)"
+            line += "; its streams were stopped (it no longer trades)"
         lines.append(line)
     return "listing changes:\n" + "\n".join(f"  {line}" for line in lines)
 

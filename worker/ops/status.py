@@ -138,6 +138,36 @@ def recording_figures(
     return figures
 
 
+def market_subscription_statuses(
+    registry: GroupRegistry, groups: list[dict[str, Any]], market: str | None = None
+) -> list[dict[str, Any]]:
+    """Each market subscription (of `market` only, if given) with the counts of its
+    market's groups (`group_statuses`): the one line `status` shows for them, where a
+    line per group would fill screens (1,500 symbols are six groups of 1,000-odd symbols)."""
+    summaries = []
+    for name, subscription in sorted(registry.market_subscriptions().items()):
+        if market not in (None, name):
+            continue
+        mine = [group for group in groups if group["market"] == name]
+        recording = sum(1 for group in mine if group["live"] and group["state"] == "connected")
+        summaries.append(
+            {
+                "market": name,
+                "kinds": list(subscription.kinds),
+                "quote_assets": list(subscription.quote_assets),
+                "statuses": list(subscription.statuses),
+                "symbols": len({symbol for group in mine for symbol in group["symbols"]}),
+                "streams": sum(group["streams"] for group in mine),
+                "connections": len(mine),
+                "recording": recording,
+                "waiting": len(mine) - recording,
+                "messages_per_second": round(sum(group["messages_per_second"] for group in mine), 1),
+                "backlog": sum(group["backlog"] for group in mine),
+            }
+        )
+    return summaries
+
+
 def table_statuses(engine: Engine) -> dict[str, dict[str, int | None]]:
     result = {}
     with engine.connect() as conn:
@@ -186,9 +216,11 @@ def collect_status(
     counters = {as_text(k): int(v) for k, v in client.hgetall(keys.counters).items()}
     buffer = FrameBuffer(client, keys)
     drains = drain_holders(client, keys, settings.drain_lanes)
+    groups = group_statuses(client, keys, market)
     return {
         "generated_at": now_ms(),
-        "groups": group_statuses(client, keys, market),
+        "groups": groups,
+        "market_subscriptions": market_subscription_statuses(GroupRegistry(client, keys), groups, market),
         "tables": table_statuses(engine),
         "audits": latest_audits(engine),
         "backlog": sum(buffer.backlog(key) for key in buffer.list_keys()),
@@ -211,7 +243,7 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
     behind = 20 * settings.drain_batch_size
     for group in snapshot["groups"]:
         where = "" if group["market"] == SPOT else f"{group['market']} "
-        name = f"{where}group {group['id']} ({', '.join(group['symbols'])})"
+        name = f"{where}group {group['id']} ({_symbols_text(group['symbols'])})"
         if not group["live"] and group["state"] == "waiting":
             found.append(f"{name} is waiting: {group['last_error']}")
         elif not group["live"]:
@@ -243,6 +275,15 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
             )
     found.extend(_storage_problems(snapshot))
     return found
+
+
+PROBLEM_SYMBOLS = 5
+"""Symbols a problem names per group: a group of a market subscription holds hundreds."""
+
+
+def _symbols_text(symbols: list[str]) -> str:
+    named = ", ".join(symbols[:PROBLEM_SYMBOLS])
+    return named if len(symbols) <= PROBLEM_SYMBOLS else f"{named} and {len(symbols) - PROBLEM_SYMBOLS} more"
 
 
 def _storage_problems(snapshot: dict[str, Any]) -> list[str]:

@@ -7,7 +7,8 @@ payload rebuilt as Binance sent it (see `frames`).
 Rows stream from the database: one query per table, each ordered by `received_at`
 and read in chunks of `CHUNK_ROWS`, merged with `heapq.merge`. Memory holds a chunk
 per table and the rows of one receive time, never the window. `received_at` is
-indexed only where it is the table's time column (book tickers, partial depth):
+indexed where it is the table's time column (book tickers, partial depth) and in
+depth_updates (the largest rows, read from the middle of an hour of books):
 elsewhere the database scans the table and sorts the window's rows itself (SQLite
 in its temporary store) before the first row comes.
 """

@@ -30,6 +30,7 @@ What a row cannot give back, and what a rebuilt payload therefore differs in:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -71,7 +72,11 @@ def decimal_string(value: float, places: int = BINANCE_DECIMALS) -> str:
     comes back as "23343287190.60209300"). The float's own 8 decimals would show its
     binary noise instead: "100000000.09999999" for a stored "100000000.10000000".
     """
-    shortest = Decimal(repr(value))
+    text = repr(value)
+    whole, dot, fraction = text.partition(".")
+    if dot and "e" not in fraction:  # the common case, in plain string operations (a replay's hot path)
+        return text if len(fraction) > places else f"{whole}.{fraction:0<{places}}"
+    shortest = Decimal(text)  # 1e-05, 1e+16, inf
     exponent = shortest.as_tuple().exponent
     if isinstance(exponent, int) and -exponent <= places:
         return f"{shortest:.{places}f}"
@@ -134,15 +139,21 @@ def payload(table: str, row: Row) -> Payload:
     go to the stream name.
     """
     kind = kind_family(row_kind(table, row))
-    fields = FIELDS[kind]
-    from_stream = len(TABLE_COLUMNS[table]) - RECEIVED_COLUMNS - len(fields)  # columns the payload lacks
+    plan = _plan(kind)
+    from_stream = len(TABLE_COLUMNS[table]) - RECEIVED_COLUMNS - len(plan)  # columns the payload lacks
     rebuilt: Payload = {"e": _KIND_EVENTS[kind]} if kind in _KIND_EVENTS else {}
-    for field, value in zip(fields, row[from_stream:-RECEIVED_COLUMNS], strict=True):
-        *inner, name = field.path
+    for (inner, name, write), value in zip(plan, row[from_stream:-RECEIVED_COLUMNS], strict=True):
         target = rebuilt
         for part in inner:
             target = target.setdefault(part, {})
-        target[name] = _WRITERS[field.type](value, name)
+        target[name] = write(value, name)
     if kind == "kline":
         rebuilt["k"]["s"] = rebuilt["s"]  # Binance names the symbol in the kline too
     return rebuilt
+
+
+@functools.cache
+def _plan(kind: str) -> tuple[tuple[tuple[str, ...], str, Callable[[Any, str], Any]], ...]:
+    """A kind's fields as (enclosing objects, name, writer), looked up once per kind
+    rather than once per field of every row (a replay rebuilds a row per frame)."""
+    return tuple((tuple(field.path[:-1]), field.path[-1], _WRITERS[field.type]) for field in FIELDS[kind])

@@ -6,7 +6,7 @@ kline once it has closed (its stored row is its final state), and `/api/v3/depth
 the book right after the last diff the clock passed, with that diff's `u` as
 `lastUpdateId`, so the next diff sent starts at `lastUpdateId + 1`. Parameters,
 limits, errors (`{"code", "msg"}`, HTTP 400) and the `X-MBX-USED-WEIGHT-1M` header
-are Binance's, from the fake exchange's implementation of them.
+are Binance's (`binance_api`, which the fake exchange shares).
 """
 
 from __future__ import annotations
@@ -16,24 +16,32 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from sqlalchemy import Engine, Select, and_, func, or_, select
 
-from fake_binance.rest import (
+from worker.exchange.listings import exchange_info_on
+from worker.ops.book import BookUnknown, book_after_update
+from worker.replay.binance_api import (
+    UNKNOWN_PRICE_FILTER,
     ApiError,
     Handler,
+    error_response,
     json_response,
     limit_param,
+    mandatory,
     optional_int,
+    requested_symbols,
     symbol_info,
+    truncated_limit,
     weight_by_limit,
 )
-from worker.ops.book import BookUnknown, book_after_update
 from worker.replay.frames import decimal_string
 from worker.replay.session import SESSION, Session
 from worker.store.depth import unpack_levels
 from worker.store.storage import agg_trades, book_tickers, depth_snapshots, depth_updates, klines, trades
-from worker.streams import INTERVAL_MS
+from worker.streams import INTERVAL_MS, SPOT
+from worker.times import utc_datetime
 
 WEIGHT_LIMIT = 6000
 """Binance's request weight per minute and IP."""
@@ -58,6 +66,7 @@ class _WeightWindow:
 
 
 _WINDOW = web.AppKey("replay_weight_window", _WeightWindow)
+_LISTINGS_OF_DAYS = web.AppKey("replay_listings_of_days", dict)
 
 
 @web.middleware
@@ -70,18 +79,14 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     response: web.StreamResponse
     if used > WEIGHT_LIMIT:
         message = f"Too many requests; current limit is {WEIGHT_LIMIT} request weight per 1 MINUTE."
-        response = _error(-1003, message, 429)
+        response = error_response(-1003, message, 429)
     else:
         try:
             response = await handler(request)
         except ApiError as error:
-            response = _error(error.code, error.msg, 400)
+            response = error_response(error.code, error.msg, 400)
     response.headers["X-MBX-USED-WEIGHT-1M"] = response.headers["X-MBX-USED-WEIGHT"] = str(used)
     return response
-
-
-def _error(code: int, msg: str, status: int) -> web.Response:
-    return json_response({"code": code, "msg": msg}, status)
 
 
 def _session(request: web.Request) -> Session:
@@ -90,12 +95,14 @@ def _session(request: web.Request) -> Session:
 
 def _symbol(request: web.Request) -> str:
     """The `symbol` parameter, one of the window's recorded symbols; -1121 otherwise."""
-    symbol = request.query.get("symbol", "")
-    if not symbol:
-        raise ApiError(-1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.")
-    if symbol not in _recorded_symbols(request):
-        raise ApiError(-1121, "Invalid symbol.")
+    symbol = mandatory(request, "symbol")
+    _check_recorded(request, [symbol])
     return symbol
+
+
+def _check_recorded(request: web.Request, symbols: list[str]) -> None:
+    if any(symbol not in _recorded_symbols(request) for symbol in symbols):
+        raise ApiError(-1121, "Invalid symbol.")
 
 
 def _recorded_symbols(request: web.Request) -> list[str]:
@@ -129,33 +136,58 @@ async def server_time(request: web.Request) -> web.Response:
     return json_response({"serverTime": _session(request).clock.now()})
 
 
-async def exchange_info(request: web.Request) -> web.Response:
-    """The window's recorded symbols, all TRADING, in Binance's shape."""
-    listed = _recorded_symbols(request)
-    asked = [request.query["symbol"]] if "symbol" in request.query else listed
-    if any(symbol not in listed for symbol in asked):
-        raise ApiError(-1121, "Invalid symbol.")
+def _listing(request: web.Request, symbols: list[dict[str, Any]], **extra: Any) -> web.Response:
+    """An exchangeInfo answer in Binance's shape, at the clock."""
     return json_response(
         {
             "timezone": "UTC",
             "serverTime": _session(request).clock.now(),
+            **extra,
             "rateLimits": [
                 {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": WEIGHT_LIMIT}
             ],
             "exchangeFilters": [],
-            "symbols": [symbol_info(symbol, halted=False) for symbol in asked],
+            "symbols": symbols,
         }
     )
 
 
+async def exchange_info(request: web.Request) -> web.Response:
+    """The window's recorded symbols (all of them, `symbol=` or `symbols=[...]`): each as
+    the listing of the clock's day has it (`exchange_info_snapshots`, kept by the listing
+    follower), so clients get that day's status, tick and lot sizes; a symbol the day's
+    listing lacks (none was kept) is TRADING with its price filter disabled."""
+    asked = requested_symbols(request) or _recorded_symbols(request)
+    _check_recorded(request, asked)
+    of_the_day = await _listing_of_the_day(request)
+    entries = [of_the_day.get(symbol) or symbol_info(symbol, "TRADING", (UNKNOWN_PRICE_FILTER,)) for symbol in asked]
+    return _listing(request, entries)
+
+
+async def _listing_of_the_day(request: web.Request) -> dict[str, dict[str, Any]]:
+    """The spot listing kept for the clock's UTC day, by symbol (read once a day per session)."""
+    day = utc_datetime(_session(request).clock.now()).strftime("%Y-%m-%d")
+    kept = request.app[_LISTINGS_OF_DAYS]
+    if day not in kept:
+        body = await _query(request, lambda engine: exchange_info_on(engine, SPOT, day))
+        kept[day] = {entry["symbol"]: entry for entry in orjson.loads(body)["symbols"]} if body else {}
+    return kept[day]
+
+
+async def usdm_exchange_info(request: web.Request) -> web.Response:
+    """/fapi/v1/exchangeInfo: a replay of spot lists no USD-M contract. Answered rather than
+    404, as clients (ccxt's load_markets) ask every market's listing and fail on an error."""
+    return _listing(request, [], futuresType="U_MARGINED", assets=[])
+
+
+async def coinm_exchange_info(request: web.Request) -> web.Response:
+    """/dapi/v1/exchangeInfo: no COIN-M contract, as `usdm_exchange_info`."""
+    return _listing(request, [])
+
+
 def _depth_limit(request: web.Request) -> int:
     """Binance truncates a limit above 5000 to 5000."""
-    value = optional_int(request, "limit")
-    if value is None:
-        return DEPTH_DEFAULT
-    if value < 1:
-        raise ApiError(-1130, "Data sent for parameter 'limit' is not valid.")
-    return min(value, DEPTH_MAX)
+    return truncated_limit(request, DEPTH_DEFAULT, DEPTH_MAX)
 
 
 async def depth(request: web.Request) -> web.Response:
@@ -207,17 +239,21 @@ def _levels(levels: list[tuple[float, float]]) -> list[list[str]]:
     return [[decimal_string(price), decimal_string(qty)] for price, qty in levels]
 
 
-def _window(request: web.Request, table: Any, key: str, time_column: str, most: int = 1000) -> tuple[Select[Any], bool]:
+def _window(
+    request: web.Request, table: Any, key: str, time_column: str, taken: tuple[str, ...]
+) -> tuple[Select[Any], bool]:
     """The rows of `symbol` by `fromId`, `startTime`/`endTime` or the latest ones, up to
-    the clock; and whether the query takes them newest first (the latest ones)."""
-    symbol, limit = _symbol(request), limit_param(request, 500, most)
+    the clock; and whether the query takes them newest first (the latest ones). Only the
+    parameters the endpoint `taken` count: Binance ignores the others (`/trades` takes
+    none of them, `/historicalTrades` only `fromId`)."""
+    symbol, limit = _symbol(request), limit_param(request, 500, 1000)
     clock = _session(request).clock.now()
-    from_id, start, end = (optional_int(request, name) for name in ("fromId", "startTime", "endTime"))
+    from_id, start, end = (optional_int(request, name) if name in taken else None for name in _BY)
     query = select(table).where(table.c.symbol == symbol, _received_by(table, time_column, clock))
     if from_id is not None:
         return query.where(table.c[key] >= from_id).order_by(table.c[key]).limit(limit), False
     if start is not None or end is not None:
-        if start is not None and end is not None and end - start > 3_600_000 and key == "agg_id":
+        if start is not None and end is not None and end - start > 3_600_000:
             raise ApiError(-1127, "More than 1 hours between startTime and endTime.")
         if start is not None:
             query = query.where(table.c[time_column] >= start)
@@ -227,6 +263,9 @@ def _window(request: web.Request, table: Any, key: str, time_column: str, most: 
     return query.order_by(table.c[key].desc()).limit(limit), True
 
 
+_BY = ("fromId", "startTime", "endTime")
+
+
 async def _ascending(request: web.Request, query: Select[Any], newest_first: bool) -> list[Any]:
     """The rows of the query, oldest first as Binance lists them."""
     rows = await _query(request, lambda engine: _rows(engine, query))
@@ -234,7 +273,7 @@ async def _ascending(request: web.Request, query: Select[Any], newest_first: boo
 
 
 async def aggregate_trades(request: web.Request) -> web.Response:
-    query, newest_first = _window(request, agg_trades, "agg_id", "trade_time")
+    query, newest_first = _window(request, agg_trades, "agg_id", "trade_time", _BY)
     rows = await _ascending(request, query, newest_first)
     return json_response(
         [
@@ -254,7 +293,17 @@ async def aggregate_trades(request: web.Request) -> web.Response:
 
 
 async def recent_trades(request: web.Request) -> web.Response:
-    query, newest_first = _window(request, trades, "trade_id", "trade_time")
+    """/api/v3/trades: the latest trades at the clock (`symbol`, `limit`)."""
+    return await _trade_rows(request, ())
+
+
+async def historical_trades(request: web.Request) -> web.Response:
+    """/api/v3/historicalTrades: from `fromId`, else the latest at the clock."""
+    return await _trade_rows(request, ("fromId",))
+
+
+async def _trade_rows(request: web.Request, taken: tuple[str, ...]) -> web.Response:
+    query, newest_first = _window(request, trades, "trade_id", "trade_time", taken)
     rows = await _ascending(request, query, newest_first)
     return json_response(
         [
@@ -275,9 +324,7 @@ async def recent_trades(request: web.Request) -> web.Response:
 async def kline_rows(request: web.Request) -> web.Response:
     """Closed klines only: a stored kline is its last update, which the clock has not reached while it is open."""
     symbol = _symbol(request)
-    interval = request.query.get("interval", "")
-    if not interval:
-        raise ApiError(-1102, "Mandatory parameter 'interval' was not sent, was empty/null, or malformed.")
+    interval = mandatory(request, "interval")
     if interval not in INTERVAL_MS:
         raise ApiError(-1120, "Invalid interval.")
     limit = limit_param(request, 500, 1000)
@@ -310,9 +357,11 @@ async def kline_rows(request: web.Request) -> web.Response:
 
 
 async def book_ticker(request: web.Request) -> web.Response:
-    """The last best bid and ask received at or before the clock, of one symbol or of all."""
+    """The last best bid and ask received at or before the clock, of one symbol (an object),
+    of `symbols=[...]` or of all (a list)."""
     clock = _session(request).clock.now()
-    asked = [_symbol(request)] if "symbol" in request.query else _recorded_symbols(request)
+    asked = requested_symbols(request) or _recorded_symbols(request)
+    _check_recorded(request, asked)
     c = book_tickers.c
     latest = (
         select(c.symbol, func.max(c.update_id).label("update_id"))
@@ -359,10 +408,12 @@ ENDPOINTS: tuple[tuple[str, Handler, int | Callable[[web.Request], int]], ...] =
     ("/api/v3/ping", ping, 1),
     ("/api/v3/time", server_time, 1),
     ("/api/v3/exchangeInfo", exchange_info, 20),
+    ("/fapi/v1/exchangeInfo", usdm_exchange_info, 1),
+    ("/dapi/v1/exchangeInfo", coinm_exchange_info, 1),
     ("/api/v3/depth", depth, weight_by_limit(DEPTH_WEIGHTS, _depth_limit, DEPTH_DEFAULT)),
     ("/api/v3/aggTrades", aggregate_trades, 4),
     ("/api/v3/trades", recent_trades, 25),
-    ("/api/v3/historicalTrades", recent_trades, 25),
+    ("/api/v3/historicalTrades", historical_trades, 25),
     ("/api/v3/klines", kline_rows, 2),
     ("/api/v3/ticker/bookTicker", book_ticker, 2),
 )
@@ -372,6 +423,7 @@ ENDPOINTS: tuple[tuple[str, Handler, int | Callable[[web.Request], int]], ...] =
 def add_routes(app: web.Application) -> None:
     app[_WEIGHTS] = {handler: weight for _, handler, weight in ENDPOINTS}
     app[_WINDOW] = _WeightWindow()
+    app[_LISTINGS_OF_DAYS] = {}
     for path, handler, _ in ENDPOINTS:
         app.router.add_get(path, handler)
     app.router.add_get("/replay/gaps", replay_gaps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -60,13 +61,16 @@ async def combined_streams(request: web.Request) -> web.WebSocketResponse:
     return await _serve(request, stream_names(request.query.get("streams", "")), combined=True)
 
 
-async def _serve(request: web.Request, streams: list[str], combined: bool) -> web.WebSocketResponse:
+async def _serve(request: web.Request, named: list[str], combined: bool) -> web.WebSocketResponse:
+    """One connection. A path name that is no stream name subscribes nothing: ccxt opens
+    `/ws/<n>` (n a number of its own) and subscribes with SUBSCRIBE, so such a
+    connection must not start the clock before its first subscription."""
     session = request.app[SESSION]
     socket = web.WebSocketResponse(heartbeat=PING_SECONDS, autoping=True)
     await socket.prepare(request)
-    client = Client(socket, combined)
+    client = Client(socket, combined, protocol=request.protocol)
     session.clients.add(client)
-    session.subscribe(client, streams)
+    session.subscribe(client, [name for name in named if _STREAM_NAME.fullmatch(name)])
     try:
         async for message in socket:
             if message.type == WSMsgType.TEXT:
@@ -169,21 +173,30 @@ PROGRESS_SECONDS = 5.0
 """How often `serve` prints the clock, the frames sent and the clients."""
 
 
-async def serve(session: Session, host: str, port: int, say: Callable[[str], None], stop: asyncio.Event) -> None:
-    """Serve the session until `stop` is set, printing its progress now and then.
+async def serve(
+    session: Session,
+    host: str,
+    port: int,
+    say: Callable[[str], None],
+    stop: asyncio.Event,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    """Serve the session until `stop` is set, printing its progress now and then; over
+    TLS (wss:// and https://) with a `tls` context, as some clients take only wss://.
 
     Raises ValueError, with one line, when the port cannot be had (in use, not allowed).
     """
     runner = web.AppRunner(replay_app(session), handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
         try:
             await site.start()
         except OSError as error:
             raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}): pass a free --port") from None
         bound = runner.addresses[0][1] if port == 0 else port
-        say(f"replay: ws://{host}:{bound} and http://{host}:{bound}")
+        secure = "s" if tls is not None else ""
+        say(f"replay: ws{secure}://{host}:{bound} and http{secure}://{host}:{bound}")
         sender = asyncio.create_task(session.run())
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):

@@ -1,10 +1,14 @@
 """A replay session: the recorded events of a window sent, at the session's clock, to
 the websocket clients subscribed to their streams.
 
-One sender walks `events` (read on a thread of its own, a batch at a time, the next
-batch read while the current one is sent) and hands each frame to every client that
-subscribed its stream, awaiting each socket's write: a client whose buffer is full
-holds the sender, and so the clock (see `clock`), and no frame is ever dropped. Where
+One sender walks `events` (read and encoded to JSON on a thread of its own, a batch at
+a time, the next batch read while the current one is sent) and hands each frame to
+every client that subscribed its stream, awaiting each socket's write: a client whose
+buffer is full holds the sender, and so the clock (see `clock`), and no frame is ever
+dropped. Frames that go out together (at `max` speed a batch up to the next gap, else
+those of one receive time) reach a client in one write of their websocket frames,
+not one write each: a write is a system call, and one per frame made the sender the
+replay's bottleneck (docs/performance.md, part 9). Where
 the recording has a gap, the clients carrying that stream are closed when the clock
 reaches it, as Binance's disconnect would (unless gaps are to be sent on).
 """
@@ -12,19 +16,24 @@ reaches it, as Binance's disconnect would (unless gaps are to be sent on).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import orjson
-from aiohttp import web
+from aiohttp import WSMsgType, web
+from aiohttp.web_protocol import RequestHandler
 from sqlalchemy import Engine
 
+from fake_binance.wire import websocket_wire
 from worker.replay.clock import ReplayClock
 from worker.replay.events import Event, events, recorded_symbols
 from worker.replay.gaps import ReplayGap, window_gaps
+from worker.store.parsing import Payload
 
 BATCH_EVENTS = 2000
 """Events read from the database per hop to the reading thread."""
@@ -46,18 +55,50 @@ class ReplayWindow:
     close_on_gaps: bool = True
 
 
+Frame = tuple[int, str, bytes, tuple[str, int, int] | None]
+"""An event ready to send: (received_at in ms, stream name, the payload's JSON, and for a
+diff its (symbol, `u`, `E`), which /api/v3/depth answers from)."""
+
+_RECEIVED_AT = itemgetter(0)
+
+
 @dataclass(eq=False)
 class Client:
-    """One websocket connection: its subscriptions in the order made, and whether its
-    frames come in the `{"stream", "data"}` envelope (/stream, or SET_PROPERTY combined)."""
+    """One websocket connection: its subscriptions in the order made, whether its
+    frames come in the `{"stream", "data"}` envelope (/stream, or SET_PROPERTY combined),
+    and the connection's protocol, through which frames are written (None: one at a
+    time through the socket)."""
 
     socket: web.WebSocketResponse
     combined: bool
     streams: list[str] = field(default_factory=list)
+    protocol: RequestHandler | None = None
 
-    async def send(self, stream: str, data: str) -> None:
-        text = f'{{"stream":"{stream}","data":{data}}}' if self.combined else data
-        await self.socket.send_str(text)
+    async def send(self, frames: list[tuple[str, bytes]]) -> None:
+        """Send (stream, payload JSON) frames in order, then wait while the connection's
+        buffer is full.
+
+        Without compression they go in one write, as whole websocket frames (aiohttp's
+        own writes, acknowledgements and pings, are whole frames too, so nothing
+        interleaves inside one); a connection that negotiated permessage-deflate gets
+        them through aiohttp's writer, which compresses.
+        """
+        texts = (
+            [b'{"stream":"%s","data":%s}' % (stream.encode(), data) for stream, data in frames]
+            if self.combined
+            else [data for _, data in frames]
+        )
+        protocol = self.protocol
+        transport = None if protocol is None else protocol.transport
+        if protocol is None or transport is None or self.socket.compress:
+            for text in texts:
+                await self.socket.send_frame(text, WSMsgType.TEXT)
+            return
+        if self.socket.closed or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        transport.write(websocket_wire(texts))
+        if protocol.writing_paused:  # aiohttp's flow control, what its own send_frame awaits
+            await protocol._drain_helper()
 
 
 class Session:
@@ -103,13 +144,16 @@ class Session:
         pending_gaps = deque(self.gaps)
         try:
             async for batch in self._batches():
-                for received_at, stream, payload in batch:
-                    while pending_gaps and pending_gaps[0].begins_ms < received_at:
+                first = 0
+                while first < len(batch):
+                    while pending_gaps and pending_gaps[0].begins_ms < batch[first][0]:
                         await self._replay_gap(pending_gaps.popleft())
+                    end = self._together(batch, first, pending_gaps)
                     if self.window.speed is None:  # as fast as clients read: none reads, none is sent
                         await self._listening.wait()
-                    await self.clock.reach(received_at)
-                    await self._send(stream, payload)
+                    await self.clock.reach(batch[end - 1][0])
+                    await self._send(batch[first:end])
+                    first = end
             while pending_gaps:
                 await self._replay_gap(pending_gaps.popleft())
             await self.clock.reach(self.window.end_ms)
@@ -117,17 +161,27 @@ class Session:
             self._reader.shutdown(wait=False, cancel_futures=True)
         self.finished = True
 
-    async def _send(self, stream: str, payload: dict) -> None:
-        if payload.get("e") == "depthUpdate":
-            self.last_diffs[payload["s"]] = (payload["u"], payload["E"])
-        receivers = [client for client in self.clients if stream in client.streams]
-        if not receivers:
-            return
-        data = orjson.dumps(payload).decode()
-        for client in receivers:
+    def _together(self, batch: list[Frame], first: int, pending_gaps: deque[ReplayGap]) -> int:
+        """The end of the frames from `first` on that go out at once: at `max` speed the
+        rest of the batch up to the next gap, else those of `first`'s receive time."""
+        if self.window.speed is None:
+            limit = pending_gaps[0].begins_ms if pending_gaps else batch[-1][0]
+        else:
+            limit = batch[first][0]
+        return bisect.bisect_right(batch, limit, lo=first + 1, key=_RECEIVED_AT)
+
+    async def _send(self, frames: list[Frame]) -> None:
+        for _, _, _, diff in frames:
+            if diff is not None:
+                self.last_diffs[diff[0]] = diff[1:]
+        for client in list(self.clients):
+            subscribed = set(client.streams)
+            mine = [(stream, data) for _, stream, data, _ in frames if stream in subscribed]
+            if not mine:
+                continue
             try:
-                await client.send(stream, data)
-                self.frames_sent += 1
+                await client.send(mine)
+                self.frames_sent += len(mine)
             except ConnectionError:  # it went away while we wrote
                 self.forget(client)
 
@@ -147,7 +201,7 @@ class Session:
             closing.add_done_callback(self._closing.discard)
         await self.clock.reach(max(gap.begins_ms, gap.ends_ms - 1))
 
-    async def _batches(self) -> AsyncIterator[list[Event]]:
+    async def _batches(self) -> AsyncIterator[list[Frame]]:
         """The window's events a batch at a time, the next batch read while one is sent."""
         loop = asyncio.get_running_loop()
         window = self.window
@@ -163,5 +217,13 @@ class Session:
 SESSION = web.AppKey("replay_session", Session)
 
 
-def _take(iterator: Iterator[Event]) -> list[Event]:
-    return list(itertools.islice(iterator, BATCH_EVENTS))
+def _take(iterator: Iterator[Event]) -> list[Frame]:
+    """The next batch of events, encoded (on the reading thread, off the event loop)."""
+    return [
+        (received_at, stream, orjson.dumps(payload), _diff(payload))
+        for received_at, stream, payload in itertools.islice(iterator, BATCH_EVENTS)
+    ]
+
+
+def _diff(payload: Payload) -> tuple[str, int, int] | None:
+    return (payload["s"], payload["u"], payload["E"]) if payload.get("e") == "depthUpdate" else None
