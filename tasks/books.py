@@ -14,8 +14,8 @@ from worker.ops.status import book_statuses
 from worker.settings import get_settings
 from worker.streams import MARKETS, SPOT
 
-# A run fetches at most a few snapshots a second (the weight budget paces it); a run
-# whose worker was killed frees the lock this long afterwards.
+# A run takes what a minute's weight budget holds (hundreds of snapshots at most) and
+# renews the lock before each; a run whose worker was killed frees it this long afterwards.
 LOCK_TTL_SECONDS = 120.0
 
 
@@ -33,7 +33,9 @@ def snapshot_books() -> dict[str, Any]:
         return {"skipped": "another snapshot run is in progress"}
     try:
         done = {
-            market: take_snapshots(settings, client, engine, BinanceRest.from_settings(settings, client, market))
+            market: take_snapshots(
+                settings, client, engine, BinanceRest.from_settings(settings, client, market), lock.renew
+            )
             for market in MARKETS
         }
         return {

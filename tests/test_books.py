@@ -6,6 +6,7 @@ The whole stack (subscribe, drops, the CLI) is in tests/test_books_end_to_end.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,13 @@ def test_a_book_unknown_for_over_a_minute_is_a_problem() -> None:
         "usdm order book of BTCUSDT unknown for 61s: "
         "is beat running tasks.snapshot_books, and can it reach BINANCE_USDM_REST_URL?"
     ]
+    # A reconnect of a big group breaks many books at once: one line, not one a book.
+    many = [{**book, "symbol": f"SYM{n:04d}USDT", "gap_since": T0 + n} for n in range(412)]
+    assert problems({**snapshot, "books": many}, Settings()) == [
+        "412 order books unknown for over 60s, SYM0000USDT's for 61s (`status --json` lists them, the books line "
+        "says when the weight budget reaches them): is beat running tasks.snapshot_books, and can it reach "
+        "BINANCE_REST_URL?"
+    ]
 
 
 # -- REST snapshots (tasks.snapshot_books' work) against the fake ----------------------------
@@ -342,14 +350,22 @@ def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
             redis_prefix=keys.prefix, binance_rest_url=f"http://127.0.0.1:{fake.port}", depth_snapshot_limit=1000
         )
         rest = BinanceRest.from_settings(settings, redis_client)
-        assert take_snapshots(settings, redis_client, no_database, rest) == {"stored": [], "failed": {}}
+        nothing = {"stored": [], "failed": {}, "waiting": 0}
+        assert take_snapshots(settings, redis_client, no_database, rest) == nothing
         GroupRegistry(redis_client, keys).want(Group("g1", ("btcusdt@depth@100ms", "ethusdt@trade")))
-        redis_client.sadd(keys.books_needing_snapshot(), "XRPUSDT")
-        assert take_snapshots(settings, redis_client, lambda: engine, rest) == {"stored": ["BTCUSDT"], "failed": {}}
+        redis_client.sadd(keys.books_needing_snapshot(), "XRPUSDT", "BTCUSDT")  # the drain saw BTCUSDT's events
+        stored = {"stored": ["BTCUSDT"], "failed": {}, "waiting": 0}
+        assert take_snapshots(settings, redis_client, lambda: engine, rest) == stored
         assert sum(int(redis_client.get(key)) for key in redis_client.keys(f"{keys.prefix}:rest:weight:*")) == 50
         assert needing(redis_client, keys) == set()
+        synced = BookState(SYNCED, 1, T0, updates_per_second=10.0).as_fields()
+        redis_client.hset(keys.book("BTCUSDT"), mapping=synced)  # as the drain does
+        redis_client.sadd(keys.books(), "BTCUSDT")
         assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == []  # not due for an hour
-        redis_client.sadd(keys.books_needing_snapshot(), "BTCUSDT")  # the drain found a break
+        refresh = dataclasses.replace(settings, depth_snapshot_interval_seconds=0.001)
+        assert take_snapshots(refresh, redis_client, lambda: engine, rest)["stored"] == ["BTCUSDT"]  # due
+        redis_client.hset(keys.book("BTCUSDT"), "state", RESYNCING)  # the drain found a break
+        redis_client.sadd(keys.books_needing_snapshot(), "BTCUSDT")
         assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == ["BTCUSDT"]
         with engine.connect() as conn:
             update_id, bids = conn.execute(

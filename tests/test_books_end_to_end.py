@@ -85,9 +85,9 @@ def book_json(stack: LocalStack, symbol: str, at: str, levels: int = 20) -> dict
     return json.loads(done.stdout)
 
 
-def known_book(stack: LocalStack, symbol: str, at: str) -> dict[str, Any] | None:
-    """The book at `at`, None while that instant is before the first synced book."""
-    done = cli(stack, "book", symbol, "--at", at, "--json")
+def known_book(stack: LocalStack, symbol: str, at: str, levels: int = 20) -> dict[str, Any] | None:
+    """The book at `at` (`levels` per side, 0: all), None while that instant is before the first synced book."""
+    done = cli(stack, "book", symbol, "--at", at, "--levels", str(levels), "--json")
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 

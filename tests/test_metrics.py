@@ -161,6 +161,7 @@ def test_the_scrape_shows_the_recording_groups_figures(recording: tuple[LocalSta
     assert page.value("binance_recorder_books", market="usdm", state="resyncing") == 0  # every market, even unused
     rate = page.value("binance_recorder_book_updates_per_second", market="spot", symbol="BTCUSDT")
     assert rate is not None and rate > 0
+    assert page.by("binance_recorder_books_sync_remaining_seconds", "market") == {"spot": 0}  # all synced
     used = page.value("binance_recorder_rest_weight_used", pool="spot")
     assert used is not None and 0 <= used <= page.value("binance_recorder_rest_weight_budget", pool="spot") == 3000
     assert page.value("binance_recorder_rest_weight_budget", pool="futures") == 1200

@@ -256,3 +256,24 @@ def test_exchange_info_serves_the_listing_kept_for_the_clocks_day(recording: Rec
     finally:
         with recording.engine.begin() as conn:
             conn.execute(delete(exchange_info_snapshots).where(exchange_info_snapshots.c.day == day))
+
+
+def test_rest_never_answers_a_row_received_at_the_end_which_was_not_sent(recording: Recording, replay_of: Any) -> None:
+    """The window is [start, end): once it is sent the clock stands at `--end`, and a trade
+    received exactly then was never sent, so REST does not know it either."""
+    [(trade_id, received_at)] = rows(
+        recording.engine,
+        "select trade_id, received_at from trades where symbol = :s and received_at > :a order by trade_id limit 1",
+        s=SYMBOL,
+        a=recording.start + 2000,
+    )
+    replay = replay_of("--speed", "max", end=received_at)
+    socket = websocket.create_connection(f"{replay.ws}/ws/{SYMBOL.lower()}@trade", timeout=10)
+    sent = []
+    while not sent or sent[-1] < trade_id - 1:
+        sent.append(receive(socket)["t"])
+    wait_until(lambda: replay.get("/replay/status").json()["ended"], 30, "the window sent")
+    socket.close()
+    [latest] = replay.get("/api/v3/trades", symbol=SYMBOL, limit=1).json()
+    assert latest["id"] == sent[-1] == window_rows(recording, "trades", "trade_id", end=received_at)[-1]
+    assert trade_id not in sent

@@ -217,6 +217,13 @@ class Settings:
         1,
         5000,
     )
+    depth_snapshot_deep_books: int = _setting(
+        100,
+        "How many books per market, the most active by diff-depth events per second, get snapshots of "
+        "DEPTH_SNAPSHOT_LIMIT levels; the others get the cheapest depth (spot: 100 levels, weight 5, a "
+        "tenth of 1000 levels'), so that 1,500 books sync in 4 minutes of the default budget, not 25.",
+        0,
+    )
     depth_snapshot_interval_seconds: float = _setting(
         3600.0,
         "A fresh depth snapshot per recorded book this often, so that rebuilding a book "

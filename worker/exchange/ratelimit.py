@@ -231,6 +231,17 @@ class RequestPacer:
     def used_this_minute(self) -> int:
         return self.state.used(self.now_ms() // MINUTE_MS)
 
+    def has_room(self, weight: int) -> bool:
+        """Whether a request of `weight` would be sent now, without waiting out a back-off,
+        a ban or the next minute (the rule of `LimitState.reserve`). A caller with much
+        to fetch, such as the depth snapshots of many books, asks this first and leaves
+        the rest for a later run, rather than holding a worker asleep for many minutes."""
+        now = self.now_ms()
+        if self.state.blocked_until()[0] > now:
+            return False
+        used = self.state.used(now // MINUTE_MS)
+        return used == 0 or used + weight <= self.budget_per_minute
+
     def _wait_blocked(self, wait_ms: int, until: int, kind: str) -> None:
         what = "banned this IP (HTTP 418)" if kind == BAN else "asked us to back off (HTTP 429)"
         if wait_ms > self.max_wait_seconds * 1000:

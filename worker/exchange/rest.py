@@ -57,6 +57,21 @@ class RestRules:
     def max_depth_limit(self) -> int:
         return self.depth_weights[-1][0]
 
+    @property
+    def cheapest_depth_limit(self) -> int:
+        """The most levels a depth request of the lowest weight holds (spot: 100 at weight 5)."""
+        return self.depth_weights[0][0]
+
+    def depth_weight(self, limit: int) -> int:
+        """The weight of a depth request; a limit Binance refuses raises ValueError."""
+        return _by_limit(self.depth_weights, limit, "depth")
+
+    def budget_per_minute(self, settings: Settings) -> int:
+        """The weight all workers may spend per minute from this market's pool."""
+        if self.pool == FUTURES_POOL:
+            return settings.futures_rest_weight_budget_per_minute
+        return settings.rest_weight_budget_per_minute
+
 
 SPOT_RULES = RestRules(
     weights={"ping": 1, "time": 1, "exchangeInfo": 20, "aggTrades": 4, "historicalTrades": 25},
@@ -247,12 +262,9 @@ class BinanceRest:
             if client is None
             else RedisLimitState(client, RedisKeys(settings.redis_prefix), rules.pool)
         )
-        futures = rules.pool == FUTURES_POOL
         pacer = RequestPacer(
             state,
-            budget_per_minute=(
-                settings.futures_rest_weight_budget_per_minute if futures else settings.rest_weight_budget_per_minute
-            ),
+            budget_per_minute=rules.budget_per_minute(settings),
             max_wait_seconds=settings.rest_max_wait_seconds,
             budget_setting=rules.budget_setting,
         )
@@ -401,7 +413,7 @@ class BinanceRest:
         best levels first. A limit deeper than the market serves (futures: 1,000) asks
         for its deepest."""
         limit = min(limit, self.rules.max_depth_limit)
-        return self._symbol_get(symbol, "depth", {"limit": limit}, self.depth_weight(limit))
+        return self._symbol_get(symbol, "depth", {"limit": limit}, self.rules.depth_weight(limit))
 
     def open_interest(self, symbol: str) -> dict[str, Any]:
         """Futures only: {"symbol", "openInterest", "time"} now (COIN-M adds pair and contract type)."""
@@ -412,10 +424,6 @@ class BinanceRest:
         (inclusive), oldest first, at most `limit` (Binance: 1,000)."""
         params = {"startTime": start_ms, "endTime": end_ms, "limit": limit}
         return self._symbol_get(symbol, "fundingRate", params)
-
-    def depth_weight(self, limit: int) -> int:
-        """The weight of a depth request; a limit Binance refuses raises ValueError."""
-        return _by_limit(self.rules.depth_weights, limit, "depth")
 
     def _weight(self, path: str) -> int:
         try:

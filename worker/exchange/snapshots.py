@@ -1,33 +1,45 @@
-"""REST depth snapshots: the starting points of recorded order books.
+"""REST depth snapshots: the starting points of recorded order books, scheduled within
+the weight budget.
 
 Two reasons to fetch one. The drain puts a symbol in the "needs snapshot" set when its
 book is unknown (first events, or a break in the diff-depth chain; see
 worker/store/books.py), and takes it out again only while the stored snapshots are all
 older than the break, so that a lagging snapshot is fetched again. And every
-DEPTH_SNAPSHOT_INTERVAL_SECONDS each recorded book gets a fresh one, so that
-rebuilding a book never replays more than that much diff-depth.
+DEPTH_SNAPSHOT_INTERVAL_SECONDS each synced book gets a fresh one, so that rebuilding a
+book never replays more than that much diff-depth.
 
 Only `tasks.snapshot_books` calls this, never the subscription task (which does no
 REST): every request spends the shared weight budget of its market (spot: 50 per
 1000-level snapshot; futures: 20, at most 1,000 levels, from the futures budget).
 Each market's books are taken with that market's client (`BinanceRest.market`).
+
+Many books at once (a market subscribed whole, a reconnect of a 1,024-stream group)
+need more weight than a minute holds, so each run is a plan (`plan_snapshots`):
+unknown books before refreshes of known ones, the most active first (diff-depth events
+per second, which the drain measures), the DEPTH_SNAPSHOT_DEEP_BOOKS most active at
+DEPTH_SNAPSHOT_LIMIT levels and the rest at the cheapest depth; a run takes what this
+minute's budget holds and leaves the rest to the next runs (beat starts one a second),
+which plan again with the rates and breaks of then. docs/order-books.md has the
+arithmetic; `sync_outlook` says when the books waiting now will all be synced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from sqlalchemy import Connection, Table, func, select
 from sqlalchemy.engine import Engine
 
-from worker.exchange.ratelimit import RestUnavailable
-from worker.exchange.rest import BinanceError, BinanceRest, UnknownSymbol
+from worker.exchange.ratelimit import MINUTE_MS, RedisLimitState, RestUnavailable
+from worker.exchange.rest import REST_RULES, BinanceError, BinanceRest, RestRules, UnknownSymbol
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
-from worker.store.books import book_tables, wanted_books
+from worker.store.books import SYNCED, BookState, book_states, book_tables, wanted_books
 from worker.store.depth import snapshot_row
 from worker.store.storage import store_rows
 from worker.streams import market_named
@@ -48,41 +60,174 @@ def _due_for_refresh(conn: Connection, depth_snapshots: Table, symbols: set[str]
     return {symbol for symbol in symbols if (newest.get(symbol) or 0) < since_ms}
 
 
+RATE_MEASURE_GRACE_MS = 5_000
+"""A book the drain has seen in one round only has no rate yet (the drain measures it
+from the second round that holds its events, within a second for a busy book). It
+waits this long for one before it is taken as a quiet book, so that the first runs
+after a whole market is subscribed do not spend the budget on books in no useful order."""
+
+
+@dataclass(frozen=True)
+class PlannedSnapshot:
+    symbol: str
+    limit: int
+    weight: int
+
+
+def by_activity(books: Mapping[str, BookState]) -> list[str]:
+    """The symbols, the most diff-depth events per second first (ties by name)."""
+    return sorted(books, key=lambda symbol: (-books[symbol].updates_per_second, symbol))
+
+
+def snapshot_limits(books: Mapping[str, BookState], settings: Settings, rules: RestRules) -> dict[str, int]:
+    """Each book's snapshot depth: DEPTH_SNAPSHOT_LIMIT for the DEPTH_SNAPSHOT_DEEP_BOOKS
+    most active, the cheapest weight's depth (spot: 100 levels, weight 5) for the others.
+
+    A thin book changes rarely and is read at few levels; and a shallow snapshot is
+    never wrong, only shallow: a rebuild reports no level beyond its snapshot's range
+    (worker/ops/book.py), and a side that Binance answers with fewer levels than asked
+    is the whole side."""
+    deep = min(settings.depth_snapshot_limit, rules.max_depth_limit)
+    thin = min(deep, rules.cheapest_depth_limit)
+    return {
+        symbol: deep if rank < settings.depth_snapshot_deep_books else thin
+        for rank, symbol in enumerate(by_activity(books))
+    }
+
+
+def recorded_states(client: redis.Redis, keys: RedisKeys, market: str) -> dict[str, BookState]:
+    """Every recorded book of `market` with the drain's state of it; a book the drain has
+    not seen yet has the state of none (resyncing, no rate), so it ranks as the quietest."""
+    followed = book_states(client, keys, market)
+    return {symbol: followed.get(symbol, BookState()) for symbol in wanted_books(client, keys, market)}
+
+
+def plan_snapshots(
+    books: Mapping[str, BookState],
+    needed: set[str],
+    due: set[str],
+    settings: Settings,
+    rules: RestRules,
+    now: int,
+) -> list[PlannedSnapshot]:
+    """The snapshots to take, in order: the books that are unknown (`needed`) before the
+    known ones due for a refresh (`due`), each the most active first. A book still
+    without a rate (`RATE_MEASURE_GRACE_MS`) is left for a later run. `books` holds every
+    recorded book's state (`recorded_states`)."""
+    limits = snapshot_limits(books, settings, rules)
+    order = by_activity(books)
+    unknown = [s for s in order if s in needed and books[s].state != SYNCED and not _unmeasured(books[s], now)]
+    refresh = [s for s in order if s in due and s not in needed]
+    return [PlannedSnapshot(s, limits[s], rules.depth_weight(limits[s])) for s in unknown + refresh]
+
+
+def _unmeasured(book: BookState, now: int) -> bool:
+    return (
+        book.updates_per_second == 0
+        and book.last_event_time is not None
+        and now - book.last_event_time < RATE_MEASURE_GRACE_MS
+    )
+
+
 def take_snapshots(
-    settings: Settings, client: redis.Redis, database: Callable[[], Engine], rest: BinanceRest
+    settings: Settings,
+    client: redis.Redis,
+    database: Callable[[], Engine],
+    rest: BinanceRest,
+    still_mine: Callable[[], bool] = lambda: True,
 ) -> dict[str, Any]:
     """Fetch and store the snapshots that the books of `rest`'s market need or are due
-    for; returns what was done.
+    for, as many as this minute's budget holds (`plan_snapshots` says which first);
+    returns what was done and how many planned ones wait for a later run.
 
     `database()` gives the engine, and is only called when a book is recorded: beat runs
     this every drain interval, and on a stack without order books it must not touch the
     database (a new worker's first tasks would only compete to create the schema).
+    `still_mine()` is asked before each snapshot (the task renews its lock with it): a
+    minute of budget can be hundreds of snapshots, and a run that lost its lock stops
+    rather than take them a second time beside the run that holds it now.
     """
     keys, market = RedisKeys(settings.redis_prefix), market_named(rest.market)
-    recorded = wanted_books(client, keys, market.name)
-    needed = {as_text(s) for s in client.smembers(keys.books_needing_snapshot(market.name))}
-    if not recorded:
-        if needed:
-            client.srem(keys.books_needing_snapshot(market.name), *needed)
-        return {"stored": [], "failed": {}}
+    needed_key = keys.books_needing_snapshot(market.name)
+    needed = {as_text(s) for s in client.smembers(needed_key)}
+    books = recorded_states(client, keys, market.name)
+    synced = {symbol for symbol, book in books.items() if book.state == SYNCED}
+    # No longer recorded, or synced since (a drain found an earlier snapshot good enough).
+    done_with = needed - (books.keys() - synced)
+    if done_with:
+        client.srem(needed_key, *done_with)
+    if not books:
+        return {"stored": [], "failed": {}, "waiting": 0}
     engine = database()
     depth_snapshots = book_tables(market)[0]
     with engine.connect() as conn:
         since = now_ms() - int(settings.depth_snapshot_interval_seconds * 1000)
-        due = _due_for_refresh(conn, depth_snapshots, recorded, since)
-    stored, failed = [], {}
-    for symbol in sorted((needed & recorded) | due):
+        due = _due_for_refresh(conn, depth_snapshots, synced, since) if synced else set()
+    plan = plan_snapshots(books, needed - done_with, due, settings, rest.rules, now_ms())
+    stored: list[str] = []
+    failed: dict[str, str] = {}
+    for taken, planned in enumerate(plan):
+        if not rest.pacer.has_room(planned.weight) or not still_mine():
+            return {"stored": stored, "failed": failed, "waiting": len(plan) - taken}
         try:
-            snapshot = rest.depth(symbol, settings.depth_snapshot_limit)
+            snapshot = rest.depth(planned.symbol, planned.limit)
         except (BinanceError, UnknownSymbol, RestUnavailable) as error:
-            failed[symbol] = str(error)
-            log.warning("depth snapshot of %s failed: %s", symbol, error)
-            continue
-        with engine.begin() as conn:
-            store_rows(conn, {depth_snapshots.name: [snapshot_row(symbol, snapshot, now_ms())]})
-        stored.append(symbol)
-    # Taken out whether fetched or no longer recorded: a drain that still finds only
-    # older snapshots puts the symbol back.
-    if needed:
-        client.srem(keys.books_needing_snapshot(market.name), *needed)
-    return {"stored": stored, "failed": failed}
+            failed[planned.symbol] = str(error)
+            log.warning("depth snapshot of %s failed: %s", planned.symbol, error)
+        else:
+            with engine.begin() as conn:
+                store_rows(conn, {depth_snapshots.name: [snapshot_row(planned.symbol, snapshot, now_ms())]})
+            stored.append(planned.symbol)
+        # Taken out once fetched (or failed): a drain that still finds only older
+        # snapshots puts the symbol back.
+        client.srem(needed_key, planned.symbol)
+    return {"stored": stored, "failed": failed, "waiting": 0}
+
+
+@dataclass(frozen=True)
+class SyncOutlook:
+    """How far the books of one market are from all synced, for `status`."""
+
+    market: str
+    books: int
+    synced: int
+    waiting_weight: int
+    """The weight of the snapshots still to take for the books not synced yet."""
+    budget_per_minute: int
+    rest_by: int | None
+    """When the last of them will have its snapshot (ms), at the budget; None when all are synced."""
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def sync_outlook(settings: Settings, client: redis.Redis, keys: RedisKeys, market: str, now: int) -> SyncOutlook:
+    """The synced books of `market` and when the rest will be: their planned snapshots'
+    weight spent at the budget, after what this minute has left. An estimate: other REST
+    users of the budget (backfills, audits) and lagging snapshots that must be taken
+    again delay it."""
+    rules = REST_RULES[market]
+    books = recorded_states(client, keys, market)
+    needed = {as_text(s) for s in client.smembers(keys.books_needing_snapshot(market))}
+    limits = snapshot_limits(books, settings, rules)
+    unsynced = [symbol for symbol, book in books.items() if book.state != SYNCED]
+    # A book out of the set and still resyncing has its snapshot: the drain has yet to
+    # see the events that follow it. One the drain has not seen at all (no update id
+    # yet) will need one.
+    to_take = [symbol for symbol in unsynced if symbol in needed or books[symbol].last_update_id is None]
+    weight = sum(rules.depth_weight(limits[symbol]) for symbol in to_take)
+    budget = rules.budget_per_minute(settings)
+    used = RedisLimitState(client, keys, rules.pool).used(now // MINUTE_MS)
+    rest_by = finish_time(weight, used, budget, now) if unsynced else None
+    return SyncOutlook(market, len(books), len(books) - len(unsynced), weight, budget, rest_by)
+
+
+def finish_time(weight: int, used: int, budget: int, now: int) -> int:
+    """When `weight` more is spent at `budget` a minute, `used` of this minute's spent (ms):
+    now if this minute holds it, else early in the minute whose budget holds the last of it
+    (a run takes its snapshots within a second or two of the minute's start)."""
+    left = max(0, budget - used)
+    if weight <= left:
+        return now
+    minutes = -(-(weight - left) // budget)
+    return now - now % MINUTE_MS + minutes * MINUTE_MS

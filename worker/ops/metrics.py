@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.buffer import CLOCK_MARK_PREFIX, FrameBuffer, parse_clock_mark
 from worker.exchange.ratelimit import FUTURES_POOL, MINUTE_MS, RedisLimitState
 from worker.keys import RedisKeys, as_text
-from worker.ops.status import book_statuses, group_statuses, redis_memory, stream_silence
+from worker.ops.status import book_statuses, book_sync, group_statuses, redis_memory, stream_silence
 from worker.settings import Settings
 from worker.store.books import RESYNCING, SYNCED
 from worker.store.drain import ROWS_STORED_COUNTER, drain_holders, drain_lanes
@@ -157,6 +157,7 @@ class RecorderCollector(Collector):
         yield from self._buffers(now)
         yield from self._drain()
         yield from self._books()
+        yield from self._book_sync(now)
         yield from self._rest(now)
         memory = redis_memory(self.client)
         yield _gauge("redis_memory_used_bytes", "Memory Redis uses (INFO memory used_memory).", memory["used"])
@@ -298,6 +299,20 @@ class RecorderCollector(Collector):
             synced.add_metric([book["market"], book["symbol"]], int(book["state"] == SYNCED))
             rate.add_metric([book["market"], book["symbol"]], book["updates_per_second"])
         yield from (by_state, synced, rate)
+
+    def _book_sync(self, now: int) -> Iterator[Metric]:
+        """When the books not synced yet will be, by the snapshot schedule's estimate."""
+        remaining = _family(
+            GaugeMetricFamily,
+            "books_sync_remaining_seconds",
+            "Seconds until every recorded order book of the market has had its snapshot, estimated from "
+            "the snapshots still to take and the REST weight budget; 0 when all are synced.",
+            ("market",),
+        )
+        for outlook in book_sync(self.settings, self.client, self.keys, None, now):
+            rest_by = outlook["rest_by"]
+            remaining.add_metric([outlook["market"]], _seconds(max(0, (rest_by or now) - now)))
+        yield remaining
 
     def _rest(self, now: int) -> Iterator[Metric]:
         """Per weight pool: spot's, and the futures' one that USDⓈ-M and COIN-M share."""

@@ -13,6 +13,9 @@ from worker.times import utc_text
 # Spot's tables are always listed; a futures market's only once it has rows, so that a
 # spot recorder's status keeps its one screen (the JSON form lists every table).
 SPOT_TABLES = frozenset(MARKETS[SPOT].tables)
+BOOKS_LISTED = 20
+"""Up to this many recorded books are listed one a line; more (a whole market's 1,500)
+are summed up in the books line, so that `status` stays one screen (`--json` lists all)."""
 
 
 def age(ms: int | None, now_ms: int) -> str:
@@ -92,8 +95,9 @@ def render_status(snapshot: dict[str, Any], problems: Sequence[str]) -> str:
     if subscribed:
         lines = [_market_subscription_line(summary) for summary in subscribed]
         parts[0:1] = [*lines, parts[0]] if groups else lines
-    if snapshot.get("books"):
-        parts[2:2] = [_books_table(snapshot["books"], now), ""]
+    if snapshot.get("book_sync"):
+        listed = [_books_table(snapshot["books"], now)] if len(snapshot["books"]) <= BOOKS_LISTED else []
+        parts[2:2] = [*listed, *(_book_sync_text(outlook) for outlook in snapshot["book_sync"]), ""]
     if snapshot.get("audits"):
         parts[-3:-3] = [_audits_table(snapshot["audits"]), ""]
     if snapshot.get("listing_changes"):
@@ -157,6 +161,15 @@ def _books_table(books: Sequence[dict[str, Any]], now: int) -> str:
         for b in books
     ]
     return table(["BOOK", "MARKET", "STATE", "LAST UPDATE ID", "UPD/S", "LAST UPDATE"], rows)
+
+
+def _book_sync_text(outlook: dict[str, Any]) -> str:
+    """`books: 412 of 1,500 synced, the rest by ~02:41 (budget 1,200/min)` (UTC), per market."""
+    market = "" if outlook["market"] == SPOT else f"{outlook['market']} "
+    text = f"{market}books: {outlook['synced']:,} of {outlook['books']:,} synced"
+    if outlook["rest_by"] is not None:
+        text += f", the rest by ~{utc_text(outlook['rest_by'])[11:16]}"
+    return text + f" (budget {outlook['budget_per_minute']:,}/min)"
 
 
 class ProgressBar:

@@ -17,6 +17,7 @@ from worker.buffer import FrameBuffer
 from worker.exchange.audit import latest_audits
 from worker.exchange.listings import recent_listing_changes
 from worker.exchange.rest import REST_URL_SETTINGS
+from worker.exchange.snapshots import sync_outlook
 from worker.groups import MORE_STREAM_PROCESSES, Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
@@ -208,6 +209,15 @@ def book_statuses(client: redis.Redis, keys: RedisKeys, market: str | None = Non
     ]
 
 
+def book_sync(
+    settings: Settings, client: redis.Redis, keys: RedisKeys, market: str | None, now: int
+) -> list[dict[str, Any]]:
+    """Per market (or only `market`) that records books: how many are synced and when
+    the rest will be (`worker.exchange.snapshots.sync_outlook`)."""
+    outlooks = (sync_outlook(settings, client, keys, name, now) for name in MARKETS if market in (None, name))
+    return [outlook.as_json() for outlook in outlooks if outlook.books]
+
+
 def collect_status(
     settings: Settings, client: redis.Redis, engine: Engine, market: str | None = None
 ) -> dict[str, Any]:
@@ -217,8 +227,9 @@ def collect_status(
     buffer = FrameBuffer(client, keys)
     drains = drain_holders(client, keys, settings.drain_lanes)
     groups = group_statuses(client, keys, market)
+    now = now_ms()
     return {
-        "generated_at": now_ms(),
+        "generated_at": now,
         "groups": groups,
         "market_subscriptions": market_subscription_statuses(GroupRegistry(client, keys), groups, market),
         "tables": table_statuses(engine),
@@ -228,6 +239,7 @@ def collect_status(
         "storage_error": storage_error(client, keys),
         "redis_memory": redis_memory(client),
         "books": book_statuses(client, keys, market),
+        "book_sync": book_sync(settings, client, keys, market, now),
         "listing_changes": recent_listing_changes(engine),
         "dead_letters": counters.get("dead_letters", 0),
         "frames_drained": counters.get("frames_drained", 0),
@@ -264,26 +276,48 @@ def problems(snapshot: dict[str, Any], settings: Settings) -> list[str]:
             )
         if group["backlog"] > behind:
             found.append(f"{name} has {group['backlog']} frames waiting in Redis: is the drain running?")
-    for book in snapshot.get("books", []):
-        unknown_since = book["gap_since"]
-        if book["state"] == RESYNCING and unknown_since is not None and now - unknown_since > BOOK_RESYNC_PATIENCE_MS:
-            market = book["market"]
-            found.append(
-                f"{'' if market == SPOT else market + ' '}order book of {book['symbol']} unknown for "
-                f"{(now - unknown_since) / 1000:.0f}s: is beat running tasks.snapshot_books, and can it reach "
-                f"{REST_URL_SETTINGS[market]}?"
-            )
+    found.extend(_book_problems(snapshot))
     found.extend(_storage_problems(snapshot))
     return found
 
 
 PROBLEM_SYMBOLS = 5
-"""Symbols a problem names per group: a group of a market subscription holds hundreds."""
+"""Symbols a problem names per group: a group of a market subscription holds hundreds.
+Also the books of a market named one a problem each before they are summed up in one."""
 
 
 def _symbols_text(symbols: list[str]) -> str:
     named = ", ".join(symbols[:PROBLEM_SYMBOLS])
     return named if len(symbols) <= PROBLEM_SYMBOLS else f"{named} and {len(symbols) - PROBLEM_SYMBOLS} more"
+
+
+def _book_problems(snapshot: dict[str, Any]) -> list[str]:
+    """A problem per book unknown for over BOOK_RESYNC_PATIENCE_MS, or one per market when
+    there are more than PROBLEM_SYMBOLS (a reconnect of a 1,024-stream group breaks every
+    book it carries)."""
+    now = snapshot["generated_at"]
+    unknown: dict[str, list[tuple[int, str]]] = {}
+    for book in snapshot.get("books", []):
+        since = book["gap_since"]
+        if book["state"] == RESYNCING and since is not None and now - since > BOOK_RESYNC_PATIENCE_MS:
+            unknown.setdefault(book["market"], []).append((since, book["symbol"]))
+    found: list[str] = []
+    for market, books in unknown.items():
+        where = "" if market == SPOT else market + " "
+        ask = f"is beat running tasks.snapshot_books, and can it reach {REST_URL_SETTINGS[market]}?"
+        if len(books) <= PROBLEM_SYMBOLS:
+            found.extend(
+                f"{where}order book of {symbol} unknown for {(now - since) / 1000:.0f}s: {ask}"
+                for since, symbol in books
+            )
+            continue
+        since, symbol = min(books)
+        found.append(
+            f"{len(books):,} {where}order books unknown for over {BOOK_RESYNC_PATIENCE_MS / 1000:.0f}s, {symbol}'s "
+            f"for {(now - since) / 1000:.0f}s (`status --json` lists them, the books line says when the weight "
+            f"budget reaches them): {ask}"
+        )
+    return found
 
 
 def _storage_problems(snapshot: dict[str, Any]) -> list[str]:

@@ -119,6 +119,13 @@ def _rows(engine: Engine, query: Select[Any]) -> list[Any]:
         return list(conn.execute(query))
 
 
+def _received_until(request: web.Request) -> int:
+    """The latest receive time a row may have to be answered: the clock's, but within the
+    window, whose frames are those received before `--end` (where the clock stops)."""
+    session = _session(request)
+    return min(session.clock.now(), session.window.end_ms - 1)
+
+
 def _received_by(table: Any, time_column: str, clock: int) -> Any:
     """Rows received at or before the clock; a backfilled row (never received) once its time has passed."""
     received = table.c.received_at
@@ -247,7 +254,7 @@ def _window(
     parameters the endpoint `taken` count: Binance ignores the others (`/trades` takes
     none of them, `/historicalTrades` only `fromId`)."""
     symbol, limit = _symbol(request), limit_param(request, 500, 1000)
-    clock = _session(request).clock.now()
+    clock = _received_until(request)
     from_id, start, end = (optional_int(request, name) if name in taken else None for name in _BY)
     query = select(table).where(table.c.symbol == symbol, _received_by(table, time_column, clock))
     if from_id is not None:
@@ -359,7 +366,7 @@ async def kline_rows(request: web.Request) -> web.Response:
 async def book_ticker(request: web.Request) -> web.Response:
     """The last best bid and ask received at or before the clock, of one symbol (an object),
     of `symbols=[...]` or of all (a list)."""
-    clock = _session(request).clock.now()
+    clock = _received_until(request)
     asked = requested_symbols(request) or _recorded_symbols(request)
     _check_recorded(request, asked)
     c = book_tickers.c
