@@ -44,7 +44,7 @@ from worker.ops.book import book_at
 from worker.ops.local_stack import LocalStack
 from worker.store.depth import pack_levels, snapshot_row, unpack_levels
 from worker.store.drain import Drainer
-from worker.store.storage import create_schema, gaps, make_engine, store_rows
+from worker.store.storage import NOT_RECEIVED, create_schema, gaps, make_engine, store_rows
 from worker.streams import SPOT, USDM, market_named
 from worker.times import now_ms
 
@@ -105,7 +105,7 @@ class DepthFeed:
         """The event as its market's depth_updates row (futures add `pu` and `T`)."""
         levels = (pack_levels(event["b"]), pack_levels(event["a"]))
         futures = (event["pu"], event["T"]) if self.futures else ()
-        return (event["s"], event["u"], event["U"], event["E"], *levels, *futures, None)
+        return (event["s"], event["u"], event["U"], event["E"], *levels, *futures, *NOT_RECEIVED)
 
     def frames(self, event_time: int) -> list[bytes]:
         """One 100 ms tick: an event of every symbol, as combined-stream frames."""

@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ def build_depth_hour(db: Path, seconds: int) -> dict[str, Any]:
     next_id = {symbol: 1_000_000 * (index + 1) for index, symbol in enumerate(symbols)}
     snapshots = [feed.snapshot(symbol, next_id[symbol] - 1) for symbol in symbols]
     rows: list[tuple[Any, ...]] = []
+    places: Counter[int] = Counter()  # clock mark -> the next diff's place in its flush
     low, high = RECEIVE_LAG_MS
     for tick in range(seconds * 1000 // TICK_MS):
         for index, symbol in enumerate(symbols):
@@ -159,7 +161,8 @@ def build_depth_hour(db: Path, seconds: int) -> dict[str, Any]:
             final = first + (tick + index) % 5
             next_id[symbol] = final + 1
             bids, asks = pool[(tick * DEPTH_SYMBOLS + index) % LEVEL_POOL]
-            rows.append((symbol, final, first, event_time, bids, asks, mark))
+            rows.append((symbol, final, first, event_time, bids, asks, mark, places[mark]))
+            places[mark] += 1
     snapshots += [feed.snapshot(symbol, next_id[symbol] - 1) for symbol in symbols]
     built = time.perf_counter()
     engine = make_engine(f"sqlite:///{db}")

@@ -101,7 +101,7 @@ def _batches(rows: int, days: int, symbols: int, batch_rows: int) -> Iterator[li
         batch = []
         for n in range(first, min(first + batch_rows, rows)):
             at = START_MS + int(n * spacing)
-            batch.append((names[n % symbols], n, 100.0 + n % 97, 0.5, at, n % 2 == 0, at, at + 5))
+            batch.append((names[n % symbols], n, 100.0 + n % 97, 0.5, at, n % 2 == 0, at, at + 5, 0))
         yield batch
 
 

@@ -41,7 +41,7 @@ from worker.keys import RedisKeys
 from worker.ops.clients import client_app
 from worker.ops.local_stack import CELERY, LocalStack
 from worker.settings import Settings
-from worker.store.storage import TABLES, audits, create_schema, make_engine
+from worker.store.storage import NOT_RECEIVED, TABLES, audits, create_schema, make_engine
 
 DAY = 86_400_000
 PER_DAY = 4320  # --trades-per-second 0.05
@@ -244,10 +244,10 @@ def test_archive_rows_sniff_a_header_and_take_microseconds_or_milliseconds() -> 
     spot_2025 = "1,60000.1,0.5,30000.05,1735689600123456,True,True\n"
     futures = "id,price,qty,quote_qty,time,is_buyer_maker\n2,60000.2,0.25,15000.05,1704067200123,false\n"
     assert list(parse_rows(trades, io.StringIO(spot_2025))) == [
-        ("BTCUSDT", 1, 60000.1, 0.5, 1735689600123, True, None, None)
+        ("BTCUSDT", 1, 60000.1, 0.5, 1735689600123, True, None, *NOT_RECEIVED)
     ]
     assert list(parse_rows(trades, io.StringIO(futures + "\n"))) == [
-        ("BTCUSDT", 2, 60000.2, 0.25, 1704067200123, False, None, None)
+        ("BTCUSDT", 2, 60000.2, 0.25, 1704067200123, False, None, *NOT_RECEIVED)
     ]
     klines = series_for("BTCUSDT", "kline_1m")
     row = next(parse_rows(klines, io.StringIO("1735689600000000,1,2,0.5,1.5,10,1735689659999999,15,7,4,6,0\n")))

@@ -27,7 +27,7 @@ from worker.exchange.history import Row, agg_trade_row, kline_row, series_for, t
 from worker.groups import Group, GroupRegistry
 from worker.keys import RedisKeys
 from worker.ops.clients import client_app
-from worker.store.storage import TABLES, create_schema, gaps, make_engine, store_rows
+from worker.store.storage import NOT_RECEIVED, TABLES, create_schema, gaps, make_engine, store_rows
 
 MINUTE = 60_000
 HOUR = 60 * MINUTE
@@ -182,8 +182,8 @@ def test_gaps_rest_cannot_fill_are_marked_unfillable_with_the_reason(
     last = newest[-1][1]
     from_the_future = ("ETHUSDT", last + 100_000, *newest[-1][2:])  # an id the fake has not produced
     unlisted = [
-        ("NOPEUSDT", 1, 1.0, 1.0, NOW_MINUTE, True, None, None),
-        ("NOPEUSDT", 5, 1.0, 1.0, NOW_MINUTE, True, None, None),
+        ("NOPEUSDT", 1, 1.0, 1.0, NOW_MINUTE, True, None, *NOT_RECEIVED),
+        ("NOPEUSDT", 5, 1.0, 1.0, NOW_MINUTE, True, None, *NOT_RECEIVED),
     ]
     store(engine, "trades", [*newest, from_the_future, *unlisted])
 

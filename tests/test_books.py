@@ -26,25 +26,25 @@ from worker.settings import Settings
 from worker.store.books import RESYNCING, SYNCED, BookState, follow_books
 from worker.store.depth import pack_levels, snapshot_row, unpack_levels
 from worker.store.parsing import parse_frames
-from worker.store.storage import TABLE_COLUMNS, create_schema, gaps, make_engine, store_rows
+from worker.store.storage import NOT_RECEIVED, TABLE_COLUMNS, create_schema, gaps, make_engine, store_rows
 from worker.streams import validate_stream_kind
 from worker.times import parse_duration_ms
 
 EXAMPLES: dict[str, Any] = json.loads((Path(__file__).parent / "fixtures" / "binance-doc-examples.json").read_text())
 E = 1672515782136
-AT = 1700000000000  # the clock mark of the examples' batch
+AT = 1700000000000  # the clock mark of the examples' batch (each example the first frame after it: place 0)
 
 # Documented example -> (combined stream it arrives on, table, the rows it must give).
 BOOK_AND_2026_EXAMPLES = {
     "diff_depth": (
         "bnbbtc@depth@100ms",
         "depth_updates",
-        [("BNBBTC", 160, 157, E, pack_levels([["0.0024", "10"]]), pack_levels([["0.0026", "100"]]), AT)],
+        [("BNBBTC", 160, 157, E, pack_levels([["0.0024", "10"]]), pack_levels([["0.0026", "100"]]), AT, 0)],
     ),
     "partial_depth": (
         "bnbbtc@depth5@100ms",
         "partial_depth",
-        [("BNBBTC", 5, 160, pack_levels([["0.0024", "10"]]), pack_levels([["0.0026", "100"]]), AT)],
+        [("BNBBTC", 5, 160, pack_levels([["0.0024", "10"]]), pack_levels([["0.0026", "100"]]), AT, 0)],
     ),
     "ticker_window": (
         "bnbbtc@ticker_1h",
@@ -69,15 +69,16 @@ BOOK_AND_2026_EXAMPLES = {
                 18150,
                 18151,
                 AT,
+                0,
             )
         ],
     ),  # fmt: skip
     "blockTrade": (
         "bnbbtc@blockTrade",
         "block_trades",
-        [("BNBBTC", 582, 0.052, 5838.0, 1772506983321, True, 1772506983582, AT)],
+        [("BNBBTC", 582, 0.052, 5838.0, 1772506983321, True, 1772506983582, AT, 0)],
     ),
-    "referencePrice": ("bazusd@referencePrice", "reference_prices", [("BAZUSD", 1770313263917, 1.0, AT)]),
+    "referencePrice": ("bazusd@referencePrice", "reference_prices", [("BAZUSD", 1770313263917, 1.0, AT, 0)]),
 }
 
 
@@ -116,7 +117,7 @@ def test_window_ticker_arrays_give_a_row_per_symbol() -> None:
 
 def test_reference_price_null_is_stored_as_null() -> None:
     batch = parse_frames([combined({**EXAMPLES["referencePrice"], "r": None}, "bazusd@referencePrice")])
-    assert batch.rows["reference_prices"] == [("BAZUSD", 1770313263917, None, None)]
+    assert batch.rows["reference_prices"] == [("BAZUSD", 1770313263917, None, None, 0)]  # no mark: first in the batch
 
 
 def test_bad_levels_are_a_dead_letter_naming_the_field() -> None:
@@ -154,7 +155,7 @@ T0 = 1_800_000_000_000
 
 def event(first: int, final: int, bids: list[list[str]] | None = None, asks: list[list[str]] | None = None) -> tuple:
     """A depth_updates row; its event time is T0 + 100 ms per final id."""
-    return (SYMBOL, final, first, T0 + 100 * final, pack_levels(bids or []), pack_levels(asks or []), None)
+    return (SYMBOL, final, first, T0 + 100 * final, pack_levels(bids or []), pack_levels(asks or []), *NOT_RECEIVED)
 
 
 def snapshot(update_id: int, bids: list[list[str]], asks: list[list[str]]) -> tuple:

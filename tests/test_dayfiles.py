@@ -250,6 +250,7 @@ def book_rows(day: int, first_id: int, events: int) -> tuple[tuple[Any, ...], li
             pack_levels(bid),
             pack_levels(ask),
             start + 100 * i + 9,
+            0,  # received_seq: each update the first frame of its flush
         )
         updates.append(row)
     return snapshot, updates

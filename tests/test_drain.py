@@ -152,12 +152,18 @@ def received_at_by_update(engine: Engine) -> dict[int, int | None]:
         return {u: at for u, at in conn.execute(text("select update_id, received_at from book_tickers"))}
 
 
+def received_seq_by_update(engine: Engine) -> dict[int, int | None]:
+    with engine.connect() as conn:
+        return {u: seq for u, seq in conn.execute(text("select update_id, received_seq from book_tickers"))}
+
+
 def test_a_flush_cut_by_a_batch_boundary_keeps_its_receive_time_across_runs_and_restarts(
     redis_client: redis.Redis, keys: RedisKeys, engine: Engine
 ) -> None:
     """The issue's case: two flushes of 305 bookTicker frames, the batch boundary inside
     the second; the drain that took the first batch stops, a new one (a restart) takes
-    the rest. Every row must carry its own flush's clock mark, none NULL."""
+    the rest. Every row must carry its own flush's clock mark, none NULL, and its
+    frame's place in its flush, whatever batch it was stored in."""
     first, second = book_ticker_frames(1, 150), book_ticker_frames(151, 155)
     key = FrameBuffer(redis_client, keys).register("g1")
     redis_client.rpush(key, clock_mark(1_700_000_000_050), *first, clock_mark(1_700_000_000_100), *second)
@@ -171,12 +177,14 @@ def test_a_flush_cut_by_a_batch_boundary_keeps_its_receive_time_across_runs_and_
     # 200 elements: the first mark, 150 frames, the second mark and 48 of its 155 frames.
     Drainer(redis_client, keys, engine, batch_size=200).drain(time_budget=30, should_stop=after_one_batch)
     assert len(received_at_by_update(engine)) == 198
-    assert redis_client.lindex(key, 0) == clock_mark(1_700_000_000_100)  # the cut flush's mark, put back
+    # The cut flush's mark, put back with the place of the first frame left.
+    assert redis_client.lindex(key, 0) == clock_mark(1_700_000_000_100, 48) == b"@1700000000100:48"
 
     Drainer(redis_client, keys, engine, batch_size=50).drain(time_budget=30)  # a new drain, small batches
 
     stored = received_at_by_update(engine)
     assert stored == {u: 1_700_000_000_050 if u <= 150 else 1_700_000_000_100 for u in range(1, 306)}
+    assert received_seq_by_update(engine) == {u: u - 1 if u <= 150 else u - 151 for u in range(1, 306)}
     assert redis_client.llen(key) == 0
 
 

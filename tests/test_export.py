@@ -32,7 +32,8 @@ def trade_rows(symbol: str, count: int, start: int = T, seed: int = 1) -> list[t
         event_time = None if trade_id % 5 == 0 else at + rnd.randint(1, 3)
         received_at = None if event_time is None else event_time + rnd.randint(5, 90)
         qty = round(abs(rnd.gauss(0.05, 0.04)) + 0.00001, 5)
-        rows.append((symbol, trade_id, price, qty, at, rnd.random() < 0.5, event_time, received_at))
+        place = None if received_at is None else trade_id % 3  # received_seq: the trade's place in its flush
+        rows.append((symbol, trade_id, price, qty, at, rnd.random() < 0.5, event_time, received_at, place))
     return rows
 
 
@@ -52,7 +53,7 @@ def kline_rows(
             symbol, interval, open_time, open_time + step_ms - 1, price, high, low, close,
             volume, round(volume * close, 4), rnd.randint(50, 500), round(volume / 2, 5),
             round(volume * close / 2, 4), 100 * i, 100 * i + 99, True, open_time + step_ms,
-            open_time + step_ms + 40,
+            open_time + step_ms + 40, 0,
         ))  # fmt: skip
         price = close
     return rows
@@ -102,7 +103,7 @@ def test_csv_round_trip_keeps_values_order_and_bounds(engine: Engine, tmp_path: 
     assert rows[0][4] == start  # start included
     assert max(row[4] for row in rows) < end and any(row[4] == end for row in btc)  # end excluded
     assert any(row[6] is None for row in rows)  # NULL event times survive as empty fields
-    assert header[-1] == "received_at" and any(row[7] is not None for row in rows)
+    assert header[-2:] == ["received_at", "received_seq"] and any(row[7] is not None for row in rows)
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -123,6 +124,7 @@ def test_parquet_round_trip_has_the_table_schema(engine: Engine, tmp_path: Path)
         pa.field("buyer_is_maker", pa.bool_(), nullable=False),
         pa.field("event_time", pa.int64()),
         pa.field("received_at", pa.int64()),
+        pa.field("received_seq", pa.int64()),
     ])  # fmt: skip
     expected = in_range(btc, 4, T, T + 10 * MINUTE)
     assert table.num_rows == written == len(expected)

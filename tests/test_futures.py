@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,7 @@ MAPPINGS: dict[str, Callable[[Fields, str | None], tuple[str, dict[str, Any]]]] 
     "compositeIndex": composite_index,
     "contractInfo": contract_info,
 }
-"""Event type -> (table without the market prefix, the row's columns but received_at)."""
+"""Event type -> (table without the market prefix, the row's columns but received_at and received_seq)."""
 
 # Fields not stored, on purpose: the event type and the market (the table says them),
 # the pair where the symbol says it, and what Binance documents as "ignore".
@@ -261,9 +262,13 @@ def event_market(event: dict[str, Any], list_market: str) -> str:
 
 def expected_rows(frames: list[tuple[str, bytes]], marks: dict[str, int]) -> dict[str, dict[tuple, dict[str, Any]]]:
     """Table -> natural key -> the row's columns, for frames (list market, frame) drained
-    in this order: the first row of a key stays, except an open kline, which the next replaces."""
+    in this order, each market's in one flush (`push`): the first row of a key stays,
+    except an open kline, which the next replaces."""
     expected: dict[str, dict[tuple, dict[str, Any]]] = {}
+    places: Counter[str] = Counter()  # the next frame's place in its market's flush
     for list_market, raw in frames:
+        place = places[list_market]
+        places[list_market] += 1
         frame = json.loads(raw)
         stream = frame.get("stream")
         payload = frame.get("data", frame)
@@ -272,7 +277,7 @@ def expected_rows(frames: list[tuple[str, bytes]], marks: dict[str, int]) -> dic
             base, columns = MAPPINGS[event["e"]](fields, stream)
             assert fields.unread() <= NOT_STORED | NOT_STORED_BY_EVENT.get(event["e"], set()), event
             table = f"{event_market(event, list_market)}_{base}"
-            row = {**columns, "received_at": marks[list_market]}
+            row = {**columns, "received_at": marks[list_market], "received_seq": place}
             key = tuple(row[column.name] for column in TABLES[table].primary_key.columns)
             stored = expected.setdefault(table, {})
             if key not in stored or (base in KLINE_TABLES and not stored[key]["is_closed"]):

@@ -11,7 +11,7 @@ import pytest
 
 from tests.test_books import BOOK_AND_2026_EXAMPLES
 from worker.store.parsing import ParsedBatch, parse_frames
-from worker.store.storage import TABLE_COLUMNS, create_schema, make_engine, store_rows
+from worker.store.storage import RECEIVED_COLUMNS, TABLE_COLUMNS, create_schema, make_engine, store_rows
 from worker.streams import KLINE_INTERVALS, MARKETS, SUPPORTED_KINDS, stream_kind, validate_stream_kind
 
 EXAMPLES: dict[str, Any] = json.loads((Path(__file__).parent / "fixtures" / "binance-doc-examples.json").read_text())
@@ -181,14 +181,14 @@ def test_every_documentation_example_is_classified() -> None:
 def test_supported_example_gives_its_rows(name: str, combined: bool) -> None:
     stream, table, rows = SUPPORTED[name]
     batch = parse_frames([f"@{R}".encode(), frame(EXAMPLES[name], stream if combined else None)])
-    assert stored_rows(batch) == {table: [(*row, R) for row in rows]}
+    assert stored_rows(batch) == {table: [(*row, R, 0) for row in rows]}  # the flush's first frame: place 0
     assert (batch.frames, batch.control, batch.dead_letters) == (1, 0, [])
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_rows_have_the_columns_of_their_table(name: str) -> None:
     _, table, rows = SUPPORTED[name]
-    assert all(len(row) + 1 == len(TABLE_COLUMNS[table]) for row in rows)
+    assert all(len(row) + RECEIVED_COLUMNS == len(TABLE_COLUMNS[table]) for row in rows)
 
 
 def test_parsed_examples_fit_the_schema(tmp_path: Path) -> None:
@@ -294,18 +294,46 @@ def test_clock_marks_date_every_row_that_follows() -> None:
             frame(EXAMPLES["kline"], "bnbbtc@kline_1m"),
         ]
     )
-    received = [(row[1], row[-1]) for row in batch.rows["book_tickers"]]
+    received = [(row[1], row[-2]) for row in batch.rows["book_tickers"]]
     assert received == [(1, None), (2, 1700000000123), (3, 1700000000123), (4, 1700000000456)]
-    assert [row[-1] for row in batch.rows["trades"] + batch.rows["klines"]] == [1700000000123, 1700000000456]
+    assert [row[-2] for row in batch.rows["trades"] + batch.rows["klines"]] == [1700000000123, 1700000000456]
     assert batch.last_mark == 1700000000456  # what the rest of a cut flush is dated by
     assert (batch.frames, batch.dead_letters) == (6, [])
+
+
+def test_every_frame_keeps_its_place_in_its_flush_also_after_a_mark_put_back() -> None:
+    """`received_seq` counts every frame after its mark, whatever its kind or fate (a
+    dead letter too); a mark put back before the rest of a cut flush names the place
+    the count goes on from, and the batch tells the place of the frame after it."""
+    book, trade = EXAMPLES["bookTicker"], EXAMPLES["trade"]
+    batch = parse_frames(
+        [
+            b"@1700000000123",
+            frame({**book, "u": 1}, "bnbusdt@bookTicker"),
+            frame({**trade, "t": 1}, "bnbbtc@trade"),
+            b"not json",
+            frame({**book, "u": 2}, "bnbusdt@bookTicker"),
+            b"@1700000000456:7",  # the rest of a flush whose first 7 frames an earlier batch stored
+            frame({**trade, "t": 2}, "bnbbtc@trade"),
+            frame({**book, "u": 3}, "bnbusdt@bookTicker"),
+        ]
+    )
+    places = sorted((row[-2], row[-1], table) for table in ("book_tickers", "trades") for row in batch.rows[table])
+    assert places == [
+        (1700000000123, 0, "book_tickers"),
+        (1700000000123, 1, "trades"),
+        (1700000000123, 3, "book_tickers"),
+        (1700000000456, 7, "trades"),
+        (1700000000456, 8, "book_tickers"),
+    ]
+    assert (batch.last_mark, batch.next_seq) == (1700000000456, 9)
 
 
 def test_garbled_clock_mark_is_dead_lettered_and_the_time_becomes_unknown() -> None:
     book = frame(EXAMPLES["bookTicker"], "bnbusdt@bookTicker")
     batch = parse_frames([b"@1700000000123", b"@soon", book])
-    assert batch.rows["book_tickers"][0][-1] is None
-    assert [d.reason for d in batch.dead_letters] == ["invalid clock mark: expected @<ms>"]
+    assert batch.rows["book_tickers"][0][-2] is None
+    assert [d.reason for d in batch.dead_letters] == ["invalid clock mark: expected @<ms> or @<ms>:<place>"]
     assert batch.frames == 1
 
 

@@ -63,7 +63,9 @@ Flush = tuple[int, list[tuple[str, dict[str, Any]]]]
 """A clock mark and the (stream, payload) frames it dates, in the order received."""
 
 
-def record(client: redis.Redis, keys: RedisKeys, engine: Engine, lists: dict[str, list[Flush]]) -> None:
+def record(
+    client: redis.Redis, keys: RedisKeys, engine: Engine, lists: dict[str, list[Flush]], batch_size: int = 500
+) -> None:
     """Each group's flushes pushed to its Redis list, then drained into `engine`."""
     registry, buffer = GroupRegistry(client, keys), FrameBuffer(client, keys)
     for group, flushes in lists.items():
@@ -72,19 +74,18 @@ def record(client: redis.Redis, keys: RedisKeys, engine: Engine, lists: dict[str
         for mark, frames in flushes:
             encoded = [orjson.dumps({"stream": stream, "data": payload}) for stream, payload in frames]
             client.rpush(key, clock_mark(mark), *encoded)
-    report = Drainer(client, keys, engine, batch_size=500).drain(time_budget=60)
+    report = Drainer(client, keys, engine, batch_size=batch_size).drain(time_budget=60)
     assert report.dead_letters == 0
 
 
-# Two connections flushing in turn; each flush's frames in the order Binance sent
-# them, which is the order of their event times; bookTicker and partial depth carry
-# none and come last in their flush.
+# Two connections flushing in turn; each flush's frames in the order received (a
+# bookTicker, which carries no event time, among the others).
 G1: list[Flush] = [
     (T0, [
         ("btcusdt@trade", trade("BTCUSDT", 1, T0 - 30)),
+        ("btcusdt@bookTicker", book_ticker("BTCUSDT", 7)),
         ("btcusdt@depth@100ms", depth_update("BTCUSDT", 100, T0 - 20)),
         ("btcusdt@trade", trade("BTCUSDT", 2, T0 - 10)),
-        ("btcusdt@bookTicker", book_ticker("BTCUSDT", 7)),
     ]),
     (T0 + 100, [
         ("btcusdt@kline_1m", kline("BTCUSDT", "1m", T0, T0 + 60)),
@@ -115,9 +116,10 @@ def recorded(redis_client: redis.Redis, keys: RedisKeys, engine: Engine) -> Engi
 
 
 def test_every_frame_comes_back_as_sent_in_the_order_received(recorded: Engine) -> None:
-    # The flushes at T0 + 100 of both connections share their receive time: event
-    # times interleave them (the kline's E is T0 + 60, ETH's trade T0 + 65, BTC's T0 + 70).
-    both_at_100 = (T0 + 100, [G1[1][1][0], G1[1][1][1], G2[1][1][0], G1[1][1][2]])
+    # The flushes at T0 + 100 of both connections share their receive time: each keeps
+    # its own order, and they interleave by place, then event time (the first places:
+    # the 1m kline's E is T0 + 60, ETH's trade T0 + 65).
+    both_at_100 = (T0 + 100, [G1[1][1][0], G2[1][1][0], G1[1][1][1], G1[1][1][2]])
     expected = received(G1[0], G2[0], both_at_100, G2[2], G1[2])
 
     assert list(events(recorded, T0, T0 + 1000)) == expected
@@ -138,7 +140,7 @@ def test_symbols_and_streams_narrow_the_selection(recorded: Engine) -> None:
 
     trades_and_books = events(recorded, T0, T0 + 1000, symbols=["BTCUSDT"], streams=["trade", "bookTicker"])
     assert [(stream, payload.get("t", payload.get("u"))) for _, stream, payload in trades_and_books] == [
-        ("btcusdt@trade", 1), ("btcusdt@trade", 2), ("btcusdt@bookTicker", 7), ("btcusdt@trade", 3),
+        ("btcusdt@trade", 1), ("btcusdt@bookTicker", 7), ("btcusdt@trade", 2), ("btcusdt@trade", 3),
     ]  # fmt: skip
 
 
@@ -155,23 +157,46 @@ def test_a_depth_kind_is_named_as_asked_for_the_rows_do_not_say_its_speed(record
 
 def test_rows_from_rest_have_no_receive_time_and_are_not_events(recorded: Engine) -> None:
     with recorded.begin() as conn:  # a backfilled trade inside the window's times
-        store_rows(conn, {"trades": [("BTCUSDT", 4, 30000.01, 0.001, T0 + 90, False, None, None)]})
+        store_rows(conn, {"trades": [("BTCUSDT", 4, 30000.01, 0.001, T0 + 90, False, None, None, None)]})
 
     trade_ids = [payload["t"] for _, stream, payload in events(recorded, T0, T0 + 1000, streams=["trade"])]
 
     assert sorted(trade_ids) == [1, 2, 3, 500, 501]
 
 
-def test_frames_of_one_receive_time_come_by_event_time_then_by_id(
+def test_kinds_interleaved_in_one_flush_come_back_in_the_order_received(
     redis_client: redis.Redis, keys: RedisKeys, engine: Engine
 ) -> None:
-    # Pushed out of order on purpose: what decides is what the rows keep.
+    """Two kinds (and a third without event time) alternating within one flush, their
+    event times against their receive order, stored by several drain batches (a batch
+    of 4 elements cuts the flush twice): they come back as received."""
     flush = (T0, [
-        ("btcusdt@trade", trade("BTCUSDT", 12, T0 - 5)),
-        ("btcusdt@trade", trade("BTCUSDT", 11, T0 - 5)),
-        ("btcusdt@depth@100ms", depth_update("BTCUSDT", 100, T0 - 9)),
+        ("btcusdt@depth@100ms", depth_update("BTCUSDT", 100, T0 - 5)),
+        ("btcusdt@trade", trade("BTCUSDT", 11, T0 - 9)),
+        ("btcusdt@bookTicker", book_ticker("BTCUSDT", 102)),
+        ("btcusdt@depth@100ms", depth_update("BTCUSDT", 103, T0 - 7)),
+        ("btcusdt@trade", trade("BTCUSDT", 12, T0 - 30)),
+        ("ethusdt@trade", trade("ETHUSDT", 7, T0 - 40)),
+        ("btcusdt@bookTicker", book_ticker("BTCUSDT", 105)),
     ])  # fmt: skip
-    record(redis_client, keys, engine, {"g1": [flush]})
+    record(redis_client, keys, engine, {"g1": [flush]}, batch_size=4)
+
+    assert list(events(engine, T0, T0 + 1)) == received(flush)
+
+
+def test_rows_stored_without_their_place_come_by_event_time_then_by_id(engine: Engine) -> None:
+    """Rows stored before `received_seq` existed (NULL): event time, then key decide."""
+    with engine.begin() as conn:
+        store_rows(
+            conn,
+            {
+                "trades": [
+                    ("BTCUSDT", 12, 30000.01, 0.001, T0 - 5, False, T0 - 5, T0, None),
+                    ("BTCUSDT", 11, 30000.01, 0.001, T0 - 5, False, T0 - 5, T0, None),
+                ],
+                "depth_updates": [("BTCUSDT", 102, 100, T0 - 9, b"", b"", T0, None)],
+            },
+        )
 
     order = [(stream, payload.get("t", payload.get("u"))) for _, stream, payload in events(engine, T0, T0 + 1)]
 

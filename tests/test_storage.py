@@ -41,11 +41,12 @@ from worker.store.storage import (
 
 T = 1700000000000
 R = T + 120  # received_at: the clock mark of the frame's flush
+S = 3  # received_seq: the frame's place in its flush
 
 # One row per table, in TABLE_COLUMNS order.
 SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
-    "trades": ("BTCUSDT", 1, 30000.5, 0.01, T, True, T + 1, R),
-    "agg_trades": ("BTCUSDT", 1, 30000.5, 0.01, 10, 12, T, False, T + 1, R),
+    "trades": ("BTCUSDT", 1, 30000.5, 0.01, T, True, T + 1, R, S),
+    "agg_trades": ("BTCUSDT", 1, 30000.5, 0.01, 10, 12, T, False, T + 1, R, S),
     "klines": (
         "BTCUSDT",
         "1m",
@@ -65,6 +66,7 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
         True,
         T + 60000,
         R,
+        S,
     ),  # fmt: skip
     "tickers": (
         "BTCUSDT",
@@ -90,13 +92,14 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
         100,
         100,
         R,
+        S,
     ),  # fmt: skip
-    "mini_tickers": ("BTCUSDT", T, 30000.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0, R),
-    "book_tickers": ("BTCUSDT", 400900217, 29999.9, 1.0, 30000.1, 2.0, R),
-    "avg_prices": ("BTCUSDT", T, "5m", 30000.25, T - 1000, R),
-    "depth_updates": ("BTCUSDT", 160, 157, T, b"\x00" * 16, b"", T + 5),
-    "depth_snapshots": ("BTCUSDT", 150, b"\x00" * 32, b"\x00" * 16, T),
-    "partial_depth": ("BTCUSDT", 5, 160, b"\x00" * 80, b"\x00" * 80, T),
+    "mini_tickers": ("BTCUSDT", T, 30000.0, 29999.5, 30100.0, 29900.0, 1234.5, 37000000.0, R, S),
+    "book_tickers": ("BTCUSDT", 400900217, 29999.9, 1.0, 30000.1, 2.0, R, S),
+    "avg_prices": ("BTCUSDT", T, "5m", 30000.25, T - 1000, R, S),
+    "depth_updates": ("BTCUSDT", 160, 157, T, b"\x00" * 16, b"", T + 5, S),
+    "depth_snapshots": ("BTCUSDT", 150, b"\x00" * 32, b"\x00" * 16, T, None),  # from REST: no place
+    "partial_depth": ("BTCUSDT", 5, 160, b"\x00" * 80, b"\x00" * 80, T, S),
     "window_tickers": (
         "BTCUSDT",
         "1h",
@@ -116,16 +119,17 @@ SAMPLE_ROWS: dict[str, tuple[Any, ...]] = {
         100,
         100,
         T + 5,
+        S,
     ),  # fmt: skip
-    "block_trades": ("BTCUSDT", 582, 0.052, 5838.0, T - 200, True, T, T + 5),
-    "reference_prices": ("BTCUSDT", T, 1.0, T + 5),
+    "block_trades": ("BTCUSDT", 582, 0.052, 5838.0, T - 200, True, T, T + 5, S),
+    "reference_prices": ("BTCUSDT", T, 1.0, T + 5, S),
 }
 
 
 def _futures_sample_row(table: str) -> tuple[Any, ...]:
     """A row of a futures table by its column types (their parsing: tests/test_futures.py)."""
     by_type = {BigInteger: T, Integer: 5, Float: 1.5, Boolean: True, LargeBinary: b"\x00" * 16, Text: "[]"}
-    names = {"received_at": R, "interval": "1m", "symbol": "BTCUSDT", "pair": "BTCUSD"}
+    names = {"received_at": R, "received_seq": S, "interval": "1m", "symbol": "BTCUSDT", "pair": "BTCUSD"}
     return tuple(names[c.name] if c.name in names else by_type.get(type(c.type), "x") for c in TABLES[table].columns)
 
 
@@ -279,7 +283,7 @@ def test_an_open_kline_is_replaced_until_it_closes(engine: Engine) -> None:
 def test_market_data_view_has_the_original_shape(engine: Engine) -> None:
     trade = SAMPLE_ROWS["trades"]
     with engine.begin() as conn:
-        store_rows(conn, {"trades": [trade, ("ETHUSDT", 7, 2000.25, 1.0, T + 5, False, None, None)]})
+        store_rows(conn, {"trades": [trade, ("ETHUSDT", 7, 2000.25, 1.0, T + 5, False, None, None, None)]})
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT symbol, price, timestamp FROM market_data ORDER BY 1"))
         assert rows.all() == [("BTCUSDT", 30000.5, T), ("ETHUSDT", 2000.25, T + 5)]
@@ -333,12 +337,29 @@ def test_create_schema_adds_indexes_missing_from_an_older_database(tmp_path: Pat
     assert "ix_trades_trade_time" in {ix["name"] for ix in inspect(engine).get_indexes("trades")}
 
 
-def test_every_data_table_records_the_receive_time(engine: Engine) -> None:
-    assert all(TABLE_COLUMNS[table][-1] == "received_at" for table in TABLES)
+def test_every_data_table_records_the_receive_time_and_place(engine: Engine) -> None:
+    assert all(TABLE_COLUMNS[table][-2:] == ("received_at", "received_seq") for table in TABLES)
     with engine.begin() as conn:
         store_rows(conn, batch_of_samples())
-        stored = {table: conn.execute(text(f"select received_at from {table}")).scalar_one() for table in TABLES}
-    assert stored == {table: SAMPLE_ROWS[table][-1] for table in TABLES}
+        stored = {
+            table: tuple(conn.execute(text(f"select received_at, received_seq from {table}")).one()) for table in TABLES
+        }
+    assert stored == {table: SAMPLE_ROWS[table][-2:] for table in TABLES}
+
+
+def test_a_database_made_before_received_seq_gets_it_on_start(engine: Engine) -> None:
+    """On PostgreSQL `trades` is partitioned: the column added to the parent reaches its
+    partitions, the default one included (the sample's time is years before today)."""
+    with engine.begin() as conn:  # the tables as the version before received_seq made them
+        for table in ("trades", "book_tickers"):
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN received_seq")
+
+    create_schema(engine)
+    with engine.begin() as conn:
+        store_rows(conn, {"trades": [SAMPLE_ROWS["trades"]], "book_tickers": [SAMPLE_ROWS["book_tickers"]]})
+        stored = [conn.execute(text(f"select received_seq from {t}")).scalar_one() for t in ("trades", "book_tickers")]
+
+    assert stored == [S, S]
 
 
 def test_a_database_of_an_older_version_gets_received_at_on_start(tmp_path: Path) -> None:
@@ -355,10 +376,10 @@ def test_a_database_of_an_older_version_gets_received_at_on_start(tmp_path: Path
     create_schema(engine)
     with engine.begin() as conn:
         store_rows(conn, {"trades": [SAMPLE_ROWS["trades"][:1] + (2,) + SAMPLE_ROWS["trades"][2:]]})
-        stored = conn.execute(text("select trade_id, received_at from trades order by trade_id")).all()
+        stored = conn.execute(text("select trade_id, received_at, received_seq from trades order by trade_id")).all()
 
     assert [c["name"] for c in inspect(engine).get_columns("trades")] == list(TABLE_COLUMNS["trades"])
-    assert [tuple(row) for row in stored] == [(1, None), (2, SAMPLE_ROWS["trades"][-1])]
+    assert [tuple(row) for row in stored] == [(1, None, None), (2, *SAMPLE_ROWS["trades"][-2:])]
 
 
 def test_a_replay_reads_a_window_of_diffs_by_the_receive_time_index(tmp_path: Path) -> None:

@@ -7,10 +7,13 @@ that removal stays exact even if something else trimmed the head in between.
 
 A flush is preceded by a clock mark `@<ms>`: the receive time of the frames after it,
 stored as every row's `received_at` (and the only time Binance's bookTicker has), for
-the price of one list element per flush instead of any work per frame. A batch that
-ends inside a flush leaves that flush's mark behind it; the acknowledgement puts the
-mark back in front of the rest, so the mark survives batch boundaries, drain runs and
-restarts.
+the price of one list element per flush instead of any work per frame. The frames of a
+flush are in the order they were received, and each row also keeps its frame's place
+after the mark (`received_seq`), so the receive order within one `received_at` is
+kept. A batch that ends inside a flush leaves that flush's mark behind it; the
+acknowledgement puts the mark back in front of the rest, with the place of the frame
+it now precedes (`@<ms>:<place>`), so the mark and every frame's place survive batch
+boundaries, drain runs, restarts and re-drains of the same elements.
 
 Every flush also rings its list's doorbell (a list of at most one element) after its
 frames, so an idle drain blocks on the doorbells of the lists it drains instead of
@@ -70,8 +73,19 @@ return excess
 """
 
 
-def clock_mark(now_ms: int) -> bytes:
-    return CLOCK_MARK_PREFIX + str(now_ms).encode()
+def clock_mark(now_ms: int, place: int = 0) -> bytes:
+    """The mark of a flush received at `now_ms`: `@<ms>`; `place` > 0 (the drain's
+    mark put back before the rest of a flush it cut) adds the place in the flush of
+    the frame the mark stands before: `@<ms>:<place>`."""
+    mark = CLOCK_MARK_PREFIX + str(now_ms).encode()
+    return mark + b":" + str(place).encode() if place else mark
+
+
+def parse_clock_mark(element: bytes) -> tuple[int, int]:
+    """(receive time in ms, place of the next frame in its flush) of a clock mark;
+    ValueError if it is garbled."""
+    ms, _, place = element[1:].partition(b":")
+    return int(ms), int(place) if place else 0
 
 
 def ring_doorbell(pipe: redis.client.Pipeline, keys: RedisKeys, list_key: str) -> None:
@@ -126,15 +140,22 @@ class FrameBuffer:
             Claim(key=key, elements=replies[2 * i + 1], head=int(replies[2 * i] or 0)) for i, key in enumerate(keys)
         ]
 
-    def ack(self, claim: Claim, last_mark: int | None = None, pipe: redis.client.Pipeline | None = None) -> None:
+    def ack(
+        self,
+        claim: Claim,
+        last_mark: int | None = None,
+        next_place: int = 0,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> None:
         """Remove a stored claim from its list (queued on `pipe` if given); `last_mark`,
-        the claim's last clock mark, goes back in front of a flush the claim cut in two.
+        the claim's last clock mark, goes back in front of a flush the claim cut in two,
+        with `next_place`, the place in that flush of the first frame left.
 
         If the writer trimmed the list past the claim (an overflow), the mark put back is
         older than the frames now at the head: their rows get an early time, not none."""
         self._ack(
             keys=[claim.key, self.keys.buffer_heads],
-            args=[len(claim.elements), claim.head, b"" if last_mark is None else clock_mark(last_mark)],
+            args=[len(claim.elements), claim.head, b"" if last_mark is None else clock_mark(last_mark, next_place)],
             client=pipe or self.client,
         )
 

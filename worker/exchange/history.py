@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from sqlalchemy import ColumnElement, Table, and_
 
 from worker.exchange.rest import AggTradeRow, BinanceRest, FundingRow, KlineRow, TradeRow
-from worker.store.storage import TABLE_COLUMNS, TABLES, TIME_COLUMNS
+from worker.store.storage import NOT_RECEIVED, TABLE_COLUMNS, TABLES, TIME_COLUMNS
 from worker.streams import INTERVAL_MS, SPOT, Market, market_named, validate_stream_kind
 
 Row = tuple[Any, ...]
@@ -224,28 +224,35 @@ def series_of_streams(streams: list[str], market: str = SPOT) -> list[Series]:
 
 
 # Binance's REST rows as table rows. REST has no event time and no receive time (None,
-# None: `received_at` is only for rows from the websocket); REST klines carry no
+# and `NOT_RECEIVED`: `received_at` and `received_seq` are only for rows from the
+# websocket); REST klines carry no
 # first/last trade id (None) and are closed once their close time has passed on
 # Binance's clock.
 
 
 def trade_row(symbol: str, t: TradeRow) -> Row:
-    return (symbol, t["id"], float(t["price"]), float(t["qty"]), t["time"], t["isBuyerMaker"], None, None)
+    return (symbol, t["id"], float(t["price"]), float(t["qty"]), t["time"], t["isBuyerMaker"], None, *NOT_RECEIVED)
 
 
 def agg_trade_row(symbol: str, a: AggTradeRow, futures: bool = False) -> Row:
-    """Futures rows add `normal_qty` (`nq`, when REST sends it) before received_at."""
+    """Futures rows add `normal_qty` (`nq`, when REST sends it) before `NOT_RECEIVED`."""
     row: Row = (symbol, a["a"], float(a["p"]), float(a["q"]), a["f"], a["l"], a["T"], a["m"], None)
     if futures:
         normal_qty = a.get("nq")
         row += (None if normal_qty is None else float(normal_qty),)
-    return (*row, None)
+    return (*row, *NOT_RECEIVED)
 
 
 def funding_row(symbol: str, f: FundingRow) -> Row:
     """Older fundings carry no mark price, or an empty one: NULL."""
     mark_price = f.get("markPrice")
-    return (symbol, int(f["fundingTime"]), float(f["fundingRate"]), float(mark_price) if mark_price else None, None)
+    return (
+        symbol,
+        int(f["fundingTime"]),
+        float(f["fundingRate"]),
+        float(mark_price) if mark_price else None,
+        *NOT_RECEIVED,
+    )
 
 
 def kline_row(symbol: str, interval: str, k: KlineRow, server_now_ms: int) -> Row:
@@ -254,5 +261,5 @@ def kline_row(symbol: str, interval: str, k: KlineRow, server_now_ms: int) -> Ro
         symbol, interval, int(k[0]), close_time,
         float(k[1]), float(k[2]), float(k[3]), float(k[4]), float(k[5]), float(k[7]),
         int(k[8]), float(k[9]), float(k[10]),
-        None, None, close_time < server_now_ms, None, None,
+        None, None, close_time < server_now_ms, None, *NOT_RECEIVED,
     )  # fmt: skip

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def open_interest_row(answer: dict[str, Any], received_at: int) -> tuple[Any, ...]:
-    """An openInterest answer as a `<m>_open_interest` row (COIN-M's extra fields are dropped)."""
-    return (answer["symbol"], int(answer["time"]), float(answer["openInterest"]), received_at)
+    """An openInterest answer as a `<m>_open_interest` row (COIN-M's extra fields are
+    dropped); polled, not a frame: no place in a flush (`received_seq`)."""
+    return (answer["symbol"], int(answer["time"]), float(answer["openInterest"]), received_at, None)
 
 
 def poll_open_interest(

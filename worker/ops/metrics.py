@@ -36,7 +36,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.buffer import CLOCK_MARK_PREFIX, FrameBuffer
+from worker.buffer import CLOCK_MARK_PREFIX, FrameBuffer, parse_clock_mark
 from worker.exchange.ratelimit import FUTURES_POOL, MINUTE_MS, RedisLimitState
 from worker.keys import RedisKeys, as_text
 from worker.ops.status import book_statuses, book_sync, group_statuses, redis_memory, stream_silence
@@ -87,9 +87,18 @@ def buffer_lists(client: redis.Redis, keys: RedisKeys) -> list[BufferList]:
     result = []
     for index, key in enumerate(list_keys):
         length, head = replies[2 * index], replies[2 * index + 1]
-        marked = head is not None and head[:1] == CLOCK_MARK_PREFIX and head[1:].isdigit()
-        result.append(BufferList(key, int(length), int(head[1:]) if marked else None))
+        result.append(BufferList(key, int(length), _mark_time(head)))
     return result
+
+
+def _mark_time(head: bytes | None) -> int | None:
+    """The receive time of a list's head if it is a clock mark, else None."""
+    if head is None or head[:1] != CLOCK_MARK_PREFIX:
+        return None
+    try:
+        return parse_clock_mark(head)[0]
+    except ValueError:
+        return None
 
 
 def newest_rows(engine: Engine) -> dict[str, int]:

@@ -60,15 +60,13 @@ def events(
     1 s stream name, otherwise with `@100ms`: the rows do not say which was recorded.
     Rows stored from REST (backfill, snapshots) have no receive time and are not events.
 
-    Order: by `received_at`, the clock mark of the flush that carried the frame.
-    The frames of one flush (up to 50 ms of one connection) share it, and so may
-    those of two connections that flushed in the same millisecond; within that, by
-    event time (`E`; `t` for referencePrice), then by table, symbol and key (update
-    id, trade id...). That is the receive order of each symbol's stream, whose ids
-    grow, and the server's order across streams as far as their event times tell.
-    What it cannot tell: the order of two frames with the same event time on
-    different streams, and where bookTicker and partial depth frames, which carry no
-    event time, fell inside their flush (they come last in it).
+    Order: by `received_at`, the clock mark of the flush that carried the frame,
+    then by `received_seq`, the frame's place in its flush: the frames of one flush
+    (up to 50 ms of one connection, every stream of it) come in the order they were
+    received. Two connections that flushed in the same millisecond interleave by
+    place; the rows of one frame (an all-market array), and rows stored before
+    `received_seq` existed (NULL: they come first in their millisecond), go by event
+    time (`E`; `t` for referencePrice), then by table, symbol and key.
 
     Raises ValueError, with a one-line message, on an empty window, an unknown
     stream kind, or a symbol with no recorded rows in the window. Checked at the
@@ -158,13 +156,21 @@ def _merged(
     with engine.connect() as conn:
         streaming = conn.execution_options(yield_per=CHUNK_ROWS)
         cursors = [_ordered_rows(streaming, table, start_ms, end_ms, symbols) for table in tables]
-        merged = heapq.merge(*cursors, key=lambda item: item[0][-1])  # received_at
-        for _, flush in itertools.groupby(merged, key=lambda item: item[0][-1]):
+        merged = heapq.merge(*cursors, key=_received_at)
+        for _, flush in itertools.groupby(merged, key=_received_at):
             for _key, row, table in sorted(_tie_broken(flush)):
                 kind = frames.row_kind(table, row)
                 if wanted is None or kind in wanted:
                     name = frames.stream_name(table, row, fast_depth=kind in fast)
-                    yield row[-1], name, frames.payload(table, row)
+                    yield row[_RECEIVED_AT], name, frames.payload(table, row)
+
+
+_RECEIVED_AT, _RECEIVED_SEQ = -2, -1
+"""Where every row keeps `received_at` and `received_seq` (storage's `_received`: last)."""
+
+
+def _received_at(item: tuple[Row, str]) -> int:
+    return item[0][_RECEIVED_AT]
 
 
 def _ordered_rows(
@@ -180,9 +186,15 @@ def _ordered_rows(
 
 
 def _tie_broken(flush: Iterable[tuple[Row, str]]) -> Iterator[tuple[tuple[Any, ...], Row, str]]:
-    """Rows of one receive time with their sort key: event time, table, primary key."""
+    """Rows of one receive time with their sort key: place in the flush (-1 where
+    unknown: rows stored before `received_seq` existed), event time, table, primary key."""
     for row, table in flush:
-        yield (row[_EVENT_TIME_INDEX[table]], _TABLE_RANK[table], *_key(table, row)), row, table
+        seq = row[_RECEIVED_SEQ]
+        yield (
+            (-1 if seq is None else seq, row[_EVENT_TIME_INDEX[table]], _TABLE_RANK[table], *_key(table, row)),
+            row,
+            table,
+        )
 
 
 def _event_time_column(table_name: str) -> str:

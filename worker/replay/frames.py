@@ -37,7 +37,7 @@ from typing import Any
 
 from worker.store.depth import unpack_levels
 from worker.store.parsing import EVENT_KINDS, FIELDS, FieldType, Payload, Row
-from worker.store.storage import TABLE_COLUMNS
+from worker.store.storage import RECEIVED_COLUMNS, TABLE_COLUMNS
 from worker.streams import DEPTH_KINDS, FAST_SPEED, KIND_TABLES, kind_family
 
 BINANCE_DECIMALS = 8
@@ -134,15 +134,15 @@ def stream_name(table: str, row: Row, fast_depth: bool = True) -> str:
 def payload(table: str, row: Row) -> Payload:
     """The payload Binance sent for a row, with every field the row keeps.
 
-    `row` is in `TABLE_COLUMNS[table]` order, `received_at` last. Partial depth rows
+    `row` is in `TABLE_COLUMNS[table]` order, `received_at` and `received_seq` last. Partial depth rows
     begin with the symbol and the number of levels, which their payload lacks: they
     go to the stream name.
     """
     kind = kind_family(row_kind(table, row))
     plan = _plan(kind)
-    from_stream = len(TABLE_COLUMNS[table]) - 1 - len(plan)  # columns the payload lacks
+    from_stream = len(TABLE_COLUMNS[table]) - RECEIVED_COLUMNS - len(plan)  # columns the payload lacks
     rebuilt: Payload = {"e": _KIND_EVENTS[kind]} if kind in _KIND_EVENTS else {}
-    for (inner, name, write), value in zip(plan, row[from_stream:-1], strict=True):
+    for (inner, name, write), value in zip(plan, row[from_stream:-RECEIVED_COLUMNS], strict=True):
         target = rebuilt
         for part in inner:
             target = target.setdefault(part, {})

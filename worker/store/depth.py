@@ -61,4 +61,5 @@ def snapshot_row(symbol: str, snapshot: dict[str, Any], received_at: int) -> tup
         pack_levels(snapshot["bids"]),
         pack_levels(snapshot["asks"]),
         received_at,
+        None,  # received_seq: not a websocket frame
     )

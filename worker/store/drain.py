@@ -263,7 +263,7 @@ class Drainer:
             for claim, batch in zip(claims, parsed, strict=True):
                 if batch.dead_letters:
                     self._record_dead_letters(pipe, claim, batch)
-                self.buffer.ack(claim, batch.last_mark, pipe)
+                self.buffer.ack(claim, batch.last_mark, batch.next_seq, pipe)
             pipe.hincrby(self.keys.counters, "frames_drained", sum(batch.frames for batch in parsed))
             for table, rows in stored.items():
                 if rows > 0:  # a driver that cannot count says -1

@@ -19,13 +19,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from worker.buffer import CLOCK_MARK_PREFIX
+from worker.buffer import CLOCK_MARK_PREFIX, parse_clock_mark
 from worker.store.depth import BadLevels, pack_levels
 from worker.streams import MARKETS, SPOT, Market, market_named, market_of_st, stream_kind
 
 Payload = dict[str, Any]
 Row = tuple[Any, ...]
-RowBuilder = Callable[[Payload, int | None], Row]
+RowBuilder = Callable[[Payload, int | None, int | None], Row]
+"""(payload, received_at, received_seq) -> the row, those two last."""
 
 CONTROL = "control"
 """Pseudo kind of protocol messages that are not market data."""
@@ -48,6 +49,7 @@ class ParsedBatch:
     control: int  # protocol messages (serverShutdown, request answers): not data, not errors
     frames: int  # elements that were not clock marks
     last_mark: int | None  # the receive time in effect at the batch's end, for what follows it
+    next_seq: int  # the place in its flush of the frame that follows the batch (see `buffer.clock_mark`)
 
 
 class _FrameError(Exception):
@@ -189,7 +191,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
 FIELDS |= {kind: FIELDS["depth5"] for kind in ("depth10", "depth20")}
 FIELDS |= {kind: FIELDS["ticker_1h"] for kind in ("ticker_4h", "ticker_1d")}
 """Spot's stream kind -> the payload fields that fill its table's columns, in column
-order (see storage.TABLE_COLUMNS), `received_at` last and not a field. With
+order (see storage.TABLE_COLUMNS), `received_at` and `received_seq` last and not fields. With
 `streams.KIND_TABLES`, the whole mapping from Binance's spot payloads to SQL, and the
 replay's way back (the futures kinds have hand-written builders, below). A partial
 depth payload names neither its symbol nor its depth: the table's first two columns
@@ -220,8 +222,8 @@ def _checked_builder(kind: str) -> RowBuilder:
     """The row builder of a kind, made from its FIELDS: a call per field, types checked."""
     values = _values_reader(FIELDS[kind])
 
-    def build(d: Payload, received_at: int | None) -> Row:
-        return (*values(d), received_at)
+    def build(d: Payload, received_at: int | None, seq: int | None) -> Row:
+        return (*values(d), received_at, seq)
 
     return build
 
@@ -237,13 +239,13 @@ def _partial_depth_builder(stream: str) -> RowBuilder:
     levels = int(kind.removeprefix("depth"))
     values = _values_reader(FIELDS[kind])
 
-    def build(d: Payload, received_at: int | None) -> Row:
-        return (symbol, levels, *values(d), received_at)
+    def build(d: Payload, received_at: int | None, seq: int | None) -> Row:
+        return (symbol, levels, *values(d), received_at, seq)
 
     return build
 
 
-def _no_symbol_row(d: Payload, received_at: int | None) -> Row:
+def _no_symbol_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     raise _FrameError("partial depth outside a combined stream: its symbol is unknown")
 
 
@@ -257,17 +259,17 @@ def _no_symbol_row(d: Payload, received_at: int | None) -> Row:
 # that carry the volume have one: a trade or a book change per frame.
 
 
-def _fast_trade_row(d: Payload, received_at: int | None) -> Row:
+def _fast_trade_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     try:
         s, t, trade_time, m, e = d["s"], d["t"], d["T"], d["m"], d["E"]
         if type(s) is str and type(t) is type(trade_time) is type(e) is int and type(m) is bool:
-            return (s, t, float(d["p"]), float(d["q"]), trade_time, m, e, received_at)
+            return (s, t, float(d["p"]), float(d["q"]), trade_time, m, e, received_at, seq)
     except (KeyError, TypeError, ValueError):
         pass
-    return _CHECKED_BUILDERS["trade"](d, received_at)
+    return _CHECKED_BUILDERS["trade"](d, received_at, seq)
 
 
-def _fast_agg_trade_row(d: Payload, received_at: int | None) -> Row:
+def _fast_agg_trade_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     try:
         s, a, f, last, trade_time, m, e = d["s"], d["a"], d["f"], d["l"], d["T"], d["m"], d["E"]
         if (
@@ -275,21 +277,21 @@ def _fast_agg_trade_row(d: Payload, received_at: int | None) -> Row:
             and type(a) is type(f) is type(last) is type(trade_time) is type(e) is int
             and type(m) is bool
         ):
-            return (s, a, float(d["p"]), float(d["q"]), f, last, trade_time, m, e, received_at)
+            return (s, a, float(d["p"]), float(d["q"]), f, last, trade_time, m, e, received_at, seq)
     except (KeyError, TypeError, ValueError):
         pass
-    return _CHECKED_BUILDERS["aggTrade"](d, received_at)
+    return _CHECKED_BUILDERS["aggTrade"](d, received_at, seq)
 
 
-def _fast_depth_update_row(d: Payload, received_at: int | None) -> Row:
+def _fast_depth_update_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     """Measured (timeit, 20 levels): 3.4 us against 4.1 for the checked builder."""
     try:
         s, last, first, e = d["s"], d["u"], d["U"], d["E"]
         if type(s) is str and type(last) is type(first) is type(e) is int:
-            return (s, last, first, e, pack_levels(d["b"]), pack_levels(d["a"]), received_at)
+            return (s, last, first, e, pack_levels(d["b"]), pack_levels(d["a"]), received_at, seq)
     except (KeyError, TypeError, BadLevels):
         pass
-    return _CHECKED_BUILDERS["depth"](d, received_at)
+    return _CHECKED_BUILDERS["depth"](d, received_at, seq)
 
 
 # Futures row builders (USDⓈ-M and COIN-M payloads have the same fields; COIN-M's
@@ -299,33 +301,33 @@ def _fast_depth_update_row(d: Payload, received_at: int | None) -> Row:
 # and the fields Binance documents as "ignore".
 
 
-def _futures_trade_row(d: Payload, received_at: int | None) -> Row:
+def _futures_trade_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     """The undocumented futures `@trade` adds `X`, the trade type (MARKET, INSURANCE_FUND, ADL...)."""
-    return (*_fast_trade_row(d, received_at)[:-1], _optional_text(d, "X"), received_at)
+    return (*_fast_trade_row(d, received_at, seq)[:-2], _optional_text(d, "X"), received_at, seq)
 
 
-def _futures_agg_trade_row(d: Payload, received_at: int | None) -> Row:
+def _futures_agg_trade_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     """`nq`: the quantity without RPI orders (2025 on; absent before)."""
-    return (*_fast_agg_trade_row(d, received_at)[:-1], _optional_price(d, "nq"), received_at)
+    return (*_fast_agg_trade_row(d, received_at, seq)[:-2], _optional_price(d, "nq"), received_at, seq)
 
 
-def _futures_ticker_row(d: Payload, received_at: int | None) -> Row:
+def _futures_ticker_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     """Spot's 24 h ticker without `x`, `b`, `B`, `a`, `A`: futures tickers have no
     previous close and no best bid or ask."""
     return (
         _text(d, "s"), _int(d, "E"),
         _price(d, "p"), _price(d, "P"), _price(d, "w"), _price(d, "c"), _price(d, "Q"),
         _price(d, "o"), _price(d, "h"), _price(d, "l"), _price(d, "v"), _price(d, "q"),
-        _int(d, "O"), _int(d, "C"), _int(d, "F"), _int(d, "L"), _int(d, "n"), received_at,
+        _int(d, "O"), _int(d, "C"), _int(d, "F"), _int(d, "L"), _int(d, "n"), received_at, seq,
     )  # fmt: skip
 
 
-def _futures_book_ticker_row(d: Payload, received_at: int | None) -> Row:
-    return (*_CHECKED_BUILDERS["bookTicker"](d, received_at)[:-1], _int(d, "E"), _int(d, "T"), received_at)
+def _futures_book_ticker_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
+    return (*_CHECKED_BUILDERS["bookTicker"](d, received_at, seq)[:-2], _int(d, "E"), _int(d, "T"), received_at, seq)
 
 
-def _futures_depth_update_row(d: Payload, received_at: int | None) -> Row:
-    return (*_fast_depth_update_row(d, received_at)[:-1], _int(d, "pu"), _int(d, "T"), received_at)
+def _futures_depth_update_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
+    return (*_fast_depth_update_row(d, received_at, seq)[:-2], _int(d, "pu"), _int(d, "T"), received_at, seq)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -334,32 +336,32 @@ def _futures_partial_depth_builder(stream: str) -> RowBuilder:
     its symbol, and the stream name says N."""
     levels = int(stream_kind(stream).removeprefix("depth"))
 
-    def build(d: Payload, received_at: int | None) -> Row:
+    def build(d: Payload, received_at: int | None, seq: int | None) -> Row:
         return (
             _text(d, "s"), levels, _int(d, "u"), _levels(d, "b"), _levels(d, "a"),
-            _int(d, "U"), _int(d, "pu"), _int(d, "E"), _int(d, "T"), received_at,
+            _int(d, "U"), _int(d, "pu"), _int(d, "E"), _int(d, "T"), received_at, seq,
         )  # fmt: skip
 
     return build
 
 
-def _mark_price_row(d: Payload, received_at: int | None) -> Row:
+def _mark_price_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     """Funding rate `r` "" and next funding time `T` 0 (COIN-M delivery contracts: no
     funding) are stored as NULL, as are `i` and `P` where older payloads lack them."""
     return (
         _text(d, "s"), _int(d, "E"), _price(d, "p"),
         _optional_price(d, "i"), _optional_price(d, "P"), _optional_price(d, "r"),
-        _int(d, "T") or None, received_at,
+        _int(d, "T") or None, received_at, seq,
     )  # fmt: skip
 
 
-def _liquidation_row(d: Payload, received_at: int | None) -> Row:
+def _liquidation_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     o = _object(d, "o")
     return (
         _text(o, "s"), _int(o, "T"), _int(d, "E"),
         _text(o, "S"), _text(o, "o"), _text(o, "f"), _text(o, "X"),
         _price(o, "q"), _price(o, "p"), _price(o, "ap"), _price(o, "l"), _price(o, "z"),
-        received_at,
+        received_at, seq,
     )  # fmt: skip
 
 
@@ -371,46 +373,46 @@ def _candle(k: Payload) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def _continuous_kline_row(d: Payload, received_at: int | None) -> Row:
+def _continuous_kline_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     k = _object(d, "k")
     return (
         _text(d, "ps"), _text(d, "ct"), *_candle(k),
         _price(k, "v"), _price(k, "q"), _int(k, "n"), _price(k, "V"), _price(k, "Q"),
-        _int(k, "f"), _int(k, "L"), _flag(k, "x"), _int(d, "E"), received_at,
+        _int(k, "f"), _int(k, "L"), _flag(k, "x"), _int(d, "E"), received_at, seq,
     )  # fmt: skip
 
 
-def _mark_price_kline_row(d: Payload, received_at: int | None) -> Row:
+def _mark_price_kline_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     """Its volumes, counts and ids are Binance's "ignore" fields."""
     k = _object(d, "k")
-    return (_text(k, "s"), *_candle(k), _flag(k, "x"), _int(d, "E"), received_at)
+    return (_text(k, "s"), *_candle(k), _flag(k, "x"), _int(d, "E"), received_at, seq)
 
 
-def _index_price_kline_row(d: Payload, received_at: int | None) -> Row:
+def _index_price_kline_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     """An index is a pair's (`ps`); `k.s` is "0"."""
     k = _object(d, "k")
-    return (_text(d, "ps"), *_candle(k), _flag(k, "x"), _int(d, "E"), received_at)
+    return (_text(d, "ps"), *_candle(k), _flag(k, "x"), _int(d, "E"), received_at, seq)
 
 
-def _index_price_row(d: Payload, received_at: int | None) -> Row:
-    return (_text(d, "i"), _int(d, "E"), _price(d, "p"), received_at)
+def _index_price_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
+    return (_text(d, "i"), _int(d, "E"), _price(d, "p"), received_at, seq)
 
 
-def _composite_index_row(d: Payload, received_at: int | None) -> Row:
+def _composite_index_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     components = d["c"]
     if type(components) is not list:
         raise _BadField(f"field 'c' = {components!r}, expected a list of components")
     return (
         _text(d, "s"), _int(d, "E"), _price(d, "p"), _optional_text(d, "C"),
-        orjson.dumps(components).decode(), received_at,
+        orjson.dumps(components).decode(), received_at, seq,
     )  # fmt: skip
 
 
-def _contract_info_row(d: Payload, received_at: int | None) -> Row:
+def _contract_info_row(d: Payload, received_at: int | None, seq: int | None) -> Row:
     """`bks` (the leverage brackets) is not stored."""
     return (
         _text(d, "s"), _int(d, "E"), _text(d, "ps"), _text(d, "ct"), _int(d, "dt"), _int(d, "ot"),
-        _text(d, "cs"), received_at,
+        _text(d, "cs"), received_at, seq,
     )  # fmt: skip
 
 
@@ -507,10 +509,13 @@ def parse_frames(elements: Iterable[bytes], market: str = SPOT) -> ParsedBatch:
     futures market that events of an all-market stream named (`_add_by_market`).
 
     A clock mark `b"@<ms>"` is the receive time of the frames after it, up to the next
-    mark; every row takes it as `received_at`. A batch starts with a mark, because the
+    mark; every row takes it as `received_at`, and the place of its frame after the
+    mark (0, 1, ...) as `received_seq`. A batch starts with a mark, because the
     drain's acknowledgement puts the last mark back in front of a list whose head is
-    left in the middle of a flush (`FrameBuffer.ack`); rows before any mark (a list
-    written by an older version) get None.
+    left in the middle of a flush (`FrameBuffer.ack`), with the place of the frame it
+    now stands before (`b"@<ms>:<place>"`), so that a frame's place is the same
+    whatever batch it comes in; rows before any mark (a list written by an older
+    version) get None and their place in the batch.
     """
     routes = _ROUTES[market_named(market).name]
     by_st = routes.by_st
@@ -522,11 +527,14 @@ def parse_frames(elements: Iterable[bytes], market: str = SPOT) -> ParsedBatch:
     dead_letters: list[DeadLetter] = []
     frames = control = 0
     received_at: int | None = None
+    seq = -1  # the place of the current frame in its flush: counts every frame, stored or not
     for element in elements:
         if element[:1] == CLOCK_MARK_PREFIX:
-            received_at = _clock_mark(element, dead_letters)
+            received_at, offset = _clock_mark(element, dead_letters)
+            seq = offset - 1
             continue
         frames += 1
+        seq += 1
         kind = "frame"  # until known, for the reasons below
         try:
             message = orjson.loads(element)
@@ -546,11 +554,11 @@ def parse_frames(elements: Iterable[bytes], market: str = SPOT) -> ParsedBatch:
                 if type(message) is dict and "stream" in message:  # combined: remember it
                     known[message["stream"]] = (kind, build, sink)
             if by_st:
-                _add_by_market(kind, build, payload, market, rows, received_at)
+                _add_by_market(kind, build, payload, market, rows, received_at, seq)
             elif type(payload) is list:  # !miniTicker@arr, !ticker_<w>@arr: one row per symbol
-                sink.extend([build(item, received_at) for item in payload])
+                sink.extend([build(item, received_at, seq) for item in payload])
             else:
-                sink.append(build(payload, received_at))
+                sink.append(build(payload, received_at, seq))
         except orjson.JSONDecodeError as error:
             dead_letters.append(DeadLetter(element, f"invalid JSON: {error}"))
         except _FrameError as error:
@@ -563,11 +571,17 @@ def parse_frames(elements: Iterable[bytes], market: str = SPOT) -> ParsedBatch:
             dead_letters.append(DeadLetter(element, f"{kind} payload is not a JSON object"))
         except Exception as error:  # noqa: BLE001 - a frame must never stop the drain
             dead_letters.append(DeadLetter(element, f"{kind} frame failed: {error!r}"))
-    return ParsedBatch(rows, dead_letters, control, frames, received_at)
+    return ParsedBatch(rows, dead_letters, control, frames, received_at, seq + 1)
 
 
 def _add_by_market(
-    kind: str, build: RowBuilder, payload: Any, home: str, rows: dict[str, list[Row]], received_at: int | None
+    kind: str,
+    build: RowBuilder,
+    payload: Any,
+    home: str,
+    rows: dict[str, list[Row]],
+    received_at: int | None,
+    seq: int,
 ) -> None:
     """Futures events: each in the table of the market its `st` names, else of the list's (`home`).
 
@@ -577,7 +591,7 @@ def _add_by_market(
     All of a frame's rows or none: one bad event dead-letters its whole frame.
     """
     events = payload if type(payload) is list else (payload,)
-    built = [(build(event, received_at), _event_table(kind, event, home)) for event in events]
+    built = [(build(event, received_at, seq), _event_table(kind, event, home)) for event in events]
     for row, table in built:
         rows.setdefault(table, []).append(row)
 
@@ -604,13 +618,14 @@ def _table_of(market: str, kind: str) -> str:
         raise _FrameError(str(error)) from None
 
 
-def _clock_mark(element: bytes, dead_letters: list[DeadLetter]) -> int | None:
-    """The mark's time; a garbled mark is dead-lettered and makes the time unknown."""
+def _clock_mark(element: bytes, dead_letters: list[DeadLetter]) -> tuple[int | None, int]:
+    """The mark's time and the place in its flush of the frame after it; a garbled
+    mark is dead-lettered and makes the time unknown."""
     try:
-        return int(element[1:])
+        return parse_clock_mark(element)
     except ValueError:
-        dead_letters.append(DeadLetter(element, "invalid clock mark: expected @<ms>"))
-        return None
+        dead_letters.append(DeadLetter(element, "invalid clock mark: expected @<ms> or @<ms>:<place>"))
+        return None, 0
 
 
 def _route(message: Any, market: str) -> tuple[str, Any]:

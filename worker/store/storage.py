@@ -92,11 +92,22 @@ def _levels(*names: str) -> list[Column[Any]]:
     return [Column(name, LargeBinary, nullable=False) for name in names]
 
 
-def _received_at() -> Column[Any]:
-    """When the recorder received the row's websocket frame (ms, the clock mark of its
-    flush), last in every table: Binance->recorder latency and the order of events
-    across symbols as received. NULL only for rows from REST backfill."""
-    return Column("received_at", BigInteger, nullable=True)
+def _received() -> list[Column[Any]]:
+    """When and in what order the recorder received the row's websocket frame, last in
+    every table. `received_at`: the ms of the clock mark of its flush, for
+    Binance->recorder latency and the order of events across symbols. `received_seq`:
+    the frame's place in that flush (0 for the first frame after the mark), the order
+    of frames that share a `received_at` (see `worker.buffer`); the rows of one frame
+    (an all-market array) share it. Both NULL for rows from REST (backfill, snapshots'
+    `received_seq`); `received_seq` NULL also for rows stored before it existed."""
+    return [Column("received_at", BigInteger, nullable=True), Column("received_seq", Integer, nullable=True)]
+
+
+RECEIVED_COLUMNS = 2
+"""How many columns `_received` puts at the end of every table (and every row tuple)."""
+
+NOT_RECEIVED = (None,) * RECEIVED_COLUMNS
+"""The end of a row that came from REST, not from a websocket frame."""
 
 
 # One column definition per kind, without `received_at` (last in every table): spot's
@@ -217,12 +228,12 @@ def _partial_depth_columns() -> list[Column[Any]]:
     return [_symbol(), Column("levels", Integer, primary_key=True), _key("last_update_id"), *_levels("bids", "asks")]
 
 
-trades = Table("trades", metadata, *_trade_columns(), _received_at())
-agg_trades = Table("agg_trades", metadata, *_agg_trade_columns(), _received_at())
-klines = Table("klines", metadata, *_kline_columns(), _received_at())
-tickers = Table("tickers", metadata, *_ticker_columns(), _received_at())
-mini_tickers = Table("mini_tickers", metadata, *_mini_ticker_columns(), _received_at())
-book_tickers = Table("book_tickers", metadata, *_book_ticker_columns(), _received_at())
+trades = Table("trades", metadata, *_trade_columns(), *_received())
+agg_trades = Table("agg_trades", metadata, *_agg_trade_columns(), *_received())
+klines = Table("klines", metadata, *_kline_columns(), *_received())
+tickers = Table("tickers", metadata, *_ticker_columns(), *_received())
+mini_tickers = Table("mini_tickers", metadata, *_mini_ticker_columns(), *_received())
+book_tickers = Table("book_tickers", metadata, *_book_ticker_columns(), *_received())
 
 avg_prices = Table(
     "avg_prices",
@@ -232,12 +243,12 @@ avg_prices = Table(
     Column("interval", String(3), nullable=False),
     *_reals("avg_price"),
     *_ints("last_trade_time"),
-    _received_at(),
+    *_received(),
 )
 
-depth_updates = Table("depth_updates", metadata, *_depth_update_columns(), _received_at())
-depth_snapshots = Table("depth_snapshots", metadata, *_depth_snapshot_columns(), _received_at())
-partial_depth = Table("partial_depth", metadata, *_partial_depth_columns(), _received_at())
+depth_updates = Table("depth_updates", metadata, *_depth_update_columns(), *_received())
+depth_snapshots = Table("depth_snapshots", metadata, *_depth_snapshot_columns(), *_received())
+partial_depth = Table("partial_depth", metadata, *_partial_depth_columns(), *_received())
 
 # Rolling-window tickers `<s>@ticker_<1h|4h|1d>` and `!ticker_<w>@arr`.
 window_tickers = Table(
@@ -258,7 +269,7 @@ window_tickers = Table(
         "quote_volume",
     ),
     *_ints("open_time", "close_time", "first_trade_id", "last_trade_id", "trade_count"),
-    _received_at(),
+    *_received(),
 )
 
 block_trades = Table(
@@ -270,7 +281,7 @@ block_trades = Table(
     *_ints("trade_time"),
     _flag("buyer_is_maker"),
     *_ints("event_time"),
-    _received_at(),
+    *_received(),
 )
 
 reference_prices = Table(
@@ -279,7 +290,7 @@ reference_prices = Table(
     _symbol(),
     _key("time"),
     Column("reference_price", Float, nullable=True),  # Binance sends null when there is none
-    _received_at(),
+    *_received(),
 )
 
 # Futures (`streams.MARKETS`): a market's tables are its prefix + a base name below,
@@ -436,7 +447,7 @@ spot's, futures book tickers and partial depth carry Binance's event time, so th
 their time column."""
 
 FUTURES_TABLES: dict[str, Table] = {
-    market.table_prefix + base: Table(market.table_prefix + base, metadata, *_FUTURES_TABLES[base][0](), _received_at())
+    market.table_prefix + base: Table(market.table_prefix + base, metadata, *_FUTURES_TABLES[base][0](), *_received())
     for market in FUTURES_MARKETS
     for base in market.base_tables
 }
