@@ -305,12 +305,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(directory: Path) -> Path:
-    """Write a file until the file system is full; returns it."""
+    """Write a file until the file system is full; returns it. Unbuffered, and the error
+    suppressed around the file's close too: a buffered write left over when the disk
+    filled fails again on close (ENOSPC, once in a clean-clone run)."""
     filler = directory / "filler"
-    with open(filler, "wb") as out, contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as out:
         while True:
             out.write(b"\0" * 65536)
-            out.flush()
     return filler
 
 
