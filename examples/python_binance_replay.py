@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 
 import requests
 from binance import AsyncClient, DepthCacheManager, ThreadedWebsocketManager
@@ -51,5 +52,7 @@ async def book_at_the_end() -> dict:
 trades = ThreadedWebsocketManager()  # its own thread and event loop, made before asyncio.run's
 trades.start()
 trades.start_trade_socket(callback=on_trade, symbol=symbol)
+while replay_status()["clients"] == 0:  # the trade socket connected first: the replay's clock starts with it
+    time.sleep(0.05)
 print(json.dumps(asyncio.run(book_at_the_end())), flush=True)
 trades.stop()
