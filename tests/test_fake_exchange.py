@@ -61,9 +61,11 @@ class Fake:
         self.port = int(match.group(1))
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the fake and wait for its exit: its own shutdown allows open requests 5 s,
+        and four test files at a time on two cores once made a stop take over 10 s."""
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=10)
+            return self.proc.wait(timeout=30)
         finally:
             self.proc.stdout.close()  # type: ignore[union-attr]
 
