@@ -273,6 +273,48 @@ def test_malformed_frame_is_dead_lettered_and_its_neighbours_parse(name: str) ->
     assert batch.frames == 3
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"u": "7"}, "bookTicker frame has field 'u' = '7', expected an integer"),
+        ({"b": "cheap"}, "bookTicker frame has field 'b' = 'cheap', expected a decimal string"),
+        ({"s": None}, "bookTicker frame has field 's' = None, expected a string"),
+        ({"A": None}, "bookTicker frame has field 'A' = None, expected a decimal string"),
+    ],
+)
+def test_a_book_ticker_is_checked_as_every_kind(change: dict[str, Any], reason: str) -> None:
+    """bookTicker has a fast builder: a bad field still gets the checked builder's reason."""
+    batch = parse_frames([frame({**EXAMPLES["bookTicker"], **change}, "bnbusdt@bookTicker")])
+    assert [d.reason for d in batch.dead_letters] == [reason]
+
+
+def test_a_price_sent_as_a_number_gives_the_same_book_ticker_row() -> None:
+    book = EXAMPLES["bookTicker"]
+    as_text, as_numbers = (
+        parse_frames([frame(payload, "bnbusdt@bookTicker")]).rows["book_tickers"]
+        for payload in (book, {**book, "b": float(book["b"]), "A": float(book["A"])})
+    )
+    assert as_text == as_numbers and len(as_text) == 1
+
+
+def test_a_stream_routed_by_an_earlier_batch_is_parsed_and_checked_alike() -> None:
+    """The parser keeps the routes of the streams it saw across batches."""
+    book = EXAMPLES["bookTicker"]
+    first = parse_frames([frame(book, "xrpusdt@bookTicker")])
+    again = parse_frames(
+        [
+            frame(book, "xrpusdt@bookTicker"),
+            orjson.dumps({"stream": "xrpusdt@bookTicker"}),
+            frame("hello", "xrpusdt@bookTicker"),
+        ]
+    )
+    assert again.rows["book_tickers"] == first.rows["book_tickers"] and len(first.rows["book_tickers"]) == 1
+    assert [d.reason for d in again.dead_letters] == [
+        "combined frame of stream 'xrpusdt@bookTicker' lacks data",
+        "bookTicker payload is not a JSON object",
+    ]
+
+
 def test_one_bad_item_drops_its_whole_array_frame_only() -> None:
     good_array = frame([EXAMPLES["miniTicker"], {**EXAMPLES["miniTicker"], "s": "ETHBTC"}])
     batch = parse_frames([good_array, MALFORMED["array item that is no object"][0]])
