@@ -19,12 +19,13 @@ from worker.streams import MARKETS, SPOT
 LOCK_TTL_SECONDS = 120.0
 
 
-@app.task(name="tasks.snapshot_books", send_events=False)  # a tick a second: no rows in Flower; states in status
-def snapshot_books() -> dict[str, Any]:
+@app.task(name="tasks.snapshot_books", bind=True, send_events=False)  # a tick a second: no rows in Flower
+def snapshot_books(self: Any) -> dict[str, Any]:
     """Snapshots for books that must be (re)synced or are due; one run at a time. The
     result also lists every recorded book's state for a caller; beat's ticks keep no
     result and send no events (a row a second would bury the recording tasks in Flower),
-    so the states are read in `status`."""
+    so the states are read in `status`, and a tick does not list them: at 1,500 books
+    the listing cost a tenth of a core (docs/performance.md)."""
     settings = get_settings()
     client = redis_client()
     keys = RedisKeys(settings.redis_prefix)
@@ -38,10 +39,7 @@ def snapshot_books() -> dict[str, Any]:
             )
             for market in MARKETS
         }
-        return {
-            **done[SPOT],
-            "futures": {m: done[m] for m in MARKETS if m != SPOT},
-            "books": book_statuses(client, keys),
-        }
+        listed = {} if self.request.ignore_result else {"books": book_statuses(client, keys)}
+        return {**done[SPOT], "futures": {m: done[m] for m in MARKETS if m != SPOT}, **listed}
     finally:
         lock.release()

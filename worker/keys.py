@@ -139,6 +139,12 @@ class RedisKeys:
         id and event time, gap since, updates per second); see worker/store/books.py."""
         return f"{self.prefix}:book{_market(market)}:{symbol}"
 
+    def book_saves(self, market: str = SPOT) -> str:
+        """Counter of the saves of a market's book states, one per drain round that saves
+        any: a drain run's cache of the states it saved is good while nobody else saved
+        since (`worker.store.books.BookCache`)."""
+        return f"{self.prefix}:books{_market(market)}:saves"
+
     def books_needing_snapshot(self, market: str = SPOT) -> str:
         """Set of a market's symbols whose book must be (re)synced from a REST depth snapshot."""
         return f"{self.prefix}:books{_market(market)}:needs-snapshot"

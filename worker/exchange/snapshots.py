@@ -98,8 +98,9 @@ def snapshot_limits(books: Mapping[str, BookState], settings: Settings, rules: R
 def recorded_states(client: redis.Redis, keys: RedisKeys, market: str) -> dict[str, BookState]:
     """Every recorded book of `market` with the drain's state of it; a book the drain has
     not seen yet has the state of none (resyncing, no rate), so it ranks as the quietest."""
-    followed = book_states(client, keys, market)
-    return {symbol: followed.get(symbol, BookState()) for symbol in wanted_books(client, keys, market)}
+    wanted = wanted_books(client, keys, market)
+    followed = book_states(client, keys, market, wanted)
+    return {symbol: followed.get(symbol, BookState()) for symbol in wanted}
 
 
 def plan_snapshots(

@@ -30,7 +30,8 @@ The state per market and symbol lives in Redis (`RedisKeys.book`), where `status
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
+from copy import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,14 +109,63 @@ class FollowedBooks:
     def states(self) -> dict[str, str]:
         return {symbol: book.state for symbol, book in self.books.items()}
 
-    def save(self, client: redis.Redis, keys: RedisKeys) -> None:
+    def save(self, client: redis.Redis, keys: RedisKeys, listed: Container[str] = ()) -> int:
+        """Save the states in one transaction, counted in `RedisKeys.book_saves`; returns
+        the count this save left. `listed`: symbols known to be in the market's set of
+        books already (`BookCache`), which need no SADD."""
         with client.pipeline(transaction=True) as pipe:
             for symbol, book in self.books.items():
                 pipe.hset(keys.book(symbol, self.market), mapping={k: v for k, v in book.as_fields().items()})
-            pipe.sadd(keys.books(self.market), *self.books)
+            if unlisted := [symbol for symbol in self.books if symbol not in listed]:
+                pipe.sadd(keys.books(self.market), *unlisted)
             if self.needing_snapshot:
                 pipe.sadd(keys.books_needing_snapshot(self.market), *self.needing_snapshot)
-            pipe.execute()
+            pipe.incr(keys.book_saves(self.market))
+            return int(pipe.execute()[-1])
+
+
+class BookCache:
+    """The book states of one market that this drain run saved last, so that its rounds
+    read none of them back from Redis.
+
+    At the whole market's mix a round holds events of hundreds of books, and reading
+    their states back every round (a pipelined HGETALL each) was most of a round's Redis
+    work besides the claim and the acknowledgement (docs/performance.md). The cache is
+    good only while nobody else saved a state of the market: every save increments
+    `RedisKeys.book_saves` in its transaction, and a round first reads that counter
+    (one GET). If it is the count this run's own last save left, the saved states are
+    still Redis's; otherwise (a run of another lane met this one on a list, the lane
+    moved to another process and back, Redis lost its data) the cache is dropped and
+    the states are read again. A state handed out is a copy: the round changes it before
+    its commit, which may fail."""
+
+    def __init__(self, market: str = SPOT) -> None:
+        self.market = market
+        self._states: dict[str, BookState] = {}
+        self._saves: int | None = None  # the count this cache's states were saved at
+
+    def states(self, client: redis.Redis, keys: RedisKeys, symbols: Sequence[str]) -> dict[str, BookState]:
+        """The current state of each of `symbols`' books: from the cache while it is good, else from Redis."""
+        saves = client.get(keys.book_saves(self.market))
+        if self._saves is None or saves is None or int(saves) != self._saves:
+            self._forget()
+        missing = [symbol for symbol in symbols if symbol not in self._states]
+        loaded = load_states(client, keys, missing, self.market) if missing else {}
+        return {symbol: copy(self._states[symbol]) if symbol in self._states else loaded[symbol] for symbol in symbols}
+
+    def save(self, client: redis.Redis, keys: RedisKeys, followed: FollowedBooks) -> None:
+        """Save `followed` (`FollowedBooks.save`) and keep its states. If another save came
+        between this cache's last one and this one, only this save's states are known to
+        be Redis's (they overwrote any other); a save after it shows in the counter."""
+        last, self._saves = self._saves, None  # unknown if the save fails
+        saves = followed.save(client, keys, listed=self._states)
+        if last is None or saves != last + 1:
+            self._states = {}
+        self._states.update(followed.books)
+        self._saves = saves
+
+    def _forget(self) -> None:
+        self._states, self._saves = {}, None
 
 
 def follow_books(
@@ -125,23 +175,19 @@ def follow_books(
     rows: Sequence[tuple[Any, ...]],
     now_ms: int,
     market: str = SPOT,
+    cache: BookCache | None = None,
 ) -> FollowedBooks:
     """Follow each symbol's events in `rows` (`market`'s depth_updates rows, as received,
     stored in `conn`'s transaction): record breaks in `gaps` and resyncs, in that transaction.
     A replayed batch (the drain died before its ack) is followed again harmlessly: its
-    events are at or below the saved update ids, and a gaps row is keyed by its start."""
+    events are at or below the saved update ids, and a gaps row is keyed by its start.
+    The states come from `cache` (the drain run's), else from Redis."""
     by_symbol: dict[str, list[tuple[Any, ...]]] = {}
     for row in rows:
         by_symbol.setdefault(row[_SYMBOL], []).append(row)
-    # One round trip to read every symbol's state (and one to save them): a batch of
-    # 200 symbols took 0.19 s with a round trip per symbol, 0.01 s like this.
-    with client.pipeline(transaction=False) as pipe:
-        for symbol in by_symbol:
-            pipe.hgetall(keys.book(symbol, market))
-        stored = pipe.execute()
-    followed = FollowedBooks(
-        {symbol: BookState.from_hash(raw) for symbol, raw in zip(by_symbol, stored, strict=True)}, [], market
-    )
+    symbols = list(by_symbol)
+    states = cache.states(client, keys, symbols) if cache else load_states(client, keys, symbols, market)
+    followed = FollowedBooks(states, [], market)
     book_market = market_named(market)
     for symbol, events in by_symbol.items():
         _follow(conn, book_market, followed.books[symbol], symbol, events, now_ms)
@@ -277,11 +323,38 @@ def wanted_books(client: redis.Redis, keys: RedisKeys, market: str = SPOT) -> se
     }
 
 
-def book_states(client: redis.Redis, keys: RedisKeys, market: str = SPOT) -> dict[str, BookState]:
-    """The book state of every symbol of `market` whose diff depth is recorded now, by symbol
-    (the drain keeps the state of an unsubscribed book: a new subscription continues it)."""
+def book_states(
+    client: redis.Redis, keys: RedisKeys, market: str = SPOT, wanted: set[str] | None = None
+) -> dict[str, BookState]:
+    """The book state of every symbol of `market` whose diff depth is recorded now
+    (`wanted`, if the caller has `wanted_books` already), by symbol (the drain keeps the
+    state of an unsubscribed book: a new subscription continues it)."""
+    wanted = wanted_books(client, keys, market) if wanted is None else wanted
     followed = {as_text(s) for s in client.smembers(keys.books(market))}
+    return load_states(client, keys, sorted(followed & wanted), market)
+
+
+# Every book's hash in one command (a flat field, value list each), for `load_states`.
+_LOAD_STATES = """
+local states = {}
+for i, key in ipairs(KEYS) do
+  states[i] = redis.call('HGETALL', key)
+end
+return states
+"""
+
+
+def load_states(
+    client: redis.Redis, keys: RedisKeys, symbols: Sequence[str], market: str = SPOT
+) -> dict[str, BookState]:
+    """The stored state of each of `symbols`' books, in one command. `tasks.snapshot_books`
+    reads every book every second, 1,500 of them for a whole market: a round trip per
+    book cost 65 ms of CPU a read, a pipelined HGETALL per book 27 ms, this 10 ms
+    (docs/performance.md)."""
+    if not symbols:
+        return {}
+    stored = client.register_script(_LOAD_STATES)(keys=[keys.book(symbol, market) for symbol in symbols])
     return {
-        symbol: BookState.load(client, keys, symbol, market)
-        for symbol in sorted(followed & wanted_books(client, keys, market))
+        symbol: BookState.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+        for symbol, flat in zip(symbols, stored, strict=True)
     }

@@ -65,7 +65,7 @@ from worker.exchange.listings import ListingWatch, apply_contract_info
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.lease import Lease
-from worker.store.books import follow_books
+from worker.store.books import BookCache, follow_books
 from worker.store.parsing import ParsedBatch, Row, parse_frames
 from worker.store.storage import store_rows
 from worker.streams import MARKETS, USDM
@@ -187,6 +187,8 @@ class Drainer:
         self.lanes = lanes or DrainLanes(client, keys, lanes=1, lane=0)
         self.buffer = FrameBuffer(client, keys)
         self.registry = GroupRegistry(client, keys)
+        self.books = {market: BookCache(market) for market in MARKETS}
+        self._marked: dict[str, int] = {}  # stored_at field -> when this run last wrote it
 
     def drain(self, time_budget: float, should_stop: Callable[[], bool] = lambda: False) -> DrainReport:
         """Drain every list until all are empty, the time budget is spent, or the worker
@@ -225,17 +227,19 @@ class Drainer:
             # Order-book continuity is checked here, where the events are stored (see
             # worker/store/books.py); the states are saved once the rows are committed.
             followed = [
-                follow_books(conn, self.client, self.keys, depth_rows, now_ms(), market.name)
+                follow_books(conn, self.client, self.keys, depth_rows, now_ms(), market.name, self.books[market.name])
                 for market in MARKETS.values()
                 if (depth_rows := rows.get(market.table("depth")))
             ]
         for books in followed:
-            books.save(self.client, self.keys)
+            self.books[books.market].save(self.client, self.keys, books)
         if contract_info := rows.get(MARKETS[USDM].table("contractInfo")):
             apply_contract_info(
                 self.registry, ListingWatch(self.client, self.keys), self.engine, contract_info, now_ms()
             )
-        self._acknowledge(claims, parsed, stored, stored_marks(rows, now_ms()))
+        marks = self._marks_due(stored_marks(rows, now_ms()))
+        self._acknowledge(claims, parsed, stored, marks)
+        self._marked.update(marks)
         report.batches += len(claims)
         report.rows.update(stored)
         for batch in parsed:
@@ -243,6 +247,10 @@ class Drainer:
             report.control += batch.control
             report.dead_letters += len(batch.dead_letters)
         return sum(len(claim.elements) for claim in claims)
+
+    def _marks_due(self, marks: dict[str, int]) -> dict[str, int]:
+        """The `stored_at` marks this run did not write within `STORED_AT_RESOLUTION_MS`."""
+        return {field: ms for field, ms in marks.items() if ms - self._marked.get(field, 0) >= STORED_AT_RESOLUTION_MS}
 
     def forget_unwanted_empty_lists(self) -> None:
         wanted = self.registry.wanted()
@@ -286,6 +294,12 @@ class Drainer:
         pipe.ltrim(self.keys.dead_letters, -DEAD_LETTERS_KEPT, -1)
         pipe.hincrby(self.keys.counters, "dead_letters", len(batch.dead_letters))
 
+
+STORED_AT_RESOLUTION_MS = 1000
+"""A run writes a symbol's `stored_at` mark at most this often: `status` reads the marks
+in seconds (`STALE_STREAM_SECONDS`, default 300), and at the whole market's mix a round
+stores rows of a thousand symbols or more, twenty rounds a second: a mark per symbol
+and table every round was most of the acknowledgement's work (docs/performance.md)."""
 
 WATCHED_KINDS = ("trade", "aggTrade", "depth", "markPrice")
 """Kinds of the streams whose silence `status` reports (`STALE_STREAM_SECONDS`): a
