@@ -49,7 +49,7 @@ def drain(self: Any) -> dict[str, Any]:
         share = DrainLanes(client, keys, lanes, shift.lane)
         drainer = Drainer(client, keys, database, settings.drain_batch_size, share)
         with shift.held():
-            report = drainer.drain_window(shift.keep_going(shutting_down))
+            report = drainer.drain_window(shift.keep_going(shutting_down), settings.flush_interval_ms / 1000)
     except SQLAlchemyError as error:
         # Recorded for `status`, shown in Flower, and re-raised for the log; the next run
         # that stores clears it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import orjson
@@ -198,3 +199,35 @@ def test_a_batch_ending_on_a_flush_boundary_puts_no_mark_back(
 
     assert redis_client.lrange(key, 0, 0) == [clock_mark(1_700_000_000_200)]
     assert redis_client.llen(key) == 6
+
+
+def rounds_of(
+    drainer: Drainer, client: redis.Redis, key: str, frames: list[list[bytes]], round_seconds: float
+) -> float:
+    """Seconds `drain_window` takes over `frames`, one list of them pushed before each round."""
+    pending = iter(frames)
+
+    def keep_going() -> bool:
+        batch = next(pending, None)
+        if batch:
+            client.rpush(key, clock_mark(1_700_000_000_000), *batch)
+        return batch is not None
+
+    started = time.monotonic()
+    drainer.drain_window(keep_going, round_seconds)
+    return time.monotonic() - started
+
+
+def test_rounds_without_a_backlog_start_a_round_interval_apart_and_a_backlog_is_stored_at_once(
+    redis_client: redis.Redis, keys: RedisKeys, engine: Engine
+) -> None:
+    key = push(redis_client, keys, "g1", [])
+    drainer = Drainer(redis_client, keys, engine, batch_size=100)
+    flushes = [[trade_frame("BTCUSDT", 10 * n + i) for i in range(1, 4)] for n in range(4)]
+    assert rounds_of(drainer, redis_client, key, flushes, 0.3) >= 3 * 0.3  # 4 rounds, each after the last's 0.3 s
+    # 5 rounds of whole batches (a mark and 99 frames: the acknowledgement puts the mark back)
+    backlog = [[trade_frame("BTCUSDT", 1000 + i) for i in range(500)]] + [[]] * 4
+    assert rounds_of(drainer, redis_client, key, backlog, 5.0) < 5.0  # no round waited
+    assert len(trade_ids(engine)) == 12 + 5 * 99
+    drainer.drain(time_budget=30)
+    assert len(trade_ids(engine)) == 12 + 500

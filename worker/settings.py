@@ -88,7 +88,12 @@ class Settings:
         "result backend) may wait; a half-open link fails after this instead of hanging.",
         _POSITIVE,
     )
-    flush_interval_ms: int = _setting(50, "Longest time a received frame waits in a subscription task before RPUSH.", 1)
+    flush_interval_ms: int = _setting(
+        50,
+        "Longest time a received frame waits in a subscription task before RPUSH; also the shortest "
+        "time between the starts of two drain rounds while the drain has no backlog.",
+        1,
+    )
     local_buffer_max_frames: int = _setting(
         200000,
         "Frames a subscription task keeps in memory while Redis is unreachable; "
