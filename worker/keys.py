@@ -145,6 +145,11 @@ class RedisKeys:
         since (`worker.store.books.BookCache`)."""
         return f"{self.prefix}:books{_market(market)}:saves"
 
+    def book_bands(self, market: str = SPOT) -> str:
+        """Hash: symbol -> the prices past which a market's book's top leaves the band of
+        levels its newest depth snapshot holds (see worker/exchange/snapshots.py)."""
+        return f"{self.prefix}:books{_market(market)}:bands"
+
     def books_needing_snapshot(self, market: str = SPOT) -> str:
         """Set of a market's symbols whose book must be (re)synced from a REST depth snapshot."""
         return f"{self.prefix}:books{_market(market)}:needs-snapshot"
