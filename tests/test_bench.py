@@ -18,7 +18,7 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from bench import report
+from bench import drain_market, report
 from bench.frames import MARKET_RATE, MARKET_SYMBOLS, market_frames, wire_payloads
 from bench.receivers import LIBRARIES
 from bench.watch import NotReady, open_row_watcher
@@ -333,3 +333,22 @@ def test_the_market_mix_frames_are_the_load_tests_kinds_in_its_proportions() -> 
 def test_wire_payloads_reads_back_what_websocket_wire_wrote(size: int) -> None:
     payloads = [b"x" * size, b'{"a":1}', b"y" * size]
     assert wire_payloads(websocket_wire(payloads)) == payloads
+
+
+def test_the_in_process_drain_at_the_market_mix_stores_one_row_a_frame_of_its_measured_rounds() -> None:
+    figures = drain_market.measure(frames_count=6000, round_frames=1000, warmup_frames=2000)
+    assert (figures["rows"], figures["rounds"]) == (4000, 4)  # the rounds after the warm-up's two
+    assert figures["cpu_us_per_row"] > 0 and figures["books"] > 0 and figures["book_states_read_ms"] > 0
+
+
+def test_bad_in_process_drain_options_are_one_line_errors() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.drain_market", "--round-frames", "0"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 2 and "--round-frames must be 1 to 30,000" in done.stderr
+    assert "Traceback" not in done.stderr
