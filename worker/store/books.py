@@ -387,7 +387,7 @@ def load_states(
 ) -> dict[str, BookState]:
     """The stored state of each of `symbols`' books, in one command. `tasks.snapshot_books`
     reads every book every second, 1,500 of them for a whole market: a round trip per
-    book cost 65 ms of CPU a read, a pipelined HGETALL per book 27 ms, this 10 ms
+    book cost 65 to 78 ms of CPU a read, a pipelined HGETALL per book 27 ms, this 16 to 21 ms
     (docs/performance.md)."""
     if not symbols:
         return {}
