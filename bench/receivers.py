@@ -149,8 +149,8 @@ LIBRARIES: dict[str, Callable[[str, int], dict[str, Any]]] = {
     "picows": lambda url, frames: asyncio.run(_picows(url, frames)),
 }
 """Bare receive loops (receive, keep the payload as bytes, discard), one per websocket
-library; the first is the recorder's library as its ceiling in part 1. The others are
-in the `bench` extra, imported only when run."""
+library; the first, the seed's library, is part 1's ceiling (the issue's reference). picows
+is the recorder's; `websockets` is in the `bench` extra, imported only when run."""
 
 
 def bare(url: str, frames: int, library: str = "websocket-client") -> dict[str, Any]:
