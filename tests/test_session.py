@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import picows
 import pytest
 
-from worker.ingest.session import StreamSession
+from worker.ingest.session import StreamSession, environment_proxy
 
 LATE_FRAMES = [b'{"late":1}', b'{"late":2}', b'{"late":3}']
 
@@ -101,3 +101,16 @@ def test_a_close_from_the_server_ends_the_session_with_what_it_sent(server: Serv
     wait_for(lambda: session.ended, "the session to end")
     assert session.end_reason == "closed by the server"
     assert list(got) == [b'{"stream":"a@trade","data":{}}'] and session.opened_at is not None
+
+
+def test_the_proxy_is_the_environments_as_websocket_client_found_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert environment_proxy("wss://data-stream.binance.vision/stream") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("http_proxy", "socks5://plain.example:1080")
+    assert environment_proxy("wss://data-stream.binance.vision/stream") == "http://proxy.example:3128"
+    assert environment_proxy("ws://exchange.example/stream") == "socks5://plain.example:1080"
+    assert environment_proxy("ws://127.0.0.1:9000/stream") is None
+    monkeypatch.setenv("no_proxy", ".binance.vision")
+    assert environment_proxy("wss://data-stream.binance.vision/stream") is None

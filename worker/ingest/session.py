@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -61,6 +63,18 @@ def split_streams_for_url(base_url: str, streams: Sequence[str], path: str = "/s
 def control_requests(method: str, streams: Sequence[str]) -> list[tuple[str, list[str]]]:
     """(method, streams) requests of at most SUBSCRIBE_BATCH streams each."""
     return [(method, list(streams[i : i + SUBSCRIBE_BATCH])) for i in range(0, len(streams), SUBSCRIBE_BATCH)]
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url`, as websocket-client (the recorder's
+    library before picows) found it: `https_proxy` for wss://, `http_proxy` for ws://
+    (either case), none for a host in `no_proxy` nor for this machine. picows takes a
+    proxy only as an argument."""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or ""
+    if host in ("localhost", "127.0.0.1") or urllib.request.proxy_bypass(host):
+        return None
+    return urllib.request.getproxies_environment().get("https" if parsed.scheme == "wss" else "http")
 
 
 class _Receiver(picows.WSListener):
@@ -171,7 +185,11 @@ class StreamSession:
             # The whole connect within the timeout: picows's own covers the handshake only, not TCP or TLS.
             transport, _ = await asyncio.wait_for(
                 picows.ws_connect(
-                    lambda: _Receiver(self), self.url, websocket_handshake_timeout=None, enable_auto_pong=True
+                    lambda: _Receiver(self),
+                    self.url,
+                    websocket_handshake_timeout=None,
+                    enable_auto_pong=True,
+                    proxy=environment_proxy(self.url),
                 ),
                 self.connect_timeout,
             )
