@@ -6,11 +6,12 @@ no Redis round trip per message.
 
 The websocket is picows's (Cython), on an asyncio loop of the session's own thread:
 its frame parsing costs 0.5 µs of CPU a frame where websocket-client's cost 8.0 and
-`websockets`' sync client 4.8 (bench part `1b clients`, docs/performance.md), and at
-the whole market's 40,000 frames a second that parsing was most of the streams
-processes' CPU. picows answers pings itself, echoing the payload, however rarely they
-come (spot every 20 s, futures every 3 minutes); silence is judged by data frames
-(worker/ingest/runner.py), not pings.
+`websockets`' sync client 4.8 (bench part `1b clients`, docs/performance.md). At the
+market mix websocket-client's frame reading was 82 % of the busiest streams process's
+receiving thread (py-spy); with picows (and a lighter progress report) the streams
+processes take 3.6 µs of CPU a frame at 40,000 msg/s, 13.9 before. picows answers
+pings itself, echoing the payload, however rarely they come (spot every 20 s, futures
+every 3 minutes); silence is judged by data frames (worker/ingest/runner.py), not pings.
 
 A session runs in a thread so that its owner (worker/ingest/runner.py) can flush on a steady
 clock and hold two sessions at once while rotating a connection without a gap.
@@ -229,7 +230,7 @@ class StreamSession:
         if not disconnected.done():
             transport.send_close(picows.WSCloseCode.OK)
             await asyncio.wait([disconnected], timeout=CLOSE_TIMEOUT_SECONDS)
-        transport.disconnect()
+        transport.disconnect(graceful=False)  # a peer that reads nothing must not hold the close
         await asyncio.wait([disconnected])
         disconnected.exception()  # a local failure, already reported if it ended the connection
 
