@@ -61,6 +61,9 @@ def test_unknown_books_come_first_the_busiest_first_and_only_the_busiest_are_dee
     ]
     later = plan_snapshots(books, {"EEE"}, set(), settings, SPOT_RULES, NOW + RATE_MEASURE_GRACE_MS)
     assert [p.symbol for p in later] == ["EEE"]  # no rate after the grace: a quiet book
+    # A known book whose top is leaving its snapshot's band comes before those due by age.
+    running = plan_snapshots(books, {"BBB"}, {"CCC", "GGG"}, settings, SPOT_RULES, NOW, leaving={"CCC"})
+    assert [p.symbol for p in running] == ["BBB", "CCC", "GGG"]
 
 
 def test_the_thin_depth_is_the_cheapest_weight_of_the_market() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,19 @@ def test_a_book_syncs_on_a_straddling_snapshot_and_a_break_records_a_gap_until_t
     assert (state.last_update_id, state.gap_since, state.updates_per_second) == (16, None, 5.0)
 
 
+def test_a_synced_books_newest_diffs_say_where_its_top_is(
+    engine: Engine, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    store_snapshot(engine, snapshot(2, [["10", "1"]], [["11", "1"]]))
+    first = event(1, 3, bids=[["10.5", "2"], ["10.8", "0"]], asks=[["11.5", "0"], ["10.9", "3"], ["12", "1"]])
+    assert drain(engine, redis_client, keys, [first, event(4, 5, bids=[["10.2", "1"]])]) == {SYMBOL: SYNCED}
+    state = BookState.load(redis_client, keys, SYMBOL)
+    assert (state.bid_seen, state.ask_seen) == (10.2, 10.9)  # each side from the newest diff that has one
+    drain(engine, redis_client, keys, [event(6, 6, bids=[["10.7", "0"], ["10.6", "4"]])])
+    state = BookState.load(redis_client, keys, SYMBOL)
+    assert (state.bid_seen, state.ask_seen) == (10.6, 10.9)
+
+
 def test_a_batch_whose_transaction_fails_shows_its_break_again_when_retried(
     engine: Engine, redis_client: redis.Redis, keys: RedisKeys
 ) -> None:
@@ -366,7 +380,7 @@ def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
 ) -> None:
     from tests.test_fake_exchange import running_fake
     from worker.exchange.rest import BinanceRest
-    from worker.exchange.snapshots import take_snapshots
+    from worker.exchange.snapshots import TopBand, take_snapshots
     from worker.groups import Group, GroupRegistry
     from worker.store.storage import depth_snapshots
 
@@ -390,6 +404,23 @@ def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
         redis_client.hset(keys.book("BTCUSDT"), mapping=synced)  # as the drain does
         redis_client.sadd(keys.books(), "BTCUSDT")
         assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == []  # not due for an hour
+        band = TopBand.parse(redis_client.hget(keys.book_bands(), "BTCUSDT"))  # half the snapshot's levels each way
+        with engine.connect() as conn:
+            bids, asks = (
+                unpack_levels(side)
+                for side in conn.execute(select(depth_snapshots.c.bids, depth_snapshots.c.asks)).one()
+            )
+        # The fake's grid ends 500 levels past the wave's extremes: near one, a side has fewer
+        # levels than asked, which is the whole side (no edge); the other side is full.
+        assert band.above == ((asks[0][0] + asks[-1][0]) / 2 if len(asks) == 1000 else math.inf)
+        assert band.below == ((bids[0][0] + bids[-1][0]) / 2 if len(bids) == 1000 else -math.inf)
+        inside = {"bid_seen": repr(bids[0][0]), "ask_seen": repr(asks[0][0])}
+        redis_client.hset(keys.book("BTCUSDT"), mapping=inside)
+        assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == []  # inside its band
+        # The top ran half through the snapshot's asks (or bids):
+        ran = {"bid_seen": repr(band.above)} if len(asks) == 1000 else {"ask_seen": repr(band.below)}
+        redis_client.hset(keys.book("BTCUSDT"), mapping=ran)
+        assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == ["BTCUSDT"]
         refresh = dataclasses.replace(settings, depth_snapshot_interval_seconds=0.001)
         assert take_snapshots(refresh, redis_client, lambda: engine, rest)["stored"] == ["BTCUSDT"]  # due
         redis_client.hset(keys.book("BTCUSDT"), "state", RESYNCING)  # the drain found a break

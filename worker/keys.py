@@ -139,6 +139,11 @@ class RedisKeys:
         id and event time, gap since, updates per second); see worker/store/books.py."""
         return f"{self.prefix}:book{_market(market)}:{symbol}"
 
+    def book_bands(self, market: str = SPOT) -> str:
+        """Hash: symbol -> the prices past which a market's book's top leaves the band of
+        levels its newest depth snapshot holds (see worker/exchange/snapshots.py)."""
+        return f"{self.prefix}:books{_market(market)}:bands"
+
     def books_needing_snapshot(self, market: str = SPOT) -> str:
         """Set of a market's symbols whose book must be (re)synced from a REST depth snapshot."""
         return f"{self.prefix}:books{_market(market)}:needs-snapshot"

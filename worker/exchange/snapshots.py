@@ -21,13 +21,25 @@ DEPTH_SNAPSHOT_LIMIT levels and the rest at the cheapest depth; a run takes what
 minute's budget holds and leaves the rest to the next runs (beat starts one a second),
 which plan again with the rates and breaks of then. docs/order-books.md has the
 arithmetic; `sync_outlook` says when the books waiting now will all be synced.
+
+A third reason comes between the two: a book whose top is leaving its snapshot's band.
+A snapshot holds the best N levels a side, a band of prices around the top of its
+moment; a rebuild knows the levels beyond it only where a diff changed them since, so
+it shows no level past the band (worker/ops/book.py). A price that runs (the fake's
+wave moved BTCUSDT about 1,550 ticks in five minutes, past a 1,000-level snapshot, and
+`book --at` then showed no asks) needs a fresh snapshot before its top reaches the
+band's edge: `TopBand` says where half of the band is spent, the drain notes where
+the top is (`BookState.bid_seen`, `ask_seen`), and such books are planned right after
+the unknown ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +91,48 @@ def by_activity(books: Mapping[str, BookState]) -> list[str]:
     return sorted(books, key=lambda symbol: (-books[symbol].updates_per_second, symbol))
 
 
+@dataclass(frozen=True)
+class TopBand:
+    """Where a book's top leaves the middle of the band its newest snapshot holds: a bid
+    at or above `above` (the top ran up through half of the snapshot's asks), or an ask
+    at or below `below`. A side answered with fewer levels than asked is the whole side:
+    nothing lies beyond it to miss, so it sets no edge."""
+
+    below: float
+    above: float
+
+    @classmethod
+    def of_snapshot(cls, snapshot: Mapping[str, Any], limit: int) -> TopBand:
+        bids, asks = snapshot["bids"], snapshot["asks"]
+        full_bids, full_asks = len(bids) >= limit > 0, len(asks) >= limit > 0
+        below = (float(bids[0][0]) + float(bids[-1][0])) / 2 if full_bids else -math.inf
+        above = (float(asks[0][0]) + float(asks[-1][0])) / 2 if full_asks else math.inf
+        return cls(below, above)
+
+    @classmethod
+    def parse(cls, stored: bytes | str) -> TopBand:
+        below, above = as_text(stored).split()
+        return cls(float(below), float(above))
+
+    def encode(self) -> str:
+        return f"{self.below!r} {self.above!r}"
+
+    def left_by(self, book: BookState) -> bool:
+        return (book.bid_seen is not None and book.bid_seen >= self.above) or (
+            book.ask_seen is not None and book.ask_seen <= self.below
+        )
+
+
+def leaving_their_bands(client: redis.Redis, keys: RedisKeys, market: str, books: Mapping[str, BookState]) -> set[str]:
+    """The synced books whose top the drain saw leave their newest snapshot's `TopBand`."""
+    bands = {as_text(symbol): TopBand.parse(band) for symbol, band in client.hgetall(keys.book_bands(market)).items()}
+    return {
+        symbol
+        for symbol, book in books.items()
+        if book.state == SYNCED and symbol in bands and bands[symbol].left_by(book)
+    }
+
+
 def snapshot_limits(books: Mapping[str, BookState], settings: Settings, rules: RestRules) -> dict[str, int]:
     """Each book's snapshot depth: DEPTH_SNAPSHOT_LIMIT for the DEPTH_SNAPSHOT_DEEP_BOOKS
     most active, the cheapest weight's depth (spot: 100 levels, weight 5) for the others.
@@ -109,16 +163,19 @@ def plan_snapshots(
     settings: Settings,
     rules: RestRules,
     now: int,
+    leaving: AbstractSet[str] = frozenset(),
 ) -> list[PlannedSnapshot]:
-    """The snapshots to take, in order: the books that are unknown (`needed`) before the
-    known ones due for a refresh (`due`), each the most active first. A book still
-    without a rate (`RATE_MEASURE_GRACE_MS`) is left for a later run. `books` holds every
-    recorded book's state (`recorded_states`)."""
+    """The snapshots to take, in order: the books that are unknown (`needed`), then the
+    known ones whose top is leaving their snapshot's band (`leaving`), then those due
+    for a refresh (`due`), each the most active first. A book still without a rate
+    (`RATE_MEASURE_GRACE_MS`) is left for a later run. `books` holds every recorded
+    book's state (`recorded_states`)."""
     limits = snapshot_limits(books, settings, rules)
     order = by_activity(books)
     unknown = [s for s in order if s in needed and books[s].state != SYNCED and not _unmeasured(books[s], now)]
-    refresh = [s for s in order if s in due and s not in needed]
-    return [PlannedSnapshot(s, limits[s], rules.depth_weight(limits[s])) for s in unknown + refresh]
+    running = [s for s in order if s in leaving and s not in needed]
+    refresh = [s for s in order if s in due and s not in needed and s not in leaving]
+    return [PlannedSnapshot(s, limits[s], rules.depth_weight(limits[s])) for s in unknown + running + refresh]
 
 
 def _unmeasured(book: BookState, now: int) -> bool:
@@ -163,7 +220,8 @@ def take_snapshots(
     with engine.connect() as conn:
         since = now_ms() - int(settings.depth_snapshot_interval_seconds * 1000)
         due = _due_for_refresh(conn, depth_snapshots, synced, since) if synced else set()
-    plan = plan_snapshots(books, needed - done_with, due, settings, rest.rules, now_ms())
+    leaving = leaving_their_bands(client, keys, market.name, books)
+    plan = plan_snapshots(books, needed - done_with, due, settings, rest.rules, now_ms(), leaving)
     stored: list[str] = []
     failed: dict[str, str] = {}
     for taken, planned in enumerate(plan):
@@ -177,6 +235,8 @@ def take_snapshots(
         else:
             with engine.begin() as conn:
                 store_rows(conn, {depth_snapshots.name: [snapshot_row(planned.symbol, snapshot, now_ms())]})
+            band = TopBand.of_snapshot(snapshot, planned.limit)
+            client.hset(keys.book_bands(market.name), planned.symbol, band.encode())
             stored.append(planned.symbol)
         # Taken out once fetched (or failed): a drain that still finds only older
         # snapshots puts the symbol back.

@@ -39,6 +39,7 @@ from sqlalchemy import Connection, Table, func, select, update
 
 from worker.groups import GroupRegistry
 from worker.keys import RedisKeys, as_text
+from worker.store.depth import unpack_levels
 from worker.store.storage import TABLES, gaps, insert_or_ignore
 from worker.streams import SPOT, Market, market_named, stream_kind
 
@@ -49,7 +50,7 @@ GAP_REASON = "order book unknown: diff-depth updates were lost and REST serves n
 
 # Column positions of a depth_updates row (see storage.depth_updates); futures rows
 # add prev_final_update_id (`pu`) after the levels.
-_SYMBOL, _FINAL, _FIRST, _TIME, _PU = 0, 1, 2, 3, 6
+_SYMBOL, _FINAL, _FIRST, _TIME, _BIDS, _ASKS, _PU = 0, 1, 2, 3, 4, 5, 6
 
 
 def predecessor(first: int, pu: int | None) -> int:
@@ -68,6 +69,12 @@ class BookState:
     resync_from: int | None = None  # predecessor of the first event after the break: a snapshot must reach it
     gap_since: int | None = None  # event time of the last update before the break
     updates_per_second: float = 0.0
+    # The highest bid and lowest ask with a quantity in the newest diff of a synced book
+    # that had one on that side: where its top is now, at least. A snapshot holds a
+    # band of levels around the top of its moment; `tasks.snapshot_books` takes a fresh
+    # one when these say the top is leaving that band (worker/exchange/snapshots.py).
+    bid_seen: float | None = None
+    ask_seen: float | None = None
 
     @classmethod
     def load(cls, client: redis.Redis, keys: RedisKeys, symbol: str, market: str = SPOT) -> BookState:
@@ -80,6 +87,8 @@ class BookState:
         return cls(
             state=raw.get("state", RESYNCING),
             updates_per_second=float(raw.get("updates_per_second", 0)),
+            bid_seen=float(raw["bid_seen"]) if raw.get("bid_seen") else None,
+            ask_seen=float(raw["ask_seen"]) if raw.get("ask_seen") else None,
             **ints,
         )
 
@@ -87,11 +96,15 @@ class BookState:
         return {
             "state": self.state,
             "updates_per_second": f"{self.updates_per_second:.2f}",
-            **{name: "" if getattr(self, name) is None else str(getattr(self, name)) for name in _INT_FIELDS},
+            **{
+                name: "" if getattr(self, name) is None else repr(getattr(self, name))
+                for name in _INT_FIELDS + _PRICE_FIELDS
+            },
         }
 
 
 _INT_FIELDS = ("last_update_id", "last_event_time", "resync_from", "gap_since")
+_PRICE_FIELDS = ("bid_seen", "ask_seen")
 
 
 @dataclass
@@ -151,6 +164,9 @@ def follow_books(
         book = followed.books[symbol]
         if _try_resync(conn, book_market, book, symbol, newest.get(symbol)):
             followed.needing_snapshot.append(symbol)
+    for symbol, book in followed.books.items():
+        if book.state == SYNCED:
+            _see_top(book, by_symbol[symbol])
     return followed
 
 
@@ -196,6 +212,28 @@ def _follow(
         applied_times.append(event_time)
     if applied_times and previous_time is not None and applied_times[-1] > previous_time:
         _update_rate(book, len(applied_times), applied_times[-1] - previous_time)
+
+
+_TOP_EVENTS = 16
+"""The most diffs a round unpacks for a book's top: a side that none of them changes
+keeps the price seen before."""
+
+
+def _see_top(book: BookState, events: list[tuple[Any, ...]]) -> None:
+    """Note the newest diff's highest bid and lowest ask that have a quantity (a diff
+    often changes one side only: each side from the newest diff that holds one). Only
+    the newest diffs are unpacked, not every event: a round holds about one event of a
+    busy book, and the drain's time per row is what the whole market's load is judged by."""
+    bid_seen = ask_seen = None
+    for event in reversed(events[-_TOP_EVENTS:]):
+        if bid_seen is None:
+            bid_seen = max((price for price, qty in unpack_levels(event[_BIDS]) if qty), default=None)
+        if ask_seen is None:
+            ask_seen = min((price for price, qty in unpack_levels(event[_ASKS]) if qty), default=None)
+        if bid_seen is not None and ask_seen is not None:
+            break
+    book.bid_seen = book.bid_seen if bid_seen is None else bid_seen
+    book.ask_seen = book.ask_seen if ask_seen is None else ask_seen
 
 
 def _update_rate(book: BookState, events: int, elapsed_ms: int) -> None:
