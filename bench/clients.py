@@ -1,8 +1,8 @@
 """Part 1b, websocket clients: bare receive loops of several websocket libraries against
 the same blast server of the whole market's frames, side by side in one run.
 
-The recorder holds its connections with websocket-client (worker/ingest/session.py).
-Whether another library would receive faster is a question of its receive loop alone:
+The recorder holds its connections with picows (worker/ingest/session.py), chosen by
+this part's figures. Which library receives fastest is a question of its receive loop alone:
 each library's loop (`bench.receivers.LIBRARIES`: receive, keep the payload as bytes,
 discard) runs in a process of its own against `bench.blast --mix market` (trade,
 aggTrade, bookTicker and depth@100ms frames of 1,500 symbols in the market load's
@@ -33,7 +33,7 @@ from bench.receivers import LIBRARIES
 from worker.ops.local_stack import LocalStack
 
 REFERENCE = "websocket-client"
-"""The recorder's library, the plain loop that part 1 takes as its ceiling."""
+"""The seed's library, the plain loop that part 1 takes as its ceiling."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import websocket
 
 from worker.groups import Group
 from worker.ingest.runner import GroupRunner
-from worker.ingest.session import ReadAhead
 from worker.settings import Settings
 
 # A receive that waits this long means the sender is gone: the run ends with what it got.
@@ -67,13 +66,11 @@ class Tally:
         }
 
 
-def _websocket_client(url: str, frames: int, read_ahead: bool) -> dict[str, Any]:
-    """websocket-client with the recorder's options (`recv_data`, no UTF-8 validation)
-    and, with `read_ahead`, its socket reads of 64 KiB (worker/ingest/session.py)."""
+def _websocket_client(url: str, frames: int) -> dict[str, Any]:
+    """websocket-client with the options the recorder used with it (`recv_data`, no
+    UTF-8 validation): the seed's library, part 1's ceiling."""
     tally = Tally()
     ws = websocket.create_connection(url, timeout=RECEIVE_TIMEOUT_SECONDS, skip_utf8_validation=True)
-    if read_ahead:
-        ws.sock = ReadAhead(ws.sock)  # type: ignore[assignment]  # as in worker/ingest/session.py
     recv = ws.recv_data
     try:
         while tally.frames < frames:
@@ -146,15 +143,14 @@ async def _picows(url: str, frames: int) -> dict[str, Any]:
 
 
 LIBRARIES: dict[str, Callable[[str, int], dict[str, Any]]] = {
-    "websocket-client": lambda url, frames: _websocket_client(url, frames, read_ahead=False),
-    "websocket-client+readahead": lambda url, frames: _websocket_client(url, frames, read_ahead=True),
+    "websocket-client": _websocket_client,
     "websockets-sync": _websockets_sync,
     "websockets-asyncio": lambda url, frames: asyncio.run(_websockets_asyncio(url, frames)),
     "picows": lambda url, frames: asyncio.run(_picows(url, frames)),
 }
 """Bare receive loops (receive, keep the payload as bytes, discard), one per websocket
-library; the first is the recorder's library as its ceiling in part 1. The others are
-in the `bench` extra, imported only when run."""
+library; the first, the seed's library, is part 1's ceiling (the issue's reference). picows
+is the recorder's; `websockets` is in the `bench` extra, imported only when run."""
 
 
 def bare(url: str, frames: int, library: str = "websocket-client") -> dict[str, Any]:

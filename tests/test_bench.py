@@ -56,7 +56,9 @@ def test_every_part_reports_positive_figures(results: dict[str, Any]) -> None:
     assert results["meta"]["quick"] is True
     ingest = results["ingest"]
     assert ingest["recorder_frames_per_second"] > 0 and ingest["bare_loop_frames_per_second"] > 0
-    assert 0 < ingest["ratio"] < 2
+    # The recorder receives with picows, the reference loop with websocket-client (16 times
+    # its CPU a frame): 4.8 in a full run (docs/performance.md); past 20 the timing is wrong.
+    assert 0 < ingest["ratio"] < 20
     drain = results["drain"]
     assert drain["database"] == "sqlite" and drain["reference"] == "executemany"
     assert drain["drainer_rows_per_second"] > 0 and drain["executemany_rows_per_second"] > 0

@@ -5,7 +5,10 @@ books is in tests/test_market_books.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -16,6 +19,7 @@ from worker.exchange.ratelimit import MINUTE_MS, LocalLimitState, RedisLimitStat
 from worker.exchange.rest import REST_RULES, SPOT_RULES, BinanceRest
 from worker.exchange.snapshots import (
     RATE_MEASURE_GRACE_MS,
+    TopBand,
     finish_time,
     plan_snapshots,
     snapshot_limits,
@@ -31,6 +35,10 @@ from worker.store.storage import create_schema, depth_snapshots, make_engine
 from worker.streams import USDM
 
 NOW = 1_800_000_030_000  # 30 s into a minute
+
+
+def snapshot_values(symbol: str, received_at: int) -> dict[str, Any]:
+    return {"symbol": symbol, "last_update_id": 1, "bids": b"", "asks": b"", "received_at": received_at}
 
 
 def book(rate: float, state: str = RESYNCING, last_event: int = NOW - 60_000) -> BookState:
@@ -149,3 +157,35 @@ def test_a_run_takes_the_busiest_books_this_minute_holds_and_leaves_the_rest_que
     outlook = sync_outlook(settings, redis_client, keys, "spot", NOW)
     assert outlook.waiting_weight == 2 * 5  # the six taken wait for the drain, not for weight
     assert outlook.rest_by == NOW - NOW % MINUTE_MS + MINUTE_MS
+
+
+def test_band_refreshes_spend_half_the_minute_and_leave_the_rest_to_refreshes_by_age(
+    redis_client: redis.Redis, keys: RedisKeys, tmp_path: Path, fake_url: str
+) -> None:
+    running, aged = ["BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT"], "XRPUSDT"
+    symbols = [*running, aged]
+    GroupRegistry(redis_client, keys).want(Group("g1", tuple(f"{s.lower()}@depth@100ms" for s in symbols)))
+    for rate, symbol in enumerate(reversed(symbols), start=1):  # BTCUSDT the busiest, XRPUSDT the quietest
+        state = dataclasses.replace(book(float(rate), SYNCED, last_event=NOW), bid_seen=2.0)
+        redis_client.hset(keys.book(symbol), mapping=state.as_fields())
+        redis_client.hset(
+            keys.book_bands(), symbol, TopBand(below=0.5, above=2.0 if symbol in running else 3.0).encode()
+        )
+    redis_client.sadd(keys.books(), *symbols)
+    engine = make_engine(f"sqlite:///{tmp_path / 'books.db'}")
+    create_schema(engine)
+    now = int(time.time() * 1000)
+    with engine.begin() as conn:
+        received = {**dict.fromkeys(running, now - 60_000), "SOLUSDT": now - 1_000, aged: 0}
+        conn.execute(depth_snapshots.insert(), [snapshot_values(s, at) for s, at in received.items()])
+    settings = Settings(
+        redis_prefix=keys.prefix,
+        binance_rest_url=fake_url,
+        depth_snapshot_deep_books=0,
+        rest_weight_budget_per_minute=20,
+    )
+    frozen = RequestPacer(RedisLimitState(redis_client, keys), 20, clock=lambda: NOW / 1000)
+    done = take_snapshots(settings, redis_client, lambda: engine, BinanceRest(fake_url, pacer=frozen))
+    # Weight 5 each: two band refreshes are half of 20, the third is skipped, the one due by
+    # age still fits; SOLUSDT's snapshot is a second old, too recent for a band refresh.
+    assert done == {"stored": ["BTCUSDT", "ETHUSDT", aged], "failed": {}, "waiting": 1}

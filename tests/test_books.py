@@ -417,6 +417,8 @@ def test_snapshots_are_fetched_when_needed_or_due_and_spend_the_shared_weight(
         inside = {"bid_seen": repr(bids[0][0]), "ask_seen": repr(asks[0][0])}
         redis_client.hset(keys.book("BTCUSDT"), mapping=inside)
         assert take_snapshots(settings, redis_client, lambda: engine, rest)["stored"] == []  # inside its band
+        with engine.begin() as conn:  # a band refresh waits BAND_MIN_AGE_MS after a snapshot
+            conn.execute(depth_snapshots.update().values(received_at=depth_snapshots.c.received_at - 60_000))
         # The top ran half through the snapshot's asks (or bids):
         ran = {"bid_seen": repr(band.above)} if len(asks) == 1000 else {"ask_seen": repr(band.below)}
         redis_client.hset(keys.book("BTCUSDT"), mapping=ran)

@@ -60,16 +60,28 @@ from worker.times import now_ms
 log = logging.getLogger(__name__)
 
 
-def _due_for_refresh(conn: Connection, depth_snapshots: Table, symbols: set[str], since_ms: int) -> set[str]:
-    """The symbols without a snapshot received since `since_ms`."""
-    newest = dict(
+def _newest_snapshot_times(conn: Connection, depth_snapshots: Table, symbols: set[str]) -> dict[str, int]:
+    """When each of `symbols` that has a snapshot received its newest one (ms)."""
+    if not symbols:
+        return {}
+    return dict(
         conn.execute(
             select(depth_snapshots.c.symbol, func.max(depth_snapshots.c.received_at))
             .where(depth_snapshots.c.symbol.in_(symbols))
             .group_by(depth_snapshots.c.symbol)
         ).all()
     )
-    return {symbol for symbol in symbols if (newest.get(symbol) or 0) < since_ms}
+
+
+BAND_MIN_AGE_MS = 10_000
+"""A book gets no band refresh within this long of its last snapshot: a price that runs
+through band after band (a thin book's 100 levels can be a few seconds of a fast move)
+is followed at most this often."""
+BAND_BUDGET_SHARE = 0.5
+"""Band refreshes spend at most this share of a minute's weight budget. Without it,
+1,500 books at the fake's price wave took every minute's whole budget (11 snapshots a
+second, measured in the market bench), and the backfills and audits that share the
+budget would wait behind books that are only getting shallower, not wrong."""
 
 
 RATE_MEASURE_GRACE_MS = 5_000
@@ -84,6 +96,8 @@ class PlannedSnapshot:
     symbol: str
     limit: int
     weight: int
+    spare: int = 0
+    """Weight the minute's budget must still hold after this snapshot, or it is skipped."""
 
 
 def by_activity(books: Mapping[str, BookState]) -> list[str]:
@@ -176,7 +190,11 @@ def plan_snapshots(
     unknown = [s for s in order if s in needed and books[s].state != SYNCED and not _unmeasured(books[s], now)]
     running = [s for s in order if s in leaving and s not in needed]
     refresh = [s for s in order if s in due and s not in needed and s not in leaving]
-    return [PlannedSnapshot(s, limits[s], rules.depth_weight(limits[s])) for s in unknown + running + refresh]
+    band_spare = int(rules.budget_per_minute(settings) * (1 - BAND_BUDGET_SHARE))
+    return [
+        PlannedSnapshot(s, limits[s], rules.depth_weight(limits[s]), band_spare if s in running else 0)
+        for s in unknown + running + refresh
+    ]
 
 
 def _unmeasured(book: BookState, now: int) -> bool:
@@ -223,15 +241,22 @@ def take_snapshots(
     engine = database()
     depth_snapshots = book_tables(market)[0]
     with engine.connect() as conn:
-        since = now_ms() - int(settings.depth_snapshot_interval_seconds * 1000)
-        due = _due_for_refresh(conn, depth_snapshots, synced, since) if synced else set()
-    leaving = leaving_their_bands(client, keys, market.name, books)
-    plan = plan_snapshots(books, needed - done_with, due, settings, rest.rules, now_ms(), leaving)
+        newest = _newest_snapshot_times(conn, depth_snapshots, synced)
+    now = now_ms()
+    due = {s for s in synced if newest.get(s, 0) < now - settings.depth_snapshot_interval_seconds * 1000}
+    leaving = {
+        s for s in leaving_their_bands(client, keys, market.name, books) if newest.get(s, 0) < now - BAND_MIN_AGE_MS
+    }
+    plan = plan_snapshots(books, needed - done_with, due, settings, rest.rules, now, leaving)
     stored: list[str] = []
     failed: dict[str, str] = {}
-    for taken, planned in enumerate(plan):
-        if not rest.pacer.has_room(planned.weight) or not still_mine():
-            return {"stored": stored, "failed": failed, "waiting": len(plan) - taken}
+    for planned in plan:
+        if not still_mine():
+            break
+        if not rest.pacer.has_room(planned.weight + planned.spare):
+            if planned.spare:
+                continue  # the band refreshes' share is spent: the refreshes by age may still fit
+            break
         try:
             snapshot = rest.depth(planned.symbol, planned.limit)
         except (BinanceError, UnknownSymbol, RestUnavailable) as error:
@@ -246,7 +271,7 @@ def take_snapshots(
         # Taken out once fetched (or failed): a drain that still finds only older
         # snapshots puts the symbol back.
         client.srem(needed_key, planned.symbol)
-    return {"stored": stored, "failed": failed, "waiting": 0}
+    return {"stored": stored, "failed": failed, "waiting": len(plan) - len(stored) - len(failed)}
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,17 @@
 """One combined-stream websocket connection to Binance, receiving in its own thread.
 
-This is the hot path: for every frame it does a deque append, a counter increment and
+This is the hot path: for every frame it does a sink append, a counter increment and
 one prefix check (for `serverShutdown`), nothing else. No JSON parsing, no database,
-no Redis round trip per message. Pings are answered by websocket-client itself
-(`recv_data` sends the pong echoing the ping's payload), however rarely they come
-(spot every 20 s, futures every 3 minutes): the socket's short read timeout only wakes
-the loop, and silence is judged by data frames (worker/ingest/runner.py), not pings.
+no Redis round trip per message.
+
+The websocket is picows's (Cython), on an asyncio loop of the session's own thread:
+its frame parsing costs 0.5 µs of CPU a frame where websocket-client's cost 8.0 and
+`websockets`' sync client 4.8 (bench part `1b clients`, docs/performance.md). At the
+market mix websocket-client's frame reading was 82 % of the busiest streams process's
+receiving thread (py-spy); with picows (and a lighter progress report) the streams
+processes take 3.6 µs of CPU a frame at 40,000 msg/s, 13.9 before. picows answers
+pings itself, echoing the payload, however rarely they come (spot every 20 s, futures
+every 3 minutes); silence is judged by data frames (worker/ingest/runner.py), not pings.
 
 A session runs in a thread so that its owner (worker/ingest/runner.py) can flush on a steady
 clock and hold two sessions at once while rotating a connection without a gap.
@@ -13,14 +19,16 @@ clock and hold two sessions at once while rotating a connection without a gap.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import orjson
-import websocket
+import picows
 
 # Streams beyond this many URL characters are added with SUBSCRIBE after connecting,
 # so a 1024-stream group does not depend on how long a URL a proxy accepts.
@@ -32,42 +40,11 @@ SUBSCRIBE_BATCH = 200
 SUBSCRIBE_SPACING_SECONDS = 0.25
 # How long a closing connection may still deliver the frames that were in flight.
 CLOSE_TIMEOUT_SECONDS = 2.0
-# How often a blocked receive wakes up to notice a stop request.
+# How often the session's loop looks for a stop request and a control request due.
 RECEIVE_WAKEUP_SECONDS = 0.25
 
-# Bytes read from the socket at once; websocket-client then parses frames from memory.
-RECV_CHUNK_BYTES = 64 * 1024
-
 SERVER_SHUTDOWN_PREFIX = b'{"stream":"!serverShutdown"'
-_TEXT_OR_BINARY = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
-
-
-class ReadAhead:
-    """The connection's socket, read RECV_CHUNK_BYTES at a time into one reused buffer.
-
-    websocket-client reads a frame with two or three `recv` calls of exactly the bytes
-    it needs (header, extended length, payload). Each is a system call that releases
-    the GIL, and each release lets the flushing thread take the GIL and hold it for
-    up to a switch interval. Serving those calls from one large read keeps the
-    receiving thread on the CPU. `recv_into` a buffer allocated once: a large `recv`
-    per read would allocate and shrink a large bytes object each time, which
-    fragments the heap. Everything but `recv` is the socket's own.
-    """
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._buffer = memoryview(bytearray(RECV_CHUNK_BYTES))
-        self._start = self._end = 0
-
-    def recv(self, size: int) -> bytes:
-        if self._start == self._end:
-            self._start, self._end = 0, self._sock.recv_into(self._buffer)
-        chunk = bytes(self._buffer[self._start : min(self._start + size, self._end)])
-        self._start += len(chunk)
-        return chunk
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+_DATA = (picows.WSMsgType.TEXT, picows.WSMsgType.BINARY, picows.WSMsgType.CONTINUATION)
 
 
 def split_streams_for_url(base_url: str, streams: Sequence[str], path: str = "/stream") -> tuple[str, list[str]]:
@@ -87,6 +64,51 @@ def split_streams_for_url(base_url: str, streams: Sequence[str], path: str = "/s
 def control_requests(method: str, streams: Sequence[str]) -> list[tuple[str, list[str]]]:
     """(method, streams) requests of at most SUBSCRIBE_BATCH streams each."""
     return [(method, list(streams[i : i + SUBSCRIBE_BATCH])) for i in range(0, len(streams), SUBSCRIBE_BATCH)]
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url`, as websocket-client (the recorder's
+    library before picows) found it: `https_proxy` for wss://, `http_proxy` for ws://
+    (either case), none for a host in `no_proxy` nor for this machine. picows takes a
+    proxy only as an argument."""
+    parsed = urllib.parse.urlsplit(url)
+    host = parsed.hostname or ""
+    if host in ("localhost", "127.0.0.1") or urllib.request.proxy_bypass(host):
+        return None
+    return urllib.request.getproxies_environment().get("https" if parsed.scheme == "wss" else "http")
+
+
+class _Receiver(picows.WSListener):
+    """picows's callbacks for one session: each data message to the session's sink.
+
+    A message split into fragments (a first frame without `fin`, then continuations)
+    is joined before it goes on, as Binance's are whole frames but the protocol allows
+    fragments; a CLOSE from the server is answered and the connection dropped.
+    """
+
+    def __init__(self, session: StreamSession) -> None:
+        self.session = session
+        self.sink = session.sink
+        self.fragments: list[bytes] = []
+
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        if frame.msg_type in _DATA:
+            data = frame.get_payload_as_bytes()
+            if not frame.fin:
+                self.fragments.append(data)
+                return
+            if self.fragments:
+                data = b"".join([*self.fragments, data])
+                self.fragments.clear()
+            self.sink(data)
+            session = self.session
+            session.frames += 1
+            if data.startswith(SERVER_SHUTDOWN_PREFIX):
+                session.server_shutdown = True
+        elif frame.msg_type == picows.WSMsgType.CLOSE:
+            if not transport.is_close_frame_sent:
+                transport.send_close(picows.WSCloseCode.OK)
+            transport.disconnect()
 
 
 class StreamSession:
@@ -152,76 +174,71 @@ class StreamSession:
 
     def _run(self) -> None:
         try:
-            reason = self._connect_and_receive()
-        except (websocket.WebSocketException, OSError) as error:
+            reason = asyncio.run(self._connect_and_receive())
+        except (picows.WSError, OSError) as error:
             reason = f"connection lost: {type(error).__name__}: {error}"
         if not self.end_reason:
             self.end_reason = reason
         self.ended = True
 
-    def _connect_and_receive(self) -> str:
+    async def _connect_and_receive(self) -> str:
         try:
-            ws = websocket.create_connection(self.url, timeout=self.connect_timeout, skip_utf8_validation=True)
-        except (websocket.WebSocketException, OSError) as error:
+            # The whole connect within the timeout: picows's own covers the handshake only, not TCP or TLS.
+            transport, _ = await asyncio.wait_for(
+                picows.ws_connect(
+                    lambda: _Receiver(self),
+                    self.url,
+                    websocket_handshake_timeout=None,
+                    enable_auto_pong=True,
+                    proxy=environment_proxy(self.url),
+                ),
+                self.connect_timeout,
+            )
+        except (picows.WSError, OSError, TimeoutError) as error:
             return f"connect failed: {type(error).__name__}: {error}"
-        # After the handshake, which reads byte by byte. websocket-client types `sock` as a
-        # socket; ReadAhead offers the socket methods it calls.
-        ws.sock = ReadAhead(ws.sock)  # type: ignore[assignment]
+        disconnected = asyncio.ensure_future(transport.wait_disconnected())
         try:
             self.opened_at = time.monotonic()
-            return self._receive(ws)
+            return await self._receive(transport, disconnected)
         finally:
-            self._close(ws)
+            await self._close(transport, disconnected)
 
-    def _receive(self, ws: websocket.WebSocket) -> str:
-        ws.settimeout(RECEIVE_WAKEUP_SECONDS)
-        sink = self.sink
-        recv = ws.recv_data
-        stopping = self._stop.is_set
-        control = self._control
-        while not stopping():
-            if control and time.monotonic() >= self._next_control_at:
-                self._send_control(ws)
-            try:
-                opcode, data = recv()
-            except websocket.WebSocketTimeoutException:
-                continue
-            if opcode in _TEXT_OR_BINARY:
-                sink(data)
-                self.frames += 1
-                if data.startswith(SERVER_SHUTDOWN_PREFIX):
-                    self.server_shutdown = True
-            elif opcode == websocket.ABNF.OPCODE_CLOSE:
-                return "closed by the server"
+    async def _receive(self, transport: picows.WSTransport, disconnected: asyncio.Future[None]) -> str:
+        """Frames arrive in `_Receiver`; this wakes every RECEIVE_WAKEUP_SECONDS to send
+        the control request due and to notice a stop request or the connection's end."""
+        while not self._stop.is_set():
+            if self._control and time.monotonic() >= self._next_control_at:
+                self._send_control(transport)
+            await asyncio.wait([disconnected], timeout=RECEIVE_WAKEUP_SECONDS)
+            if disconnected.done():
+                return self._why_disconnected(transport, disconnected)
         return self.end_reason
 
-    def _close(self, ws: websocket.WebSocket) -> None:
-        """Close handshake that keeps what was in flight.
+    @staticmethod
+    def _why_disconnected(transport: picows.WSTransport, disconnected: asyncio.Future[None]) -> str:
+        error = disconnected.exception()
+        if error is not None:
+            return f"connection lost: {type(error).__name__}: {error}"
+        if transport.close_handshake is not None and transport.close_handshake.recv is not None:
+            return "closed by the server"
+        return "connection lost: closed without a close frame"
 
-        websocket-client's own close() discards data frames that arrive after our
-        close frame; those are trades Binance sent and counted as delivered. Reading
-        until the server's close frame keeps them.
-        """
-        try:
-            ws.send_close()
-            ws.settimeout(CLOSE_TIMEOUT_SECONDS)
-            deadline = time.monotonic() + CLOSE_TIMEOUT_SECONDS
-            while time.monotonic() < deadline:
-                opcode, data = ws.recv_data()
-                if opcode in _TEXT_OR_BINARY:
-                    self.sink(data)
-                    self.frames += 1
-                elif opcode == websocket.ABNF.OPCODE_CLOSE:
-                    break
-        except (websocket.WebSocketException, OSError):
-            pass  # the server went first; nothing more can arrive
-        finally:
-            ws.shutdown()
+    async def _close(self, transport: picows.WSTransport, disconnected: asyncio.Future[None]) -> None:
+        """Close handshake that keeps what was in flight: data frames that arrive after
+        our close frame (trades Binance sent and counted as delivered) still go to the
+        sink until the server's close frame, for up to CLOSE_TIMEOUT_SECONDS."""
+        if not disconnected.done():
+            transport.send_close(picows.WSCloseCode.OK)
+            await asyncio.wait([disconnected], timeout=CLOSE_TIMEOUT_SECONDS)
+        transport.disconnect(graceful=False)  # a peer that reads nothing must not hold the close
+        await asyncio.wait([disconnected])
+        disconnected.exception()  # a local failure, already reported if it ended the connection
 
-    def _send_control(self, ws: websocket.WebSocket) -> None:
+    def _send_control(self, transport: picows.WSTransport) -> None:
         """Send the oldest pending request; Binance answers {"result": null, "id": ...},
         which goes to the sink like any frame and the drain skips."""
         method, streams = self._control.popleft()
         self._request_id += 1
-        ws.send(orjson.dumps({"method": method, "params": streams, "id": self._request_id}).decode())
+        request = orjson.dumps({"method": method, "params": streams, "id": self._request_id})
+        transport.send(picows.WSMsgType.TEXT, request)
         self._next_control_at = time.monotonic() + SUBSCRIBE_SPACING_SECONDS

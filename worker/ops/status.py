@@ -21,7 +21,7 @@ from worker.exchange.snapshots import sync_outlook
 from worker.groups import MORE_STREAM_PROCESSES, Group, GroupRegistry
 from worker.keys import RedisKeys, as_text
 from worker.settings import Settings
-from worker.store.books import RESYNCING, book_states
+from worker.store.books import RESYNCING, BookState, book_states
 from worker.store.drain import WATCHED_KINDS, drain_holders, stored_at_field
 from worker.store.failures import storage_advice, storage_error
 from worker.store.storage import TABLES, TIME_COLUMNS
@@ -131,8 +131,8 @@ def recording_figures(
     figures = dict(progress)
     depth_symbols = {stream.split("@", 1)[0].upper() for stream in group.streams if stream_kind(stream) == "depth"}
     if depth_symbols:
-        books = book_statuses(client, keys, group.market)
-        figures["books"] = {book.pop("symbol"): book for book in books if book["symbol"] in depth_symbols}
+        books = group_book_statuses(client, keys, group.market, depth_symbols)
+        figures["books"] = {book.pop("symbol"): book for book in books}
     silent = silent_streams_of(client, keys, group, stale_seconds)
     if silent:
         figures["silent_streams"] = {stream: round(seconds) for stream, seconds in silent.items()}
@@ -194,19 +194,39 @@ def book_statuses(client: redis.Redis, keys: RedisKeys, market: str | None = Non
     """Per market (or only `market`) and symbol with a diff-depth stream: the book's state
     as the drain follows it."""
     return [
-        {
-            "symbol": symbol,
-            "market": name,
-            "state": book.state,
-            "gap_since": book.gap_since,
-            "last_update_id": book.last_update_id,
-            "last_event_time": book.last_event_time,
-            "updates_per_second": book.updates_per_second,
-        }
+        book_status(symbol, name, book)
         for name in MARKETS
         if market in (None, name)
         for symbol, book in book_states(client, keys, name).items()
     ]
+
+
+def group_book_statuses(client: redis.Redis, keys: RedisKeys, market: str, symbols: set[str]) -> list[dict[str, Any]]:
+    """`book_statuses` of one group's depth `symbols` only, read in one round trip: each
+    recording task reports its books every few seconds, and reading the whole market's
+    (1,500 books, a round trip each) for its 256 took three quarters of a streams
+    process's main thread at the market mix (py-spy, docs/performance.md)."""
+    mine = sorted({as_text(symbol) for symbol in client.smembers(keys.books(market))} & symbols)
+    with client.pipeline(transaction=False) as pipe:
+        for symbol in mine:
+            pipe.hgetall(keys.book(symbol, market))
+        stored = pipe.execute()
+    return [
+        book_status(symbol, market, BookState.from_hash(fields)) for symbol, fields in zip(mine, stored, strict=True)
+    ]
+
+
+def book_status(symbol: str, market: str, book: BookState) -> dict[str, Any]:
+    """One line of `book_statuses`."""
+    return {
+        "symbol": symbol,
+        "market": market,
+        "state": book.state,
+        "gap_since": book.gap_since,
+        "last_update_id": book.last_update_id,
+        "last_event_time": book.last_event_time,
+        "updates_per_second": book.updates_per_second,
+    }
 
 
 def book_sync(
