@@ -89,7 +89,7 @@ class Settings:
         _POSITIVE,
     )
     flush_interval_ms: int = _setting(
-        50,
+        25,
         "Longest time a received frame waits in a subscription task before RPUSH; also the shortest "
         "time between the starts of two drain rounds while the drain has no backlog.",
         1,

@@ -238,7 +238,7 @@ def newest_snapshots(conn: Connection, market: Market, symbols: Sequence[str]) -
 
 RATE_SMOOTHING_MS = 10_000
 """The updates-per-second figure follows the event times with this time constant: a
-drain round (one every flush, 50 ms) holds about one event of a depth@100ms book."""
+drain round (one every flush, FLUSH_INTERVAL_MS) holds about one event of a depth@100ms book."""
 
 
 def _follow(
