@@ -1,7 +1,8 @@
 """`binance-recorder run` owns its processes, as a user meets it: Ctrl-C, `kill`, a closed
 terminal (SIGHUP), an output pipe whose reader exits and `kill -9` all leave no process
-of the stack behind; what a killed run did leave is stopped by the next `run` or by
-`binance-recorder stop`; a process of the stack that dies while run runs is restarted.
+of the stack behind, the workers stopped together before Redis and the fake; what a killed
+run did leave is stopped by the next `run` or by `binance-recorder stop`; a process of the
+stack that dies while run runs is restarted.
 
 Processes are found as `pgrep` would: the ones data/stack.json records, the members of
 their process groups (a worker's pool), and any whose environment or working directory
@@ -19,7 +20,7 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.test_restart import Run, second_shell, wait_recording
-from worker.ops.local_stack import RestartPolicy, free_port
+from worker.ops.local_stack import LocalStack, RestartPolicy, free_port
 from worker.ops.stack_record import RecordedProcess, StackRecord
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds processes in /proc")
@@ -153,3 +154,37 @@ def test_a_process_that_keeps_dying_is_restarted_ever_later_up_to_a_minute() -> 
     assert [policy.delay("beat", lived=0.5) for _ in range(9)] == [0, 1, 2, 4, 8, 16, 32, 60, 60]
     assert policy.delay("beat", lived=10) == 0  # it ran long enough: the next death restarts it at once
     assert policy.delay("worker", lived=0.5) == 0  # each process has its own count
+
+
+SLOW_TO_STOP = """
+import signal, sys, time
+def stop(*_):
+    print("term", time.monotonic_ns(), flush=True)
+    time.sleep(0.5)  # a warm shutdown
+    print("exit", time.monotonic_ns(), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_stop_signals_the_workers_together_and_redis_and_the_fake_after_they_exited(tmp_path: Path) -> None:
+    """The processes that use Redis and the fake exchange all get SIGTERM before any of them
+    has finished shutting down; Redis and the fake get theirs once every one has exited."""
+    stack = LocalStack(tmp_path)
+    names = ["redis", "fake-exchange", "worker-streams", "worker", "beat", "flower"]
+    processes = [stack.spawn(name, [sys.executable, "-c", SLOW_TO_STOP]) for name in names]
+    for process in processes:
+        wait_until(lambda p=process: "ready" in p.log_text(), 30, f"{process.name} to start")
+    stack.stop()
+
+    def moment(name: str, event: str) -> int:
+        line = next(line for line in processes[names.index(name)].log_text().splitlines() if line.startswith(event))
+        return int(line.split()[1])
+
+    users, services = names[2:], names[:2]
+    assert max(moment(name, "term") for name in users) < min(moment(name, "exit") for name in users)
+    assert min(moment(name, "term") for name in services) > max(moment(name, "exit") for name in users)
+    assert StackRecord.load(tmp_path) is None

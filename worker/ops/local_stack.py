@@ -95,6 +95,10 @@ def wait_for_redis(url: str, timeout: float = READY_TIMEOUT_SECONDS) -> None:
             time.sleep(0.1)
 
 
+# What the other processes of a stack use while they shut down: stopped after them.
+SERVICES = ("redis", "fake-exchange")
+
+
 def _dying_with_us(command: tuple[str, ...]) -> tuple[str, ...]:
     """The command, on Linux started so that it gets SIGTERM when this process dies.
 
@@ -308,7 +312,7 @@ class LocalStack:
         """Start a process of the stack and record it.
 
         Each runs in a session of its own: Ctrl-C in the terminal reaches only `run`,
-        which then stops the parts in order, and the process group of each one (a
+        which then stops the parts, and the process group of each one (a
         worker and its pool) can be killed whole.
         """
         process = self._launch(name, tuple(command))
@@ -331,7 +335,7 @@ class LocalStack:
         return ManagedProcess(name, popen, log_path, offset, command)
 
     def restart(self, process: ManagedProcess) -> ManagedProcess:
-        """Start a dead process again in its place (the stop order stays the start order)."""
+        """Start a dead process again in its place."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.popen.pid, signal.SIGKILL)  # what is left of its pool
         fresh = self._launch(process.name, process.command)
@@ -393,16 +397,26 @@ class LocalStack:
         return [p for p in self.processes if not p.alive()]
 
     def stop_process(self, process: ManagedProcess, sig: int = signal.SIGTERM) -> int | None:
-        """Signal a process and wait for it; returns its exit code.
+        """Signal a process and wait for it; returns its exit code (see `stop_processes`)."""
+        return self.stop_processes([process], sig)[0]
 
-        The signal goes to the main process only, as `docker stop` does: a Celery
-        worker then shuts its pool down in order. Whatever is left of the process
-        group after the timeout (or after a SIGKILL) is killed.
+    def stop_processes(self, processes: Sequence[ManagedProcess], sig: int = signal.SIGTERM) -> list[int | None]:
+        """Signal the processes together, then wait for each; returns their exit codes.
+
+        The signal goes to each main process only, as `docker stop` does: a Celery
+        worker then shuts its pool down in order. Whatever is left of a process group
+        after the timeout (or after a SIGKILL) is killed.
         """
-        if process.alive():
-            os.kill(process.popen.pid, sig)
+        for process in processes:
+            if process.alive():
+                os.kill(process.popen.pid, sig)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        return [self._reap(process, deadline) for process in processes]
+
+    @staticmethod
+    def _reap(process: ManagedProcess, deadline: float) -> int | None:
         try:
-            code = process.popen.wait(STOP_TIMEOUT_SECONDS)
+            code: int | None = process.popen.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             code = None
         with contextlib.suppress(ProcessLookupError):
@@ -410,9 +424,16 @@ class LocalStack:
         return code if code is not None else process.popen.wait()
 
     def stop(self) -> None:
-        """Stop everything, newest first, so Redis outlives the workers that flush to it."""
-        for process in reversed(self.processes):
-            self.stop_process(process)
+        """Stop everything: first what uses Redis and the fake exchange, all together, then those two.
+
+        Together rather than one by one: each Celery worker's warm shutdown takes about
+        2 s, so stopping the seven processes of `binance-recorder run` in turn took 5.3 s
+        on an idle machine (and over the tests' 60 s with five stacks stopping at once
+        under the test suite's load); together, `run` exits 3.3 s after SIGTERM.
+        """
+        services = [process for process in self.processes if process.name in SERVICES]
+        self.stop_processes([process for process in reversed(self.processes) if process not in services])
+        self.stop_processes(services)
         self.processes.clear()
         self._as_record().forget(self.data_dir)
 
