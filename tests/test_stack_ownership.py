@@ -175,10 +175,12 @@ def test_stop_signals_the_workers_together_and_redis_and_the_fake_after_they_exi
     has finished shutting down; Redis and the fake get theirs once every one has exited."""
     stack = LocalStack(tmp_path)
     names = ["redis", "fake-exchange", "worker-streams", "worker", "beat", "flower"]
-    processes = [stack.spawn(name, [sys.executable, "-c", SLOW_TO_STOP]) for name in names]
-    for process in processes:
-        wait_until(lambda p=process: "ready" in p.log_text(), 30, f"{process.name} to start")
-    stack.stop()
+    try:
+        processes = [stack.spawn(name, [sys.executable, "-c", SLOW_TO_STOP]) for name in names]
+        for process in processes:
+            wait_until(lambda p=process: "ready" in p.log_text(), 30, f"{process.name} to start")
+    finally:
+        stack.stop()
 
     def moment(name: str, event: str) -> int:
         line = next(line for line in processes[names.index(name)].log_text().splitlines() if line.startswith(event))

@@ -431,9 +431,8 @@ class LocalStack:
         on an idle machine (and over the tests' 60 s with five stacks stopping at once
         under the test suite's load); together, `run` exits 3.3 s after SIGTERM.
         """
-        services = [process for process in self.processes if process.name in SERVICES]
-        self.stop_processes([process for process in reversed(self.processes) if process not in services])
-        self.stop_processes(services)
+        self.stop_processes([process for process in reversed(self.processes) if process.name not in SERVICES])
+        self.stop_processes([process for process in self.processes if process.name in SERVICES])
         self.processes.clear()
         self._as_record().forget(self.data_dir)
 
